@@ -1,0 +1,75 @@
+-- nightshift queue schema, version 1.
+--
+-- Applied by the daemon at start-up (src/queue/schema.rs embeds this file) when
+-- `PRAGMA user_version` is below 1. Later versions append migrations there; this
+-- file always describes the newest schema for a fresh database.
+--
+-- Times are Unix milliseconds (UTC). Money is USD. Tokens are provider tokens.
+
+-- One row per accepted source of jobs: a file from the watched folder (origin
+-- 'inbox'), an uploaded batch file, or a direct API submission.
+CREATE TABLE IF NOT EXISTS sources (
+    id            INTEGER PRIMARY KEY,
+    origin        TEXT    NOT NULL CHECK (origin IN ('inbox', 'upload', 'api')),
+    name          TEXT    NOT NULL,            -- file name as dropped / uploaded
+    stem          TEXT    NOT NULL UNIQUE,     -- outbox file stem, unique across sources
+    sha256        TEXT,                        -- content hash; a re-drop of the same content is not re-queued
+    ingested_at   INTEGER NOT NULL,
+    total_lines   INTEGER NOT NULL,
+    valid_jobs    INTEGER NOT NULL,
+    invalid_lines INTEGER NOT NULL,
+    outbox_written_at INTEGER                  -- set once <stem>.output/.errors.jsonl exist
+);
+CREATE UNIQUE INDEX IF NOT EXISTS sources_inbox_sha256 ON sources (sha256) WHERE origin = 'inbox';
+
+-- Lines of an accepted source that could not be queued; they go to the errors file.
+CREATE TABLE IF NOT EXISTS line_errors (
+    source_id INTEGER NOT NULL REFERENCES sources (id),
+    line      INTEGER NOT NULL,                -- 1-based line number in the source
+    custom_id TEXT,                            -- when it could be read
+    field     TEXT,                            -- JSON path of the offending field, e.g. body.model
+    message   TEXT    NOT NULL,
+    PRIMARY KEY (source_id, line)
+) WITHOUT ROWID;
+
+-- One row per job. State machine:
+--   queued -> running -> succeeded | failed
+--   queued -> expired | cancelled | failed
+--   running -> queued (lease expired or released at shutdown)
+CREATE TABLE IF NOT EXISTS jobs (
+    id            INTEGER PRIMARY KEY,
+    source_id     INTEGER REFERENCES sources (id),
+    line          INTEGER,                     -- line number within the source
+    custom_id     TEXT    NOT NULL,
+    endpoint      TEXT    NOT NULL,            -- '/v1/chat/completions' | '/v1/embeddings'
+    model         TEXT    NOT NULL,            -- as requested: class, model or provider/model
+    body          TEXT    NOT NULL,            -- the request body, verbatim JSON
+    options       TEXT,                        -- the 'nightshift' object, verbatim JSON
+    priority      INTEGER NOT NULL DEFAULT 0,
+    est_input_tokens  INTEGER NOT NULL,
+    est_output_tokens INTEGER NOT NULL,
+    submitted_at  INTEGER NOT NULL,
+    deadline      INTEGER NOT NULL,
+    state         TEXT    NOT NULL DEFAULT 'queued'
+                  CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'expired', 'cancelled')),
+    not_before    INTEGER NOT NULL DEFAULT 0,  -- earliest dispatch time chosen by the plan
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    lease_owner   TEXT,                        -- instance id of the daemon running it
+    lease_until   INTEGER,
+    provider      TEXT,                        -- where it ran (last attempt)
+    provider_model TEXT,
+    dispatched_at INTEGER,
+    completed_at  INTEGER,
+    status_code   INTEGER,                     -- provider HTTP status, when there was one
+    request_id    TEXT,
+    response      TEXT,                        -- provider response body, verbatim
+    error_code    TEXT,                        -- failures without a usable HTTP answer
+    error_message TEXT,
+    input_tokens  INTEGER,
+    output_tokens INTEGER,
+    cost_usd      REAL,
+    list_cost_usd REAL,
+    UNIQUE (source_id, custom_id)
+);
+CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (state, priority DESC, deadline, id);
+CREATE INDEX IF NOT EXISTS jobs_source_state ON jobs (source_id, state);

@@ -1,0 +1,798 @@
+//! Configuration: parsed from TOML once, validated with precise messages
+//! (file, line, field), then handed to the rest of the program as a [`Config`].
+//!
+//! The embedded default (`src/default_config.toml`) goes through the same
+//! path, so it doubles as the reference example of the format.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, Utc, Weekday};
+use chrono_tz::Tz;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::pricing::{
+    ALL_DAYS, Catalog, DailyRange, Endpoint, Limits, Model, Price, PriceWindow, ProviderInfo,
+    WindowEffect, weekday_set,
+};
+
+/// The configuration compiled into the binary.
+pub const EMBEDDED_DEFAULT: &str = include_str!("default_config.toml");
+
+/// A configuration problem, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(
+                f,
+                "{}:{}: {}: {}",
+                self.file, line, self.field, self.message
+            ),
+            None => write!(f, "{}: {}: {}", self.file, self.field, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// An API key. Its `Debug` never shows the value, so it cannot reach a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+    /// The key itself, for the Authorization header and nothing else.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// How requests to a provider are carried.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transport {
+    /// An OpenAI-compatible HTTP API.
+    OpenAi { base_url: String, api_key: Secret },
+    /// Answered in-process with deterministic completions.
+    Simulated {
+        latency: Duration,
+        ms_per_output_token: f64,
+    },
+}
+
+/// Daemon settings: paths and timings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DaemonSettings {
+    pub state_dir: PathBuf,
+    pub jobs_dir: PathBuf,
+    pub database: PathBuf,
+    pub default_deadline: Duration,
+    pub rescan_interval: Duration,
+    pub request_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Where it came from: a path, or `<embedded default>`.
+    pub origin: String,
+    pub daemon: DaemonSettings,
+    pub catalog: Catalog,
+    /// Parallel to `catalog.providers`.
+    pub transports: Vec<Transport>,
+}
+
+impl Config {
+    /// The embedded default configuration (simulated providers only).
+    pub fn embedded_default() -> Config {
+        Config::parse(EMBEDDED_DEFAULT, "<embedded default>", Path::new("."))
+            .expect("the embedded default configuration is valid")
+    }
+
+    /// Reads and validates a configuration file. Relative paths in it are
+    /// relative to the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            line: None,
+            field: "(file)".into(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse(&text, &path.display().to_string(), base)
+    }
+
+    /// Parses and validates configuration text. `file` names it in errors.
+    pub fn parse(text: &str, file: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = {
+            let de = toml::Deserializer::parse(text).map_err(|e| toml_error(file, text, &e, ""))?;
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                let path = e.path().to_string();
+                toml_error(file, text, e.inner(), &path)
+            })?
+        };
+        Validator { file, text }.config(raw, base_dir)
+    }
+
+    /// Whether every provider is simulated.
+    pub fn all_simulated(&self) -> bool {
+        self.transports
+            .iter()
+            .all(|t| matches!(t, Transport::Simulated { .. }))
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+fn toml_error(file: &str, text: &str, e: &toml::de::Error, path: &str) -> ConfigError {
+    ConfigError {
+        file: file.to_string(),
+        line: e.span().map(|s| line_of(text, s.start)),
+        field: if path.is_empty() || path == "." {
+            "(document)".into()
+        } else {
+            path.to_string()
+        },
+        message: e.message().trim().to_string(),
+    }
+}
+
+// ---- raw TOML shape -------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    daemon: RawDaemon,
+    #[serde(default)]
+    providers: Vec<RawProvider>,
+    #[serde(default)]
+    classes: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    state_dir: Option<PathBuf>,
+    jobs_dir: Option<PathBuf>,
+    database: Option<PathBuf>,
+    default_deadline: Option<Spanned<String>>,
+    rescan_interval: Option<Spanned<String>>,
+    request_timeout: Option<Spanned<String>>,
+    shutdown_grace: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    name: Spanned<String>,
+    kind: Spanned<String>,
+    base_url: Option<Spanned<String>>,
+    api_key_env: Option<Spanned<String>>,
+    api_key_file: Option<Spanned<PathBuf>>,
+    region: Option<String>,
+    #[serde(default)]
+    markup: f64,
+    rpm: Option<u32>,
+    tpm: Option<u64>,
+    concurrency: Option<u32>,
+    /// The date the prices were last checked against the provider's page.
+    #[allow(dead_code)]
+    prices_checked: Option<String>,
+    /// Simulated providers: base latency per request.
+    latency: Option<Spanned<String>>,
+    /// Simulated providers: extra latency per output token.
+    ms_per_output_token: Option<f64>,
+    #[serde(default)]
+    price_windows: Vec<RawWindow>,
+    #[serde(default)]
+    models: Vec<RawModel>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: Spanned<String>,
+    input_per_mtok: f64,
+    output_per_mtok: f64,
+    endpoints: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    price_windows: Vec<RawWindow>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWindow {
+    name: Spanned<String>,
+    days: Option<Spanned<Vec<String>>>,
+    hours: Option<Spanned<Vec<String>>>,
+    timezone: Option<Spanned<String>>,
+    dates: Option<Spanned<Vec<String>>>,
+    except_dates: Option<Spanned<Vec<String>>>,
+    start: Option<Spanned<String>>,
+    end: Option<Spanned<String>>,
+    multiplier: Option<f64>,
+    input_per_mtok: Option<f64>,
+    output_per_mtok: Option<f64>,
+}
+
+// ---- validation -----------------------------------------------------------
+
+struct Validator<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Validator<'_> {
+    fn err(
+        &self,
+        span: Option<Range<usize>>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError {
+            file: self.file.to_string(),
+            line: span.map(|s| line_of(self.text, s.start)),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    fn duration(
+        &self,
+        value: &Option<Spanned<String>>,
+        field: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(v) => parse_duration(v.get_ref()).map_err(|m| self.err(Some(v.span()), field, m)),
+        }
+    }
+
+    fn config(&self, raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
+        let d = &raw.daemon;
+        let abs = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        let state_dir = abs(d.state_dir.as_deref().unwrap_or(Path::new("state")));
+        let daemon = DaemonSettings {
+            jobs_dir: abs(d.jobs_dir.as_deref().unwrap_or(Path::new("jobs"))),
+            database: d
+                .database
+                .as_deref()
+                .map(abs)
+                .unwrap_or_else(|| state_dir.join("nightshift.db")),
+            state_dir,
+            default_deadline: self.duration(
+                &d.default_deadline,
+                "daemon.default_deadline",
+                Duration::from_secs(86_400),
+            )?,
+            rescan_interval: self.duration(
+                &d.rescan_interval,
+                "daemon.rescan_interval",
+                Duration::from_secs(10),
+            )?,
+            request_timeout: self.duration(
+                &d.request_timeout,
+                "daemon.request_timeout",
+                Duration::from_secs(120),
+            )?,
+            shutdown_grace: self.duration(
+                &d.shutdown_grace,
+                "daemon.shutdown_grace",
+                Duration::from_secs(10),
+            )?,
+        };
+        if daemon.rescan_interval.is_zero() {
+            return Err(self.err(
+                d.rescan_interval.as_ref().map(|s| s.span()),
+                "daemon.rescan_interval",
+                "must be positive",
+            ));
+        }
+
+        let mut catalog = Catalog::default();
+        let mut transports = Vec::new();
+        if raw.providers.is_empty() {
+            return Err(self.err(
+                None,
+                "providers",
+                "at least one [[providers]] entry is required",
+            ));
+        }
+        for (pi, p) in raw.providers.into_iter().enumerate() {
+            let field = |f: &str| format!("providers[{pi}].{f}");
+            let name = p.name.get_ref().trim().to_string();
+            if name.is_empty() || name.contains('/') {
+                return Err(self.err(
+                    Some(p.name.span()),
+                    field("name"),
+                    "must be non-empty and contain no '/'",
+                ));
+            }
+            if catalog.provider_id(&name).is_some() {
+                return Err(self.err(
+                    Some(p.name.span()),
+                    field("name"),
+                    format!("duplicate provider '{name}'"),
+                ));
+            }
+            if !(p.markup.is_finite() && p.markup >= 0.0) {
+                return Err(self.err(
+                    Some(p.name.span()),
+                    field("markup"),
+                    "must be a non-negative number",
+                ));
+            }
+            for (v, f) in [
+                (p.rpm.map(u64::from), "rpm"),
+                (p.tpm, "tpm"),
+                (p.concurrency.map(u64::from), "concurrency"),
+            ] {
+                if v == Some(0) {
+                    return Err(self.err(
+                        Some(p.name.span()),
+                        field(f),
+                        "must be positive (omit it for no limit)",
+                    ));
+                }
+            }
+            let transport = match p.kind.get_ref().as_str() {
+                "openai" => {
+                    let base_url = p.base_url.as_ref().ok_or_else(|| {
+                        self.err(
+                            Some(p.kind.span()),
+                            field("base_url"),
+                            "required for kind = \"openai\"",
+                        )
+                    })?;
+                    let url = base_url.get_ref().trim_end_matches('/').to_string();
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        return Err(self.err(
+                            Some(base_url.span()),
+                            field("base_url"),
+                            "must start with http:// or https://",
+                        ));
+                    }
+                    let api_key = self.api_key(&p, pi)?;
+                    Transport::OpenAi {
+                        base_url: url,
+                        api_key,
+                    }
+                }
+                "simulated" => Transport::Simulated {
+                    latency: self.duration(
+                        &p.latency,
+                        &field("latency"),
+                        Duration::from_millis(150),
+                    )?,
+                    ms_per_output_token: p.ms_per_output_token.unwrap_or(1.0).max(0.0),
+                },
+                other => {
+                    return Err(self.err(
+                        Some(p.kind.span()),
+                        field("kind"),
+                        format!("unknown kind '{other}' (expected \"openai\" or \"simulated\")"),
+                    ));
+                }
+            };
+            let mut windows = Vec::new();
+            for (wi, w) in p.price_windows.iter().enumerate() {
+                windows.push(self.window(w, &field(&format!("price_windows[{wi}]")))?);
+            }
+            let provider_id = catalog.providers.len();
+            catalog.providers.push(ProviderInfo {
+                name: name.clone(),
+                region: p.region.clone(),
+                markup: p.markup,
+                windows,
+                limits: Limits {
+                    rpm: p.rpm,
+                    tpm: p.tpm,
+                    concurrency: p.concurrency,
+                },
+                simulated: matches!(transport, Transport::Simulated { .. }),
+            });
+            transports.push(transport);
+            if p.models.is_empty() {
+                return Err(self.err(
+                    Some(p.name.span()),
+                    field("models"),
+                    "a provider needs at least one [[providers.models]]",
+                ));
+            }
+            for (mi, m) in p.models.iter().enumerate() {
+                let mfield = |f: &str| field(&format!("models[{mi}].{f}"));
+                let mname = m.name.get_ref().trim().to_string();
+                if mname.is_empty() {
+                    return Err(self.err(Some(m.name.span()), mfield("name"), "must be non-empty"));
+                }
+                if catalog
+                    .models
+                    .iter()
+                    .any(|x| x.provider == provider_id && x.name == mname)
+                {
+                    return Err(self.err(
+                        Some(m.name.span()),
+                        mfield("name"),
+                        format!("duplicate model '{mname}' in provider '{name}'"),
+                    ));
+                }
+                for (v, f) in [
+                    (m.input_per_mtok, "input_per_mtok"),
+                    (m.output_per_mtok, "output_per_mtok"),
+                ] {
+                    if !(v.is_finite() && v >= 0.0) {
+                        return Err(self.err(
+                            Some(m.name.span()),
+                            mfield(f),
+                            "must be a non-negative number",
+                        ));
+                    }
+                }
+                let endpoints = match &m.endpoints {
+                    None => [Endpoint::ChatCompletions].into_iter().collect(),
+                    Some(list) => {
+                        let mut set = BTreeSet::new();
+                        for e in list.get_ref() {
+                            set.insert(Endpoint::from_url(e).ok_or_else(|| {
+                                self.err(
+                                    Some(list.span()),
+                                    mfield("endpoints"),
+                                    format!("unsupported endpoint '{e}' (expected /v1/chat/completions or /v1/embeddings)"),
+                                )
+                            })?);
+                        }
+                        set
+                    }
+                };
+                let mut mwindows = Vec::new();
+                for (wi, w) in m.price_windows.iter().enumerate() {
+                    mwindows.push(self.window(w, &mfield(&format!("price_windows[{wi}]")))?);
+                }
+                catalog.models.push(Model {
+                    provider: provider_id,
+                    name: mname,
+                    list: Price {
+                        input_per_mtok: m.input_per_mtok,
+                        output_per_mtok: m.output_per_mtok,
+                    },
+                    windows: mwindows,
+                    endpoints,
+                });
+            }
+        }
+
+        for (class, members) in &raw.classes {
+            let field = format!("classes.{class}");
+            if catalog.classes.contains_key(class) || class.contains('/') {
+                return Err(self.err(
+                    Some(members.span()),
+                    field,
+                    "class names must be unique and contain no '/'",
+                ));
+            }
+            if members.get_ref().is_empty() {
+                return Err(self.err(
+                    Some(members.span()),
+                    field,
+                    "a class needs at least one model",
+                ));
+            }
+            let mut ids = Vec::new();
+            for member in members.get_ref() {
+                let (provider, model) = member.get_ref().split_once('/').ok_or_else(|| {
+                    self.err(
+                        Some(member.span()),
+                        &field,
+                        format!("'{}' must be written provider/model", member.get_ref()),
+                    )
+                })?;
+                let id = catalog
+                    .models
+                    .iter()
+                    .position(|m| m.name == model && catalog.providers[m.provider].name == provider)
+                    .ok_or_else(|| {
+                        self.err(
+                            Some(member.span()),
+                            &field,
+                            format!("no model '{}' is configured", member.get_ref()),
+                        )
+                    })?;
+                ids.push(id);
+            }
+            catalog.classes.insert(class.clone(), ids);
+        }
+
+        Ok(Config {
+            origin: self.file.to_string(),
+            daemon,
+            catalog,
+            transports,
+        })
+    }
+
+    fn api_key(&self, p: &RawProvider, pi: usize) -> Result<Secret, ConfigError> {
+        let field = |f: &str| format!("providers[{pi}].{f}");
+        match (&p.api_key_env, &p.api_key_file) {
+            (Some(var), None) => std::env::var(var.get_ref()).map(Secret::new).map_err(|_| {
+                self.err(
+                    Some(var.span()),
+                    field("api_key_env"),
+                    format!("environment variable {} is not set", var.get_ref()),
+                )
+            }),
+            (None, Some(path)) => {
+                // Relative paths resolve against $CREDENTIALS_DIRECTORY (systemd's
+                // LoadCredential=) when it is set.
+                let full = match std::env::var_os("CREDENTIALS_DIRECTORY") {
+                    Some(dir) if path.get_ref().is_relative() => {
+                        Path::new(&dir).join(path.get_ref())
+                    }
+                    _ => path.get_ref().clone(),
+                };
+                std::fs::read_to_string(&full)
+                    .map(|s| Secret::new(s.trim()))
+                    .map_err(|e| {
+                        self.err(
+                            Some(path.span()),
+                            field("api_key_file"),
+                            format!("cannot read {}: {e}", full.display()),
+                        )
+                    })
+            }
+            (Some(var), Some(_)) => Err(self.err(
+                Some(var.span()),
+                field("api_key_env"),
+                "set api_key_env or api_key_file, not both",
+            )),
+            (None, None) => Err(self.err(
+                Some(p.kind.span()),
+                field("api_key_env"),
+                "kind = \"openai\" needs api_key_env or api_key_file",
+            )),
+        }
+    }
+
+    fn window(&self, w: &RawWindow, field: &str) -> Result<PriceWindow, ConfigError> {
+        let f = |x: &str| format!("{field}.{x}");
+        let effect = match (w.multiplier, w.input_per_mtok, w.output_per_mtok) {
+            (Some(m), None, None) if m.is_finite() && m >= 0.0 => WindowEffect::Multiplier(m),
+            (None, Some(i), Some(o)) if i >= 0.0 && o >= 0.0 => WindowEffect::Prices(Price {
+                input_per_mtok: i,
+                output_per_mtok: o,
+            }),
+            _ => {
+                return Err(self.err(
+                    Some(w.name.span()),
+                    f("multiplier"),
+                    "a window needs either a non-negative multiplier, or input_per_mtok and output_per_mtok",
+                ));
+            }
+        };
+        let timezone = match &w.timezone {
+            None => Tz::UTC,
+            Some(tz) => tz.get_ref().parse::<Tz>().map_err(|_| {
+                self.err(
+                    Some(tz.span()),
+                    f("timezone"),
+                    format!("unknown IANA time zone '{}'", tz.get_ref()),
+                )
+            })?,
+        };
+        let days = match &w.days {
+            None => weekday_set(&ALL_DAYS),
+            Some(list) => weekday_set(
+                &list
+                    .get_ref()
+                    .iter()
+                    .map(|d| {
+                        d.parse::<Weekday>().map_err(|_| {
+                            self.err(
+                                Some(list.span()),
+                                f("days"),
+                                format!("'{d}' is not a weekday"),
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        let hours = match &w.hours {
+            None => Vec::new(),
+            Some(list) => list
+                .get_ref()
+                .iter()
+                .map(|h| parse_range(h).map_err(|m| self.err(Some(list.span()), f("hours"), m)))
+                .collect::<Result<_, _>>()?,
+        };
+        let dates = |v: &Option<Spanned<Vec<String>>>,
+                     name: &str|
+         -> Result<Option<BTreeSet<NaiveDate>>, ConfigError> {
+            v.as_ref()
+                .map(|list| {
+                    list.get_ref()
+                        .iter()
+                        .map(|d| {
+                            NaiveDate::parse_from_str(d, "%Y-%m-%d").map_err(|_| {
+                                self.err(
+                                    Some(list.span()),
+                                    f(name),
+                                    format!("'{d}' is not a YYYY-MM-DD date"),
+                                )
+                            })
+                        })
+                        .collect()
+                })
+                .transpose()
+        };
+        let instant = |v: &Spanned<String>, name: &str| {
+            DateTime::parse_from_rfc3339(v.get_ref())
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|_| {
+                    self.err(
+                        Some(v.span()),
+                        f(name),
+                        format!("'{}' is not an RFC 3339 timestamp", v.get_ref()),
+                    )
+                })
+        };
+        let absolute = match (&w.start, &w.end) {
+            (None, None) => None,
+            (Some(s), Some(e)) => {
+                let (s_t, e_t) = (instant(s, "start")?, instant(e, "end")?);
+                if e_t <= s_t {
+                    return Err(self.err(Some(e.span()), f("end"), "must be after start"));
+                }
+                Some((s_t, e_t))
+            }
+            (Some(s), None) => Some((instant(s, "start")?, DateTime::<Utc>::MAX_UTC)),
+            (None, Some(e)) => Some((DateTime::<Utc>::MIN_UTC, instant(e, "end")?)),
+        };
+        Ok(PriceWindow {
+            name: w.name.get_ref().clone(),
+            days,
+            hours,
+            timezone,
+            dates: dates(&w.dates, "dates")?,
+            except_dates: dates(&w.except_dates, "except_dates")?.unwrap_or_default(),
+            absolute,
+            effect,
+        })
+    }
+}
+
+/// Parses `HH:MM-HH:MM` (end may be `24:00`; end before start crosses midnight).
+fn parse_range(s: &str) -> Result<DailyRange, String> {
+    let bad = || format!("'{s}' is not a HH:MM-HH:MM range");
+    let (a, b) = s.split_once('-').ok_or_else(bad)?;
+    let minute = |t: &str| -> Option<u32> {
+        let (h, m) = t.trim().split_once(':')?;
+        let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+        (m < 60 && (h < 24 || (h == 24 && m == 0))).then_some(h * 60 + m)
+    };
+    let (start, end) = (minute(a).ok_or_else(bad)?, minute(b).ok_or_else(bad)?);
+    if start == end || start == 1440 {
+        return Err(format!("'{s}' is empty"));
+    }
+    Ok(DailyRange {
+        start_minute: start,
+        end_minute: end,
+    })
+}
+
+/// Parses a duration such as `90m`, `12h`, `2d`, `1h30m`, `500ms`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("'{s}' is not a duration like 90m, 12h or 2d ({e})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid_and_simulated() {
+        let c = Config::embedded_default();
+        assert!(c.all_simulated());
+        assert!(c.catalog.classes.contains_key("cheap-chat"));
+        assert_eq!(c.daemon.default_deadline, Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let text = "[daemon]\ndefault_deadline = \"soon\"\n";
+        let e = Config::parse(text, "x.toml", Path::new(".")).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (Some(2), "daemon.default_deadline"),
+            "{e}"
+        );
+
+        let text = "[[providers]]\nname = \"a\"\nkind = \"simulated\"\nrpm = \"many\"\n";
+        let e = Config::parse(text, "x.toml", Path::new(".")).unwrap_err();
+        assert_eq!(e.line, Some(4), "{e}");
+        assert!(e.field.contains("providers[0].rpm"), "{e}");
+
+        let text = "[[providers]]\nname = \"a\"\nkind = \"simulated\"\nbogus = 1\n";
+        let e = Config::parse(text, "x.toml", Path::new(".")).unwrap_err();
+        assert!(e.message.contains("bogus"), "{e}");
+
+        let text = "[[providers]]\nname = \"a\"\nkind = \"simulated\"\n[[providers.models]]\nname = \"m\"\n\
+                    input_per_mtok = 1.0\noutput_per_mtok = 2.0\n[classes]\nc = [\"a/m\", \"a/nope\"]\n";
+        let e = Config::parse(text, "x.toml", Path::new(".")).unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (Some(9), "classes.c"), "{e}");
+        assert!(e.message.contains("a/nope"), "{e}");
+        assert!(e.to_string().starts_with("x.toml:9: classes.c: "), "{e}");
+    }
+
+    #[test]
+    fn missing_api_key_env_is_reported_without_the_value() {
+        let text = "[[providers]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\n\
+                    api_key_env = \"NIGHTSHIFT_TEST_SURELY_UNSET\"\n[[providers.models]]\nname = \"m\"\n\
+                    input_per_mtok = 1.0\noutput_per_mtok = 2.0\n";
+        let e = Config::parse(text, "x.toml", Path::new(".")).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (Some(5), "providers[0].api_key_env"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn secret_debug_is_redacted() {
+        assert_eq!(format!("{:?}", Secret::new("sk-123")), "Secret([redacted])");
+    }
+
+    #[test]
+    fn ranges_parse() {
+        assert_eq!(
+            parse_range("16:30-00:30").unwrap(),
+            DailyRange {
+                start_minute: 990,
+                end_minute: 30
+            }
+        );
+        assert_eq!(
+            parse_range("00:00-24:00").unwrap(),
+            DailyRange {
+                start_minute: 0,
+                end_minute: 1440
+            }
+        );
+        assert!(parse_range("10:00-10:00").is_err());
+        assert!(parse_range("25:00-01:00").is_err());
+    }
+}

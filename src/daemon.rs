@@ -1,0 +1,307 @@
+//! The daemon: wires the queue, the watched folder, the dispatcher and the
+//! outbox writer together, and stops them in order on shutdown.
+
+use std::fs::{self, File};
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use chrono::Utc;
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::sync::{Notify, watch};
+use tracing::{error, info, warn};
+
+use crate::config::{Config, Transport};
+use crate::dispatch::{Dispatcher, blocking};
+use crate::ingest::{self, CompletedWrites, FileOutcome, Folders};
+use crate::provider::ProviderClient;
+use crate::queue::Store;
+use crate::results;
+
+/// Holds the state directory's instance lock for the daemon's lifetime:
+/// two daemons on one database would both believe they own its leases.
+struct InstanceLock(#[allow(dead_code)] File);
+
+fn lock_state_dir(state_dir: &Path) -> anyhow::Result<InstanceLock> {
+    let path = state_dir.join("nightshift.lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(InstanceLock(file)),
+        Err(fs::TryLockError::WouldBlock) => {
+            bail!(
+                "another nightshift is already running with state directory {}",
+                state_dir.display()
+            )
+        }
+        Err(fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` resolves, then stops gracefully.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let d = &config.daemon;
+    fs::create_dir_all(&d.state_dir)
+        .with_context(|| format!("creating state directory {}", d.state_dir.display()))?;
+    let _lock = lock_state_dir(&d.state_dir)?;
+    let folders = Folders::new(&d.jobs_dir);
+    folders
+        .create()
+        .with_context(|| format!("creating job folders under {}", d.jobs_dir.display()))?;
+
+    let db = d.database.clone();
+    let store = Arc::new(
+        tokio::task::spawn_blocking(move || Store::open(&db))
+            .await?
+            .with_context(|| format!("opening database {}", d.database.display()))?,
+    );
+    let owner = format!("{}-{}", std::process::id(), Utc::now().timestamp_millis());
+    let now_ms = Utc::now().timestamp_millis();
+    let o = owner.clone();
+    let recovered = blocking(&store, move |s| s.recover_leases(now_ms, &o)).await?;
+    if recovered > 0 {
+        warn!(
+            recovered,
+            "re-queued jobs that were running when the previous instance stopped"
+        );
+    }
+    let counts = blocking(&store, |s| s.counts()).await?;
+    info!(
+        database = %d.database.display(),
+        queued = counts[&crate::queue::JobState::Queued],
+        running_recovered = recovered,
+        "queue open"
+    );
+
+    let mut clients = Vec::new();
+    for (p, t) in config.catalog.providers.iter().zip(&config.transports) {
+        match t {
+            Transport::OpenAi { base_url, .. } => {
+                info!(provider = %p.name, %base_url, models = config.catalog.models.iter().filter(|m| config.catalog.providers[m.provider].name == p.name).count(), "provider (OpenAI-compatible)")
+            }
+            Transport::Simulated { .. } => {
+                info!(provider = %p.name, "provider (SIMULATED: answers in-process, no network, no cost)")
+            }
+        }
+        clients.push(Arc::new(
+            ProviderClient::new(&p.name, t, d.request_timeout).context("building HTTP client")?,
+        ));
+    }
+
+    let catalog = Arc::new(config.catalog.clone());
+    let wake = Arc::new(Notify::new());
+    let finished = Arc::new(Notify::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let dispatcher = Dispatcher {
+        store: store.clone(),
+        catalog: catalog.clone(),
+        clients,
+        owner,
+        lease: d.request_timeout + Duration::from_secs(60),
+        urgency: d.request_timeout * 2,
+        wake: wake.clone(),
+        finished: finished.clone(),
+    };
+    let dispatch_task = tokio::spawn(dispatcher.run(stop_rx.clone(), d.shutdown_grace));
+    let outbox_task = tokio::spawn(outbox_loop(
+        store.clone(),
+        folders.clone(),
+        finished.clone(),
+        stop_rx.clone(),
+    ));
+    let ingest_task = tokio::spawn(ingest_loop(
+        store.clone(),
+        catalog.clone(),
+        config.daemon.default_deadline,
+        config.daemon.rescan_interval,
+        folders.clone(),
+        wake.clone(),
+        stop_rx.clone(),
+    ));
+
+    info!(inbox = %folders.inbox.display(), outbox = %folders.outbox.display(), "nightshift ready");
+    shutdown.await;
+    info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = ingest_task.await;
+    let _ = dispatch_task.await;
+    let _ = outbox_task.await;
+    // Results that became final during the drain.
+    write_ready_outboxes(&store, &folders).await;
+    info!("stopped");
+    Ok(())
+}
+
+/// Watches the inbox (inotify) and rescans it periodically as a fallback.
+async fn ingest_loop(
+    store: Arc<Store>,
+    catalog: Arc<crate::pricing::Catalog>,
+    default_deadline: Duration,
+    rescan_interval: Duration,
+    folders: Folders,
+    wake: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let changed = Arc::new(Notify::new());
+    let completed = CompletedWrites::default();
+    let watcher = {
+        let (changed, completed) = (changed.clone(), completed.clone());
+        notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+            Ok(event) => {
+                use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+                let complete = matches!(
+                    event.kind,
+                    EventKind::Access(AccessKind::Close(AccessMode::Write))
+                        | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+                );
+                if complete {
+                    // For a rename pair, the last path is the new name.
+                    if let Some(name) = event.paths.last().and_then(|p| p.file_name()) {
+                        completed.mark(name.to_os_string());
+                    }
+                }
+                // Reads (our own scans open the folder) change nothing.
+                if complete || matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_)) {
+                    changed.notify_one();
+                }
+            }
+            Err(e) => warn!("inbox watcher: {e}"),
+        })
+        .and_then(|mut w| {
+            w.watch(&folders.inbox, RecursiveMode::NonRecursive)
+                .map(|()| w)
+        })
+    };
+    let _watcher = match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(
+                "cannot watch {} ({e}); relying on the periodic rescan",
+                folders.inbox.display()
+            );
+            None
+        }
+    };
+    let mut next_scan = rescan_interval;
+    loop {
+        let (store, catalog, folders2, completed2) = (
+            store.clone(),
+            catalog.clone(),
+            folders.clone(),
+            completed.clone(),
+        );
+        let scan = tokio::task::spawn_blocking(move || {
+            scan_inbox(&store, &catalog, default_deadline, &folders2, &completed2)
+        })
+        .await;
+        match scan {
+            Ok((queued, unsettled)) => {
+                if queued > 0 {
+                    wake.notify_one();
+                }
+                // A file still being written is looked at again once it settles.
+                next_scan = if unsettled {
+                    ingest::SETTLE.min(rescan_interval)
+                } else {
+                    rescan_interval
+                };
+            }
+            Err(e) => error!("inbox scan panicked: {e}"),
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = changed.notified() => {
+                // Let a burst of events (a copy of many files) coalesce.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            _ = tokio::time::sleep(next_scan) => {}
+        }
+    }
+}
+
+/// Ingests every ready inbox file. Returns the jobs queued and whether some
+/// file was left to settle.
+fn scan_inbox(
+    store: &Store,
+    catalog: &crate::pricing::Catalog,
+    default_deadline: Duration,
+    folders: &Folders,
+    completed: &CompletedWrites,
+) -> (u64, bool) {
+    let (files, unsettled) = match ingest::ready_files(&folders.inbox, completed, SystemTime::now())
+    {
+        Ok(x) => x,
+        Err(e) => {
+            warn!("cannot list {}: {e}", folders.inbox.display());
+            return (0, false);
+        }
+    };
+    let mut queued = 0;
+    for path in files {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match ingest::ingest_file(store, catalog, default_deadline, folders, &path, Utc::now()) {
+            Ok(FileOutcome::Ingested { summary, moved_to }) => {
+                queued += summary.queued;
+                info!(file = %name, queued = summary.queued, invalid = summary.invalid, outbox_stem = %summary.stem,
+                      moved_to = %moved_to.display(), "ingested job file");
+            }
+            Ok(FileOutcome::Duplicate { previous, moved_to }) => {
+                info!(file = %name, previous = %previous, moved_to = %moved_to.display(),
+                      "same content was ingested before; not queued again");
+            }
+            Ok(FileOutcome::Rejected { reason, moved_to }) => {
+                warn!(file = %name, moved_to = %moved_to.display(), "rejected job file: {reason}");
+            }
+            Err(e) => error!("ingest failed, file left in the inbox for the next scan: {e}"),
+        }
+    }
+    (queued, unsettled)
+}
+
+/// Writes outbox files for every finished source, whenever jobs finish.
+async fn outbox_loop(
+    store: Arc<Store>,
+    folders: Folders,
+    finished: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        write_ready_outboxes(&store, &folders).await;
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = finished.notified() => {
+                // Batch the writes of many jobs finishing together.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+    }
+}
+
+async fn write_ready_outboxes(store: &Arc<Store>, folders: &Folders) {
+    let outbox = folders.outbox.clone();
+    let result = blocking(store, move |s| -> anyhow::Result<()> {
+        for source in s.sources_ready_for_outbox()? {
+            let (out, err) = results::write_outbox(s, &outbox, &source)?;
+            s.mark_outbox_written(source.id, Utc::now().timestamp_millis())?;
+            info!(source = %source.name, output = %out.display(), errors = %err.display(), "results written");
+        }
+        Ok(())
+    })
+    .await;
+    if let Err(e) = result {
+        error!("writing outbox files failed (will retry): {e:#}");
+    }
+}

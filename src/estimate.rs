@@ -1,0 +1,53 @@
+//! Token estimates for a request before it is sent.
+//!
+//! Input tokens are estimated from the text the request carries (about four
+//! bytes of English per token, plus the chat format's per-message overhead).
+//! Expected output tokens come from the request's `max_tokens`, falling back
+//! to a default. Estimates only decide routing and rate-limit accounting;
+//! every cost that is *charged* uses the provider's reported `usage`.
+
+/// Bytes of text per token for the estimate; OpenAI quotes ~4 for English.
+const BYTES_PER_TOKEN: usize = 4;
+/// Tokens the chat format adds per message (role, separators).
+const TOKENS_PER_MESSAGE: u64 = 4;
+/// Expected output when a chat request sets no `max_tokens`.
+pub const DEFAULT_OUTPUT_TOKENS: u64 = 256;
+
+/// Estimated tokens of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TokenEstimate {
+    pub input: u64,
+    pub output: u64,
+}
+
+/// Estimated input tokens of `text_bytes` bytes of text in `messages` chat messages.
+pub fn input_tokens(text_bytes: usize, messages: usize) -> u64 {
+    text_bytes.div_ceil(BYTES_PER_TOKEN) as u64
+        + TOKENS_PER_MESSAGE * messages as u64
+        + if messages > 0 { 3 } else { 0 }
+}
+
+/// Expected output tokens of a chat request with the given `max_tokens`:
+/// half the cap (requests rarely use all of it), at least 1.
+pub fn expected_output_tokens(max_tokens: Option<u64>) -> u64 {
+    match max_tokens {
+        Some(cap) => (cap / 2).max(1),
+        None => DEFAULT_OUTPUT_TOKENS,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn estimates_are_in_the_right_range() {
+        // "Hello, how are you?" is 6 tokens in cl100k; 1 message adds 4 + 3.
+        let t = input_tokens("Hello, how are you?".len(), 1);
+        assert!((10..=15).contains(&t), "{t}");
+        assert_eq!(input_tokens(0, 0), 0);
+        assert_eq!(expected_output_tokens(Some(64)), 32);
+        assert_eq!(expected_output_tokens(Some(1)), 1);
+        assert_eq!(expected_output_tokens(None), DEFAULT_OUTPUT_TOKENS);
+    }
+}

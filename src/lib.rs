@@ -1,0 +1,38 @@
+//! nightshift: a cost-aware batch scheduler for LLM inference jobs.
+//!
+//! Jobs (OpenAI batch request lines) enter a durable SQLite queue and are sent
+//! to whichever provider has the cheapest effective price for them at that
+//! hour, before their deadline, within every provider's rate limits.
+//!
+//! The modules follow the data:
+//!
+//! | stage    | module        | what it does                                              | IO? |
+//! |----------|---------------|-----------------------------------------------------------|-----|
+//! | config   | [`config`]    | TOML → validated [`config::Config`] (file:line: field errors) | reads the file |
+//! | ingest   | [`job`]       | one JSONL line → [`job::NewJob`] or a [`job::LineError`]  | pure |
+//! |          | [`ingest`]    | the watched folder: inbox → queue → processed/rejected    | files |
+//! | queue    | [`queue`]     | the SQLite store; every state change one transaction      | SQLite |
+//! | plan     | [`pricing`]   | prices and price windows as functions of time             | pure |
+//! |          | [`estimate`]  | token estimates before a request is sent                  | pure |
+//! |          | [`plan`]      | where and when each job goes                              | pure |
+//! |          | [`limits`]    | rate-limit accounting (rpm, tpm, concurrency)             | pure |
+//! | dispatch | [`provider`]  | OpenAI-compatible HTTP client, and the simulator          | network |
+//! |          | [`dispatch`]  | the loop: lease, send, record                             | async |
+//! | results  | [`results`]   | result lines and atomic outbox files                      | files |
+//! | daemon   | [`daemon`]    | wiring, inotify, shutdown                                 | all |
+//!
+//! Pure modules take `now` as an argument and never read the clock, so the
+//! same code runs in real time in the daemon and in virtual time in tests.
+
+pub mod config;
+pub mod daemon;
+pub mod dispatch;
+pub mod estimate;
+pub mod ingest;
+pub mod job;
+pub mod limits;
+pub mod plan;
+pub mod pricing;
+pub mod provider;
+pub mod queue;
+pub mod results;

@@ -1,0 +1,239 @@
+//! Rate-limit accounting as a pure function of (state, now).
+//!
+//! Each provider has a request bucket (rpm), a token bucket (tpm) and a
+//! concurrency cap. Buckets hold one second of the per-minute allowance, as
+//! providers enforce per-minute limits over short windows ("60,000 rpm may be
+//! enforced as 1,000 per second").
+//!
+//! Written by hand rather than with `governor` because the planner needs to
+//! ask "when could this provider take N more tokens?" about a given instant,
+//! and because token charges are estimates that are corrected (refunded or
+//! charged extra) once the provider reports `usage` — neither fits governor's
+//! clock-owning, take-only API.
+
+use crate::pricing::{Limits, ProviderId};
+
+/// A refilling bucket: `capacity` units, refilled at `per_ms` per millisecond.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bucket {
+    capacity: f64,
+    per_ms: f64,
+    level: f64,
+    last_ms: i64,
+}
+
+impl Bucket {
+    /// A bucket for a per-minute limit, full at `now_ms`.
+    pub fn per_minute(limit: f64, now_ms: i64) -> Bucket {
+        let capacity = (limit / 60.0).max(1.0);
+        Bucket {
+            capacity,
+            per_ms: limit / 60_000.0,
+            level: capacity,
+            last_ms: now_ms,
+        }
+    }
+
+    fn refill(&mut self, now_ms: i64) {
+        if now_ms > self.last_ms {
+            self.level =
+                (self.level + (now_ms - self.last_ms) as f64 * self.per_ms).min(self.capacity);
+            self.last_ms = now_ms;
+        }
+    }
+
+    /// A request bigger than the whole bucket may go when the bucket is full,
+    /// leaving it in debt; otherwise the units must be there.
+    fn needed(&self, units: f64) -> f64 {
+        units.min(self.capacity)
+    }
+
+    /// Milliseconds from `now_ms` until `units` can be taken (0 = now).
+    pub fn ready_in_ms(&mut self, units: f64, now_ms: i64) -> i64 {
+        self.refill(now_ms);
+        let missing = self.needed(units) - self.level;
+        if missing <= 1e-9 {
+            0
+        } else {
+            (missing / self.per_ms).ceil() as i64
+        }
+    }
+
+    /// Takes `units` (may leave the bucket in debt).
+    pub fn take(&mut self, units: f64, now_ms: i64) {
+        self.refill(now_ms);
+        self.level -= units;
+    }
+
+    /// Corrects an earlier charge by `delta` units (negative refunds).
+    pub fn adjust(&mut self, delta: f64, now_ms: i64) {
+        self.refill(now_ms);
+        self.level = (self.level - delta).min(self.capacity);
+    }
+}
+
+/// The limit state of one provider.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderLimiter {
+    requests: Option<Bucket>,
+    tokens: Option<Bucket>,
+    concurrency: Option<u32>,
+    in_flight: u32,
+}
+
+impl ProviderLimiter {
+    pub fn new(limits: &Limits, now_ms: i64) -> ProviderLimiter {
+        ProviderLimiter {
+            requests: limits.rpm.map(|r| Bucket::per_minute(r as f64, now_ms)),
+            tokens: limits.tpm.map(|t| Bucket::per_minute(t as f64, now_ms)),
+            concurrency: limits.concurrency,
+            in_flight: 0,
+        }
+    }
+
+    /// Milliseconds until a request of `tokens` may be sent; `None` while the
+    /// concurrency cap is reached (a finishing request frees it, not time).
+    pub fn ready_in_ms(&mut self, tokens: u64, now_ms: i64) -> Option<i64> {
+        if self.concurrency.is_some_and(|c| self.in_flight >= c) {
+            return None;
+        }
+        let r = self
+            .requests
+            .as_mut()
+            .map_or(0, |b| b.ready_in_ms(1.0, now_ms));
+        let t = self
+            .tokens
+            .as_mut()
+            .map_or(0, |b| b.ready_in_ms(tokens as f64, now_ms));
+        Some(r.max(t))
+    }
+
+    /// Takes capacity for a request if the limits allow it now.
+    pub fn try_acquire(&mut self, tokens: u64, now_ms: i64) -> bool {
+        if self.ready_in_ms(tokens, now_ms) != Some(0) {
+            return false;
+        }
+        if let Some(b) = &mut self.requests {
+            b.take(1.0, now_ms);
+        }
+        if let Some(b) = &mut self.tokens {
+            b.take(tokens as f64, now_ms);
+        }
+        self.in_flight += 1;
+        true
+    }
+
+    /// Ends a request: frees its concurrency slot and corrects the token
+    /// charge from the estimate to what the provider reported.
+    pub fn release(&mut self, estimated_tokens: u64, actual_tokens: Option<u64>, now_ms: i64) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if let (Some(b), Some(actual)) = (&mut self.tokens, actual_tokens) {
+            b.adjust(actual as f64 - estimated_tokens as f64, now_ms);
+        }
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight
+    }
+}
+
+/// Limit state of every provider, indexed like the catalog.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimits {
+    pub providers: Vec<ProviderLimiter>,
+}
+
+impl RateLimits {
+    pub fn new(limits: impl IntoIterator<Item = Limits>, now_ms: i64) -> RateLimits {
+        RateLimits {
+            providers: limits
+                .into_iter()
+                .map(|l| ProviderLimiter::new(&l, now_ms))
+                .collect(),
+        }
+    }
+
+    pub fn provider(&mut self, id: ProviderId) -> &mut ProviderLimiter {
+        &mut self.providers[id]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rpm_bucket_allows_one_second_burst_then_paces() {
+        let mut p = ProviderLimiter::new(
+            &Limits {
+                rpm: Some(600),
+                tpm: None,
+                concurrency: None,
+            },
+            0,
+        );
+        for _ in 0..10 {
+            assert!(p.try_acquire(1, 0));
+            p.release(1, Some(1), 0);
+        }
+        assert!(!p.try_acquire(1, 0));
+        // 600 rpm = one request per 100 ms.
+        assert_eq!(p.ready_in_ms(1, 0), Some(100));
+        assert!(p.try_acquire(1, 100));
+    }
+
+    #[test]
+    fn over_a_minute_the_rate_matches_the_limit() {
+        let mut p = ProviderLimiter::new(
+            &Limits {
+                rpm: Some(600),
+                tpm: Some(60_000),
+                concurrency: None,
+            },
+            0,
+        );
+        let mut sent = 0;
+        let mut now = 0;
+        while now < 60_000 {
+            if p.try_acquire(50, now) {
+                sent += 1;
+                p.release(50, Some(50), now);
+            } else {
+                now += p.ready_in_ms(50, now).unwrap().max(1);
+            }
+        }
+        // tpm 60,000 / 50 tokens = 1,200 requests by tokens, 600 by rpm; plus the initial burst of 10.
+        assert!((600..=611).contains(&sent), "{sent}");
+    }
+
+    #[test]
+    fn concurrency_blocks_until_release_and_usage_corrects_tokens() {
+        let mut p = ProviderLimiter::new(
+            &Limits {
+                rpm: None,
+                tpm: Some(6_000),
+                concurrency: Some(1),
+            },
+            0,
+        );
+        assert!(p.try_acquire(50, 0));
+        assert_eq!(p.ready_in_ms(1, 0), None);
+        // The request used 100 tokens, not 50: the bucket (100) is now empty.
+        p.release(50, Some(100), 0);
+        assert_eq!(p.ready_in_ms(1, 0), Some(10));
+    }
+
+    #[test]
+    fn a_request_larger_than_the_bucket_waits_for_a_full_bucket() {
+        let mut p = ProviderLimiter::new(
+            &Limits {
+                rpm: None,
+                tpm: Some(600),
+                concurrency: None,
+            },
+            0,
+        );
+        assert!(p.try_acquire(500, 0)); // bucket of 10 → debt of 490
+        assert_eq!(p.ready_in_ms(500, 0), Some(50_000));
+    }
+}

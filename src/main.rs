@@ -1,0 +1,123 @@
+//! The `nightshift` command: argument parsing and wiring only.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use nightshift::config::{Config, EMBEDDED_DEFAULT};
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "nightshift",
+    version,
+    about = "Cost-aware LLM batch scheduler: queue jobs durably, run each on the cheapest provider at that hour, before its deadline"
+)]
+struct Cli {
+    /// Log format: compact (for journald and terminals) or json.
+    #[arg(long, value_enum, default_value_t = LogFormat::Compact, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Compact,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon. Without --config it uses the embedded default:
+    /// simulated providers, state in ./state, the watched folder ./jobs.
+    Serve {
+        /// Configuration file (TOML). Replaces the embedded default.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file (or the embedded default) and exit.
+    CheckConfig {
+        /// The file to check; the embedded default if omitted.
+        file: Option<PathBuf>,
+    },
+    /// Print the embedded default configuration, to start a config file from.
+    DefaultConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nightshift: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Compact => builder.compact().init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    Ok(match path {
+        Some(p) => Config::load(p)?,
+        None => Config::embedded_default(),
+    })
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::DefaultConfig => {
+            print!("{EMBEDDED_DEFAULT}");
+            Ok(())
+        }
+        Command::CheckConfig { file } => {
+            let config = load(file.as_ref())?;
+            println!(
+                "{}: OK ({} providers, {} models, {} classes)",
+                config.origin,
+                config.catalog.providers.len(),
+                config.catalog.models.len(),
+                config.catalog.classes.len()
+            );
+            Ok(())
+        }
+        Command::Serve { config } => {
+            let config = load(config.as_ref())?;
+            if config.all_simulated() {
+                warn!(
+                    config = %config.origin,
+                    "all providers are SIMULATED: jobs are answered in-process with deterministic \
+                     completions and no real API is called. Pass --config FILE to use real providers."
+                );
+            }
+            info!(config = %config.origin, jobs_dir = %config.daemon.jobs_dir.display(),
+                  state_dir = %config.daemon.state_dir.display(), "starting");
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(nightshift::daemon::run(config, shutdown_signal()))
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+    }
+}

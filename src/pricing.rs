@@ -1,0 +1,580 @@
+//! Prices as a pure function of time.
+//!
+//! A [`Catalog`] holds providers, their models with list prices, the price
+//! windows that change those prices at certain times, and the model classes
+//! jobs ask for. Nothing here does IO or reads the clock: every function takes
+//! the instant it is asked about, so the daemon (real time) and tests or a
+//! simulator (virtual time) share the same arithmetic.
+//!
+//! Units: prices are USD per 1,000,000 tokens; costs are USD; instants are UTC.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use chrono::{
+    DateTime, Datelike, Duration, NaiveDate, NaiveTime, TimeZone, Timelike, Utc, Weekday,
+};
+use chrono_tz::Tz;
+
+/// Index of a provider in [`Catalog::providers`].
+pub type ProviderId = usize;
+/// Index of a model in [`Catalog::models`].
+pub type ModelId = usize;
+
+/// The request kinds nightshift can dispatch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Endpoint {
+    ChatCompletions,
+    Embeddings,
+}
+
+impl Endpoint {
+    /// The OpenAI batch `url` of this endpoint.
+    pub fn as_url(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/v1/chat/completions",
+            Endpoint::Embeddings => "/v1/embeddings",
+        }
+    }
+
+    /// Parses an OpenAI batch `url`.
+    pub fn from_url(url: &str) -> Option<Endpoint> {
+        match url {
+            "/v1/chat/completions" => Some(Endpoint::ChatCompletions),
+            "/v1/embeddings" => Some(Endpoint::Embeddings),
+            _ => None,
+        }
+    }
+}
+
+/// Prices in USD per 1M tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Price {
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+}
+
+impl Price {
+    fn scaled(self, factor: f64) -> Price {
+        Price {
+            input_per_mtok: self.input_per_mtok * factor,
+            output_per_mtok: self.output_per_mtok * factor,
+        }
+    }
+
+    /// Cost in USD of `input` and `output` tokens at this price, before markup.
+    pub fn cost(self, input_tokens: u64, output_tokens: u64) -> f64 {
+        (input_tokens as f64 * self.input_per_mtok + output_tokens as f64 * self.output_per_mtok)
+            / 1_000_000.0
+    }
+}
+
+/// What a matching price window does to the list price.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WindowEffect {
+    /// List price × this factor (0.5 = half price).
+    Multiplier(f64),
+    /// These prices instead of the list price.
+    Prices(Price),
+}
+
+/// A daily time range in minutes since local midnight, `[start, end)`.
+/// `start > end` crosses midnight and belongs to the day it starts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DailyRange {
+    pub start_minute: u32,
+    pub end_minute: u32,
+}
+
+/// A recurring or absolute period during which a price applies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PriceWindow {
+    pub name: String,
+    /// Weekdays (of the local start day) on which the window applies,
+    /// indexed Monday = 0.
+    pub days: [bool; 7],
+    /// Daily ranges; empty means the whole day.
+    pub hours: Vec<DailyRange>,
+    pub timezone: Tz,
+    /// If set, the window applies only on these local dates (holidays).
+    pub dates: Option<BTreeSet<NaiveDate>>,
+    /// The window never applies on these local dates.
+    pub except_dates: BTreeSet<NaiveDate>,
+    /// If set, the window applies only within `[start, end)`.
+    pub absolute: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    pub effect: WindowEffect,
+}
+
+impl PriceWindow {
+    /// A window that always applies (used for tests and simple configs).
+    pub fn always(name: &str, effect: WindowEffect) -> PriceWindow {
+        PriceWindow {
+            name: name.to_string(),
+            days: [true; 7],
+            hours: Vec::new(),
+            timezone: Tz::UTC,
+            dates: None,
+            except_dates: BTreeSet::new(),
+            absolute: None,
+            effect,
+        }
+    }
+
+    fn day_applies(&self, date: NaiveDate) -> bool {
+        self.days[date.weekday().num_days_from_monday() as usize]
+            && self.dates.as_ref().is_none_or(|d| d.contains(&date))
+            && !self.except_dates.contains(&date)
+    }
+
+    /// Whether the window applies at instant `t`.
+    pub fn applies_at(&self, t: DateTime<Utc>) -> bool {
+        if let Some((start, end)) = self.absolute
+            && !(start <= t && t < end)
+        {
+            return false;
+        }
+        let local = t.with_timezone(&self.timezone);
+        let date = local.date_naive();
+        let minute = local.hour() * 60 + local.minute();
+        if self.hours.is_empty() {
+            return self.day_applies(date);
+        }
+        self.hours.iter().any(|r| {
+            if r.start_minute < r.end_minute {
+                r.start_minute <= minute && minute < r.end_minute && self.day_applies(date)
+            } else {
+                (minute >= r.start_minute && self.day_applies(date))
+                    || (minute < r.end_minute
+                        && date.pred_opt().is_some_and(|d| self.day_applies(d)))
+            }
+        })
+    }
+
+    /// Instants after `t` (within `horizon`) at which this window may open or
+    /// close. A superset of the real changes; callers filter by price.
+    fn boundaries_after(&self, t: DateTime<Utc>, horizon: Duration, out: &mut Vec<DateTime<Utc>>) {
+        let end = t + horizon;
+        if let Some((s, e)) = self.absolute {
+            for b in [s, e] {
+                if b > t && b <= end {
+                    out.push(b);
+                }
+            }
+        }
+        let first = t.with_timezone(&self.timezone).date_naive();
+        let days = horizon.num_days() + 2;
+        for offset in 0..=days {
+            let Some(date) = first.checked_add_signed(Duration::days(offset)) else {
+                continue;
+            };
+            let mut minutes = vec![0u32];
+            for r in &self.hours {
+                minutes.push(r.start_minute);
+                minutes.push(r.end_minute % 1440);
+            }
+            for m in minutes {
+                let Some(time) = NaiveTime::from_hms_opt(m / 60, m % 60, 0) else {
+                    continue;
+                };
+                if let Some(b) = local_to_utc(self.timezone, date.and_time(time))
+                    && b > t
+                    && b <= end
+                {
+                    out.push(b);
+                }
+            }
+        }
+    }
+}
+
+/// Maps a local wall-clock time to UTC. In a DST gap (the time does not exist)
+/// it yields the first instant after the gap; when ambiguous, the earlier one.
+fn local_to_utc(tz: Tz, local: chrono::NaiveDateTime) -> Option<DateTime<Utc>> {
+    match tz.from_local_datetime(&local) {
+        chrono::LocalResult::Single(t) => Some(t.with_timezone(&Utc)),
+        chrono::LocalResult::Ambiguous(a, _) => Some(a.with_timezone(&Utc)),
+        chrono::LocalResult::None => {
+            // Gaps are at most a few hours; step forward a minute at a time.
+            (1..=180).find_map(|m| {
+                tz.from_local_datetime(&(local + Duration::minutes(m)))
+                    .earliest()
+                    .map(|t| t.with_timezone(&Utc))
+            })
+        }
+    }
+}
+
+/// The day mask of a list of weekdays.
+pub fn weekday_set(days: &[Weekday]) -> [bool; 7] {
+    let mut set = [false; 7];
+    for d in days {
+        set[d.num_days_from_monday() as usize] = true;
+    }
+    set
+}
+
+/// All seven weekdays, Monday first.
+pub const ALL_DAYS: [Weekday; 7] = [
+    Weekday::Mon,
+    Weekday::Tue,
+    Weekday::Wed,
+    Weekday::Thu,
+    Weekday::Fri,
+    Weekday::Sat,
+    Weekday::Sun,
+];
+
+/// Rate limits of a provider; `None` means unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Limits {
+    pub rpm: Option<u32>,
+    pub tpm: Option<u64>,
+    pub concurrency: Option<u32>,
+}
+
+/// What the router needs to know about a provider.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderInfo {
+    pub name: String,
+    pub region: Option<String>,
+    /// Added on top of every price: 0.1 = +10%.
+    pub markup: f64,
+    pub windows: Vec<PriceWindow>,
+    pub limits: Limits,
+    /// Whether requests are answered in-process by the simulator.
+    pub simulated: bool,
+}
+
+/// A model offered by a provider.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Model {
+    pub provider: ProviderId,
+    /// The model id sent to the provider's API.
+    pub name: String,
+    pub list: Price,
+    /// Checked before the provider's windows; the first match wins.
+    pub windows: Vec<PriceWindow>,
+    pub endpoints: BTreeSet<Endpoint>,
+}
+
+/// Providers, models, price windows and model classes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Catalog {
+    pub providers: Vec<ProviderInfo>,
+    pub models: Vec<Model>,
+    /// Class name → interchangeable models; the first is the reference model.
+    pub classes: BTreeMap<String, Vec<ModelId>>,
+}
+
+/// Why a requested model name cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    #[error("unknown model or class '{0}'")]
+    Unknown(String),
+    #[error("'{model}' does not serve {endpoint}")]
+    WrongEndpoint {
+        model: String,
+        endpoint: &'static str,
+    },
+}
+
+/// The models a job may run on, and the one its list cost refers to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidates {
+    pub models: Vec<ModelId>,
+    pub reference: ModelId,
+}
+
+impl Catalog {
+    /// The provider called `name`.
+    pub fn provider_id(&self, name: &str) -> Option<ProviderId> {
+        self.providers.iter().position(|p| p.name == name)
+    }
+
+    /// `provider/model` for display.
+    pub fn qualified_name(&self, model: ModelId) -> String {
+        let m = &self.models[model];
+        format!("{}/{}", self.providers[m.provider].name, m.name)
+    }
+
+    /// Resolves what a job asks for — a class, a model name offered by one or
+    /// more providers, or `provider/model` — to the models that serve `endpoint`.
+    pub fn resolve(&self, requested: &str, endpoint: Endpoint) -> Result<Candidates, ResolveError> {
+        let all: Vec<ModelId> = if let Some(models) = self.classes.get(requested) {
+            models.clone()
+        } else if let Some((provider, model)) = requested.split_once('/') {
+            self.models
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.name == model && self.providers[m.provider].name == provider)
+                .map(|(i, _)| i)
+                .collect()
+        } else {
+            self.models
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.name == requested)
+                .map(|(i, _)| i)
+                .collect()
+        };
+        if all.is_empty() {
+            return Err(ResolveError::Unknown(requested.to_string()));
+        }
+        let models: Vec<ModelId> = all
+            .iter()
+            .copied()
+            .filter(|&m| self.models[m].endpoints.contains(&endpoint))
+            .collect();
+        match models.first() {
+            Some(&reference) => Ok(Candidates { models, reference }),
+            None => Err(ResolveError::WrongEndpoint {
+                model: requested.to_string(),
+                endpoint: endpoint.as_url(),
+            }),
+        }
+    }
+
+    /// The price of `model` at instant `t`: the first matching window of the
+    /// model, else of its provider, else the list price. Markup not included.
+    pub fn price_at(&self, model: ModelId, t: DateTime<Utc>) -> Price {
+        let m = &self.models[model];
+        let window = m
+            .windows
+            .iter()
+            .chain(&self.providers[m.provider].windows)
+            .find(|w| w.applies_at(t));
+        match window.map(|w| &w.effect) {
+            None => m.list,
+            Some(WindowEffect::Multiplier(f)) => m.list.scaled(*f),
+            Some(WindowEffect::Prices(p)) => *p,
+        }
+    }
+
+    /// Cost in USD of running `input`/`output` tokens on `model` at `t`, with the
+    /// provider's markup. This is the one place a cost is computed.
+    pub fn cost_at(
+        &self,
+        model: ModelId,
+        t: DateTime<Utc>,
+        input_tokens: u64,
+        output_tokens: u64,
+    ) -> f64 {
+        let markup = self.providers[self.models[model].provider].markup;
+        self.price_at(model, t).cost(input_tokens, output_tokens) * (1.0 + markup)
+    }
+
+    /// The next instant after `t` (within `horizon`) at which the price of any
+    /// model changes, if any.
+    pub fn next_price_change(&self, t: DateTime<Utc>, horizon: Duration) -> Option<DateTime<Utc>> {
+        let mut candidates = Vec::new();
+        for w in self
+            .providers
+            .iter()
+            .flat_map(|p| &p.windows)
+            .chain(self.models.iter().flat_map(|m| &m.windows))
+        {
+            w.boundaries_after(t, horizon, &mut candidates);
+        }
+        candidates.sort();
+        candidates.dedup();
+        let before: Vec<Price> = (0..self.models.len())
+            .map(|m| self.price_at(m, t))
+            .collect();
+        candidates
+            .into_iter()
+            .find(|&c| (0..self.models.len()).any(|m| self.price_at(m, c) != before[m]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn utc(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn window(days: &[Weekday], hours: &[(u32, u32)], tz: Tz) -> PriceWindow {
+        PriceWindow {
+            days: weekday_set(days),
+            hours: hours
+                .iter()
+                .map(|&(s, e)| DailyRange {
+                    start_minute: s,
+                    end_minute: e,
+                })
+                .collect(),
+            timezone: tz,
+            ..PriceWindow::always("w", WindowEffect::Multiplier(0.5))
+        }
+    }
+
+    #[test]
+    fn range_crossing_midnight_belongs_to_its_start_day() {
+        // Friday 22:00 - 02:00, Fridays only.
+        let w = window(&[Weekday::Fri], &[(22 * 60, 2 * 60)], Tz::UTC);
+        assert!(w.applies_at(utc("2026-11-27T23:00:00Z"))); // Fri 23:00
+        assert!(w.applies_at(utc("2026-11-28T01:59:00Z"))); // Sat 01:59, started Friday
+        assert!(!w.applies_at(utc("2026-11-28T02:00:00Z"))); // end is exclusive
+        assert!(!w.applies_at(utc("2026-11-27T01:00:00Z"))); // Fri 01:00 belongs to Thursday
+        assert!(!w.applies_at(utc("2026-11-28T23:00:00Z"))); // Saturday evening
+    }
+
+    #[test]
+    fn weekday_boundaries_are_local() {
+        // Weekdays 09:00-17:00 in Tokyo (UTC+9).
+        let days = [
+            Weekday::Mon,
+            Weekday::Tue,
+            Weekday::Wed,
+            Weekday::Thu,
+            Weekday::Fri,
+        ];
+        let w = window(&days, &[(9 * 60, 17 * 60)], chrono_tz::Asia::Tokyo);
+        // Monday 2026-11-23 09:30 JST = Monday 00:30 UTC.
+        assert!(w.applies_at(utc("2026-11-23T00:30:00Z")));
+        // Sunday 2026-11-22 23:30 UTC is Monday 08:30 JST: before opening.
+        assert!(!w.applies_at(utc("2026-11-22T23:30:00Z")));
+        // Saturday 2026-11-28 10:00 JST = Saturday 01:00 UTC.
+        assert!(!w.applies_at(utc("2026-11-28T01:00:00Z")));
+    }
+
+    #[test]
+    fn dst_shifts_the_utc_instants_of_a_local_window() {
+        // 08:00-09:00 New York: 13:00 UTC in winter, 12:00 UTC in summer.
+        let w = window(&ALL_DAYS, &[(8 * 60, 9 * 60)], chrono_tz::America::New_York);
+        assert!(w.applies_at(utc("2026-01-15T13:30:00Z")));
+        assert!(!w.applies_at(utc("2026-01-15T12:30:00Z")));
+        assert!(w.applies_at(utc("2026-07-15T12:30:00Z")));
+        assert!(!w.applies_at(utc("2026-07-15T13:30:00Z")));
+        // The spring-forward day (2026-03-08): the window opens at 12:00 UTC.
+        let cat = catalog_with(vec![w], None);
+        let change = cat
+            .next_price_change(utc("2026-03-08T05:00:00Z"), Duration::hours(24))
+            .unwrap();
+        assert_eq!(change, utc("2026-03-08T12:00:00Z"));
+    }
+
+    #[test]
+    fn holiday_dates_are_excluded_and_dates_restrict() {
+        let mut w = window(&ALL_DAYS, &[], Tz::UTC);
+        w.except_dates
+            .insert(NaiveDate::from_ymd_opt(2026, 10, 1).unwrap());
+        assert!(!w.applies_at(utc("2026-10-01T12:00:00Z")));
+        assert!(w.applies_at(utc("2026-10-02T12:00:00Z")));
+        w.dates = Some(
+            [NaiveDate::from_ymd_opt(2026, 12, 25).unwrap()]
+                .into_iter()
+                .collect(),
+        );
+        assert!(w.applies_at(utc("2026-12-25T00:00:00Z")));
+        assert!(!w.applies_at(utc("2026-12-26T00:00:00Z")));
+    }
+
+    #[test]
+    fn absolute_window_is_half_open() {
+        let mut w = PriceWindow::always("promo", WindowEffect::Multiplier(0.1));
+        w.absolute = Some((utc("2026-11-24T10:00:00Z"), utc("2026-11-24T11:00:00Z")));
+        assert!(!w.applies_at(utc("2026-11-24T09:59:59Z")));
+        assert!(w.applies_at(utc("2026-11-24T10:00:00Z")));
+        assert!(!w.applies_at(utc("2026-11-24T11:00:00Z")));
+    }
+
+    fn catalog_with(
+        provider_windows: Vec<PriceWindow>,
+        model_window: Option<PriceWindow>,
+    ) -> Catalog {
+        Catalog {
+            providers: vec![ProviderInfo {
+                name: "p".into(),
+                region: None,
+                markup: 0.1,
+                windows: provider_windows,
+                limits: Limits::default(),
+                simulated: true,
+            }],
+            models: vec![Model {
+                provider: 0,
+                name: "m".into(),
+                list: Price {
+                    input_per_mtok: 1.0,
+                    output_per_mtok: 4.0,
+                },
+                windows: model_window.into_iter().collect(),
+                endpoints: [Endpoint::ChatCompletions].into_iter().collect(),
+            }],
+            classes: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn first_matching_window_wins_model_before_provider() {
+        let peak = window(&ALL_DAYS, &[(60, 240)], Tz::UTC);
+        let peak = PriceWindow {
+            effect: WindowEffect::Multiplier(1.0),
+            ..peak
+        };
+        let off = PriceWindow::always("off", WindowEffect::Multiplier(0.5));
+        let cat = catalog_with(vec![peak.clone(), off.clone()], None);
+        assert_eq!(
+            cat.price_at(0, utc("2026-11-24T02:00:00Z")).input_per_mtok,
+            1.0
+        );
+        assert_eq!(
+            cat.price_at(0, utc("2026-11-24T05:00:00Z")).input_per_mtok,
+            0.5
+        );
+        // A model window overrides the provider's.
+        let explicit = PriceWindow::always(
+            "fixed",
+            WindowEffect::Prices(Price {
+                input_per_mtok: 0.2,
+                output_per_mtok: 0.3,
+            }),
+        );
+        let cat = catalog_with(vec![peak, off], Some(explicit));
+        assert_eq!(
+            cat.price_at(0, utc("2026-11-24T02:00:00Z")).output_per_mtok,
+            0.3
+        );
+    }
+
+    #[test]
+    fn cost_includes_markup() {
+        let cat = catalog_with(vec![], None);
+        // 1000 in × $1/M + 500 out × $4/M = $0.003, +10% markup.
+        let c = cat.cost_at(0, utc("2026-11-24T00:00:00Z"), 1000, 500);
+        assert!((c - 0.0033).abs() < 1e-12, "{c}");
+    }
+
+    #[test]
+    fn next_price_change_skips_boundaries_that_change_nothing() {
+        let peak = PriceWindow {
+            effect: WindowEffect::Multiplier(1.0),
+            ..window(
+                &[
+                    Weekday::Mon,
+                    Weekday::Tue,
+                    Weekday::Wed,
+                    Weekday::Thu,
+                    Weekday::Fri,
+                ],
+                &[(60, 240), (360, 600)],
+                Tz::UTC,
+            )
+        };
+        let off = PriceWindow::always("off", WindowEffect::Multiplier(0.5));
+        let cat = catalog_with(vec![peak, off], None);
+        // Tuesday 00:30 → peak opens at 01:00.
+        let t = utc("2026-11-24T00:30:00Z");
+        assert_eq!(
+            cat.next_price_change(t, Duration::hours(48)),
+            Some(utc("2026-11-24T01:00:00Z"))
+        );
+        // Friday 12:00 → next change is Monday 01:00 (midnights in between change nothing).
+        let t = utc("2026-11-27T12:00:00Z");
+        assert_eq!(
+            cat.next_price_change(t, Duration::days(4)),
+            Some(utc("2026-11-30T01:00:00Z"))
+        );
+    }
+}

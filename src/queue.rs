@@ -1,0 +1,679 @@
+//! The durable queue: the one place that owns the SQLite connection.
+//!
+//! SQLite allows one writer, so the store has one connection behind a mutex
+//! and every state change is one short transaction (`BEGIN IMMEDIATE` where
+//! it reads before it writes). Long reads — streaming a finished file's
+//! results to the outbox — use a separate read-only connection, which WAL
+//! lets run beside the writer.
+//!
+//! Times are Unix milliseconds (UTC).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+
+use crate::job::{LineError, NewJob};
+
+/// The newest schema version; `schema.sql` describes it.
+pub const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_SQL: &str = include_str!("../schema.sql");
+
+/// Errors from the queue.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database {path}: {message}")]
+    Setup { path: String, message: String },
+    #[error("reading the source: {0}")]
+    Read(#[from] std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, QueueError>;
+
+/// The lifecycle states of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Expired,
+    Cancelled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 6] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Expired,
+        JobState::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Expired => "expired",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        JobState::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+
+    /// Whether the job has its one final result.
+    pub fn is_final(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+}
+
+/// Where a batch of jobs came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Inbox,
+    Upload,
+    Api,
+}
+
+impl Origin {
+    fn as_str(self) -> &'static str {
+        match self {
+            Origin::Inbox => "inbox",
+            Origin::Upload => "upload",
+            Origin::Api => "api",
+        }
+    }
+}
+
+/// A source about to be ingested.
+#[derive(Debug, Clone)]
+pub struct NewSource<'a> {
+    pub origin: Origin,
+    pub name: &'a str,
+    /// Preferred outbox stem; made unique with a numeric suffix if taken.
+    pub stem: &'a str,
+    pub sha256: Option<&'a str>,
+    pub now_ms: i64,
+}
+
+/// One line of a source, after validation.
+pub struct LineOutcome {
+    pub line: u64,
+    pub job: std::result::Result<NewJob, LineError>,
+}
+
+/// What ingesting a source did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngestSummary {
+    pub source_id: i64,
+    pub stem: String,
+    pub total_lines: u64,
+    pub queued: u64,
+    pub invalid: u64,
+}
+
+/// A queued job that is due, with what dispatch needs.
+#[derive(Debug, Clone)]
+pub struct DueJob {
+    pub id: i64,
+    pub custom_id: String,
+    pub endpoint: String,
+    pub model: String,
+    pub body: String,
+    pub options: Option<String>,
+    pub est_input_tokens: u64,
+    pub est_output_tokens: u64,
+    pub submitted_at: i64,
+    pub deadline: i64,
+    pub attempts: u32,
+}
+
+/// A dispatch decision to record: the job now runs on this provider and model.
+#[derive(Debug, Clone)]
+pub struct Start {
+    pub job_id: i64,
+    pub provider: String,
+    pub provider_model: String,
+}
+
+/// The final outcome of a job.
+#[derive(Debug, Clone, Default)]
+pub struct Finish {
+    pub succeeded: bool,
+    pub completed_at: i64,
+    pub status_code: Option<u16>,
+    pub request_id: Option<String>,
+    pub response: Option<String>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub cost_usd: Option<f64>,
+    pub list_cost_usd: Option<f64>,
+}
+
+/// A source whose jobs are all final and whose outbox files are not written yet.
+#[derive(Debug, Clone)]
+pub struct SourceRow {
+    pub id: i64,
+    pub origin: String,
+    pub name: String,
+    pub stem: String,
+}
+
+/// A finished job, as the results writer needs it.
+#[derive(Debug, Clone)]
+pub struct FinishedJob {
+    pub id: i64,
+    pub line: Option<u64>,
+    pub custom_id: String,
+    pub state: JobState,
+    pub attempts: u32,
+    pub provider: Option<String>,
+    pub provider_model: Option<String>,
+    pub dispatched_at: Option<i64>,
+    pub completed_at: Option<i64>,
+    pub status_code: Option<u16>,
+    pub request_id: Option<String>,
+    pub response: Option<String>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub cost_usd: Option<f64>,
+    pub list_cost_usd: Option<f64>,
+}
+
+/// An invalid line of an accepted source.
+#[derive(Debug, Clone)]
+pub struct StoredLineError {
+    pub line: u64,
+    pub custom_id: Option<String>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+/// The SQLite-backed job queue.
+pub struct Store {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+fn setup_err(path: &Path, message: impl Into<String>) -> QueueError {
+    QueueError::Setup {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`, asserts its pragmas
+    /// and migrates it to [`SCHEMA_VERSION`].
+    pub fn open(path: &Path) -> Result<Store> {
+        let mut conn = Connection::open(path)?;
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "wal", |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(setup_err(
+                path,
+                format!("journal_mode is '{mode}', WAL is required"),
+            ));
+        }
+        // NORMAL in WAL mode: a commit survives a process crash (SIGKILL); only an
+        // OS crash or power loss may lose the last transactions.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let sync: i64 = conn.pragma_query_value(None, "synchronous", |r| r.get(0))?;
+        if sync != 1 {
+            return Err(setup_err(
+                path,
+                format!("synchronous is {sync}, expected 1 (NORMAL)"),
+            ));
+        }
+        conn.pragma_update(None, "foreign_keys", true)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&mut conn, path)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a transaction half-applied
+        // (it rolls back on drop), so a poisoned lock is still usable.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A read-only connection for long reads beside the writer.
+    fn reader(&self) -> Result<Connection> {
+        let c = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        c.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(c)
+    }
+
+    /// The inbox source with this content hash, if it was ingested before.
+    pub fn inbox_source_by_hash(&self, sha256: &str) -> Result<Option<(i64, String)>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT id, name FROM sources WHERE origin = 'inbox' AND sha256 = ?1",
+                [sha256],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    /// Queues every valid line of a source and records every invalid one, in
+    /// one transaction. A valid line whose `custom_id` repeats an earlier one
+    /// becomes an invalid line. A read error rolls everything back.
+    pub fn ingest(
+        &self,
+        source: &NewSource,
+        lines: impl Iterator<Item = std::io::Result<LineOutcome>>,
+    ) -> Result<IngestSummary> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let stem = unique_stem(&tx, source.stem)?;
+        tx.execute(
+            "INSERT INTO sources (origin, name, stem, sha256, ingested_at, total_lines, valid_jobs, invalid_lines)
+             VALUES (?1, ?2, ?3, ?4, ?5, 0, 0, 0)",
+            params![source.origin.as_str(), source.name, stem, source.sha256, source.now_ms],
+        )?;
+        let source_id = tx.last_insert_rowid();
+        let (mut total, mut queued, mut invalid) = (0u64, 0u64, 0u64);
+        {
+            let mut insert_job = tx.prepare_cached(INSERT_JOB)?;
+            let mut insert_error = tx.prepare_cached(
+                "INSERT INTO line_errors (source_id, line, custom_id, field, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            let mut first_line =
+                tx.prepare_cached("SELECT line FROM jobs WHERE source_id = ?1 AND custom_id = ?2")?;
+            for outcome in lines {
+                let LineOutcome { line, job } = outcome?;
+                total += 1;
+                let error = match job {
+                    Ok(job) => match insert_job.execute(params![
+                        source_id,
+                        line as i64,
+                        job.custom_id,
+                        job.endpoint.as_url(),
+                        job.model,
+                        job.body,
+                        job.options,
+                        job.priority,
+                        job.estimate.input as i64,
+                        job.estimate.output as i64,
+                        source.now_ms,
+                        job.deadline.timestamp_millis()
+                    ]) {
+                        Ok(_) => {
+                            queued += 1;
+                            continue;
+                        }
+                        Err(rusqlite::Error::SqliteFailure(e, _))
+                            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                        {
+                            let first: Option<i64> = first_line
+                                .query_row(params![source_id, job.custom_id], |r| r.get(0))
+                                .optional()?;
+                            LineError {
+                                custom_id: Some(job.custom_id),
+                                field: Some("custom_id".into()),
+                                message: match first {
+                                    Some(l) => {
+                                        format!("duplicate custom_id (first used on line {l})")
+                                    }
+                                    None => "duplicate custom_id".into(),
+                                },
+                            }
+                        }
+                        Err(e) => return Err(e.into()),
+                    },
+                    Err(e) => e,
+                };
+                invalid += 1;
+                insert_error.execute(params![
+                    source_id,
+                    line as i64,
+                    error.custom_id,
+                    error.field,
+                    error.message
+                ])?;
+            }
+        }
+        tx.execute(
+            "UPDATE sources SET total_lines = ?2, valid_jobs = ?3, invalid_lines = ?4 WHERE id = ?1",
+            params![source_id, total as i64, queued as i64, invalid as i64],
+        )?;
+        tx.commit()?;
+        Ok(IngestSummary {
+            source_id,
+            stem,
+            total_lines: total,
+            queued,
+            invalid,
+        })
+    }
+
+    /// Queued jobs due at `now` (not_before passed), most urgent first.
+    pub fn due_jobs(&self, now_ms: i64, limit: usize) -> Result<Vec<DueJob>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, custom_id, endpoint, model, body, options, est_input_tokens, est_output_tokens,
+                    submitted_at, deadline, attempts
+             FROM jobs WHERE state = 'queued' AND not_before <= ?1
+             ORDER BY priority DESC, deadline, id LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![now_ms, limit as i64], |r| {
+            Ok(DueJob {
+                id: r.get(0)?,
+                custom_id: r.get(1)?,
+                endpoint: r.get(2)?,
+                model: r.get(3)?,
+                body: r.get(4)?,
+                options: r.get(5)?,
+                est_input_tokens: r.get::<_, i64>(6)? as u64,
+                est_output_tokens: r.get::<_, i64>(7)? as u64,
+                submitted_at: r.get(8)?,
+                deadline: r.get(9)?,
+                attempts: r.get::<_, i64>(10)? as u32,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Moves these jobs from queued to running under a lease held by `owner`,
+    /// counting an attempt. Returns the ids that were still queued (a job
+    /// cancelled meanwhile is skipped).
+    pub fn start_attempts(
+        &self,
+        starts: &[Start],
+        now_ms: i64,
+        lease_until: i64,
+        owner: &str,
+    ) -> Result<Vec<i64>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut started = Vec::with_capacity(starts.len());
+        {
+            let mut stmt = tx.prepare_cached(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?2, lease_until = ?3,
+                        provider = ?4, provider_model = ?5, dispatched_at = ?6
+                 WHERE id = ?1 AND state = 'queued'",
+            )?;
+            for s in starts {
+                if stmt.execute(params![
+                    s.job_id,
+                    owner,
+                    lease_until,
+                    s.provider,
+                    s.provider_model,
+                    now_ms
+                ])? == 1
+                {
+                    started.push(s.job_id);
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(started)
+    }
+
+    /// Records the final outcome of a running job held by `owner`. Returns
+    /// false (and changes nothing) if the job is no longer this owner's to
+    /// finish: its lease was recovered and it may have finished elsewhere.
+    pub fn finish(&self, job_id: i64, owner: &str, f: &Finish) -> Result<bool> {
+        let n = self.conn().execute(
+            "UPDATE jobs SET state = ?3, completed_at = ?4, status_code = ?5, request_id = ?6, response = ?7,
+                    error_code = ?8, error_message = ?9, input_tokens = ?10, output_tokens = ?11,
+                    cost_usd = ?12, list_cost_usd = ?13, lease_owner = NULL, lease_until = NULL
+             WHERE id = ?1 AND state = 'running' AND lease_owner = ?2",
+            params![
+                job_id,
+                owner,
+                if f.succeeded { "succeeded" } else { "failed" },
+                f.completed_at,
+                f.status_code,
+                f.request_id,
+                f.response,
+                f.error_code,
+                f.error_message,
+                f.input_tokens.map(|x| x as i64),
+                f.output_tokens.map(|x| x as i64),
+                f.cost_usd,
+                f.list_cost_usd,
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Fails a queued job without sending it (e.g. no provider within its
+    /// `max_cost_usd`). Returns false if it was no longer queued.
+    pub fn fail_queued(&self, job_id: i64, now_ms: i64, code: &str, message: &str) -> Result<bool> {
+        let n = self.conn().execute(
+            "UPDATE jobs SET state = 'failed', completed_at = ?2, error_code = ?3, error_message = ?4
+             WHERE id = ?1 AND state = 'queued'",
+            params![job_id, now_ms, code, message],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Marks queued jobs whose deadline has passed as expired.
+    pub fn expire_overdue(&self, now_ms: i64) -> Result<usize> {
+        Ok(self.conn().execute(
+            "UPDATE jobs SET state = 'expired', completed_at = ?1, error_code = 'expired',
+                    error_message = 'the deadline passed before the job could be dispatched'
+             WHERE state = 'queued' AND deadline <= ?1",
+            [now_ms],
+        )?)
+    }
+
+    /// Re-queues running jobs whose lease has expired, or that belong to
+    /// another instance (the caller holds the instance lock, so such an owner
+    /// is dead). The attempt stays counted.
+    pub fn recover_leases(&self, now_ms: i64, owner: &str) -> Result<usize> {
+        Ok(self.conn().execute(
+            "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until = NULL
+             WHERE state = 'running' AND (lease_until <= ?1 OR lease_owner IS NOT ?2)",
+            params![now_ms, owner],
+        )?)
+    }
+
+    /// Returns this owner's running jobs to the queue (graceful shutdown).
+    pub fn release_running(&self, owner: &str) -> Result<usize> {
+        Ok(self.conn().execute(
+            "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until = NULL
+             WHERE state = 'running' AND lease_owner = ?1",
+            [owner],
+        )?)
+    }
+
+    /// Sources whose jobs are all final and whose outbox is not yet written.
+    pub fn sources_ready_for_outbox(&self) -> Result<Vec<SourceRow>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT s.id, s.origin, s.name, s.stem FROM sources s
+             WHERE s.origin = 'inbox' AND s.outbox_written_at IS NULL
+               AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.source_id = s.id AND j.state IN ('queued', 'running'))
+             ORDER BY s.id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(SourceRow {
+                id: r.get(0)?,
+                origin: r.get(1)?,
+                name: r.get(2)?,
+                stem: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Calls `on_job` with every job of a source in line order, on a separate
+    /// read connection (does not block the writer).
+    pub fn for_each_job_of(
+        &self,
+        source_id: i64,
+        mut on_job: impl FnMut(FinishedJob) -> std::io::Result<()>,
+    ) -> std::result::Result<(), ResultsError> {
+        let conn = self.reader().map_err(|e| match e {
+            QueueError::Sqlite(e) => ResultsError::Sqlite(e),
+            other => ResultsError::Io(std::io::Error::other(other.to_string())),
+        })?;
+        let mut stmt = conn.prepare(&format!(
+            "{SELECT_FINISHED} WHERE source_id = ?1 ORDER BY line, id"
+        ))?;
+        let mut rows = stmt.query([source_id])?;
+        while let Some(r) = rows.next()? {
+            on_job(finished_from_row(r)?)?;
+        }
+        Ok(())
+    }
+
+    /// The invalid lines of a source, in line order.
+    pub fn line_errors_of(&self, source_id: i64) -> Result<Vec<StoredLineError>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT line, custom_id, field, message FROM line_errors WHERE source_id = ?1 ORDER BY line",
+        )?;
+        let rows = stmt.query_map([source_id], |r| {
+            Ok(StoredLineError {
+                line: r.get::<_, i64>(0)? as u64,
+                custom_id: r.get(1)?,
+                field: r.get(2)?,
+                message: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Records that a source's outbox files exist.
+    pub fn mark_outbox_written(&self, source_id: i64, now_ms: i64) -> Result<()> {
+        self.conn().execute(
+            "UPDATE sources SET outbox_written_at = ?2 WHERE id = ?1",
+            params![source_id, now_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Number of jobs in each state.
+    pub fn counts(&self) -> Result<BTreeMap<JobState, u64>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
+        let mut out: BTreeMap<JobState, u64> = JobState::ALL.iter().map(|&s| (s, 0)).collect();
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        for row in rows {
+            let (state, n) = row?;
+            if let Some(s) = JobState::parse(&state) {
+                out.insert(s, n as u64);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One job by id, final or not (`state` tells).
+    pub fn job(&self, id: i64) -> Result<Option<FinishedJob>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(&format!("{SELECT_FINISHED} WHERE id = ?1"))?;
+        Ok(stmt.query_row([id], finished_from_row).optional()?)
+    }
+}
+
+/// Errors while streaming results to a writer.
+#[derive(Debug, thiserror::Error)]
+pub enum ResultsError {
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("writing results: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+const INSERT_JOB: &str =
+    "INSERT INTO jobs (source_id, line, custom_id, endpoint, model, body, options, priority,
+        est_input_tokens, est_output_tokens, submitted_at, deadline)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+
+const SELECT_FINISHED: &str = "SELECT id, line, custom_id, state, attempts, provider, provider_model, dispatched_at,
+        completed_at, status_code, request_id, response, error_code, error_message, input_tokens, output_tokens,
+        cost_usd, list_cost_usd FROM jobs";
+
+fn finished_from_row(r: &rusqlite::Row) -> rusqlite::Result<FinishedJob> {
+    let state: String = r.get(3)?;
+    Ok(FinishedJob {
+        id: r.get(0)?,
+        line: r.get::<_, Option<i64>>(1)?.map(|l| l as u64),
+        custom_id: r.get(2)?,
+        state: JobState::parse(&state).unwrap_or(JobState::Failed),
+        attempts: r.get::<_, i64>(4)? as u32,
+        provider: r.get(5)?,
+        provider_model: r.get(6)?,
+        dispatched_at: r.get(7)?,
+        completed_at: r.get(8)?,
+        status_code: r.get::<_, Option<i64>>(9)?.map(|s| s as u16),
+        request_id: r.get(10)?,
+        response: r.get(11)?,
+        error_code: r.get(12)?,
+        error_message: r.get(13)?,
+        input_tokens: r.get::<_, Option<i64>>(14)?.map(|x| x as u64),
+        output_tokens: r.get::<_, Option<i64>>(15)?.map(|x| x as u64),
+        cost_usd: r.get(16)?,
+        list_cost_usd: r.get(17)?,
+    })
+}
+
+fn unique_stem(conn: &Connection, wanted: &str) -> rusqlite::Result<String> {
+    let taken = |s: &str| -> rusqlite::Result<bool> {
+        conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sources WHERE stem = ?1)",
+            [s],
+            |r| r.get(0),
+        )
+    };
+    if !taken(wanted)? {
+        return Ok(wanted.to_string());
+    }
+    for n in 2.. {
+        let candidate = format!("{wanted}.{n}");
+        if !taken(&candidate)? {
+            return Ok(candidate);
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// Applies `schema.sql` to a new database, and future migrations to old ones.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(setup_err(
+            path,
+            format!(
+                "schema version {version} is newer than this nightshift understands ({SCHEMA_VERSION}); upgrade nightshift"
+            ),
+        ));
+    }
+    if version < 1 {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(SCHEMA_SQL)?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        tx.commit()?;
+    }
+    // Later versions: `if version < 2 { ... ALTER TABLE ...; user_version = 2 }`.
+    Ok(())
+}
+
+/// A fresh in-file database with the nightshift schema, for benchmarks that
+/// compare against a bare insert into the same table.
+pub fn bare_insert_statement() -> &'static str {
+    INSERT_JOB
+}

@@ -1,0 +1,133 @@
+//! Results: a finished job as an OpenAI batch output line (plus what
+//! nightshift knows), and the outbox files written once a source is final.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Value, json};
+
+use crate::queue::{FinishedJob, JobState, ResultsError, SourceRow, Store, StoredLineError};
+
+fn rfc3339(ms: Option<i64>) -> Value {
+    ms.and_then(DateTime::<Utc>::from_timestamp_millis)
+        .map_or(Value::Null, |t| {
+            Value::String(t.to_rfc3339_opts(SecondsFormat::Millis, true))
+        })
+}
+
+/// The result line id of a job (stable: derived from the job id).
+pub fn result_id(job_id: i64) -> String {
+    format!("batch_req_{job_id:012}")
+}
+
+/// The public id of a job.
+pub fn job_public_id(job_id: i64) -> String {
+    format!("job_{job_id}")
+}
+
+/// Whether a finished job belongs in the output file (else the errors file).
+pub fn is_output(job: &FinishedJob) -> bool {
+    job.state == JobState::Succeeded
+}
+
+/// A finished job as a result line in the design brief's format.
+pub fn result_line(job: &FinishedJob) -> Value {
+    // The provider's body is JSON in every case we know; keep it verbatim
+    // as a string if it is not.
+    let body = job
+        .response
+        .as_deref()
+        .map(|b| serde_json::from_str::<Value>(b).unwrap_or_else(|_| Value::String(b.into())));
+    let response = match job.status_code {
+        Some(status) => json!({"status_code": status, "request_id": job.request_id, "body": body}),
+        None => Value::Null,
+    };
+    let error = match (&job.error_code, job.status_code) {
+        (Some(code), _) => json!({"code": code, "message": job.error_message}),
+        (None, Some(_)) => Value::Null,
+        (None, None) if job.state != JobState::Succeeded => {
+            json!({"code": job.state.as_str(), "message": job.error_message})
+        }
+        (None, None) => Value::Null,
+    };
+    json!({
+        "id": result_id(job.id),
+        "custom_id": job.custom_id,
+        "response": response,
+        "error": error,
+        "nightshift": {
+            "job_id": job_public_id(job.id),
+            "line": job.line,
+            "state": job.state.as_str(),
+            "provider": job.provider,
+            "model": job.provider_model,
+            "dispatched_at": rfc3339(job.dispatched_at),
+            "completed_at": rfc3339(job.completed_at),
+            "attempts": job.attempts,
+            "input_tokens": job.input_tokens,
+            "output_tokens": job.output_tokens,
+            "cost_usd": job.cost_usd,
+            "list_cost_usd": job.list_cost_usd,
+        }
+    })
+}
+
+/// An invalid line of an accepted file as an errors-file line.
+pub fn line_error_line(stem: &str, e: &StoredLineError) -> Value {
+    let message = match &e.field {
+        Some(field) => format!("line {}: {field}: {}", e.line, e.message),
+        None => format!("line {}: {}", e.line, e.message),
+    };
+    json!({
+        "id": format!("invalid_{stem}_{}", e.line),
+        "custom_id": e.custom_id,
+        "response": null,
+        "error": {"code": "invalid_line", "message": message},
+        "nightshift": {"line": e.line, "field": e.field},
+    })
+}
+
+/// Where a source's results go.
+pub fn outbox_paths(outbox: &Path, stem: &str) -> (PathBuf, PathBuf) {
+    (
+        outbox.join(format!("{stem}.output.jsonl")),
+        outbox.join(format!("{stem}.errors.jsonl")),
+    )
+}
+
+/// Writes `<stem>.output.jsonl` and `<stem>.errors.jsonl` for a finished
+/// source, each atomically (temp file, fsync, rename), then fsyncs the folder.
+pub fn write_outbox(
+    store: &Store,
+    outbox: &Path,
+    source: &SourceRow,
+) -> Result<(PathBuf, PathBuf), ResultsError> {
+    let (out_path, err_path) = outbox_paths(outbox, &source.stem);
+    let out_tmp = outbox.join(format!(".{}.output.jsonl.tmp", source.stem));
+    let err_tmp = outbox.join(format!(".{}.errors.jsonl.tmp", source.stem));
+    let mut out = BufWriter::new(File::create(&out_tmp)?);
+    let mut err = BufWriter::new(File::create(&err_tmp)?);
+    store.for_each_job_of(source.id, |job| {
+        let line = result_line(&job);
+        let w = if is_output(&job) { &mut out } else { &mut err };
+        serde_json::to_writer(&mut *w, &line)?;
+        w.write_all(b"\n")
+    })?;
+    let invalid = store
+        .line_errors_of(source.id)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    for e in &invalid {
+        serde_json::to_writer(&mut err, &line_error_line(&source.stem, e))
+            .map_err(std::io::Error::from)?;
+        err.write_all(b"\n")?;
+    }
+    for (w, tmp, path) in [(out, &out_tmp, &out_path), (err, &err_tmp, &err_path)] {
+        let file = w.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        fs::rename(tmp, path)?;
+    }
+    File::open(outbox)?.sync_all()?;
+    Ok((out_path, err_path))
+}
