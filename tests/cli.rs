@@ -1,0 +1,104 @@
+//! The command line: README's first command on the embedded default, and
+//! configuration errors that name file, line and field.
+
+mod common;
+
+use std::fs;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn nightshift(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_nightshift"))
+        .args(args)
+        .current_dir(dir)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_without_config_runs_the_example_on_simulated_providers() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::spawn(dir.path(), &["serve"]);
+    let example = fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/jobs/examples/tickets.jsonl"
+    ))
+    .unwrap();
+    drop_file(&dir.path().join("jobs"), "tickets.jsonl", &example);
+    let (output, errors) =
+        wait_for_outbox(&dir.path().join("jobs"), "tickets", Duration::from_secs(30)).await;
+    assert_eq!(output.len(), 5, "{output:?}");
+    assert_eq!(errors.len(), 4, "{errors:?}");
+    assert!(output.iter().all(|l| l["response"]["status_code"] == 200));
+    assert!(
+        output
+            .iter()
+            .all(|l| l["nightshift"]["cost_usd"].as_f64().unwrap() > 0.0)
+    );
+    assert!(dir.path().join("state/nightshift.db").exists());
+    assert!(daemon.log_text().contains("SIMULATED"));
+}
+
+#[test]
+fn an_invalid_config_names_file_line_and_field_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    fs::write(
+        &path,
+        "[[providers]]\nname = \"x\"\nkind = \"carrier-pigeon\"\n",
+    )
+    .unwrap();
+    for args in [
+        &["check-config", "bad.toml"][..],
+        &["serve", "--config", "bad.toml"][..],
+    ] {
+        let out = nightshift(dir.path(), args);
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("bad.toml:3: providers[0].kind: unknown kind 'carrier-pigeon'"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let out = nightshift(dir.path(), &["check-config", "missing.toml"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+}
+
+#[test]
+fn the_default_config_printed_is_the_one_that_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = nightshift(dir.path(), &["default-config"]);
+    assert!(out.status.success());
+    fs::write(dir.path().join("copy.toml"), &out.stdout).unwrap();
+    let out = nightshift(dir.path(), &["check-config", "copy.toml"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("5 providers"));
+}
+
+#[test]
+fn a_second_daemon_on_the_same_state_directory_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Daemon::spawn(dir.path(), &["serve"]);
+    let db = dir.path().join("state/nightshift.db");
+    let start = std::time::Instant::now();
+    while !first.log_text().contains("nightshift ready") {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "first daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(db.exists());
+    let out = nightshift(dir.path(), &["serve"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another nightshift is already running"));
+    first.kill();
+}

@@ -1,0 +1,377 @@
+//! The shared test harness: a loopback provider that speaks the OpenAI wire
+//! format, the real `nightshift` binary in a temporary directory, and
+//! condition waits with timeouts (never bare sleeps).
+#![allow(dead_code)]
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde_json::{Value, json};
+
+/// The API key the test configs read from the environment.
+pub const TEST_KEY: &str = "sk-test-loopback-0123456789";
+pub const KEY_ENV: &str = "NIGHTSHIFT_TEST_API_KEY";
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes.
+pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One request as the loopback provider saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub path: String,
+    pub authorization: Option<String>,
+    pub body: Value,
+}
+
+impl Seen {
+    pub fn model(&self) -> &str {
+        self.body["model"].as_str().unwrap_or_default()
+    }
+    /// The text of the last message (chat) — tests put markers there.
+    pub fn text(&self) -> String {
+        self.body["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .and_then(|m| m["content"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// How the loopback provider answers a request.
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub delay: Duration,
+}
+
+type Behaviour = Arc<dyn Fn(&Seen) -> Reply + Send + Sync>;
+
+/// A loopback HTTP server speaking OpenAI's chat-completions and
+/// embeddings formats, with its rate-limit headers and error bodies.
+pub struct LoopbackProvider {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+#[derive(Clone)]
+struct ServerState {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    behaviour: Behaviour,
+}
+
+/// A successful chat completion with this usage, as OpenAI returns it.
+pub fn completion(model: &str, content: &str, prompt_tokens: u64, completion_tokens: u64) -> Value {
+    json!({
+        "id": "chatcmpl-loopback",
+        "object": "chat.completion",
+        "created": 1_795_000_000,
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens,
+                  "prompt_tokens_details": {"cached_tokens": 0}}
+    })
+}
+
+/// OpenAI's error body shape.
+pub fn openai_error(message: &str, kind: &str, code: Option<&str>) -> Value {
+    json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+}
+
+/// The default behaviour: 200 with usage 100 prompt / 10 completion tokens,
+/// or for embeddings 8 prompt tokens; a message containing `status:NNN`
+/// gets that status with an OpenAI error body instead.
+pub fn default_reply(seen: &Seen) -> Reply {
+    let text = seen.text();
+    if let Some(i) = text.find("status:") {
+        let status: u16 = text[i + 7..i + 10].parse().unwrap();
+        let body = match status {
+            400 => openai_error(
+                "Invalid value for 'temperature': must be <= 2.",
+                "invalid_request_error",
+                None,
+            ),
+            _ => openai_error(
+                "The server had an error while processing your request.",
+                "server_error",
+                None,
+            ),
+        };
+        return Reply {
+            status,
+            body,
+            delay: Duration::ZERO,
+        };
+    }
+    if seen.path.ends_with("/embeddings") {
+        let body = json!({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+                          "model": seen.model(), "usage": {"prompt_tokens": 8, "total_tokens": 8}});
+        return Reply {
+            status: 200,
+            body,
+            delay: Duration::ZERO,
+        };
+    }
+    Reply {
+        status: 200,
+        body: completion(seen.model(), &format!("echo: {text}"), 100, 10),
+        delay: Duration::ZERO,
+    }
+}
+
+async fn handle(
+    State(state): State<ServerState>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let seen = Seen {
+        path: uri.path().to_string(),
+        authorization: headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+    };
+    let reply = (state.behaviour)(&seen);
+    state.seen.lock().unwrap().push(seen);
+    if !reply.delay.is_zero() {
+        tokio::time::sleep(reply.delay).await;
+    }
+    let mut response = (
+        StatusCode::from_u16(reply.status).unwrap(),
+        axum::Json(reply.body),
+    )
+        .into_response();
+    let h = response.headers_mut();
+    h.insert("x-request-id", "req_loopback".parse().unwrap());
+    h.insert("x-ratelimit-limit-requests", "10000".parse().unwrap());
+    h.insert("x-ratelimit-remaining-requests", "9999".parse().unwrap());
+    h.insert("x-ratelimit-reset-requests", "6ms".parse().unwrap());
+    h.insert("x-ratelimit-limit-tokens", "2000000".parse().unwrap());
+    h.insert("x-ratelimit-remaining-tokens", "1999890".parse().unwrap());
+    h.insert("x-ratelimit-reset-tokens", "3ms".parse().unwrap());
+    response
+}
+
+impl LoopbackProvider {
+    /// Starts a provider with [`default_reply`].
+    pub async fn start() -> LoopbackProvider {
+        LoopbackProvider::with(default_reply).await
+    }
+
+    /// Starts a provider answering with `behaviour`.
+    pub async fn with(
+        behaviour: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+    ) -> LoopbackProvider {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let state = ServerState {
+            seen: seen.clone(),
+            behaviour: Arc::new(behaviour),
+        };
+        let app = Router::new()
+            .route("/v1/chat/completions", post(handle))
+            .route("/v1/embeddings", post(handle))
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        LoopbackProvider { addr, seen }
+    }
+
+    /// The base URL as configured (ends in /v1, like the SDKs').
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+}
+
+/// A provider entry for a test config.
+pub struct ProviderSpec<'a> {
+    pub name: &'a str,
+    pub base_url: String,
+    pub model: &'a str,
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+    /// Extra TOML lines inside the [[providers]] table.
+    pub extra: &'a str,
+}
+
+/// A config with these providers, a class `chat` over all their models (in
+/// order), and the state and job folders inside `dir`.
+pub fn config_toml(dir: &Path, providers: &[ProviderSpec]) -> String {
+    let mut s = format!(
+        "[daemon]\nstate_dir = \"{}\"\njobs_dir = \"{}\"\nrescan_interval = \"1s\"\nrequest_timeout = \"10s\"\nshutdown_grace = \"2s\"\n\n",
+        dir.join("state").display(),
+        dir.join("jobs").display()
+    );
+    for p in providers {
+        s.push_str(&format!(
+            "[[providers]]\nname = \"{}\"\nkind = \"openai\"\nbase_url = \"{}\"\napi_key_env = \"{KEY_ENV}\"\n{}\n\
+             [[providers.models]]\nname = \"{}\"\ninput_per_mtok = {:?}\noutput_per_mtok = {:?}\n\
+             endpoints = [\"/v1/chat/completions\", \"/v1/embeddings\"]\n\n",
+            p.name, p.base_url, p.extra, p.model, p.input_per_mtok, p.output_per_mtok
+        ));
+    }
+    let members: Vec<String> = providers
+        .iter()
+        .map(|p| format!("\"{}/{}\"", p.name, p.model))
+        .collect();
+    s.push_str(&format!("[classes]\nchat = [{}]\n", members.join(", ")));
+    s
+}
+
+/// The real `nightshift` binary running in a test directory.
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+}
+
+static LOG_COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Daemon {
+    /// Writes `config` to `dir/nightshift.toml` and starts `nightshift serve --config` on it.
+    pub fn start(dir: &Path, config: &str) -> Daemon {
+        let path = dir.join("nightshift.toml");
+        fs::write(&path, config).unwrap();
+        Daemon::spawn(dir, &["serve", "--config", path.to_str().unwrap()])
+    }
+
+    /// Starts `nightshift` with `args`, working directory `dir`.
+    pub fn spawn(dir: &Path, args: &[&str]) -> Daemon {
+        let n = LOG_COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let log = dir.join(format!("daemon-{n}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_nightshift"))
+            .args(args)
+            .current_dir(dir)
+            .env(KEY_ENV, TEST_KEY)
+            .env("RUST_LOG", "nightshift=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            log,
+        }
+    }
+
+    pub fn jobs(&self) -> PathBuf {
+        self.dir.join("jobs")
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits (up to 20 s) for the exit status.
+    pub async fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "daemon did not exit after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Drops a job file into the inbox the recommended way: written elsewhere,
+/// then renamed in.
+pub fn drop_file(jobs: &Path, name: &str, content: &str) {
+    let tmp = jobs.join(format!(".{name}.part"));
+    fs::create_dir_all(jobs.join("inbox")).unwrap();
+    fs::write(&tmp, content).unwrap();
+    fs::rename(&tmp, jobs.join("inbox").join(name)).unwrap();
+}
+
+/// The lines of a JSONL file, parsed; empty if it does not exist.
+pub fn read_jsonl(path: &Path) -> Vec<Value> {
+    fs::read_to_string(path)
+        .map(|s| {
+            s.lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A chat job line.
+pub fn chat_line(custom_id: &str, model: &str, text: &str, nightshift: Option<Value>) -> String {
+    let mut line = json!({
+        "custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 20}
+    });
+    if let Some(n) = nightshift {
+        line["nightshift"] = n;
+    }
+    line.to_string()
+}
+
+/// Both outbox files of `stem`, once they exist.
+pub async fn wait_for_outbox(
+    jobs: &Path,
+    stem: &str,
+    timeout: Duration,
+) -> (Vec<Value>, Vec<Value>) {
+    let out = jobs.join("outbox").join(format!("{stem}.output.jsonl"));
+    let err = jobs.join("outbox").join(format!("{stem}.errors.jsonl"));
+    wait_until(&format!("outbox files for {stem}"), timeout, || {
+        out.exists() && err.exists()
+    })
+    .await;
+    (read_jsonl(&out), read_jsonl(&err))
+}
