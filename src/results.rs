@@ -10,6 +10,12 @@ use serde_json::{Value, json};
 
 use crate::queue::{FinishedJob, JobState, ResultsError, SourceRow, Store, StoredLineError};
 
+/// Costs are exact in the database; results show them to a picomillionth
+/// of a dollar so that 9.15e-6 does not print as 9.149999999999999e-6.
+fn usd(x: Option<f64>) -> Value {
+    x.map_or(Value::Null, |x| json!((x * 1e12).round() / 1e12))
+}
+
 fn rfc3339(ms: Option<i64>) -> Value {
     ms.and_then(DateTime::<Utc>::from_timestamp_millis)
         .map_or(Value::Null, |t| {
@@ -68,8 +74,8 @@ pub fn result_line(job: &FinishedJob) -> Value {
             "attempts": job.attempts,
             "input_tokens": job.input_tokens,
             "output_tokens": job.output_tokens,
-            "cost_usd": job.cost_usd,
-            "list_cost_usd": job.list_cost_usd,
+            "cost_usd": usd(job.cost_usd),
+            "list_cost_usd": usd(job.list_cost_usd),
         }
     })
 }
