@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     model         TEXT    NOT NULL,            -- as requested: class, model or provider/model
     body          TEXT    NOT NULL,            -- the request body, verbatim JSON
     options       TEXT,                        -- the 'nightshift' object, verbatim JSON
+    route_key     TEXT    NOT NULL,            -- what decides where it may run (endpoint, model, providers, regions)
     priority      INTEGER NOT NULL DEFAULT 0,
     est_input_tokens  INTEGER NOT NULL,
     est_output_tokens INTEGER NOT NULL,
@@ -72,4 +73,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     UNIQUE (source_id, custom_id)
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (state, priority DESC, deadline, id);
+-- The planner groups queued jobs by route and deadline; the dispatcher takes
+-- a group's most urgent jobs.
+CREATE INDEX IF NOT EXISTS jobs_route ON jobs (state, route_key, deadline);
 CREATE INDEX IF NOT EXISTS jobs_source_state ON jobs (source_id, state);

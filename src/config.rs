@@ -89,6 +89,8 @@ pub struct DaemonSettings {
     pub rescan_interval: Duration,
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// The planner aims to finish every job this long before its deadline.
+    pub safety_margin: Duration,
 }
 
 /// The validated configuration.
@@ -186,6 +188,7 @@ struct RawDaemon {
     rescan_interval: Option<Spanned<String>>,
     request_timeout: Option<Spanned<String>>,
     shutdown_grace: Option<Spanned<String>>,
+    safety_margin: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -202,6 +205,8 @@ struct RawProvider {
     rpm: Option<u32>,
     tpm: Option<u64>,
     concurrency: Option<u32>,
+    #[serde(default)]
+    reserve: f64,
     /// The date the prices were last checked against the provider's page.
     #[allow(dead_code)]
     prices_checked: Option<String>,
@@ -314,6 +319,11 @@ impl Validator<'_> {
                 "daemon.shutdown_grace",
                 Duration::from_secs(10),
             )?,
+            safety_margin: self.duration(
+                &d.safety_margin,
+                "daemon.safety_margin",
+                Duration::from_secs(600),
+            )?,
         };
         if daemon.rescan_interval.is_zero() {
             return Err(self.err(
@@ -347,6 +357,13 @@ impl Validator<'_> {
                     Some(p.name.span()),
                     field("name"),
                     format!("duplicate provider '{name}'"),
+                ));
+            }
+            if !(0.0..=0.9).contains(&p.reserve) {
+                return Err(self.err(
+                    Some(p.name.span()),
+                    field("reserve"),
+                    "must be between 0.0 and 0.9",
                 ));
             }
             if !(p.markup.is_finite() && p.markup >= 0.0) {
@@ -422,6 +439,7 @@ impl Validator<'_> {
                     rpm: p.rpm,
                     tpm: p.tpm,
                     concurrency: p.concurrency,
+                    reserve: p.reserve,
                 },
                 simulated: matches!(transport, Transport::Simulated { .. }),
             });

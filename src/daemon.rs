@@ -101,13 +101,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let finished = Arc::new(Notify::new());
     let (stop_tx, stop_rx) = watch::channel(false);
 
+    let initial_latency = config
+        .transports
+        .iter()
+        .map(|t| match t {
+            // Typical: the base latency plus ~100 output tokens.
+            Transport::Simulated {
+                latency,
+                ms_per_output_token,
+            } => *latency + Duration::from_secs_f64(ms_per_output_token * 100.0 / 1000.0),
+            Transport::OpenAi { .. } => Duration::from_secs(2),
+        })
+        .collect();
     let dispatcher = Dispatcher {
         store: store.clone(),
         catalog: catalog.clone(),
         clients,
+        initial_latency,
         owner,
         lease: d.request_timeout + Duration::from_secs(60),
-        urgency: d.request_timeout * 2,
+        plan_settings: crate::plan::PlanSettings {
+            safety_margin: d.safety_margin,
+            ..Default::default()
+        },
         wake: wake.clone(),
         finished: finished.clone(),
     };

@@ -1,29 +1,36 @@
-//! The dispatcher: the loop that takes due jobs from the queue, routes each
-//! (pure, in [`crate::plan`]), leases it, sends it, and records the result.
+//! The dispatcher: the loop that plans the queue, takes the jobs the plan
+//! says run now, leases them, sends them, and records the results.
 //!
-//! Its shape: sleep until the next thing is due or something changes (a job
-//! arrives, a request finishes), then do everything that is due now.
+//! Its shape: sleep until the next thing is due or something changes (jobs
+//! arrive, a request finishes, the plan's first slot ends), then do
+//! everything that is due now. Planning itself is pure ([`crate::plan`]);
+//! this module only feeds it the queue's summary and what it has observed
+//! of the providers (latency, success rate, token counts).
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::job::{self, Options};
+use crate::job::{Options, RouteKey};
 use crate::limits::RateLimits;
-use crate::plan::{self, Decision};
+use crate::plan::{self, PlanSettings, PlannedGroup, ProviderCapacity, Quotas};
 use crate::pricing::{Catalog, Endpoint, ModelId};
 use crate::provider::{Outcome, ProviderClient, Request};
-use crate::queue::{DueJob, Finish, Start, Store};
+use crate::queue::{DueJob, Finish, QueueError, Start, Store};
 
-/// How many due jobs one pass considers.
-const BATCH: usize = 512;
+/// How many jobs of one group one pass takes at most.
+const BATCH: usize = 256;
 /// How long an idle dispatcher sleeps before looking again.
 const IDLE: Duration = Duration::from_secs(1);
+/// Re-plan at least this often (new observations, the clock moving on).
+const REPLAN_EVERY: Duration = Duration::from_secs(60);
+/// ... and at most this often, however many events ask for it.
+const REPLAN_AT_MOST: Duration = Duration::from_millis(500);
 
 /// Shared handles the dispatcher works with.
 pub struct Dispatcher {
@@ -31,24 +38,67 @@ pub struct Dispatcher {
     pub catalog: Arc<Catalog>,
     /// Parallel to `catalog.providers`.
     pub clients: Vec<Arc<ProviderClient>>,
+    /// Latency to assume for each provider before any is observed.
+    pub initial_latency: Vec<Duration>,
     /// This instance's lease owner id.
     pub owner: String,
     /// Lease on a running job: the request timeout plus a margin.
     pub lease: Duration,
-    /// A job whose deadline is closer than this does not wait for the
-    /// cheapest provider's capacity.
-    pub urgency: Duration,
-    /// Notified when jobs arrive (ingest) to dispatch them at once.
+    pub plan_settings: PlanSettings,
+    /// Notified when jobs arrive (ingest) to re-plan and dispatch at once.
     pub wake: Arc<Notify>,
     /// Notified when jobs become final, for the outbox writer.
     pub finished: Arc<Notify>,
 }
 
-/// A finished request, reported back to the loop for rate-limit accounting.
+/// Exponentially weighted moving average.
+#[derive(Debug, Clone, Copy)]
+struct Ewma {
+    value: f64,
+    weight: f64,
+}
+
+impl Ewma {
+    fn new(value: f64) -> Ewma {
+        Ewma {
+            value,
+            weight: 0.05,
+        }
+    }
+    fn observe(&mut self, x: f64) {
+        if x.is_finite() {
+            self.value += self.weight * (x - self.value);
+        }
+    }
+}
+
+/// What the dispatcher has learned about providers and routes.
+struct Observed {
+    latency_s: Vec<Ewma>,
+    success: Vec<Ewma>,
+    /// Provider-reported input tokens ÷ our estimate, per provider.
+    input_ratio: Vec<Ewma>,
+    /// Actual output tokens ÷ expected, per route key (model class).
+    output_ratio: std::collections::HashMap<String, Ewma>,
+}
+
+/// A finished request, reported back to the loop.
 struct Done {
     provider: usize,
+    route_key: String,
     estimated_tokens: u64,
-    actual_tokens: Option<u64>,
+    estimated_input: u64,
+    estimated_output: u64,
+    usage: Option<(u64, u64)>,
+    succeeded: bool,
+    latency: Duration,
+}
+
+/// The current plan: groups, and what may start in its first slot.
+struct Current {
+    groups: Vec<PlannedGroup>,
+    quotas: Quotas,
+    made: Instant,
 }
 
 /// Runs a closure against the store off the async threads.
@@ -63,14 +113,50 @@ pub async fn blocking<T: Send + 'static>(
 }
 
 impl Dispatcher {
+    fn capacities(&self, observed: &Observed) -> Vec<ProviderCapacity> {
+        self.catalog
+            .providers
+            .iter()
+            .enumerate()
+            .map(|(p, info)| ProviderCapacity {
+                latency: Duration::from_secs_f64(observed.latency_s[p].value.max(0.001)),
+                success_rate: observed.success[p].value,
+                input_token_ratio: observed.input_ratio[p].value.clamp(0.25, 4.0),
+                ..ProviderCapacity::from_limits(&info.limits, Duration::ZERO, 0.0)
+            })
+            .collect()
+    }
+
     /// Dispatches until `shutdown` turns true, then waits up to `grace` for
     /// in-flight requests and returns the rest to the queue.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>, grace: Duration) {
         let now_ms = Utc::now().timestamp_millis();
         let mut limits = RateLimits::new(self.catalog.providers.iter().map(|p| p.limits), now_ms);
+        let n = self.catalog.providers.len();
+        let mut observed = Observed {
+            latency_s: self
+                .initial_latency
+                .iter()
+                .map(|l| Ewma::new(l.as_secs_f64()))
+                .collect(),
+            success: vec![Ewma::new(1.0); n],
+            input_ratio: vec![Ewma::new(1.0); n],
+            output_ratio: Default::default(),
+        };
+        let mut current: Option<Current> = None;
+        let mut replan = true;
         let mut in_flight: JoinSet<Done> = JoinSet::new();
         loop {
-            let next = match self.pass(&mut limits, &mut in_flight).await {
+            let next = match self
+                .pass(
+                    &mut limits,
+                    &mut observed,
+                    &mut current,
+                    &mut replan,
+                    &mut in_flight,
+                )
+                .await
+            {
                 Ok(next) => next,
                 Err(e) => {
                     warn!("dispatch pass failed: {e}");
@@ -79,12 +165,12 @@ impl Dispatcher {
             };
             tokio::select! {
                 _ = shutdown.changed() => break,
-                _ = self.wake.notified() => {}
+                _ = self.wake.notified() => replan = true,
                 _ = tokio::time::sleep(next) => {}
                 Some(done) = in_flight.join_next() => {
-                    self.account(&mut limits, done);
+                    self.account(&mut limits, &mut observed, done);
                     while let Some(done) = in_flight.try_join_next() {
-                        self.account(&mut limits, done);
+                        self.account(&mut limits, &mut observed, done);
                     }
                 }
             }
@@ -98,7 +184,7 @@ impl Dispatcher {
             );
             let drain = async {
                 while let Some(done) = in_flight.join_next().await {
-                    self.account(&mut limits, done);
+                    self.account(&mut limits, &mut observed, done);
                 }
             };
             if tokio::time::timeout(grace, drain).await.is_err() {
@@ -114,14 +200,35 @@ impl Dispatcher {
         self.finished.notify_one();
     }
 
-    fn account(&self, limits: &mut RateLimits, done: Result<Done, tokio::task::JoinError>) {
+    fn account(
+        &self,
+        limits: &mut RateLimits,
+        observed: &mut Observed,
+        done: Result<Done, tokio::task::JoinError>,
+    ) {
         match done {
             Ok(d) => {
+                let actual = d.usage.map(|(i, o)| i + o);
                 limits.provider(d.provider).release(
                     d.estimated_tokens,
-                    d.actual_tokens,
+                    actual,
                     Utc::now().timestamp_millis(),
                 );
+                observed.latency_s[d.provider].observe(d.latency.as_secs_f64());
+                observed.success[d.provider].observe(if d.succeeded { 1.0 } else { 0.0 });
+                if let Some((input, output)) = d.usage {
+                    if d.estimated_input > 0 {
+                        observed.input_ratio[d.provider]
+                            .observe(input as f64 / d.estimated_input as f64);
+                    }
+                    if d.estimated_output > 0 {
+                        observed
+                            .output_ratio
+                            .entry(d.route_key)
+                            .or_insert_with(|| Ewma::new(1.0))
+                            .observe(output as f64 / d.estimated_output as f64);
+                    }
+                }
                 self.finished.notify_one();
             }
             Err(e) if e.is_panic() => warn!("a request task panicked: {e}"),
@@ -129,13 +236,77 @@ impl Dispatcher {
         }
     }
 
-    /// One pass: expire overdue jobs, route and start due ones. Returns how
-    /// long to sleep if nothing else happens.
+    /// Re-plans the queue from its summary in SQLite.
+    async fn make_plan(&self, observed: &Observed) -> Result<Current, QueueError> {
+        let buckets = blocking(&self.store, |s| s.queued_buckets()).await?;
+        let now = Utc::now();
+        let catalog = self.catalog.clone();
+        let capacities = self.capacities(observed);
+        let output_scale: std::collections::HashMap<String, f64> = observed
+            .output_ratio
+            .iter()
+            .map(|(k, v)| (k.clone(), v.value.clamp(0.05, 4.0)))
+            .collect();
+        let settings = self.plan_settings;
+        let started = Instant::now();
+        let (groups, unroutable, plan, quotas) = tokio::task::spawn_blocking(move || {
+            let (groups, unroutable) = plan::build_groups(
+                &buckets,
+                now,
+                &settings,
+                |key| output_scale.get(key).copied().unwrap_or(1.0),
+                |key| {
+                    let route = RouteKey::decode(key)
+                        .ok_or_else(|| format!("unreadable route key {key}"))?;
+                    let c = route.candidates(&catalog).map_err(|e| e.to_string())?;
+                    Ok::<_, String>((c.models, c.reference))
+                },
+            );
+            let plain: Vec<plan::JobGroup> = groups.iter().map(|g| g.group.clone()).collect();
+            let plan = plan::plan(&plain, &catalog, &capacities, now, &settings);
+            let quotas = Quotas::from_plan(&plan, &plain, &catalog, &capacities);
+            (groups, unroutable, plan, quotas)
+        })
+        .await
+        .expect("planner panicked");
+        for (route_key, reason) in unroutable {
+            let message = format!("no eligible model in the current configuration: {reason}");
+            let now_ms = now.timestamp_millis();
+            let n = blocking(&self.store, move |s| {
+                s.fail_route(&route_key, now_ms, "not_routable", &message)
+            })
+            .await?;
+            warn!(
+                jobs = n,
+                "failed queued jobs that no configured model can serve"
+            );
+            self.finished.notify_one();
+        }
+        let jobs: u64 = groups.iter().map(|g| g.group.jobs).sum();
+        let now_jobs: u64 = quotas.entries.iter().map(|e| e.2).sum();
+        if jobs > 0 {
+            info!(queued = jobs, groups = groups.len(), slots = plan.slots.len(), run_now = now_jobs,
+                  expected_cost_usd = plan.expected_cost, dispatch_now_cost_usd = plan.dispatch_now_cost,
+                  method = ?plan.method, took_ms = started.elapsed().as_millis() as u64, "plan");
+        }
+        Ok(Current {
+            groups,
+            quotas,
+            made: Instant::now(),
+        })
+    }
+
+    /// One pass: expire overdue jobs, re-plan if due, start what the plan's
+    /// first slot allows and the rate limits admit. Returns how long to sleep
+    /// if nothing else happens.
     async fn pass(
         &self,
         limits: &mut RateLimits,
+        observed: &mut Observed,
+        current: &mut Option<Current>,
+        replan: &mut bool,
         in_flight: &mut JoinSet<Done>,
-    ) -> Result<Duration, crate::queue::QueueError> {
+    ) -> Result<Duration, QueueError> {
         let now = Utc::now();
         let now_ms = now.timestamp_millis();
         let expired = blocking(&self.store, move |s| s.expire_overdue(now_ms)).await?;
@@ -143,43 +314,95 @@ impl Dispatcher {
             info!(expired, "jobs passed their deadline before dispatch");
             self.finished.notify_one();
         }
-        let due = blocking(&self.store, move |s| s.due_jobs(now_ms, BATCH)).await?;
-        if due.is_empty() {
-            return Ok(IDLE);
+        let stale = match current {
+            None => true,
+            Some(c) => {
+                c.made.elapsed() >= REPLAN_EVERY
+                    || c.quotas.until.is_some_and(|u| now >= u)
+                    || (*replan && c.made.elapsed() >= REPLAN_AT_MOST)
+            }
+        };
+        if stale {
+            *current = Some(self.make_plan(observed).await?);
+            *replan = false;
         }
-        let full = due.len() == BATCH;
+        let Some(cur) = current.as_mut() else {
+            return Ok(IDLE);
+        };
+
         let mut starts = Vec::new();
         let mut routed = Vec::new();
-        let mut next = IDLE;
         let mut failures = Vec::new();
-        for job in due {
-            match self.decide(&job, now, limits) {
-                Ok((model, estimated_cost, reference)) => {
-                    let m = &self.catalog.models[model];
-                    starts.push(Start {
-                        job_id: job.id,
-                        provider: self.catalog.providers[m.provider].name.clone(),
-                        provider_model: m.name.clone(),
-                    });
-                    routed.push((job, model, estimated_cost, reference));
+        let mut next = IDLE;
+        let mut blocked = HashSet::new();
+        for idx in 0..cur.quotas.entries.len() {
+            let (g, model, remaining) = cur.quotas.entries[idx];
+            let provider = self.catalog.models[model].provider;
+            if remaining == 0 || blocked.contains(&provider) {
+                continue;
+            }
+            let group = &cur.groups[g];
+            let (key, from, to) = (
+                group.route_key.clone(),
+                group.deadline_from,
+                group.deadline_to,
+            );
+            let limit = (remaining as usize).min(BATCH);
+            let jobs = blocking(&self.store, move |s| {
+                s.queued_in_route(&key, from, to, limit)
+            })
+            .await?;
+            if jobs.len() < limit {
+                // The group has fewer queued jobs than planned (some finished or
+                // were cancelled meanwhile): what is here is all there is.
+                cur.quotas.entries[idx].2 = jobs.len() as u64;
+            }
+            for job in jobs {
+                let estimate = (job.est_input_tokens, job.est_output_tokens);
+                let max_cost = job
+                    .options
+                    .as_deref()
+                    .and_then(|o| Options::parse(o).ok())
+                    .and_then(|o| o.max_cost_usd);
+                let cost = self.catalog.cost_at(model, now, estimate.0, estimate.1);
+                if let Some(max) = max_cost
+                    && cost > max
+                {
+                    failures.push((job.id, format!(
+                        "the planned model {} costs an estimated ${cost:.6}, above max_cost_usd ${max:.6}",
+                        self.catalog.qualified_name(model)
+                    )));
+                    cur.quotas.take(g, model);
+                    continue;
                 }
-                Err(Some((code, message))) => failures.push((job.id, code, message)),
-                Err(None) => {
-                    // Waiting for capacity: look again when the soonest provider frees up.
-                    next = next.min(Duration::from_millis(50));
+                let lim = limits.provider(provider);
+                if !lim.try_acquire(estimate.0 + estimate.1, now_ms) {
+                    blocked.insert(provider);
+                    if let Some(wait) = lim.ready_in_ms(estimate.0 + estimate.1, now_ms) {
+                        next = next.min(Duration::from_millis(wait.max(1) as u64));
+                    }
+                    break;
                 }
+                cur.quotas.take(g, model);
+                let m = &self.catalog.models[model];
+                starts.push(Start {
+                    job_id: job.id,
+                    provider: self.catalog.providers[m.provider].name.clone(),
+                    provider_model: m.name.clone(),
+                });
+                routed.push((job, model, cost, group.reference, group.route_key.clone()));
             }
         }
         if !failures.is_empty() {
             let n = failures.len();
             blocking(&self.store, move |s| {
-                for (id, code, message) in failures {
-                    s.fail_queued(id, now_ms, code, &message)?;
+                for (id, message) in failures {
+                    s.fail_queued(id, now_ms, "max_cost_exceeded", &message)?;
                 }
-                Ok::<_, crate::queue::QueueError>(())
+                Ok::<_, QueueError>(())
             })
             .await?;
-            info!(failed = n, "jobs failed without dispatch");
+            info!(failed = n, "jobs failed: over their max_cost_usd");
             self.finished.notify_one();
         }
         if starts.is_empty() {
@@ -194,7 +417,7 @@ impl Dispatcher {
         .into_iter()
         .collect();
         info!(dispatched = started.len(), "dispatch batch");
-        for (job, model, estimated_cost, reference) in routed {
+        for (job, model, estimated_cost, reference, route_key) in routed {
             let provider = self.catalog.models[model].provider;
             let estimated_tokens = job.est_input_tokens + job.est_output_tokens;
             if !started.contains(&job.id) {
@@ -213,77 +436,33 @@ impl Dispatcher {
                 owner: self.owner.clone(),
             };
             in_flight.spawn(async move {
-                let actual_tokens = ctx.execute(job, model, reference, now).await;
+                let (estimated_input, estimated_output) =
+                    (job.est_input_tokens, job.est_output_tokens);
+                let sent = Instant::now();
+                let (usage, succeeded) = ctx.execute(job, model, reference, now).await;
                 Done {
                     provider,
+                    route_key,
                     estimated_tokens,
-                    actual_tokens,
+                    estimated_input,
+                    estimated_output,
+                    usage,
+                    succeeded,
+                    latency: sent.elapsed(),
                 }
             });
         }
-        // A full batch may have left more due jobs behind: look again at once.
-        Ok(if full && !started.is_empty() {
-            Duration::ZERO
+        // Quota left and capacity not exhausted: look again soon.
+        let more = cur
+            .quotas
+            .entries
+            .iter()
+            .any(|e| e.2 > 0 && !blocked.contains(&self.catalog.models[e.1].provider));
+        Ok(if more {
+            Duration::from_millis(10)
         } else {
             next
         })
-    }
-
-    /// Routes one job. `Ok` = send it (taking capacity); `Err(None)` = wait;
-    /// `Err(Some(code, message))` = fail it now.
-    #[allow(clippy::type_complexity)]
-    fn decide(
-        &self,
-        job: &DueJob,
-        now: DateTime<Utc>,
-        limits: &mut RateLimits,
-    ) -> Result<(ModelId, f64, ModelId), Option<(&'static str, String)>> {
-        let endpoint = Endpoint::from_url(&job.endpoint).ok_or_else(|| {
-            Some((
-                "not_routable",
-                format!("unsupported endpoint {}", job.endpoint),
-            ))
-        })?;
-        let options = match &job.options {
-            Some(o) => Options::parse(o).map_err(|e| Some(("not_routable", e.to_string())))?,
-            None => Options::default(),
-        };
-        let candidates =
-            job::eligible(&self.catalog, &job.model, endpoint, &options).map_err(|e| {
-                Some((
-                    "not_routable",
-                    format!("no eligible model in the current configuration: {e}"),
-                ))
-            })?;
-        let estimate = crate::estimate::TokenEstimate {
-            input: job.est_input_tokens,
-            output: job.est_output_tokens,
-        };
-        let urgent = job.deadline - now.timestamp_millis() < self.urgency.as_millis() as i64;
-        let now_ms = now.timestamp_millis();
-        let tokens = estimate.input + estimate.output;
-        match plan::route(
-            &self.catalog,
-            &candidates.models,
-            estimate,
-            options.max_cost_usd,
-            now,
-            urgent,
-            |p| limits.provider(p).try_acquire(tokens, now_ms),
-        ) {
-            Decision::Send {
-                model,
-                estimated_cost,
-            } => Ok((model, estimated_cost, candidates.reference)),
-            Decision::Wait => Err(None),
-            Decision::TooExpensive { cheapest } => Err(Some((
-                "max_cost_exceeded",
-                format!(
-                    "the cheapest eligible model costs an estimated ${cheapest:.6}, above max_cost_usd ${:.6}",
-                    options.max_cost_usd.unwrap_or_default()
-                ),
-            ))),
-        }
     }
 }
 
@@ -296,15 +475,15 @@ struct RequestContext {
 }
 
 impl RequestContext {
-    /// Sends the job and records its final state. Returns the tokens the
-    /// provider reported, if any.
+    /// Sends the job and records its final state. Returns the usage the
+    /// provider reported, if any, and whether the job succeeded.
     async fn execute(
         self,
         job: DueJob,
         model: ModelId,
         reference: ModelId,
         dispatched_at: DateTime<Utc>,
-    ) -> Option<u64> {
+    ) -> (Option<(u64, u64)>, bool) {
         let endpoint = Endpoint::from_url(&job.endpoint).unwrap_or(Endpoint::ChatCompletions);
         let m = &self.catalog.models[model];
         let request = Request {
@@ -315,7 +494,8 @@ impl RequestContext {
         };
         let outcome = self.client.send(request).await;
         let completed_at = Utc::now().timestamp_millis();
-        let (finish, tokens) = match outcome {
+        let provider = &self.catalog.providers[m.provider].name;
+        let (finish, usage) = match outcome {
             Outcome::Success {
                 status,
                 request_id,
@@ -349,7 +529,7 @@ impl RequestContext {
                         list_cost_usd: Some(list),
                         ..Finish::default()
                     },
-                    Some(usage.input_tokens + usage.output_tokens),
+                    Some((usage.input_tokens, usage.output_tokens)),
                 )
             }
             Outcome::HttpError {
@@ -357,35 +537,30 @@ impl RequestContext {
                 request_id,
                 body,
             } => {
-                warn!(job = job.id, custom_id = %job.custom_id, provider = %self.catalog.providers[m.provider].name,
-                      status, "provider answered with an error");
-                (
-                    Finish {
-                        succeeded: false,
-                        completed_at,
-                        status_code: Some(status),
-                        request_id,
-                        response: Some(body),
-                        ..Finish::default()
-                    },
-                    None,
-                )
+                warn!(job = job.id, custom_id = %job.custom_id, %provider, status, "provider answered with an error");
+                let finish = Finish {
+                    succeeded: false,
+                    completed_at,
+                    status_code: Some(status),
+                    request_id,
+                    response: Some(body),
+                    ..Finish::default()
+                };
+                (finish, None)
             }
             Outcome::NoAnswer { code, message } => {
-                warn!(job = job.id, custom_id = %job.custom_id, provider = %self.catalog.providers[m.provider].name,
-                      code, "request failed: {message}");
-                (
-                    Finish {
-                        succeeded: false,
-                        completed_at,
-                        error_code: Some(code.to_string()),
-                        error_message: Some(message),
-                        ..Finish::default()
-                    },
-                    None,
-                )
+                warn!(job = job.id, custom_id = %job.custom_id, %provider, code, "request failed: {message}");
+                let finish = Finish {
+                    succeeded: false,
+                    completed_at,
+                    error_code: Some(code.to_string()),
+                    error_message: Some(message),
+                    ..Finish::default()
+                };
+                (finish, None)
             }
         };
+        let succeeded = finish.succeeded;
         let (id, owner) = (job.id, self.owner.clone());
         match blocking(&self.store, move |s| s.finish(id, &owner, &finish)).await {
             Ok(true) => debug!(job = id, "job final"),
@@ -398,6 +573,6 @@ impl RequestContext {
                 "could not record the result (the lease will expire and the job re-run): {e}"
             ),
         }
-        tokens
+        (usage, succeeded)
     }
 }

@@ -33,6 +33,62 @@ pub struct NewJob {
     pub priority: i64,
     pub estimate: TokenEstimate,
     pub deadline: DateTime<Utc>,
+    /// What decides where the job may run; see [`RouteKey`].
+    pub route_key: String,
+}
+
+/// Everything that decides which models a job may run on: jobs with the same
+/// key are interchangeable for the planner. Stored with each job as a
+/// canonical JSON string, so the queue can group by it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, Deserialize)]
+pub struct RouteKey {
+    pub endpoint: String,
+    pub model: String,
+    pub providers: Option<Vec<String>>,
+    pub regions: Option<Vec<String>>,
+}
+
+impl RouteKey {
+    /// The key of a job; lists are sorted so equal constraints give equal keys.
+    pub fn new(endpoint: Endpoint, model: &str, options: &Options) -> RouteKey {
+        let sorted = |v: &Option<Vec<String>>| {
+            v.clone().map(|mut v| {
+                v.sort();
+                v.dedup();
+                v
+            })
+        };
+        RouteKey {
+            endpoint: endpoint.as_url().to_string(),
+            model: model.to_string(),
+            providers: sorted(&options.providers),
+            regions: sorted(&options.regions),
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("a route key serialises")
+    }
+
+    pub fn decode(s: &str) -> Option<RouteKey> {
+        serde_json::from_str(s).ok()
+    }
+
+    /// The models this key may run on in `catalog` (which may have changed
+    /// since the job was queued).
+    pub fn candidates(&self, catalog: &Catalog) -> Result<Candidates, LineError> {
+        let endpoint = Endpoint::from_url(&self.endpoint).ok_or_else(|| LineError {
+            custom_id: None,
+            field: Some("url".into()),
+            message: format!("'{}' is not supported", self.endpoint),
+        })?;
+        let options = Options {
+            providers: self.providers.clone(),
+            regions: self.regions.clone(),
+            ..Options::default()
+        };
+        eligible(catalog, &self.model, endpoint, &options)
+    }
 }
 
 /// Why a line was not queued.
@@ -398,6 +454,7 @@ pub fn parse_line(line: &str, ctx: &JobContext) -> Result<NewJob, LineError> {
         custom_id: custom_id.clone(),
         ..e
     })?;
+    let route_key = RouteKey::new(endpoint, &model, &options).encode();
     Ok(NewJob {
         custom_id: id,
         endpoint,
@@ -407,6 +464,7 @@ pub fn parse_line(line: &str, ctx: &JobContext) -> Result<NewJob, LineError> {
         priority: options.priority.unwrap_or(0),
         estimate,
         deadline,
+        route_key,
     })
 }
 

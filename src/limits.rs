@@ -83,9 +83,14 @@ pub struct ProviderLimiter {
 
 impl ProviderLimiter {
     pub fn new(limits: &Limits, now_ms: i64) -> ProviderLimiter {
+        let usable = 1.0 - limits.reserve.clamp(0.0, 0.9);
         ProviderLimiter {
-            requests: limits.rpm.map(|r| Bucket::per_minute(r as f64, now_ms)),
-            tokens: limits.tpm.map(|t| Bucket::per_minute(t as f64, now_ms)),
+            requests: limits
+                .rpm
+                .map(|r| Bucket::per_minute(r as f64 * usable, now_ms)),
+            tokens: limits
+                .tpm
+                .map(|t| Bucket::per_minute(t as f64 * usable, now_ms)),
             concurrency: limits.concurrency,
             in_flight: 0,
         }
@@ -169,6 +174,7 @@ mod tests {
                 rpm: Some(600),
                 tpm: None,
                 concurrency: None,
+                ..Limits::default()
             },
             0,
         );
@@ -189,6 +195,7 @@ mod tests {
                 rpm: Some(600),
                 tpm: Some(60_000),
                 concurrency: None,
+                ..Limits::default()
             },
             0,
         );
@@ -213,6 +220,7 @@ mod tests {
                 rpm: None,
                 tpm: Some(6_000),
                 concurrency: Some(1),
+                ..Limits::default()
             },
             0,
         );
@@ -230,6 +238,7 @@ mod tests {
                 rpm: None,
                 tpm: Some(600),
                 concurrency: None,
+                ..Limits::default()
             },
             0,
         );

@@ -229,6 +229,9 @@ pub struct Limits {
     pub rpm: Option<u32>,
     pub tpm: Option<u64>,
     pub concurrency: Option<u32>,
+    /// Fraction of rpm and tpm nightshift leaves unused, for interactive
+    /// traffic that shares the same API key (0.0 to 0.9).
+    pub reserve: f64,
 }
 
 /// What the router needs to know about a provider.

@@ -315,7 +315,8 @@ impl Store {
                         job.estimate.input as i64,
                         job.estimate.output as i64,
                         source.now_ms,
-                        job.deadline.timestamp_millis()
+                        job.deadline.timestamp_millis(),
+                        job.route_key
                     ]) {
                         Ok(_) => {
                             queued += 1;
@@ -375,22 +376,65 @@ impl Store {
              FROM jobs WHERE state = 'queued' AND not_before <= ?1
              ORDER BY priority DESC, deadline, id LIMIT ?2",
         )?;
-        let rows = stmt.query_map(params![now_ms, limit as i64], |r| {
-            Ok(DueJob {
-                id: r.get(0)?,
-                custom_id: r.get(1)?,
-                endpoint: r.get(2)?,
-                model: r.get(3)?,
-                body: r.get(4)?,
-                options: r.get(5)?,
-                est_input_tokens: r.get::<_, i64>(6)? as u64,
-                est_output_tokens: r.get::<_, i64>(7)? as u64,
-                submitted_at: r.get(8)?,
-                deadline: r.get(9)?,
-                attempts: r.get::<_, i64>(10)? as u32,
+        let rows = stmt.query_map(params![now_ms, limit as i64], due_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Queued jobs by route and deadline bucket: the planner's input.
+    pub fn queued_buckets(&self) -> Result<Vec<crate::plan::QueuedBucket>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT route_key, deadline / ?1, COUNT(*), SUM(est_input_tokens), SUM(est_output_tokens), MIN(deadline)
+             FROM jobs WHERE state = 'queued' GROUP BY route_key, deadline / ?1",
+        )?;
+        let bucket = crate::plan::BUCKET_MS;
+        let rows = stmt.query_map([bucket], |r| {
+            let b: i64 = r.get(1)?;
+            Ok(crate::plan::QueuedBucket {
+                route_key: r.get(0)?,
+                deadline_from: b * bucket,
+                deadline_to: (b + 1) * bucket,
+                jobs: r.get::<_, i64>(2)? as u64,
+                input_tokens: r.get::<_, i64>(3)? as u64,
+                output_tokens: r.get::<_, i64>(4)? as u64,
+                min_deadline: r.get(5)?,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// The most urgent queued jobs of one route with deadlines in `[from, to)`.
+    pub fn queued_in_route(
+        &self,
+        route_key: &str,
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> Result<Vec<DueJob>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, custom_id, endpoint, model, body, options, est_input_tokens, est_output_tokens,
+                    submitted_at, deadline, attempts
+             FROM jobs WHERE state = 'queued' AND route_key = ?1 AND deadline >= ?2 AND deadline < ?3
+             ORDER BY deadline, priority DESC, id LIMIT ?4",
+        )?;
+        let rows = stmt.query_map(params![route_key, from, to, limit as i64], due_from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Fails every queued job of a route (its models are gone from the config).
+    pub fn fail_route(
+        &self,
+        route_key: &str,
+        now_ms: i64,
+        code: &str,
+        message: &str,
+    ) -> Result<usize> {
+        Ok(self.conn().execute(
+            "UPDATE jobs SET state = 'failed', completed_at = ?2, error_code = ?3, error_message = ?4
+             WHERE state = 'queued' AND route_key = ?1",
+            params![route_key, now_ms, code, message],
+        )?)
     }
 
     /// Moves these jobs from queued to running under a lease held by `owner`,
@@ -600,8 +644,24 @@ pub enum ResultsError {
 
 const INSERT_JOB: &str =
     "INSERT INTO jobs (source_id, line, custom_id, endpoint, model, body, options, priority,
-        est_input_tokens, est_output_tokens, submitted_at, deadline)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+        est_input_tokens, est_output_tokens, submitted_at, deadline, route_key)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+
+fn due_from_row(r: &rusqlite::Row) -> rusqlite::Result<DueJob> {
+    Ok(DueJob {
+        id: r.get(0)?,
+        custom_id: r.get(1)?,
+        endpoint: r.get(2)?,
+        model: r.get(3)?,
+        body: r.get(4)?,
+        options: r.get(5)?,
+        est_input_tokens: r.get::<_, i64>(6)? as u64,
+        est_output_tokens: r.get::<_, i64>(7)? as u64,
+        submitted_at: r.get(8)?,
+        deadline: r.get(9)?,
+        attempts: r.get::<_, i64>(10)? as u32,
+    })
+}
 
 const SELECT_FINISHED: &str = "SELECT id, line, custom_id, state, attempts, provider, provider_model, dispatched_at,
         completed_at, status_code, request_id, response, error_code, error_message, input_tokens, output_tokens,

@@ -1,10 +1,12 @@
-//! Routing decisions as pure functions of (job, catalog, capacity, now).
+//! The per-request rule: the cheapest effective price *now*.
 //!
-//! Today this is the per-job "cheapest effective price now" rule: among the
-//! job's eligible models, send it to the one with the lowest estimated cost
-//! at this instant, if that provider has capacity. When the cheapest provider
-//! is busy the job waits for it, unless its deadline is close, in which case
-//! it spills to the cheapest provider that can take it now.
+//! Among a job's eligible models, send it to the one with the lowest
+//! estimated cost at this instant, if that provider has capacity. When the
+//! cheapest provider is busy the job waits for it, unless it is `urgent`, in
+//! which case it spills to the cheapest provider that can take it now.
+//!
+//! This is what a per-request cost router does; the simulator runs it as the
+//! `cheapest-now` policy to measure the planner against.
 
 use chrono::{DateTime, Utc};
 

@@ -1,0 +1,707 @@
+//! The planner: for every queued job, which model and which time slot, so that
+//! the whole queue costs as little as possible, every job can finish before
+//! its deadline (with a safety margin), and no provider gets more requests or
+//! tokens in a slot than its limits allow.
+//!
+//! # The problem, and why an LP
+//!
+//! Time from `now` to the furthest deadline is cut into slots (15 minutes for
+//! the first two hours, then hourly) that are also split at every instant a
+//! price changes, so prices are constant within a slot. Jobs are aggregated
+//! into [`JobGroup`]s — same eligible models, deadlines in the same slot — so
+//! the problem's size depends on how many *kinds* of job are queued, not how
+//! many jobs: a million queued jobs are typically a few hundred groups.
+//!
+//! With `x[g, m, s]` the number of group `g`'s jobs run on model `m` in slot
+//! `s`, the planner solves
+//!
+//! ```text
+//! minimise   Σ x[g,m,s] · cost(g, m, s)  +  Σ o[g] · penalty(g)
+//! subject to Σ_{m,s} x[g,m,s] + o[g] = jobs(g)                  for every group
+//!            Σ_{g, m of p} x[g,m,s]            ≤ requests(p, s)   for every provider, slot
+//!            Σ_{g, m of p} x[g,m,s] · tok(g)   ≤ tokens(p, s)
+//!            x ≥ 0, o ≥ 0, and x[g,m,s] only where s ends before g's deadline
+//! ```
+//!
+//! a transportation problem with two capacity resources (requests and tokens)
+//! per provider and slot. Two resources rule out a plain min-cost flow, so it
+//! is solved as a linear program with `microlp` (pure Rust). The LP relaxes
+//! integrality; rounding a group's fractional share up costs at most one job
+//! per (group, model, slot) and the rate limiter still enforces the real
+//! limits. `o[g]` is overflow: jobs that fit no slot before their deadline.
+//! They run now on the fastest eligible provider. The penalty makes the LP
+//! use overflow only when capacity truly runs out.
+//!
+//! The same function with every job known in advance (each group released at
+//! its submission time) and no safety margin is the offline **lower bound**
+//! any real schedule can be measured against (`nightshift simulate
+//! --lower-bound`).
+
+mod route;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use microlp::{ComparisonOp, OptimizationDirection, Problem};
+
+pub use route::{Decision, by_cost_at, route};
+
+use crate::pricing::{Catalog, ModelId, ProviderId};
+
+/// Jobs that are interchangeable for planning: same eligible models, released
+/// and due in the same slots.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobGroup {
+    pub candidates: Vec<ModelId>,
+    pub jobs: u64,
+    /// Sums over the group's jobs (estimates).
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// No job of the group may start before this (submission time).
+    pub release: DateTime<Utc>,
+    /// The earliest deadline among the group's jobs.
+    pub deadline: DateTime<Utc>,
+}
+
+impl JobGroup {
+    fn tokens_per_job(&self) -> (f64, f64) {
+        let n = self.jobs.max(1) as f64;
+        (self.input_tokens as f64 / n, self.output_tokens as f64 / n)
+    }
+}
+
+/// What the planner assumes about a provider's capacity and reliability.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProviderCapacity {
+    pub rpm: Option<f64>,
+    pub tpm: Option<f64>,
+    pub concurrency: Option<u32>,
+    /// Typical time from send to answer.
+    pub latency: Duration,
+    /// Observed fraction of requests that succeed (effective price ÷ this).
+    pub success_rate: f64,
+    /// Fraction of the limits kept free for other traffic on the same key.
+    pub reserve: f64,
+    /// Provider-reported input tokens ÷ our estimate (tokenizers differ).
+    pub input_token_ratio: f64,
+}
+
+impl ProviderCapacity {
+    /// From the configured limits, assuming a reliable provider.
+    pub fn from_limits(
+        limits: &crate::pricing::Limits,
+        latency: Duration,
+        reserve: f64,
+    ) -> ProviderCapacity {
+        ProviderCapacity {
+            rpm: limits.rpm.map(f64::from),
+            tpm: limits.tpm.map(|t| t as f64),
+            concurrency: limits.concurrency,
+            latency,
+            success_rate: 1.0,
+            reserve: reserve.max(limits.reserve),
+            input_token_ratio: 1.0,
+        }
+    }
+
+    /// (requests, tokens) this provider can take within `duration`.
+    fn per(&self, duration: Duration) -> (f64, f64) {
+        let minutes = duration.as_secs_f64() / 60.0;
+        let usable = (1.0 - self.reserve).clamp(0.0, 1.0);
+        let by_rpm = self.rpm.map_or(f64::INFINITY, |r| r * minutes);
+        let by_concurrency = self.concurrency.map_or(f64::INFINITY, |c| {
+            c as f64 * duration.as_secs_f64() / self.latency.as_secs_f64().max(0.001)
+        });
+        let tokens = self.tpm.map_or(f64::INFINITY, |t| t * minutes);
+        (by_rpm.min(by_concurrency) * usable, tokens * usable)
+    }
+}
+
+/// Planner settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PlanSettings {
+    /// A job must be planned to finish this long before its deadline.
+    pub safety_margin: Duration,
+    /// Slot length near `now`, and for how long.
+    pub fine_slot: Duration,
+    pub fine_horizon: Duration,
+    /// Slot length after that.
+    pub coarse_slot: Duration,
+    /// Nothing is planned further out than this.
+    pub max_horizon: Duration,
+    /// Lower-bound mode: a slot is usable if it overlaps [release, deadline);
+    /// no safety margin. Every real schedule costs at least this much.
+    pub relaxed: bool,
+    /// Give up on the LP after this long and fall back to the greedy plan.
+    pub time_limit: Duration,
+}
+
+impl Default for PlanSettings {
+    fn default() -> PlanSettings {
+        PlanSettings {
+            safety_margin: Duration::from_secs(10 * 60),
+            fine_slot: Duration::from_secs(15 * 60),
+            fine_horizon: Duration::from_secs(2 * 3600),
+            coarse_slot: Duration::from_secs(3600),
+            max_horizon: Duration::from_secs(8 * 86_400),
+            relaxed: false,
+            time_limit: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A time slot `[start, end)` with constant prices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+}
+
+impl Slot {
+    pub fn duration(&self) -> Duration {
+        (self.end - self.start).to_std().unwrap_or_default()
+    }
+}
+
+/// Part of a group planned on one model in one slot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Allocation {
+    pub group: usize,
+    pub model: ModelId,
+    pub slot: usize,
+    /// May be fractional (LP); the dispatcher rounds up.
+    pub jobs: f64,
+    /// Expected cost per job in USD (markup and success rate included).
+    pub cost_per_job: f64,
+}
+
+/// How the plan was computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// The LP optimum.
+    Lp,
+    /// The LP failed or timed out; greedy fill by cost.
+    Greedy,
+}
+
+/// The plan for a set of groups.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub now: DateTime<Utc>,
+    pub slots: Vec<Slot>,
+    pub allocations: Vec<Allocation>,
+    /// Jobs per group that fit no slot before their deadline: run now, on the
+    /// fastest eligible model.
+    pub overflow: Vec<(usize, f64)>,
+    /// Σ allocations × cost (overflow priced at the fastest model now).
+    pub expected_cost: f64,
+    /// What dispatching every job now on its cheapest model would cost
+    /// (ignoring capacity): the per-request router's price.
+    pub dispatch_now_cost: f64,
+    pub method: Method,
+}
+
+/// Expected cost of one job of `group` on `model` at `t`: tokens × price at
+/// `t`, with markup, divided by the provider's success rate.
+pub fn effective_cost(
+    catalog: &Catalog,
+    capacity: &[ProviderCapacity],
+    group: &JobGroup,
+    model: ModelId,
+    t: DateTime<Utc>,
+) -> f64 {
+    let (input, output) = group.tokens_per_job();
+    let m = &catalog.models[model];
+    let price = catalog.price_at(model, t);
+    let markup = catalog.providers[m.provider].markup;
+    let cap = capacity.get(m.provider);
+    let success = cap.map_or(1.0, |c| c.success_rate.clamp(0.05, 1.0));
+    let input = input * cap.map_or(1.0, |c| c.input_token_ratio);
+    (input * price.input_per_mtok + output * price.output_per_mtok) / 1e6 * (1.0 + markup) / success
+}
+
+fn to_chrono(d: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
+}
+
+/// Cuts `[now, end)` into slots: `fine_slot`s for `fine_horizon`, then
+/// `coarse_slot`s, boundaries aligned to the clock, split at price changes.
+pub fn make_slots(
+    catalog: &Catalog,
+    now: DateTime<Utc>,
+    end: DateTime<Utc>,
+    settings: &PlanSettings,
+) -> Vec<Slot> {
+    let mut bounds = vec![now];
+    let align = |t: DateTime<Utc>, step: Duration| -> DateTime<Utc> {
+        let step_ms = step.as_millis().max(1) as i64;
+        let ms = t.timestamp_millis();
+        Utc.timestamp_millis_opt((ms / step_ms + 1) * step_ms)
+            .single()
+            .unwrap_or(t)
+    };
+    let fine_until = now + to_chrono(settings.fine_horizon);
+    let mut t = now;
+    while t < end {
+        let step = if t < fine_until {
+            settings.fine_slot
+        } else {
+            settings.coarse_slot
+        };
+        t = align(t, step).min(end);
+        bounds.push(t);
+    }
+    let mut change = now;
+    while let Some(c) = catalog.next_price_change(
+        change,
+        (end - change).to_std().map(to_chrono).unwrap_or_default(),
+    ) {
+        if c >= end {
+            break;
+        }
+        bounds.push(c);
+        change = c;
+    }
+    bounds.sort();
+    bounds.dedup();
+    bounds
+        .windows(2)
+        .map(|w| Slot {
+            start: w[0],
+            end: w[1],
+        })
+        .collect()
+}
+
+/// Whether group `g` may be planned in `slot` (the `first` usable slot of a
+/// group is allowed as long as the job can start there before its deadline
+/// minus the margin; later slots must end before it).
+fn usable(slot: &Slot, group: &JobGroup, settings: &PlanSettings, first_for_group: bool) -> bool {
+    if settings.relaxed {
+        return slot.end > group.release && slot.start < group.deadline;
+    }
+    if slot.start < group.release && slot.end <= group.release {
+        return false;
+    }
+    let margin = to_chrono(settings.safety_margin);
+    slot.end + margin <= group.deadline
+        || (first_for_group && slot.start.max(group.release) + margin <= group.deadline)
+}
+
+struct Option_ {
+    group: usize,
+    model: ModelId,
+    slot: usize,
+    cost: f64,
+}
+
+/// Plans `groups` from `now`. Pure: same inputs, same plan.
+pub fn plan(
+    groups: &[JobGroup],
+    catalog: &Catalog,
+    capacity: &[ProviderCapacity],
+    now: DateTime<Utc>,
+    settings: &PlanSettings,
+) -> Plan {
+    let horizon_end = groups
+        .iter()
+        .map(|g| g.deadline)
+        .max()
+        .unwrap_or(now)
+        .min(now + to_chrono(settings.max_horizon))
+        .max(now + to_chrono(settings.fine_slot));
+    let slots = make_slots(catalog, now, horizon_end, settings);
+
+    // Every (group, model, slot) a job may use, with its cost.
+    let mut options = Vec::new();
+    for (gi, g) in groups.iter().enumerate() {
+        let first = slots.iter().position(|s| s.end > g.release);
+        for (si, slot) in slots.iter().enumerate() {
+            if !usable(slot, g, settings, Some(si) == first) {
+                continue;
+            }
+            let t = slot.start.max(g.release);
+            for &m in &g.candidates {
+                options.push(Option_ {
+                    group: gi,
+                    model: m,
+                    slot: si,
+                    cost: effective_cost(catalog, capacity, g, m, t),
+                });
+            }
+        }
+    }
+    let caps: BTreeMap<(ProviderId, usize), (f64, f64)> = slots
+        .iter()
+        .enumerate()
+        .flat_map(|(si, slot)| {
+            capacity
+                .iter()
+                .enumerate()
+                .map(move |(p, c)| ((p, si), c.per(slot.duration())))
+        })
+        .collect();
+
+    let (allocations, overflow, method) = match solve_lp(groups, &options, &caps, catalog, settings)
+    {
+        Some((a, o)) => (a, o, Method::Lp),
+        None => {
+            let (a, o) = solve_greedy(groups, &options, &caps, catalog);
+            (a, o, Method::Greedy)
+        }
+    };
+    let mut expected_cost: f64 = allocations.iter().map(|a| a.jobs * a.cost_per_job).sum();
+    for &(g, jobs) in &overflow {
+        let m = fastest_model(catalog, capacity, &groups[g].candidates);
+        expected_cost += jobs * effective_cost(catalog, capacity, &groups[g], m, now);
+    }
+    let dispatch_now_cost = groups
+        .iter()
+        .map(|g| {
+            let t = now.max(g.release);
+            g.jobs as f64
+                * g.candidates
+                    .iter()
+                    .map(|&m| effective_cost(catalog, capacity, g, m, t))
+                    .fold(f64::INFINITY, f64::min)
+        })
+        .sum();
+    Plan {
+        now,
+        slots,
+        allocations,
+        overflow,
+        expected_cost,
+        dispatch_now_cost,
+        method,
+    }
+}
+
+/// The eligible model whose provider answers fastest (ties: cheapest list price).
+pub fn fastest_model(
+    catalog: &Catalog,
+    capacity: &[ProviderCapacity],
+    candidates: &[ModelId],
+) -> ModelId {
+    *candidates
+        .iter()
+        .min_by(|&&a, &&b| {
+            let la = capacity
+                .get(catalog.models[a].provider)
+                .map_or(Duration::ZERO, |c| c.latency);
+            let lb = capacity
+                .get(catalog.models[b].provider)
+                .map_or(Duration::ZERO, |c| c.latency);
+            la.cmp(&lb).then(
+                catalog.models[a]
+                    .list
+                    .input_per_mtok
+                    .total_cmp(&catalog.models[b].list.input_per_mtok),
+            )
+        })
+        .expect("a group has at least one candidate")
+}
+
+type Solved = (Vec<Allocation>, Vec<(usize, f64)>);
+/// Terms of one LP constraint row.
+type Terms = Vec<(microlp::Variable, f64)>;
+
+fn solve_lp(
+    groups: &[JobGroup],
+    options: &[Option_],
+    caps: &BTreeMap<(ProviderId, usize), (f64, f64)>,
+    catalog: &Catalog,
+    settings: &PlanSettings,
+) -> Option<Solved> {
+    if groups.is_empty() {
+        return Some((Vec::new(), Vec::new()));
+    }
+    // Costs are tiny (1e-6 USD per job); scale to keep the LP well conditioned.
+    let max_cost = options
+        .iter()
+        .map(|o| o.cost)
+        .fold(0.0, f64::max)
+        .max(1e-12);
+    let scale = 1.0 / max_cost;
+    let mut problem = Problem::new(OptimizationDirection::Minimize);
+    problem.set_time_limit(settings.time_limit);
+    // Among equal costs, earlier is better (less risk, results sooner): a
+    // tie-break far below any real price difference.
+    let vars: Vec<_> = options
+        .iter()
+        .map(|o| problem.add_var(o.cost * scale + o.slot as f64 * 1e-7, (0.0, f64::INFINITY)))
+        .collect();
+    // Overflow costs more than any real option, so it is used only when needed.
+    let overflow: Vec<_> = groups
+        .iter()
+        .map(|_| problem.add_var(1000.0, (0.0, f64::INFINITY)))
+        .collect();
+    let mut by_group: Vec<Vec<(microlp::Variable, f64)>> = vec![Vec::new(); groups.len()];
+    let mut by_cap: BTreeMap<(ProviderId, usize), (Terms, Terms)> = BTreeMap::new();
+    for (o, &v) in options.iter().zip(&vars) {
+        by_group[o.group].push((v, 1.0));
+        let (_, per_job_tokens) = {
+            let (i, out) = groups[o.group].tokens_per_job();
+            ((), i + out)
+        };
+        let entry = by_cap
+            .entry((catalog.models[o.model].provider, o.slot))
+            .or_default();
+        entry.0.push((v, 1.0));
+        entry.1.push((v, per_job_tokens));
+    }
+    for (gi, mut terms) in by_group.into_iter().enumerate() {
+        terms.push((overflow[gi], 1.0));
+        problem.add_constraint(terms.as_slice(), ComparisonOp::Eq, groups[gi].jobs as f64);
+    }
+    for (key, (requests, tokens)) in by_cap {
+        let (req_cap, tok_cap) = caps
+            .get(&key)
+            .copied()
+            .unwrap_or((f64::INFINITY, f64::INFINITY));
+        if req_cap.is_finite() {
+            problem.add_constraint(requests.as_slice(), ComparisonOp::Le, req_cap);
+        }
+        if tok_cap.is_finite() {
+            problem.add_constraint(tokens.as_slice(), ComparisonOp::Le, tok_cap);
+        }
+    }
+    // microlp documents that it may panic on hard problems; a plan must not
+    // take the daemon down, so fall back to the greedy plan instead.
+    let solution = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| problem.solve()))
+        .ok()?
+        .ok()?
+        .into_solution()
+        .ok()?;
+    let allocations = options
+        .iter()
+        .zip(&vars)
+        .filter_map(|(o, &v)| {
+            let jobs = solution.var_value(v);
+            (jobs > 1e-6).then_some(Allocation {
+                group: o.group,
+                model: o.model,
+                slot: o.slot,
+                jobs,
+                cost_per_job: o.cost,
+            })
+        })
+        .collect();
+    let overflow = overflow
+        .iter()
+        .enumerate()
+        .filter_map(|(g, &v)| {
+            let jobs = solution.var_value(v);
+            (jobs > 1e-6).then_some((g, jobs))
+        })
+        .collect();
+    Some((allocations, overflow))
+}
+
+/// Fills the cheapest options first, most urgent groups first on ties. Used
+/// when the LP fails; optimal when capacity does not bind.
+fn solve_greedy(
+    groups: &[JobGroup],
+    options: &[Option_],
+    caps: &BTreeMap<(ProviderId, usize), (f64, f64)>,
+    catalog: &Catalog,
+) -> Solved {
+    let mut left: Vec<f64> = groups.iter().map(|g| g.jobs as f64).collect();
+    let mut caps = caps.clone();
+    let mut order: Vec<&Option_> = options.iter().collect();
+    order.sort_by(|a, b| {
+        a.cost
+            .total_cmp(&b.cost)
+            .then(a.slot.cmp(&b.slot))
+            .then(groups[a.group].deadline.cmp(&groups[b.group].deadline))
+    });
+    let mut allocations = Vec::new();
+    for o in order {
+        if left[o.group] <= 0.0 {
+            continue;
+        }
+        let (i, out) = groups[o.group].tokens_per_job();
+        let cap = caps
+            .entry((catalog.models[o.model].provider, o.slot))
+            .or_insert((f64::INFINITY, f64::INFINITY));
+        let fit = left[o.group]
+            .min(cap.0)
+            .min(cap.1 / (i + out).max(1.0))
+            .floor();
+        if fit >= 1.0 {
+            cap.0 -= fit;
+            cap.1 -= fit * (i + out);
+            left[o.group] -= fit;
+            allocations.push(Allocation {
+                group: o.group,
+                model: o.model,
+                slot: o.slot,
+                jobs: fit,
+                cost_per_job: o.cost,
+            });
+        }
+    }
+    let overflow = left
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| **l > 0.0)
+        .map(|(g, l)| (g, *l))
+        .collect();
+    (allocations, overflow)
+}
+
+/// How many jobs of each (group, model) may start in the plan's first slot.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Quotas {
+    /// (group, model, jobs), most urgent group first.
+    pub entries: Vec<(usize, ModelId, u64)>,
+    /// The first slot ends here: re-plan then at the latest.
+    pub until: Option<DateTime<Utc>>,
+}
+
+impl Quotas {
+    /// The first slot's allocations, rounded up, plus overflow on each
+    /// group's fastest model.
+    pub fn from_plan(
+        plan: &Plan,
+        groups: &[JobGroup],
+        catalog: &Catalog,
+        capacity: &[ProviderCapacity],
+    ) -> Quotas {
+        let mut map: BTreeMap<(usize, ModelId), f64> = BTreeMap::new();
+        for a in plan.allocations.iter().filter(|a| a.slot == 0) {
+            *map.entry((a.group, a.model)).or_default() += a.jobs;
+        }
+        for &(g, jobs) in &plan.overflow {
+            let m = fastest_model(catalog, capacity, &groups[g].candidates);
+            *map.entry((g, m)).or_default() += jobs;
+        }
+        let mut entries: Vec<(usize, ModelId, u64)> = map
+            .into_iter()
+            .map(|((g, m), jobs)| (g, m, (jobs - 1e-6).ceil().max(0.0) as u64))
+            .filter(|e| e.2 > 0)
+            .collect();
+        entries.sort_by_key(|&(g, _, _)| groups[g].deadline);
+        Quotas {
+            entries,
+            until: plan.slots.first().map(|s| s.end),
+        }
+    }
+
+    /// Takes one job of `group` for `model`, if the quota allows.
+    pub fn take(&mut self, group: usize, model: ModelId) -> bool {
+        match self
+            .entries
+            .iter_mut()
+            .find(|e| e.0 == group && e.1 == model && e.2 > 0)
+        {
+            Some(e) => {
+                e.2 -= 1;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Queued jobs of one route whose deadlines fall in one fixed bucket, as the
+/// queue reports them (`GROUP BY route_key, deadline / bucket`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedBucket {
+    pub route_key: String,
+    /// Deadlines in `[deadline_from, deadline_to)` (Unix ms).
+    pub deadline_from: i64,
+    pub deadline_to: i64,
+    pub jobs: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub min_deadline: i64,
+}
+
+/// Width of the queue's deadline buckets.
+pub const BUCKET_MS: i64 = 15 * 60 * 1000;
+
+/// A planned group and how to find its jobs in the queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedGroup {
+    pub route_key: String,
+    pub deadline_from: i64,
+    pub deadline_to: i64,
+    /// The class's reference model, for list cost.
+    pub reference: ModelId,
+    pub group: JobGroup,
+}
+
+/// Merges queue buckets into planner groups: per route, 15-minute deadline
+/// buckets within `fine_horizon` of now and hourly ones after (the slot grid:
+/// finer distinctions change nothing in the plan). `resolve` gives a route's
+/// candidates and reference model, or an error if it no longer has any.
+pub fn build_groups<E>(
+    buckets: &[QueuedBucket],
+    now: DateTime<Utc>,
+    settings: &PlanSettings,
+    output_scale: impl Fn(&str) -> f64,
+    mut resolve: impl FnMut(&str) -> Result<(Vec<ModelId>, ModelId), E>,
+) -> (Vec<PlannedGroup>, Vec<(String, E)>) {
+    let fine_until = now.timestamp_millis() + settings.fine_horizon.as_millis() as i64;
+    let coarse = settings.coarse_slot.as_millis().max(1) as i64;
+    let mut merged: BTreeMap<(String, i64), PlannedGroup> = BTreeMap::new();
+    let mut resolved: BTreeMap<String, Option<(Vec<ModelId>, ModelId)>> = BTreeMap::new();
+    let mut errors = Vec::new();
+    for b in buckets {
+        let route =
+            resolved
+                .entry(b.route_key.clone())
+                .or_insert_with(|| match resolve(&b.route_key) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        errors.push((b.route_key.clone(), e));
+                        None
+                    }
+                });
+        let Some((candidates, reference)) = route else {
+            continue;
+        };
+        let key_start = if b.deadline_from < fine_until {
+            b.deadline_from
+        } else {
+            b.deadline_from.div_euclid(coarse) * coarse
+        };
+        let scale = output_scale(&b.route_key);
+        let output = (b.output_tokens as f64 * scale).round() as u64;
+        let entry = merged
+            .entry((b.route_key.clone(), key_start))
+            .or_insert_with(|| PlannedGroup {
+                route_key: b.route_key.clone(),
+                deadline_from: b.deadline_from,
+                deadline_to: b.deadline_to,
+                reference: *reference,
+                group: JobGroup {
+                    candidates: candidates.clone(),
+                    jobs: 0,
+                    input_tokens: 0,
+                    output_tokens: 0,
+                    release: now,
+                    deadline: Utc
+                        .timestamp_millis_opt(b.min_deadline)
+                        .single()
+                        .unwrap_or(now),
+                },
+            });
+        entry.deadline_from = entry.deadline_from.min(b.deadline_from);
+        entry.deadline_to = entry.deadline_to.max(b.deadline_to);
+        entry.group.jobs += b.jobs;
+        entry.group.input_tokens += b.input_tokens;
+        entry.group.output_tokens += output;
+        let d = Utc
+            .timestamp_millis_opt(b.min_deadline)
+            .single()
+            .unwrap_or(now);
+        entry.group.deadline = entry.group.deadline.min(d);
+    }
+    (merged.into_values().collect(), errors)
+}
+
+#[cfg(test)]
+mod tests;
