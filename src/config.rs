@@ -76,6 +76,8 @@ pub enum Transport {
     Simulated {
         latency: Duration,
         ms_per_output_token: f64,
+        /// Fraction of requests answered with HTTP 500.
+        failure_rate: f64,
     },
 }
 
@@ -214,6 +216,9 @@ struct RawProvider {
     latency: Option<Spanned<String>>,
     /// Simulated providers: extra latency per output token.
     ms_per_output_token: Option<f64>,
+    /// Simulated providers: fraction of requests that fail with HTTP 500.
+    #[serde(default)]
+    failure_rate: f64,
     #[serde(default)]
     price_windows: Vec<RawWindow>,
     #[serde(default)]
@@ -416,6 +421,15 @@ impl Validator<'_> {
                         Duration::from_millis(150),
                     )?,
                     ms_per_output_token: p.ms_per_output_token.unwrap_or(1.0).max(0.0),
+                    failure_rate: if (0.0..=1.0).contains(&p.failure_rate) {
+                        p.failure_rate
+                    } else {
+                        return Err(self.err(
+                            Some(p.name.span()),
+                            field("failure_rate"),
+                            "must be between 0.0 and 1.0",
+                        ));
+                    },
                 },
                 other => {
                     return Err(self.err(

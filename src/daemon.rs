@@ -109,6 +109,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             Transport::Simulated {
                 latency,
                 ms_per_output_token,
+                ..
             } => *latency + Duration::from_secs_f64(ms_per_output_token * 100.0 / 1000.0),
             Transport::OpenAi { .. } => Duration::from_secs(2),
         })

@@ -24,6 +24,7 @@
 //! Pure modules take `now` as an argument and never read the clock, so the
 //! same code runs in real time in the daemon and in virtual time in tests.
 
+pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod dispatch;
@@ -36,3 +37,5 @@ pub mod pricing;
 pub mod provider;
 pub mod queue;
 pub mod results;
+pub mod simulate;
+pub mod views;

@@ -45,6 +45,47 @@ enum Command {
     },
     /// Print the embedded default configuration, to start a config file from.
     DefaultConfig,
+    /// Show each model class's effective prices hour by hour (cheapest marked).
+    Prices {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Start of the table (RFC 3339); now if omitted.
+        #[arg(long)]
+        at: Option<String>,
+        /// How many hours to show.
+        #[arg(long, default_value_t = 48)]
+        hours: u32,
+    },
+    /// Show what the daemon intends to do with its queue: jobs and expected
+    /// cost per provider and hour, against dispatching everything now.
+    Plan {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Run a workload in virtual time against simulated providers and compare
+    /// policies on cost and deadline misses.
+    Simulate {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Job lines with "submit_at" (RFC 3339 or "+2h30m") and optional "sim": {"output_tokens": N}.
+        #[arg(long, short)]
+        workload: PathBuf,
+        /// Virtual start time (RFC 3339); relative submit_at offsets count from here.
+        #[arg(long)]
+        start: String,
+        /// planner, cheapest-now or fixed:<provider>; repeat to compare.
+        #[arg(long = "policy", default_value = "planner")]
+        policies: Vec<String>,
+        /// Also compute the offline lower bound (all jobs known in advance).
+        #[arg(long)]
+        lower_bound: bool,
+        /// Write one JSON line per job and policy here.
+        #[arg(long)]
+        trace: Option<PathBuf>,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -92,6 +133,46 @@ fn run(command: Command) -> anyhow::Result<()> {
                 config.catalog.models.len(),
                 config.catalog.classes.len()
             );
+            Ok(())
+        }
+        Command::Prices { config, at, hours } => {
+            let config = load(config.as_ref())?;
+            let at = match at {
+                Some(s) => chrono::DateTime::parse_from_rfc3339(&s)
+                    .with_context(|| format!("--at '{s}' is not an RFC 3339 timestamp"))?
+                    .with_timezone(&chrono::Utc),
+                None => chrono::Utc::now(),
+            };
+            print!(
+                "{}",
+                nightshift::views::prices_table(&config.catalog, at, hours)
+            );
+            Ok(())
+        }
+        Command::Plan { config } => {
+            let config = load(config.as_ref())?;
+            print!("{}", nightshift::commands::plan(&config)?);
+            Ok(())
+        }
+        Command::Simulate {
+            config,
+            workload,
+            start,
+            policies,
+            lower_bound,
+            trace,
+            json,
+        } => {
+            let config = load(config.as_ref())?;
+            let args = nightshift::commands::SimulateArgs {
+                workload,
+                start,
+                policies,
+                lower_bound,
+                trace,
+                json,
+            };
+            print!("{}", nightshift::commands::simulate(&config, &args)?);
             Ok(())
         }
         Command::Serve { config } => {

@@ -66,6 +66,9 @@ pub enum ProviderClient {
         name: String,
         latency: Duration,
         ms_per_output_token: f64,
+        /// Fraction of requests answered with HTTP 500.
+        failure_rate: f64,
+        calls: std::sync::atomic::AtomicU64,
     },
 }
 
@@ -90,10 +93,13 @@ impl ProviderClient {
             Transport::Simulated {
                 latency,
                 ms_per_output_token,
+                failure_rate,
             } => ProviderClient::Simulated {
                 name: name.to_string(),
                 latency: *latency,
                 ms_per_output_token: *ms_per_output_token,
+                failure_rate: *failure_rate,
+                calls: Default::default(),
             },
         })
     }
@@ -119,7 +125,24 @@ impl ProviderClient {
                 name,
                 latency,
                 ms_per_output_token,
-            } => simulate(name, *latency, *ms_per_output_token, req, &body).await,
+                failure_rate,
+                calls,
+            } => {
+                let call = calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let roll = stable_hash(&[name, req.custom_id, &call.to_string()]) % 1_000_000;
+                if (roll as f64) < failure_rate * 1_000_000.0 {
+                    tokio::time::sleep(*latency).await;
+                    return Outcome::HttpError {
+                        status: 500,
+                        request_id: Some(format!("sim-fail-{call}")),
+                        body: json!({"error": {
+                            "message": "The server had an error while processing your request (simulated).",
+                            "type": "server_error", "param": null, "code": null}})
+                        .to_string(),
+                    };
+                }
+                simulate(name, *latency, *ms_per_output_token, req, &body).await
+            }
         }
     }
 }

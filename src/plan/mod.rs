@@ -233,7 +233,19 @@ pub fn make_slots(
     end: DateTime<Utc>,
     settings: &PlanSettings,
 ) -> Vec<Slot> {
+    make_slots_with(catalog, now, end, settings, &[])
+}
+
+/// [`make_slots`], with extra boundaries.
+fn make_slots_with(
+    catalog: &Catalog,
+    now: DateTime<Utc>,
+    end: DateTime<Utc>,
+    settings: &PlanSettings,
+    extra: &[DateTime<Utc>],
+) -> Vec<Slot> {
     let mut bounds = vec![now];
+    bounds.extend(extra.iter().copied().filter(|&t| t > now && t < end));
     let align = |t: DateTime<Utc>, step: Duration| -> DateTime<Utc> {
         let step_ms = step.as_millis().max(1) as i64;
         let ms = t.timestamp_millis();
@@ -311,7 +323,19 @@ pub fn plan(
         .unwrap_or(now)
         .min(now + to_chrono(settings.max_horizon))
         .max(now + to_chrono(settings.fine_slot));
-    let slots = make_slots(catalog, now, horizon_end, settings);
+    // Slot boundaries also fall where groups become usable or stop being
+    // usable, so no capacity is lost to rounding a deadline to the grid.
+    let margin = if settings.relaxed {
+        chrono::Duration::zero()
+    } else {
+        to_chrono(settings.safety_margin)
+    };
+    let extra: Vec<DateTime<Utc>> = groups
+        .iter()
+        .flat_map(|g| [g.release, g.deadline - margin])
+        .filter(|&t| t > now && t < horizon_end)
+        .collect();
+    let slots = make_slots_with(catalog, now, horizon_end, settings, &extra);
 
     // Every (group, model, slot) a job may use, with its cost.
     let mut options = Vec::new();

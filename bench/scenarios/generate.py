@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""Generates the workloads of the planner scenarios (deterministic: fixed seeds).
+
+    python3 bench/scenarios/generate.py
+
+Each scenario is a folder with config.toml (simulated providers, prices,
+limits), workload.jsonl (job lines with submit_at and sim.output_tokens) and
+start.txt (the virtual start time). Run one with:
+
+    nightshift simulate --config bench/scenarios/nightly-backlog/config.toml \
+        --workload bench/scenarios/nightly-backlog/workload.jsonl \
+        --start "$(cat bench/scenarios/nightly-backlog/start.txt)" \
+        --policy planner --policy cheapest-now --lower-bound
+"""
+import json
+import os
+import random
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+TOPICS = ["billing", "login", "export", "invoice", "latency", "refund", "password", "upgrade", "crash", "search"]
+
+
+def job(custom_id, model, submit_at, deadline, rng, max_tokens=200):
+    words = " ".join(rng.choice(TOPICS) for _ in range(rng.randint(8, 40)))
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": model,
+            "messages": [
+                {"role": "system", "content": "Classify the ticket and extract the product area."},
+                {"role": "user", "content": words},
+            ],
+            "max_tokens": max_tokens,
+        },
+        "nightshift": {"deadline": deadline},
+        "submit_at": submit_at,
+        "sim": {"output_tokens": rng.randint(max_tokens // 10, max_tokens)},
+    }
+
+
+def write(name, config, start, jobs):
+    d = os.path.join(HERE, name)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "config.toml"), "w") as f:
+        f.write(config)
+    with open(os.path.join(d, "start.txt"), "w") as f:
+        f.write(start + "\n")
+    with open(os.path.join(d, "workload.jsonl"), "w") as f:
+        for j in jobs:
+            f.write(json.dumps(j, separators=(",", ":")) + "\n")
+
+
+DEEPSEEK_WINDOWS = """
+[[providers.price_windows]]
+name = "peak"
+days = ["mon", "tue", "wed", "thu", "fri"]
+hours = ["01:00-04:00", "06:00-10:00"]
+multiplier = 1.0
+
+[[providers.price_windows]]
+name = "off-peak"
+multiplier = 0.5
+"""
+
+DAEMON = """[daemon]
+default_deadline = "24h"
+safety_margin = "10m"
+"""
+
+
+def nightly_backlog():
+    """A nightly export lands during DeepSeek's peak hours (Tue 01:00-03:00
+    UTC), due by the start of the working day. Waiting for the 04:00-06:00
+    off-peak window halves the bill."""
+    config = DAEMON + f"""
+[[providers]]
+name = "deepseek"
+kind = "simulated"
+latency = "800ms"
+ms_per_output_token = 8.0
+rpm = 120
+tpm = 400_000
+concurrency = 64
+{DEEPSEEK_WINDOWS}
+[[providers.models]]
+name = "deepseek-flash"
+input_per_mtok = 0.30
+output_per_mtok = 1.20
+
+[[providers]]
+name = "google"
+kind = "simulated"
+latency = "600ms"
+ms_per_output_token = 5.0
+rpm = 300
+tpm = 1_000_000
+concurrency = 64
+
+[[providers.models]]
+name = "gemini-2.5-flash"
+input_per_mtok = 0.30
+output_per_mtok = 2.50
+
+[classes]
+chat = ["deepseek/deepseek-flash", "google/gemini-2.5-flash"]
+"""
+    rng = random.Random(1)
+    jobs = []
+    for i in range(6000):
+        offset = i * 7200 // 6000  # two hours of arrivals
+        jobs.append(job(f"nightly-{i:05}", "chat", f"+{offset}s", "2026-11-24T11:00:00Z", rng))
+    write("nightly-backlog", config, "2026-11-24T01:00:00Z", jobs)
+
+
+def steady_mixed():
+    """A steady stream for 24 hours from Monday 00:00 UTC across three
+    providers, with deadlines of 1, 8 and 24 hours. OpenAI's model comes
+    through a router with a 20% markup."""
+    config = DAEMON + f"""
+[[providers]]
+name = "deepseek"
+kind = "simulated"
+latency = "800ms"
+ms_per_output_token = 8.0
+rpm = 60
+tpm = 200_000
+concurrency = 32
+{DEEPSEEK_WINDOWS}
+[[providers.models]]
+name = "deepseek-flash"
+input_per_mtok = 0.30
+output_per_mtok = 1.20
+
+[[providers]]
+name = "openai"
+kind = "simulated"
+latency = "500ms"
+ms_per_output_token = 4.0
+markup = 0.2
+rpm = 500
+tpm = 2_000_000
+concurrency = 64
+
+[[providers.models]]
+name = "gpt-4o-mini"
+input_per_mtok = 0.15
+output_per_mtok = 0.60
+
+[[providers]]
+name = "google"
+kind = "simulated"
+latency = "600ms"
+ms_per_output_token = 5.0
+rpm = 300
+tpm = 1_000_000
+concurrency = 64
+
+[[providers.models]]
+name = "gemini-2.5-flash"
+input_per_mtok = 0.30
+output_per_mtok = 2.50
+
+[classes]
+chat = ["deepseek/deepseek-flash", "openai/gpt-4o-mini", "google/gemini-2.5-flash"]
+"""
+    rng = random.Random(2)
+    jobs = []
+    for i in range(2880):
+        deadline = rng.choices(["1h", "8h", "24h"], weights=[3, 4, 3])[0]
+        jobs.append(job(f"stream-{i:05}", "chat", f"+{i * 30}s", deadline, rng))
+    write("steady-mixed", config, "2026-11-23T00:00:00Z", jobs)
+
+
+def burst():
+    """8,000 jobs at once, due in 3 hours: more than the two cheapest
+    providers can take at once, so rate limits, not prices, decide."""
+    config = DAEMON + """
+[[providers]]
+name = "mistral"
+kind = "simulated"
+latency = "400ms"
+ms_per_output_token = 4.0
+rpm = 25
+tpm = 200_000
+concurrency = 16
+
+[[providers.models]]
+name = "mistral-small"
+input_per_mtok = 0.10
+output_per_mtok = 0.30
+
+[[providers]]
+name = "google"
+kind = "simulated"
+latency = "600ms"
+ms_per_output_token = 5.0
+rpm = 25
+tpm = 200_000
+concurrency = 16
+
+[[providers.models]]
+name = "gemini-2.5-flash-lite"
+input_per_mtok = 0.10
+output_per_mtok = 0.40
+
+[[providers]]
+name = "openai"
+kind = "simulated"
+latency = "500ms"
+ms_per_output_token = 4.0
+rpm = 500
+tpm = 2_000_000
+concurrency = 64
+
+[[providers.models]]
+name = "gpt-4o-mini"
+input_per_mtok = 0.15
+output_per_mtok = 0.60
+
+[classes]
+bulk = ["mistral/mistral-small", "google/gemini-2.5-flash-lite", "openai/gpt-4o-mini"]
+"""
+    rng = random.Random(3)
+    jobs = [job(f"burst-{i:05}", "bulk", "+0s", "3h", rng) for i in range(8000)]
+    write("burst", config, "2026-11-25T12:00:00Z", jobs)
+
+
+if __name__ == "__main__":
+    nightly_backlog()
+    steady_mixed()
+    burst()

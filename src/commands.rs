@@ -1,0 +1,129 @@
+//! The offline commands (`plan`, `simulate`): argument handling and IO
+//! around the pure planner and simulator, returning the text to print.
+
+use std::fs;
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use chrono::Utc;
+
+use crate::config::Config;
+use crate::job::RouteKey;
+use crate::plan::{self, JobGroup, PlanSettings, ProviderCapacity};
+use crate::queue::Store;
+use crate::simulate::{self, Policy};
+
+/// `nightshift plan`: the plan for the daemon's current queue, read from its
+/// database (safe while the daemon runs: WAL readers do not block it).
+pub fn plan(config: &Config) -> anyhow::Result<String> {
+    let db = &config.daemon.database;
+    if !db.exists() {
+        bail!(
+            "no database at {} (has the daemon run with this config?)",
+            db.display()
+        );
+    }
+    let store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
+    let buckets = store.queued_buckets()?;
+    let now = Utc::now();
+    let settings = PlanSettings {
+        safety_margin: config.daemon.safety_margin,
+        ..PlanSettings::default()
+    };
+    let (groups, unroutable) = plan::build_groups(
+        &buckets,
+        now,
+        &settings,
+        |_| 1.0,
+        |key| {
+            let route =
+                RouteKey::decode(key).ok_or_else(|| format!("unreadable route key {key}"))?;
+            route
+                .candidates(&config.catalog)
+                .map(|c| (c.models, c.reference))
+                .map_err(|e| e.to_string())
+        },
+    );
+    let capacity: Vec<ProviderCapacity> = simulate::capacities(config);
+    let plain: Vec<JobGroup> = groups.into_iter().map(|g| g.group).collect();
+    let p = plan::plan(&plain, &config.catalog, &capacity, now, &settings);
+    let mut out = crate::views::plan_table(&p, &plain, &config.catalog);
+    for (key, reason) in unroutable {
+        out.push_str(&format!("  not routable in this config: {key}: {reason}\n"));
+    }
+    Ok(out)
+}
+
+/// Arguments of `nightshift simulate`.
+pub struct SimulateArgs {
+    pub workload: PathBuf,
+    pub start: String,
+    pub policies: Vec<String>,
+    pub lower_bound: bool,
+    pub trace: Option<PathBuf>,
+    pub json: bool,
+}
+
+/// `nightshift simulate`: runs each policy on the workload and returns the
+/// summary (a table, or JSON).
+pub fn simulate(config: &Config, args: &SimulateArgs) -> anyhow::Result<String> {
+    let start = chrono::DateTime::parse_from_rfc3339(&args.start)
+        .with_context(|| format!("--start '{}' is not an RFC 3339 timestamp", args.start))?
+        .with_timezone(&Utc);
+    let policies: Vec<Policy> = args
+        .policies
+        .iter()
+        .map(|p| Policy::parse(p))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let text = fs::read_to_string(&args.workload)
+        .with_context(|| format!("reading {}", args.workload.display()))?;
+    let workload = simulate::load_workload(&text, config, start)
+        .map_err(|e| anyhow::anyhow!("{}:{}: {}", args.workload.display(), e.line, e.error))?;
+    let settings = PlanSettings {
+        safety_margin: config.daemon.safety_margin,
+        ..PlanSettings::default()
+    };
+    let mut trace = match &args.trace {
+        Some(p) => Some(std::io::BufWriter::new(
+            fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let mut summaries = Vec::new();
+    for policy in &policies {
+        let (summary, lines) =
+            simulate::run(config, &workload, policy, &settings).map_err(anyhow::Error::msg)?;
+        if let Some(w) = trace.as_mut() {
+            for line in lines {
+                let mut v = serde_json::to_value(&line)?;
+                v["policy"] = serde_json::Value::String(policy.name());
+                serde_json::to_writer(&mut *w, &v)?;
+                w.write_all(b"\n")?;
+            }
+        }
+        summaries.push(summary);
+    }
+    if let Some(mut w) = trace {
+        w.flush()?;
+    }
+    let bound = args
+        .lower_bound
+        .then(|| simulate::lower_bound(config, &workload, &settings));
+    Ok(if args.json {
+        let mut v = serde_json::json!({ "jobs": workload.len(), "policies": summaries });
+        if let Some((cost, infeasible)) = bound {
+            v["lower_bound"] =
+                serde_json::json!({ "total_cost_usd": cost, "infeasible_jobs": infeasible });
+        }
+        format!("{}\n", serde_json::to_string_pretty(&v)?)
+    } else {
+        format!(
+            "{} jobs from {}\n\n{}",
+            workload.len(),
+            args.workload.display(),
+            simulate::render_table(&summaries, bound)
+        )
+    })
+}

@@ -1,0 +1,759 @@
+//! `nightshift simulate`: a workload run in virtual time against simulated
+//! providers, with the *same* pricing, planning and rate-limit code as the
+//! daemon, so policies can be compared on cost and deadline misses.
+//!
+//! Discrete events: job arrivals, request completions, and decision points
+//! (a plan's first slot ending, a provider's rate limit freeing up). At each
+//! event the policy decides what to send; nothing happens between events.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::config::{Config, Transport};
+use crate::job::{self, JobContext, LineError, RouteKey};
+use crate::limits::RateLimits;
+use crate::plan::{self, Decision, JobGroup, PlanSettings, ProviderCapacity, QueuedBucket, Quotas};
+use crate::pricing::{ModelId, ProviderId};
+
+/// How the simulation chooses where and when jobs run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Policy {
+    /// nightshift's planner (the daemon's policy).
+    Planner,
+    /// Each job on arrival to its cheapest eligible model with capacity,
+    /// spilling to the next when that one is rate-limited: a per-request router.
+    CheapestNow,
+    /// Only this provider, waiting for its capacity.
+    Fixed(String),
+}
+
+impl Policy {
+    pub fn parse(s: &str) -> Result<Policy, String> {
+        match s {
+            "planner" => Ok(Policy::Planner),
+            "cheapest-now" => Ok(Policy::CheapestNow),
+            _ => match s.strip_prefix("fixed:") {
+                Some(p) if !p.is_empty() => Ok(Policy::Fixed(p.to_string())),
+                _ => Err(format!(
+                    "unknown policy '{s}' (expected planner, cheapest-now or fixed:<provider>)"
+                )),
+            },
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Policy::Planner => "planner".into(),
+            Policy::CheapestNow => "cheapest-now".into(),
+            Policy::Fixed(p) => format!("fixed:{p}"),
+        }
+    }
+}
+
+/// A workload job: a job line plus when it is submitted and how many output
+/// tokens the simulated provider will produce.
+#[derive(Debug, Clone)]
+pub struct WorkloadJob {
+    pub custom_id: String,
+    pub submit_at: DateTime<Utc>,
+    pub deadline: DateTime<Utc>,
+    pub route_key: String,
+    pub candidates: Vec<ModelId>,
+    pub input_tokens: u64,
+    pub expected_output_tokens: u64,
+    pub output_tokens: u64,
+    pub max_cost_usd: Option<f64>,
+}
+
+/// A workload line that could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadError {
+    pub line: usize,
+    pub error: LineError,
+}
+
+/// Parses a workload: job lines with a top-level `submit_at` (RFC 3339, or
+/// `+2h30m` after `start`) and an optional `"sim": {"output_tokens": N}`.
+pub fn load_workload(
+    text: &str,
+    config: &Config,
+    start: DateTime<Utc>,
+) -> Result<Vec<WorkloadJob>, WorkloadError> {
+    let mut jobs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let lineno = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let err = |field: Option<&str>, message: String| WorkloadError {
+            line: lineno,
+            error: LineError {
+                custom_id: None,
+                field: field.map(str::to_owned),
+                message,
+            },
+        };
+        let mut value: serde_json::Map<String, Value> =
+            serde_json::from_str(line).map_err(|e| err(None, format!("invalid JSON: {e}")))?;
+        let submit_at = match value.remove("submit_at") {
+            Some(Value::String(s)) => {
+                parse_submit_at(&s, start).map_err(|m| err(Some("submit_at"), m))?
+            }
+            Some(_) => return Err(err(Some("submit_at"), "must be a string".into())),
+            None => start,
+        };
+        let output_tokens = match value.remove("sim") {
+            None => None,
+            Some(Value::Object(sim)) => match sim.get("output_tokens") {
+                Some(v) => Some(v.as_u64().ok_or_else(|| {
+                    err(
+                        Some("sim.output_tokens"),
+                        "must be a non-negative integer".into(),
+                    )
+                })?),
+                None => None,
+            },
+            Some(_) => return Err(err(Some("sim"), "must be an object".into())),
+        };
+        let ctx = JobContext {
+            catalog: &config.catalog,
+            now: submit_at,
+            default_deadline: config.daemon.default_deadline,
+        };
+        let line = Value::Object(value).to_string();
+        let job = job::parse_line(&line, &ctx).map_err(|e| WorkloadError {
+            line: lineno,
+            error: e,
+        })?;
+        let route = RouteKey::decode(&job.route_key).expect("parse_line encodes route keys");
+        let candidates = route
+            .candidates(&config.catalog)
+            .map_err(|e| WorkloadError {
+                line: lineno,
+                error: e,
+            })?;
+        let max_cost_usd = job
+            .options
+            .as_deref()
+            .and_then(|o| job::Options::parse(o).ok())
+            .and_then(|o| o.max_cost_usd);
+        jobs.push(WorkloadJob {
+            custom_id: job.custom_id,
+            submit_at,
+            deadline: job.deadline,
+            route_key: job.route_key,
+            candidates: candidates.models,
+            input_tokens: job.estimate.input,
+            expected_output_tokens: job.estimate.output,
+            output_tokens: output_tokens.unwrap_or(job.estimate.output),
+            max_cost_usd,
+        });
+    }
+    jobs.sort_by_key(|j| j.submit_at);
+    Ok(jobs)
+}
+
+/// `2026-11-24T01:00:00Z`, or an offset from `start` such as `+2h30m`.
+pub fn parse_submit_at(s: &str, start: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+    if let Some(offset) = s.strip_prefix('+') {
+        let d = crate::config::parse_duration(offset)?;
+        return Ok(start + chrono::Duration::from_std(d).map_err(|e| e.to_string())?);
+    }
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| format!("'{s}' is neither an RFC 3339 timestamp nor an offset like +2h30m"))
+}
+
+/// One line of the trace: what happened to one job.
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceLine {
+    pub custom_id: String,
+    pub submitted_at: DateTime<Utc>,
+    pub deadline: DateTime<Utc>,
+    pub dispatched_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost_usd: f64,
+    pub state: &'static str,
+}
+
+/// The outcome of one policy's run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub policy: String,
+    pub jobs: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+    pub expired: usize,
+    /// Expired, or completed after the deadline.
+    pub deadline_misses: usize,
+    pub total_cost_usd: f64,
+    pub per_provider: BTreeMap<String, usize>,
+    /// Requests that failed and were retried.
+    pub retries: usize,
+}
+
+/// What the simulation knows about each provider.
+#[derive(Debug, Clone)]
+struct SimProvider {
+    latency: Duration,
+    ms_per_output_token: f64,
+    failure_rate: f64,
+}
+
+fn sim_providers(config: &Config) -> Vec<SimProvider> {
+    config
+        .transports
+        .iter()
+        .map(|t| match t {
+            Transport::Simulated {
+                latency,
+                ms_per_output_token,
+                failure_rate,
+            } => SimProvider {
+                latency: *latency,
+                ms_per_output_token: *ms_per_output_token,
+                failure_rate: *failure_rate,
+            },
+            Transport::OpenAi { .. } => SimProvider {
+                latency: Duration::from_secs(2),
+                ms_per_output_token: 10.0,
+                failure_rate: 0.0,
+            },
+        })
+        .collect()
+}
+
+/// The planner's view of provider capacity: configured limits, simulated latency.
+pub fn capacities(config: &Config) -> Vec<ProviderCapacity> {
+    config
+        .catalog
+        .providers
+        .iter()
+        .zip(sim_providers(config))
+        .map(|(p, s)| {
+            let typical =
+                s.latency + Duration::from_secs_f64(s.ms_per_output_token * 100.0 / 1000.0);
+            ProviderCapacity {
+                success_rate: 1.0 - s.failure_rate,
+                ..ProviderCapacity::from_limits(&p.limits, typical, 0.0)
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Pending,
+    Queued,
+    Running,
+    Succeeded,
+    Expired,
+    Failed,
+}
+
+struct SimJob<'a> {
+    w: &'a WorkloadJob,
+    state: State,
+    attempts: u32,
+    dispatched_at: Option<DateTime<Utc>>,
+    completed_at: Option<DateTime<Utc>>,
+    model: Option<ModelId>,
+    cost: f64,
+}
+
+/// The deterministic "random" draw of attempt `n` of a job: [0, 1).
+fn draw(custom_id: &str, attempt: u32) -> f64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in custom_id.bytes().chain(attempt.to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// How often the planner policy re-plans at the latest, and at most.
+const REPLAN_EVERY: chrono::Duration = chrono::Duration::seconds(60);
+const MAX_ATTEMPTS: u32 = 5;
+
+/// Runs `workload` under `policy` from `start` in virtual time.
+pub fn run(
+    config: &Config,
+    workload: &[WorkloadJob],
+    policy: &Policy,
+    settings: &PlanSettings,
+) -> Result<(Summary, Vec<TraceLine>), String> {
+    let catalog = &config.catalog;
+    let providers = sim_providers(config);
+    let capacity = capacities(config);
+    let fixed: Option<ProviderId> = match policy {
+        Policy::Fixed(name) => Some(
+            catalog
+                .provider_id(name)
+                .ok_or_else(|| format!("no provider '{name}' in the config"))?,
+        ),
+        _ => None,
+    };
+    let Some(start) = workload.first().map(|j| j.submit_at) else {
+        return Ok((empty_summary(policy), Vec::new()));
+    };
+    let mut jobs: Vec<SimJob> = workload
+        .iter()
+        .map(|w| SimJob {
+            w,
+            state: State::Pending,
+            attempts: 0,
+            dispatched_at: None,
+            completed_at: None,
+            model: None,
+            cost: 0.0,
+        })
+        .collect();
+    let mut limits = RateLimits::new(
+        catalog.providers.iter().map(|p| p.limits),
+        start.timestamp_millis(),
+    );
+    let mut next_arrival = 0usize;
+    // Queued jobs by (route key, deadline, index): a group's most urgent first.
+    let mut queued: BTreeSet<(String, i64, usize)> = BTreeSet::new();
+    let mut completions: BinaryHeap<Reverse<(i64, usize)>> = BinaryHeap::new();
+    let mut quotas = Quotas::default();
+    let mut groups: Vec<plan::PlannedGroup> = Vec::new();
+    let mut planned_at: Option<DateTime<Utc>> = None;
+    let mut arrivals_since_plan = false;
+    let mut retries = 0usize;
+    let mut now = start;
+    loop {
+        let now_ms = now.timestamp_millis();
+        // Arrivals and completions due now.
+        while next_arrival < jobs.len() && jobs[next_arrival].w.submit_at <= now {
+            let j = &mut jobs[next_arrival];
+            j.state = State::Queued;
+            queued.insert((
+                j.w.route_key.clone(),
+                j.w.deadline.timestamp_millis(),
+                next_arrival,
+            ));
+            next_arrival += 1;
+            arrivals_since_plan = true;
+        }
+        while let Some(&Reverse((t, i))) = completions.peek() {
+            if t > now_ms {
+                break;
+            }
+            completions.pop();
+            let j = &mut jobs[i];
+            let model = j.model.expect("a running job has a model");
+            let provider = catalog.models[model].provider;
+            let failed = draw(&j.w.custom_id, j.attempts) < providers[provider].failure_rate;
+            limits.provider(provider).release(
+                j.w.input_tokens + j.w.expected_output_tokens,
+                Some(j.w.input_tokens + if failed { 0 } else { j.w.output_tokens }),
+                now_ms,
+            );
+            if failed && j.attempts < MAX_ATTEMPTS {
+                retries += 1;
+                j.state = State::Queued;
+                queued.insert((j.w.route_key.clone(), j.w.deadline.timestamp_millis(), i));
+                arrivals_since_plan = true;
+            } else if failed {
+                j.state = State::Failed;
+                j.completed_at = Some(now);
+            } else {
+                j.state = State::Succeeded;
+                j.completed_at = Some(now);
+                let dispatched = j.dispatched_at.expect("dispatched");
+                j.cost = catalog.cost_at(model, dispatched, j.w.input_tokens, j.w.output_tokens);
+            }
+        }
+        // Queued jobs past their deadline expire (the daemon does the same).
+        let overdue: Vec<(String, i64, usize)> = queued
+            .iter()
+            .filter(|(_, d, _)| *d <= now_ms)
+            .cloned()
+            .collect();
+        for key in overdue {
+            queued.remove(&key);
+            jobs[key.2].state = State::Expired;
+            jobs[key.2].completed_at = Some(now);
+        }
+
+        let mut dispatch =
+            |i: usize,
+             model: ModelId,
+             jobs: &mut Vec<SimJob>,
+             queued: &mut BTreeSet<(String, i64, usize)>| {
+                let j = &mut jobs[i];
+                queued.remove(&(j.w.route_key.clone(), j.w.deadline.timestamp_millis(), i));
+                j.state = State::Running;
+                j.attempts += 1;
+                j.model = Some(model);
+                j.dispatched_at = Some(now);
+                let p = &providers[catalog.models[model].provider];
+                let latency = p.latency
+                    + Duration::from_secs_f64(
+                        p.ms_per_output_token * j.w.output_tokens as f64 / 1000.0,
+                    );
+                completions.push(Reverse((now_ms + latency.as_millis() as i64, i)));
+            };
+
+        // Decide.
+        let mut wait_ms: Option<i64> = None;
+        match policy {
+            Policy::Planner => {
+                let stale = match planned_at {
+                    None => true,
+                    Some(at) => now - at >= REPLAN_EVERY || quotas.until.is_some_and(|u| now >= u),
+                };
+                if stale
+                    || (arrivals_since_plan
+                        && planned_at.is_some_and(|at| now - at >= chrono::Duration::seconds(1)))
+                    || (arrivals_since_plan && quotas.entries.iter().all(|e| e.2 == 0))
+                {
+                    let buckets = buckets_of(&queued, &jobs);
+                    let (g, _) = plan::build_groups(
+                        &buckets,
+                        now,
+                        settings,
+                        |_| 1.0,
+                        |key| {
+                            let route = RouteKey::decode(key).ok_or("bad key")?;
+                            route
+                                .candidates(catalog)
+                                .map(|c| (c.models, c.reference))
+                                .map_err(|_| "unroutable")
+                        },
+                    );
+                    let plain: Vec<JobGroup> = g.iter().map(|g| g.group.clone()).collect();
+                    let p = plan::plan(&plain, catalog, &capacity, now, settings);
+                    quotas = Quotas::from_plan(&p, &plain, catalog, &capacity);
+                    groups = g;
+                    planned_at = Some(now);
+                    arrivals_since_plan = false;
+                }
+                for e in 0..quotas.entries.len() {
+                    let (g, model, remaining) = quotas.entries[e];
+                    if remaining == 0 {
+                        continue;
+                    }
+                    let provider = catalog.models[model].provider;
+                    let group = &groups[g];
+                    let members: Vec<usize> = queued
+                        .range(
+                            (group.route_key.clone(), group.deadline_from, 0)
+                                ..(group.route_key.clone(), group.deadline_to, 0),
+                        )
+                        .map(|k| k.2)
+                        .take(remaining as usize)
+                        .collect();
+                    if members.len() < remaining as usize {
+                        quotas.entries[e].2 = members.len() as u64;
+                    }
+                    for i in members {
+                        let tokens = jobs[i].w.input_tokens + jobs[i].w.expected_output_tokens;
+                        let lim = limits.provider(provider);
+                        if !lim.try_acquire(tokens, now_ms) {
+                            if let Some(w) = lim.ready_in_ms(tokens, now_ms) {
+                                wait_ms = Some(wait_ms.map_or(w, |x: i64| x.min(w)));
+                            }
+                            break;
+                        }
+                        quotas.take(g, model);
+                        dispatch(i, model, &mut jobs, &mut queued);
+                    }
+                }
+            }
+            Policy::CheapestNow | Policy::Fixed(_) => {
+                let mut order: Vec<(i64, usize)> = queued.iter().map(|k| (k.1, k.2)).collect();
+                order.sort();
+                let mut exhausted: BTreeSet<ProviderId> = BTreeSet::new();
+                for (_, i) in order {
+                    if exhausted.len() == catalog.providers.len() {
+                        break;
+                    }
+                    let w = jobs[i].w;
+                    let candidates: Vec<ModelId> = match fixed {
+                        Some(p) => w
+                            .candidates
+                            .iter()
+                            .copied()
+                            .filter(|&m| catalog.models[m].provider == p)
+                            .collect(),
+                        None => w.candidates.clone(),
+                    };
+                    if candidates.is_empty() {
+                        let k = (w.route_key.clone(), w.deadline.timestamp_millis(), i);
+                        queued.remove(&k);
+                        jobs[i].state = State::Failed;
+                        jobs[i].completed_at = Some(now);
+                        continue;
+                    }
+                    let tokens = w.input_tokens + w.expected_output_tokens;
+                    let estimate = crate::estimate::TokenEstimate {
+                        input: w.input_tokens,
+                        output: w.expected_output_tokens,
+                    };
+                    let urgent = fixed.is_none();
+                    let decision = plan::route(
+                        catalog,
+                        &candidates,
+                        estimate,
+                        w.max_cost_usd,
+                        now,
+                        urgent,
+                        |p| {
+                            if exhausted.contains(&p) {
+                                return false;
+                            }
+                            let lim = limits.provider(p);
+                            let ok = lim.try_acquire(tokens, now_ms);
+                            if !ok {
+                                if let Some(w) = lim.ready_in_ms(tokens, now_ms) {
+                                    wait_ms = Some(wait_ms.map_or(w, |x: i64| x.min(w)));
+                                }
+                                exhausted.insert(p);
+                            }
+                            ok
+                        },
+                    );
+                    match decision {
+                        Decision::Send { model, .. } => dispatch(i, model, &mut jobs, &mut queued),
+                        Decision::Wait => {}
+                        Decision::TooExpensive { .. } => {
+                            let k = (w.route_key.clone(), w.deadline.timestamp_millis(), i);
+                            queued.remove(&k);
+                            jobs[i].state = State::Failed;
+                            jobs[i].completed_at = Some(now);
+                        }
+                    }
+                }
+            }
+        }
+
+        // The next event.
+        let mut next: Option<i64> = None;
+        let mut consider = |t: i64| next = Some(next.map_or(t, |n: i64| n.min(t)));
+        if let Some(j) = jobs.get(next_arrival) {
+            consider(j.w.submit_at.timestamp_millis());
+        }
+        if let Some(&Reverse((t, _))) = completions.peek() {
+            consider(t);
+        }
+        if !queued.is_empty() {
+            if let Some(w) = wait_ms {
+                consider(now_ms + w.max(1));
+            }
+            if let Some(&(_, d, _)) = queued.iter().min_by_key(|k| k.1) {
+                consider(d);
+            }
+            if *policy == Policy::Planner {
+                if let Some(u) = quotas.until {
+                    consider(u.timestamp_millis());
+                }
+                if let Some(at) = planned_at {
+                    consider((at + REPLAN_EVERY).timestamp_millis());
+                }
+            }
+        }
+        match next {
+            Some(t) => {
+                now = Utc
+                    .timestamp_millis_opt(t.max(now_ms + 1))
+                    .single()
+                    .unwrap_or(now)
+            }
+            None => break,
+        }
+    }
+
+    let mut summary = empty_summary(policy);
+    summary.jobs = jobs.len();
+    summary.retries = retries;
+    let mut trace = Vec::with_capacity(jobs.len());
+    for j in &jobs {
+        let late = j.completed_at.is_some_and(|c| c > j.w.deadline);
+        match j.state {
+            State::Succeeded => summary.succeeded += 1,
+            State::Expired => summary.expired += 1,
+            _ => summary.failed += 1,
+        }
+        if j.state == State::Expired || (j.state == State::Succeeded && late) {
+            summary.deadline_misses += 1;
+        }
+        summary.total_cost_usd += j.cost;
+        let provider = j
+            .model
+            .map(|m| catalog.providers[catalog.models[m].provider].name.clone());
+        if j.state == State::Succeeded
+            && let Some(p) = &provider
+        {
+            *summary.per_provider.entry(p.clone()).or_default() += 1;
+        }
+        trace.push(TraceLine {
+            custom_id: j.w.custom_id.clone(),
+            submitted_at: j.w.submit_at,
+            deadline: j.w.deadline,
+            dispatched_at: j.dispatched_at,
+            completed_at: j.completed_at,
+            provider,
+            model: j.model.map(|m| catalog.models[m].name.clone()),
+            input_tokens: j.w.input_tokens,
+            output_tokens: if j.state == State::Succeeded {
+                j.w.output_tokens
+            } else {
+                0
+            },
+            cost_usd: j.cost,
+            state: match j.state {
+                State::Succeeded => "succeeded",
+                State::Expired => "expired",
+                State::Pending | State::Queued | State::Running | State::Failed => "failed",
+            },
+        });
+    }
+    Ok((summary, trace))
+}
+
+fn empty_summary(policy: &Policy) -> Summary {
+    Summary {
+        policy: policy.name(),
+        jobs: 0,
+        succeeded: 0,
+        failed: 0,
+        expired: 0,
+        deadline_misses: 0,
+        total_cost_usd: 0.0,
+        per_provider: BTreeMap::new(),
+        retries: 0,
+    }
+}
+
+/// The queue summary the daemon gets from SQL, computed from memory.
+fn buckets_of(queued: &BTreeSet<(String, i64, usize)>, jobs: &[SimJob]) -> Vec<QueuedBucket> {
+    let mut map: BTreeMap<(String, i64), QueuedBucket> = BTreeMap::new();
+    for (key, deadline, i) in queued {
+        let b = deadline.div_euclid(plan::BUCKET_MS);
+        let e = map.entry((key.clone(), b)).or_insert_with(|| QueuedBucket {
+            route_key: key.clone(),
+            deadline_from: b * plan::BUCKET_MS,
+            deadline_to: (b + 1) * plan::BUCKET_MS,
+            jobs: 0,
+            input_tokens: 0,
+            output_tokens: 0,
+            min_deadline: *deadline,
+        });
+        e.jobs += 1;
+        e.input_tokens += jobs[*i].w.input_tokens;
+        e.output_tokens += jobs[*i].w.expected_output_tokens;
+        e.min_deadline = e.min_deadline.min(*deadline);
+    }
+    map.into_values().collect()
+}
+
+/// The offline optimum of the relaxed problem: every job known in advance
+/// (released at its submission), divisible, actual token counts, no safety
+/// margin. No policy can do better. Returns (cost, jobs that fit nowhere).
+pub fn lower_bound(
+    config: &Config,
+    workload: &[WorkloadJob],
+    settings: &PlanSettings,
+) -> (f64, f64) {
+    let Some(start) = workload.first().map(|j| j.submit_at) else {
+        return (0.0, 0.0);
+    };
+    let catalog = &config.catalog;
+    // Group by (route, submission slot, deadline slot): release = earliest
+    // submission, deadline = latest deadline, so the groups relax the jobs.
+    let mut map: BTreeMap<(String, i64, i64), JobGroup> = BTreeMap::new();
+    for w in workload {
+        let key = (
+            w.route_key.clone(),
+            w.submit_at.timestamp_millis().div_euclid(plan::BUCKET_MS),
+            w.deadline.timestamp_millis().div_euclid(plan::BUCKET_MS),
+        );
+        let g = map.entry(key).or_insert_with(|| JobGroup {
+            candidates: w.candidates.clone(),
+            jobs: 0,
+            input_tokens: 0,
+            output_tokens: 0,
+            release: w.submit_at,
+            deadline: w.deadline,
+        });
+        g.jobs += 1;
+        g.input_tokens += w.input_tokens;
+        g.output_tokens += w.output_tokens;
+        g.release = g.release.min(w.submit_at);
+        g.deadline = g.deadline.max(w.deadline);
+    }
+    let groups: Vec<JobGroup> = map.into_values().collect();
+    let relaxed = PlanSettings {
+        relaxed: true,
+        safety_margin: Duration::ZERO,
+        time_limit: Duration::from_secs(120),
+        ..*settings
+    };
+    let p = plan::plan(&groups, catalog, &capacities(config), start, &relaxed);
+    let overflow: f64 = p.overflow.iter().map(|o| o.1).sum();
+    // Overflow is priced by plan() at the fastest model now; for a bound,
+    // price it at the cheapest model at release instead.
+    let mut cost: f64 = p.allocations.iter().map(|a| a.jobs * a.cost_per_job).sum();
+    let caps = capacities(config);
+    for &(g, jobs) in &p.overflow {
+        let group = &groups[g];
+        let cheapest = group
+            .candidates
+            .iter()
+            .map(|&m| plan::effective_cost(catalog, &caps, group, m, group.release))
+            .fold(f64::INFINITY, f64::min);
+        cost += jobs * cheapest;
+    }
+    (cost, overflow)
+}
+
+/// A human table of summaries, with the lower bound if known.
+pub fn render_table(summaries: &[Summary], lower_bound: Option<(f64, f64)>) -> String {
+    let mut out = String::new();
+    let lb = lower_bound.map(|(c, _)| c);
+    out.push_str(&format!(
+        "{:<22} {:>14} {:>9} {:>8} {:>10} {:>8}  {}\n",
+        "policy", "cost (USD)", "vs bound", "misses", "succeeded", "failed", "jobs per provider"
+    ));
+    for s in summaries {
+        let ratio = lb
+            .filter(|&b| b > 0.0)
+            .map_or("-".to_string(), |b| format!("{:.3}x", s.total_cost_usd / b));
+        let per: Vec<String> = s
+            .per_provider
+            .iter()
+            .map(|(p, n)| format!("{p}={n}"))
+            .collect();
+        out.push_str(&format!(
+            "{:<22} {:>14.6} {:>9} {:>8} {:>10} {:>8}  {}\n",
+            s.policy,
+            s.total_cost_usd,
+            ratio,
+            s.deadline_misses,
+            s.succeeded,
+            s.failed,
+            per.join(" ")
+        ));
+    }
+    if let Some((c, overflow)) = lower_bound {
+        out.push_str(&format!("{:<22} {:>14.6}", "lower bound", c));
+        if overflow > 0.0 {
+            out.push_str(&format!(
+                "   ({overflow:.0} jobs fit no capacity before their deadline: infeasible)"
+            ));
+        }
+        out.push('\n');
+    }
+    out
+}
