@@ -32,6 +32,13 @@ CREATE TABLE IF NOT EXISTS line_errors (
     PRIMARY KEY (source_id, line)
 ) WITHOUT ROWID;
 
+-- Distinct route keys (what decides where a job may run: endpoint, model,
+-- providers, regions), so jobs and their index carry a small integer.
+CREATE TABLE IF NOT EXISTS routes (
+    id  INTEGER PRIMARY KEY,
+    key TEXT    NOT NULL UNIQUE                -- canonical JSON, see job::RouteKey
+);
+
 -- One row per job. State machine:
 --   queued -> running -> succeeded | failed
 --   queued -> expired | cancelled | failed
@@ -45,7 +52,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     model         TEXT    NOT NULL,            -- as requested: class, model or provider/model
     body          TEXT    NOT NULL,            -- the request body, verbatim JSON
     options       TEXT,                        -- the 'nightshift' object, verbatim JSON
-    route_key     TEXT    NOT NULL,            -- what decides where it may run (endpoint, model, providers, regions)
+    route_id      INTEGER NOT NULL REFERENCES routes (id),
     priority      INTEGER NOT NULL DEFAULT 0,
     est_input_tokens  INTEGER NOT NULL,
     est_output_tokens INTEGER NOT NULL,
@@ -72,8 +79,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     list_cost_usd REAL,
     UNIQUE (source_id, custom_id)
 );
-CREATE INDEX IF NOT EXISTS jobs_ready ON jobs (state, priority DESC, deadline, id);
 -- The planner groups queued jobs by route and deadline; the dispatcher takes
--- a group's most urgent jobs.
-CREATE INDEX IF NOT EXISTS jobs_route ON jobs (state, route_key, deadline);
+-- a group's most urgent jobs. It covers the summary query (no table reads).
+CREATE INDEX IF NOT EXISTS jobs_route ON jobs (state, route_id, deadline, est_input_tokens, est_output_tokens);
 CREATE INDEX IF NOT EXISTS jobs_source_state ON jobs (source_id, state);

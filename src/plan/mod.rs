@@ -128,6 +128,9 @@ pub struct PlanSettings {
     pub fine_horizon: Duration,
     /// Slot length after that.
     pub coarse_slot: Duration,
+    /// Slot length beyond `coarse_horizon` (far slots only decide "later").
+    pub coarse_horizon: Duration,
+    pub far_slot: Duration,
     /// Nothing is planned further out than this.
     pub max_horizon: Duration,
     /// Lower-bound mode: a slot is usable if it overlaps [release, deadline);
@@ -144,6 +147,8 @@ impl Default for PlanSettings {
             fine_slot: Duration::from_secs(15 * 60),
             fine_horizon: Duration::from_secs(2 * 3600),
             coarse_slot: Duration::from_secs(3600),
+            coarse_horizon: Duration::from_secs(24 * 3600),
+            far_slot: Duration::from_secs(4 * 3600),
             max_horizon: Duration::from_secs(8 * 86_400),
             relaxed: false,
             time_limit: Duration::from_secs(5),
@@ -225,8 +230,29 @@ fn to_chrono(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
 }
 
+impl PlanSettings {
+    /// The slot length at `t`: fine near `now`, coarse later, far beyond.
+    pub fn step_at(&self, now: DateTime<Utc>, t: DateTime<Utc>) -> Duration {
+        if t < now + to_chrono(self.fine_horizon) {
+            self.fine_slot
+        } else if t < now + to_chrono(self.coarse_horizon) {
+            self.coarse_slot
+        } else {
+            self.far_slot
+        }
+    }
+}
+
+fn align_down(t: DateTime<Utc>, step: Duration) -> DateTime<Utc> {
+    let step_ms = step.as_millis().max(1) as i64;
+    Utc.timestamp_millis_opt(t.timestamp_millis().div_euclid(step_ms) * step_ms)
+        .single()
+        .unwrap_or(t)
+}
+
 /// Cuts `[now, end)` into slots: `fine_slot`s for `fine_horizon`, then
-/// `coarse_slot`s, boundaries aligned to the clock, split at price changes.
+/// `coarse_slot`s, then `far_slot`s, boundaries aligned to the clock, split
+/// at price changes.
 pub fn make_slots(
     catalog: &Catalog,
     now: DateTime<Utc>,
@@ -245,23 +271,21 @@ fn make_slots_with(
     extra: &[DateTime<Utc>],
 ) -> Vec<Slot> {
     let mut bounds = vec![now];
-    bounds.extend(extra.iter().copied().filter(|&t| t > now && t < end));
-    let align = |t: DateTime<Utc>, step: Duration| -> DateTime<Utc> {
-        let step_ms = step.as_millis().max(1) as i64;
-        let ms = t.timestamp_millis();
-        Utc.timestamp_millis_opt((ms / step_ms + 1) * step_ms)
-            .single()
-            .unwrap_or(t)
-    };
-    let fine_until = now + to_chrono(settings.fine_horizon);
+    // Extra boundaries are snapped down to the grid where they fall, which
+    // bounds the slot count (and the LP) whatever the groups.
+    bounds.extend(
+        extra
+            .iter()
+            .map(|&t| {
+                let step = settings.step_at(now, t);
+                align_down(t, (step / 4).max(settings.fine_slot).min(step))
+            })
+            .filter(|&t| t > now && t < end),
+    );
     let mut t = now;
     while t < end {
-        let step = if t < fine_until {
-            settings.fine_slot
-        } else {
-            settings.coarse_slot
-        };
-        t = align(t, step).min(end);
+        let step = settings.step_at(now, t);
+        t = (align_down(t, step) + to_chrono(step)).min(end);
         bounds.push(t);
     }
     let mut change = now;
@@ -657,9 +681,9 @@ pub struct PlannedGroup {
     pub group: JobGroup,
 }
 
-/// Merges queue buckets into planner groups: per route, 15-minute deadline
-/// buckets within `fine_horizon` of now and hourly ones after (the slot grid:
-/// finer distinctions change nothing in the plan). `resolve` gives a route's
+/// Merges queue buckets into planner groups: per route, deadline buckets as
+/// wide as the slots where the deadlines fall (finer distinctions would
+/// change little in the plan and cost LP size). `resolve` gives a route's
 /// candidates and reference model, or an error if it no longer has any.
 pub fn build_groups<E>(
     buckets: &[QueuedBucket],
@@ -668,8 +692,6 @@ pub fn build_groups<E>(
     output_scale: impl Fn(&str) -> f64,
     mut resolve: impl FnMut(&str) -> Result<(Vec<ModelId>, ModelId), E>,
 ) -> (Vec<PlannedGroup>, Vec<(String, E)>) {
-    let fine_until = now.timestamp_millis() + settings.fine_horizon.as_millis() as i64;
-    let coarse = settings.coarse_slot.as_millis().max(1) as i64;
     let mut merged: BTreeMap<(String, i64), PlannedGroup> = BTreeMap::new();
     let mut resolved: BTreeMap<String, Option<(Vec<ModelId>, ModelId)>> = BTreeMap::new();
     let mut errors = Vec::new();
@@ -687,11 +709,11 @@ pub fn build_groups<E>(
         let Some((candidates, reference)) = route else {
             continue;
         };
-        let key_start = if b.deadline_from < fine_until {
-            b.deadline_from
-        } else {
-            b.deadline_from.div_euclid(coarse) * coarse
-        };
+        let from = Utc
+            .timestamp_millis_opt(b.deadline_from)
+            .single()
+            .unwrap_or(now);
+        let key_start = align_down(from, settings.step_at(now, from)).timestamp_millis();
         let scale = output_scale(&b.route_key);
         let output = (b.output_tokens as f64 * scale).round() as u64;
         let entry = merged

@@ -1,0 +1,257 @@
+//! Planner benchmark: cost on every scenario against the offline lower bound
+//! and the baselines, and re-plan time for large queues.
+//!
+//!     cargo bench --bench planner
+//!
+//! Environment: NIGHTSHIFT_BENCH_QUEUES=10000,100000 to choose queue sizes
+//! (default 10,000, 100,000 and 1,000,000).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use nightshift::config::Config;
+use nightshift::job::{Options, RouteKey};
+use nightshift::plan::{self, JobGroup, PlanSettings, ProviderCapacity, QueuedBucket};
+use nightshift::pricing::Endpoint;
+use nightshift::simulate::{self, Policy};
+
+fn main() {
+    scenarios();
+    let sizes = queue_sizes();
+    replan_times(&sizes);
+    sql_summary_times(&sizes);
+}
+
+fn queue_sizes() -> Vec<usize> {
+    std::env::var("NIGHTSHIFT_BENCH_QUEUES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![10_000, 100_000, 1_000_000])
+}
+
+fn scenarios() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/scenarios");
+    println!("## Cost per scenario (USD; simulated, virtual time)\n");
+    println!(
+        "| scenario | jobs | planner | cheapest-now | best fixed | lower bound | planner / bound | planner misses | saving vs cheapest-now |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for name in ["nightly-backlog", "steady-mixed", "burst"] {
+        let dir = root.join(name);
+        let config = Config::load(&dir.join("config.toml")).expect("scenario config");
+        let start = std::fs::read_to_string(dir.join("start.txt")).unwrap();
+        let start = DateTime::parse_from_rfc3339(start.trim())
+            .unwrap()
+            .with_timezone(&Utc);
+        let text = std::fs::read_to_string(dir.join("workload.jsonl")).unwrap();
+        let workload = simulate::load_workload(&text, &config, start).expect("scenario workload");
+        let settings = PlanSettings {
+            safety_margin: config.daemon.safety_margin,
+            ..PlanSettings::default()
+        };
+        let run = |p: &Policy| simulate::run(&config, &workload, p, &settings).unwrap().0;
+        let planner = run(&Policy::Planner);
+        let cheapest = run(&Policy::CheapestNow);
+        let best_fixed = config
+            .catalog
+            .providers
+            .iter()
+            .map(|p| run(&Policy::Fixed(p.name.clone())))
+            .min_by(|a, b| {
+                (a.deadline_misses, a.total_cost_usd)
+                    .partial_cmp(&(b.deadline_misses, b.total_cost_usd))
+                    .unwrap()
+            })
+            .unwrap();
+        let (bound, infeasible) = simulate::lower_bound(&config, &workload, &settings);
+        let saving = 100.0 * (1.0 - planner.total_cost_usd / cheapest.total_cost_usd);
+        println!(
+            "| {name} | {} | {:.6} | {:.6} ({} misses) | {:.6} {} ({} misses) | {:.6}{} | {:.3}x | {} | {saving:.1}% |",
+            workload.len(),
+            planner.total_cost_usd,
+            cheapest.total_cost_usd,
+            cheapest.deadline_misses,
+            best_fixed.total_cost_usd,
+            best_fixed.policy,
+            best_fixed.deadline_misses,
+            bound,
+            if infeasible > 0.0 {
+                format!(" ({infeasible:.0} infeasible)")
+            } else {
+                String::new()
+            },
+            planner.total_cost_usd / bound,
+            planner.deadline_misses,
+        );
+    }
+    println!();
+}
+
+/// A synthetic queue of `n` jobs over the embedded default's classes, with
+/// deadlines spread over two days, as the queue's GROUP BY reports it.
+fn synthetic_queue(config: &Config, n: usize, now: DateTime<Utc>) -> Vec<(String, i64, u64, u64)> {
+    let classes: Vec<&String> = config
+        .catalog
+        .classes
+        .keys()
+        .filter(|c| c.as_str() != "embed")
+        .collect();
+    let keys: Vec<String> = classes
+        .iter()
+        .map(|c| RouteKey::new(Endpoint::ChatCompletions, c, &Options::default()).encode())
+        .collect();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..n)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let deadline = now.timestamp_millis() + 3_600_000 + (x % (47 * 3_600_000)) as i64;
+            (
+                keys[i % keys.len()].clone(),
+                deadline,
+                200 + x % 800,
+                50 + x % 200,
+            )
+        })
+        .collect()
+}
+
+fn aggregate(queue: &[(String, i64, u64, u64)]) -> Vec<QueuedBucket> {
+    let mut map: std::collections::HashMap<(&str, i64), QueuedBucket> =
+        std::collections::HashMap::new();
+    for (key, deadline, input, output) in queue {
+        let b = deadline.div_euclid(plan::BUCKET_MS);
+        let e = map
+            .entry((key.as_str(), b))
+            .or_insert_with(|| QueuedBucket {
+                route_key: key.clone(),
+                deadline_from: b * plan::BUCKET_MS,
+                deadline_to: (b + 1) * plan::BUCKET_MS,
+                jobs: 0,
+                input_tokens: 0,
+                output_tokens: 0,
+                min_deadline: *deadline,
+            });
+        e.jobs += 1;
+        e.input_tokens += input;
+        e.output_tokens += output;
+        e.min_deadline = e.min_deadline.min(*deadline);
+    }
+    map.into_values().collect()
+}
+
+fn replan_times(sizes: &[usize]) {
+    let config = Config::embedded_default();
+    let now = DateTime::parse_from_rfc3339("2026-11-24T00:30:00Z")
+        .unwrap()
+        .with_timezone(&Utc);
+    let capacity: Vec<ProviderCapacity> = simulate::capacities(&config);
+    let settings = PlanSettings::default();
+    println!("## Re-plan time (embedded default catalog, 3 chat classes, deadlines over 48 h)\n");
+    println!(
+        "| queued jobs | groups | slots | aggregate (in memory) | build groups + LP | total | method |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for &n in sizes {
+        let queue = synthetic_queue(&config, n, now);
+        let mut best: Option<(Duration, Duration, usize, usize, String)> = None;
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            let buckets = aggregate(&queue);
+            let t1 = Instant::now();
+            let (groups, _) = plan::build_groups(
+                &buckets,
+                now,
+                &settings,
+                |_| 1.0,
+                |key| {
+                    let c = RouteKey::decode(key)
+                        .unwrap()
+                        .candidates(&config.catalog)
+                        .map_err(|e| e.to_string())?;
+                    Ok::<_, String>((c.models, c.reference))
+                },
+            );
+            let plain: Vec<JobGroup> = groups.into_iter().map(|g| g.group).collect();
+            let p = plan::plan(&plain, &config.catalog, &capacity, now, &settings);
+            let t2 = Instant::now();
+            let run = (
+                t1 - t0,
+                t2 - t1,
+                plain.len(),
+                p.slots.len(),
+                format!("{:?}", p.method),
+            );
+            if best.as_ref().is_none_or(|b| run.0 + run.1 < b.0 + b.1) {
+                best = Some(run);
+            }
+        }
+        let (agg, lp, groups, slots, method) = best.unwrap();
+        println!(
+            "| {n} | {groups} | {slots} | {:.1} ms | {:.1} ms | {:.1} ms | {method} |",
+            agg.as_secs_f64() * 1e3,
+            lp.as_secs_f64() * 1e3,
+            (agg + lp).as_secs_f64() * 1e3
+        );
+    }
+    println!();
+}
+
+/// The daemon's side of a re-plan: the queue summary query on SQLite.
+fn sql_summary_times(sizes: &[usize]) {
+    use nightshift::queue::{LineOutcome, NewSource, Origin, Store};
+    let config = Config::embedded_default();
+    let now = Utc::now();
+    println!(
+        "## Queue summary query (SQLite GROUP BY over queued jobs, the daemon's re-plan input)\n"
+    );
+    println!("| queued jobs | buckets | query time |");
+    println!("|---|---|---|");
+    for &n in sizes {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("q.db")).unwrap();
+        let queue = synthetic_queue(&config, n, now);
+        let lines = queue
+            .iter()
+            .enumerate()
+            .map(|(i, (key, deadline, input, output))| {
+                let route = RouteKey::decode(key).unwrap();
+                Ok(LineOutcome {
+                    line: i as u64 + 1,
+                    job: Ok(nightshift::job::NewJob {
+                        custom_id: format!("j{i}"),
+                        endpoint: Endpoint::ChatCompletions,
+                        model: route.model.clone(),
+                        body: "{}".into(),
+                        options: None,
+                        priority: 0,
+                        estimate: nightshift::estimate::TokenEstimate {
+                            input: *input,
+                            output: *output,
+                        },
+                        deadline: DateTime::from_timestamp_millis(*deadline).unwrap(),
+                        route_key: key.clone(),
+                    }),
+                })
+            });
+        let source = NewSource {
+            origin: Origin::Api,
+            name: "bench",
+            stem: "bench",
+            sha256: None,
+            now_ms: now.timestamp_millis(),
+        };
+        store.ingest(&source, lines).unwrap();
+        let mut best = Duration::MAX;
+        let mut buckets = 0;
+        for _ in 0..3 {
+            let t = Instant::now();
+            buckets = store.queued_buckets().unwrap().len();
+            best = best.min(t.elapsed());
+        }
+        println!("| {n} | {buckets} | {:.1} ms |", best.as_secs_f64() * 1e3);
+    }
+    println!();
+}
