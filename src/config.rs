@@ -93,6 +93,9 @@ pub struct DaemonSettings {
     pub shutdown_grace: Duration,
     /// The planner aims to finish every job this long before its deadline.
     pub safety_margin: Duration,
+    /// A queued job whose deadline passes: `false` expires it (the default),
+    /// `true` still runs it, on the fastest eligible provider.
+    pub run_after_deadline: bool,
 }
 
 /// The validated configuration.
@@ -191,6 +194,7 @@ struct RawDaemon {
     request_timeout: Option<Spanned<String>>,
     shutdown_grace: Option<Spanned<String>>,
     safety_margin: Option<Spanned<String>>,
+    after_deadline: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -329,6 +333,17 @@ impl Validator<'_> {
                 "daemon.safety_margin",
                 Duration::from_secs(600),
             )?,
+            run_after_deadline: match d.after_deadline.as_ref().map(|v| (v, v.get_ref().as_str())) {
+                None | Some((_, "expire")) => false,
+                Some((_, "run")) => true,
+                Some((v, other)) => {
+                    return Err(self.err(
+                        Some(v.span()),
+                        "daemon.after_deadline",
+                        format!("'{other}' is not \"expire\" or \"run\""),
+                    ));
+                }
+            },
         };
         if daemon.rescan_interval.is_zero() {
             return Err(self.err(

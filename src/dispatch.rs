@@ -45,6 +45,9 @@ pub struct Dispatcher {
     /// Lease on a running job: the request timeout plus a margin.
     pub lease: Duration,
     pub plan_settings: PlanSettings,
+    /// Run jobs whose deadline has passed (on the fastest provider) instead
+    /// of expiring them.
+    pub run_after_deadline: bool,
     /// Notified when jobs arrive (ingest) to re-plan and dispatch at once.
     pub wake: Arc<Notify>,
     /// Notified when jobs become final, for the outbox writer.
@@ -99,6 +102,8 @@ struct Current {
     groups: Vec<PlannedGroup>,
     quotas: Quotas,
     made: Instant,
+    /// How long making it took: events re-plan at most every 10× this.
+    took: Duration,
 }
 
 /// Runs a closure against the store off the async threads.
@@ -143,6 +148,20 @@ impl Dispatcher {
             input_ratio: vec![Ewma::new(1.0); n],
             output_ratio: Default::default(),
         };
+        // Start from what finished jobs taught earlier runs.
+        match blocking(&self.store, |s| s.learned_token_ratios(7)).await {
+            Ok((inputs, outputs)) => {
+                for (provider, ratio) in inputs {
+                    if let Some(p) = self.catalog.provider_id(&provider) {
+                        observed.input_ratio[p] = Ewma::new(ratio);
+                    }
+                }
+                for (route, ratio) in outputs {
+                    observed.output_ratio.insert(route, Ewma::new(ratio));
+                }
+            }
+            Err(e) => warn!("could not read token statistics of finished jobs: {e}"),
+        }
         let mut current: Option<Current> = None;
         let mut replan = true;
         let mut in_flight: JoinSet<Done> = JoinSet::new();
@@ -168,6 +187,7 @@ impl Dispatcher {
                 _ = self.wake.notified() => replan = true,
                 _ = tokio::time::sleep(next) => {}
                 Some(done) = in_flight.join_next() => {
+                    replan = true;
                     self.account(&mut limits, &mut observed, done);
                     while let Some(done) = in_flight.try_join_next() {
                         self.account(&mut limits, &mut observed, done);
@@ -293,6 +313,7 @@ impl Dispatcher {
             groups,
             quotas,
             made: Instant::now(),
+            took: started.elapsed(),
         })
     }
 
@@ -309,7 +330,11 @@ impl Dispatcher {
     ) -> Result<Duration, QueueError> {
         let now = Utc::now();
         let now_ms = now.timestamp_millis();
-        let expired = blocking(&self.store, move |s| s.expire_overdue(now_ms)).await?;
+        let expired = if self.run_after_deadline {
+            0
+        } else {
+            blocking(&self.store, move |s| s.expire_overdue(now_ms)).await?
+        };
         if expired > 0 {
             info!(expired, "jobs passed their deadline before dispatch");
             self.finished.notify_one();
@@ -319,7 +344,7 @@ impl Dispatcher {
             Some(c) => {
                 c.made.elapsed() >= REPLAN_EVERY
                     || c.quotas.until.is_some_and(|u| now >= u)
-                    || (*replan && c.made.elapsed() >= REPLAN_AT_MOST)
+                    || (*replan && c.made.elapsed() >= REPLAN_AT_MOST.max(c.took * 10))
             }
         };
         if stale {

@@ -368,6 +368,45 @@ impl Store {
         })
     }
 
+    /// What finished jobs of the last `days` days say about token estimates:
+    /// per provider, reported input tokens ÷ estimated; per route key,
+    /// reported output tokens ÷ expected.
+    #[allow(clippy::type_complexity)]
+    pub fn learned_token_ratios(
+        &self,
+        days: i64,
+    ) -> Result<(Vec<(String, f64)>, Vec<(String, f64)>)> {
+        let conn = self.reader()?;
+        let since = chrono::Utc::now().timestamp_millis() - days * 86_400_000;
+        let mut stmt = conn.prepare(
+            "SELECT provider, SUM(input_tokens), SUM(est_input_tokens) FROM jobs
+             WHERE state = 'succeeded' AND completed_at > ?1 GROUP BY provider",
+        )?;
+        let ratio = |actual: Option<i64>, estimated: Option<i64>| match (actual, estimated) {
+            (Some(a), Some(e)) if e > 0 => Some(a as f64 / e as f64),
+            _ => None,
+        };
+        let inputs = stmt
+            .query_map([since], |r| {
+                Ok((r.get::<_, Option<String>>(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .filter_map(|row| row.ok())
+            .filter_map(|(p, a, e)| Some((p?, ratio(a, e)?)))
+            .collect();
+        let mut stmt = conn.prepare(
+            "SELECT r.key, SUM(j.output_tokens), SUM(j.est_output_tokens) FROM jobs j JOIN routes r ON r.id = j.route_id
+             WHERE j.state = 'succeeded' AND j.completed_at > ?1 GROUP BY j.route_id",
+        )?;
+        let outputs = stmt
+            .query_map([since], |r| {
+                Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .filter_map(|row| row.ok())
+            .filter_map(|(k, a, e)| Some((k, ratio(a, e)?)))
+            .collect();
+        Ok((inputs, outputs))
+    }
+
     /// Queued jobs by route and deadline bucket: the planner's input.
     /// Runs on a read connection: at a million queued jobs it takes a few
     /// hundred milliseconds, which must not hold up the writer.

@@ -375,9 +375,10 @@ pub fn run(
             }
         }
         // Queued jobs past their deadline expire (the daemon does the same).
+        // (unless the config says to run them anyway).
         let overdue: Vec<(String, i64, usize)> = queued
             .iter()
-            .filter(|(_, d, _)| *d <= now_ms)
+            .filter(|(_, d, _)| *d <= now_ms && !config.daemon.run_after_deadline)
             .cloned()
             .collect();
         for key in overdue {
@@ -551,7 +552,7 @@ pub fn run(
             if let Some(w) = wait_ms {
                 consider(now_ms + w.max(1));
             }
-            if let Some(&(_, d, _)) = queued.iter().min_by_key(|k| k.1) {
+            if let Some(d) = queued.iter().map(|k| k.1).filter(|&d| d > now_ms).min() {
                 consider(d);
             }
             if *policy == Policy::Planner {
@@ -756,4 +757,158 @@ pub fn render_table(summaries: &[Summary], lower_bound: Option<(f64, f64)>) -> S
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// DeepSeek-like provider: half price from 04:00 UTC; a pricier provider always.
+    const CONFIG: &str = r#"
+[daemon]
+safety_margin = "5m"
+AFTER
+
+[[providers]]
+name = "cheap-at-night"
+kind = "simulated"
+latency = "1s"
+rpm = 60
+
+[[providers.price_windows]]
+name = "night"
+hours = ["04:00-06:00"]
+multiplier = 0.5
+
+[[providers.models]]
+name = "m1"
+input_per_mtok = 1.0
+output_per_mtok = 1.0
+
+[[providers]]
+name = "steady"
+kind = "simulated"
+latency = "1s"
+
+[[providers.models]]
+name = "m2"
+input_per_mtok = 0.8
+output_per_mtok = 0.8
+
+[classes]
+chat = ["cheap-at-night/m1", "steady/m2"]
+"#;
+
+    fn config(after: &str) -> Config {
+        Config::parse(&CONFIG.replace("AFTER", after), "test.toml", Path::new(".")).unwrap()
+    }
+
+    /// `n` jobs, one a second (or all at once if `burst`).
+    fn workload_with(n: usize, deadline: &str, burst: bool) -> String {
+        (0..n)
+            .map(|i| {
+                let at = if burst { 0 } else { i };
+                format!(
+                    r#"{{"custom_id":"j{i}","method":"POST","url":"/v1/chat/completions","body":{{"model":"chat","messages":[{{"role":"user","content":"hello there"}}],"max_tokens":100}},"nightshift":{{"deadline":"{deadline}"}},"submit_at":"+{at}s","sim":{{"output_tokens":50}}}}"#
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn workload(n: usize, deadline: &str) -> String {
+        workload_with(n, deadline, false)
+    }
+
+    fn start() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-11-24T02:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn the_planner_waits_for_the_night_price_and_matches_the_bound() {
+        let c = config("");
+        let w = load_workload(&workload(50, "8h"), &c, start()).unwrap();
+        let settings = PlanSettings {
+            safety_margin: c.daemon.safety_margin,
+            ..PlanSettings::default()
+        };
+        let (planner, trace) = run(&c, &w, &Policy::Planner, &settings).unwrap();
+        let (now, _) = run(&c, &w, &Policy::CheapestNow, &settings).unwrap();
+        let (bound, infeasible) = lower_bound(&c, &w, &settings);
+        assert_eq!(planner.succeeded, 50);
+        assert_eq!(planner.deadline_misses, 0);
+        assert_eq!(infeasible, 0.0);
+        // Cheapest now is "steady" at 0.8; at night m1 costs 0.5.
+        assert_eq!(now.per_provider.get("steady"), Some(&50));
+        assert_eq!(planner.per_provider.get("cheap-at-night"), Some(&50));
+        assert!((planner.total_cost_usd / now.total_cost_usd - 0.5 / 0.8).abs() < 1e-9);
+        assert!(
+            planner.total_cost_usd <= bound * 1.02,
+            "{} vs {bound}",
+            planner.total_cost_usd
+        );
+        assert!(trace.iter().all(|t| t.dispatched_at.unwrap()
+            >= DateTime::parse_from_rfc3339("2026-11-24T04:00:00Z").unwrap()));
+    }
+
+    #[test]
+    fn fixed_policy_misses_deadlines_when_its_provider_is_too_slow() {
+        let c = config("");
+        // 200 jobs at once due in 2 minutes do not fit one provider's 60 rpm.
+        let w = load_workload(&workload_with(200, "2m", true), &c, start()).unwrap();
+        let settings = PlanSettings {
+            safety_margin: Duration::from_secs(10),
+            ..PlanSettings::default()
+        };
+        let (fixed, trace) =
+            run(&c, &w, &Policy::Fixed("cheap-at-night".into()), &settings).unwrap();
+        assert!(
+            fixed.expired > 0 && fixed.deadline_misses >= fixed.expired,
+            "{fixed:?}"
+        );
+        assert_eq!(trace.len(), 200);
+        assert!(
+            trace
+                .iter()
+                .filter(|t| t.state == "expired")
+                .all(|t| t.provider.is_none())
+        );
+        // The planner spills what the cheap provider cannot take to the other one.
+        let (planner, _) = run(&c, &w, &Policy::Planner, &settings).unwrap();
+        assert_eq!(planner.deadline_misses, 0, "{planner:?}");
+    }
+
+    #[test]
+    fn after_deadline_run_runs_late_jobs_instead_of_expiring_them() {
+        let c = config("after_deadline = \"run\"");
+        let w = load_workload(&workload_with(200, "2m", true), &c, start()).unwrap();
+        let settings = PlanSettings {
+            safety_margin: Duration::from_secs(10),
+            ..PlanSettings::default()
+        };
+        let (fixed, _) = run(&c, &w, &Policy::Fixed("cheap-at-night".into()), &settings).unwrap();
+        assert_eq!((fixed.expired, fixed.succeeded), (0, 200), "{fixed:?}");
+        assert!(
+            fixed.deadline_misses > 0,
+            "late completions still count as misses"
+        );
+    }
+
+    #[test]
+    fn workload_errors_name_the_line_and_field() {
+        let c = config("");
+        let text = format!(
+            "{}\n{{\"custom_id\":\"x\",\"submit_at\":\"yesterday\"}}",
+            workload(1, "1h")
+        );
+        let e = load_workload(&text, &c, start()).unwrap_err();
+        assert_eq!((e.line, e.error.field.as_deref()), (2, Some("submit_at")));
+        assert_eq!(
+            parse_submit_at("+2h30m", start()).unwrap().to_rfc3339(),
+            "2026-11-24T04:30:00+00:00"
+        );
+    }
 }
