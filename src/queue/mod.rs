@@ -18,7 +18,7 @@ use crate::job::{LineError, NewJob};
 
 /// The newest schema version; `schema.sql` describes it.
 pub const SCHEMA_VERSION: i64 = 1;
-const SCHEMA_SQL: &str = include_str!("../schema.sql");
+const SCHEMA_SQL: &str = include_str!("../../schema.sql");
 
 /// Errors from the queue.
 #[derive(Debug, thiserror::Error)]
