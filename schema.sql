@@ -77,6 +77,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     output_tokens INTEGER,
     cost_usd      REAL,
     list_cost_usd REAL,
+    -- Answers that arrived after the job's lease was recovered (at-least-once
+    -- duplicates): not the result, but paid for.
+    late_answers  INTEGER NOT NULL DEFAULT 0,
+    late_cost_usd REAL    NOT NULL DEFAULT 0,
     UNIQUE (source_id, custom_id)
 );
 -- The planner groups queued jobs by route and deadline; the dispatcher takes

@@ -71,7 +71,13 @@ impl fmt::Debug for Secret {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Transport {
     /// An OpenAI-compatible HTTP API.
-    OpenAi { base_url: String, api_key: Secret },
+    OpenAi {
+        base_url: String,
+        api_key: Secret,
+        /// Whole request, from connect to the last byte (default: `daemon.request_timeout`).
+        timeout: Option<Duration>,
+        connect_timeout: Option<Duration>,
+    },
     /// Answered in-process with deterministic completions.
     Simulated {
         latency: Duration,
@@ -96,6 +102,8 @@ pub struct DaemonSettings {
     /// A queued job whose deadline passes: `false` expires it (the default),
     /// `true` still runs it, on the fastest eligible provider.
     pub run_after_deadline: bool,
+    /// Retries of failed requests: attempts and backoff.
+    pub retry: crate::reliability::RetryPolicy,
 }
 
 /// The validated configuration.
@@ -195,6 +203,9 @@ struct RawDaemon {
     shutdown_grace: Option<Spanned<String>>,
     safety_margin: Option<Spanned<String>>,
     after_deadline: Option<Spanned<String>>,
+    max_attempts: Option<u32>,
+    retry_base: Option<Spanned<String>>,
+    retry_max: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -216,6 +227,9 @@ struct RawProvider {
     /// The date the prices were last checked against the provider's page.
     #[allow(dead_code)]
     prices_checked: Option<String>,
+    /// OpenAI-compatible providers: total and connect timeouts per request.
+    timeout: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<String>>,
     /// Simulated providers: base latency per request.
     latency: Option<Spanned<String>>,
     /// Simulated providers: extra latency per output token.
@@ -344,6 +358,11 @@ impl Validator<'_> {
                     ));
                 }
             },
+            retry: crate::reliability::RetryPolicy {
+                max_attempts: d.max_attempts.unwrap_or(8).max(1),
+                base: self.duration(&d.retry_base, "daemon.retry_base", Duration::from_secs(1))?,
+                cap: self.duration(&d.retry_max, "daemon.retry_max", Duration::from_secs(300))?,
+            },
         };
         if daemon.rescan_interval.is_zero() {
             return Err(self.err(
@@ -424,9 +443,19 @@ impl Validator<'_> {
                         ));
                     }
                     let api_key = self.api_key(&p, pi)?;
+                    let opt = |v: &Option<Spanned<String>>, f: &str| {
+                        v.as_ref()
+                            .map(|v| {
+                                parse_duration(v.get_ref())
+                                    .map_err(|m| self.err(Some(v.span()), field(f), m))
+                            })
+                            .transpose()
+                    };
                     Transport::OpenAi {
                         base_url: url,
                         api_key,
+                        timeout: opt(&p.timeout, "timeout")?,
+                        connect_timeout: opt(&p.connect_timeout, "connect_timeout")?,
                     }
                 }
                 "simulated" => Transport::Simulated {

@@ -122,6 +122,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         owner,
         lease: d.request_timeout + Duration::from_secs(60),
         run_after_deadline: d.run_after_deadline,
+        retry: d.retry,
         plan_settings: crate::plan::PlanSettings {
             safety_margin: d.safety_margin,
             ..Default::default()

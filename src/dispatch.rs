@@ -22,6 +22,7 @@ use crate::plan::{self, PlanSettings, PlannedGroup, ProviderCapacity, Quotas};
 use crate::pricing::{Catalog, Endpoint, ModelId};
 use crate::provider::{Outcome, ProviderClient, Request};
 use crate::queue::{DueJob, Finish, QueueError, Start, Store};
+use crate::reliability::{self, Health, RetryPolicy, Signals, Verdict};
 
 /// How many jobs of one group one pass takes at most.
 const BATCH: usize = 256;
@@ -48,6 +49,7 @@ pub struct Dispatcher {
     /// Run jobs whose deadline has passed (on the fastest provider) instead
     /// of expiring them.
     pub run_after_deadline: bool,
+    pub retry: RetryPolicy,
     /// Notified when jobs arrive (ingest) to re-plan and dispatch at once.
     pub wake: Arc<Notify>,
     /// Notified when jobs become final, for the outbox writer.
@@ -83,6 +85,10 @@ struct Observed {
     input_ratio: Vec<Ewma>,
     /// Actual output tokens ÷ expected, per route key (model class).
     output_ratio: std::collections::HashMap<String, Ewma>,
+    /// Pauses, circuit breakers, disabled providers.
+    health: Vec<Health>,
+    /// The earliest time a retried job becomes due again: re-plan then.
+    next_retry: Option<DateTime<Utc>>,
 }
 
 /// A finished request, reported back to the loop.
@@ -93,8 +99,11 @@ struct Done {
     estimated_input: u64,
     estimated_output: u64,
     usage: Option<(u64, u64)>,
-    succeeded: bool,
+    verdict: Verdict,
+    signals: Signals,
     latency: Duration,
+    /// The job went back to the queue until then.
+    retry_at: Option<DateTime<Utc>>,
 }
 
 /// The current plan: groups, and what may start in its first slot.
@@ -119,6 +128,7 @@ pub async fn blocking<T: Send + 'static>(
 
 impl Dispatcher {
     fn capacities(&self, observed: &Observed) -> Vec<ProviderCapacity> {
+        let now = Utc::now();
         self.catalog
             .providers
             .iter()
@@ -127,6 +137,11 @@ impl Dispatcher {
                 latency: Duration::from_secs_f64(observed.latency_s[p].value.max(0.001)),
                 success_rate: observed.success[p].value,
                 input_token_ratio: observed.input_ratio[p].value.clamp(0.25, 4.0),
+                unavailable_until: match observed.health[p].available_from(now) {
+                    None => Some(DateTime::<Utc>::MAX_UTC),
+                    Some(t) if t > now => Some(t),
+                    Some(_) => None,
+                },
                 ..ProviderCapacity::from_limits(&info.limits, Duration::ZERO, 0.0)
             })
             .collect()
@@ -147,6 +162,8 @@ impl Dispatcher {
             success: vec![Ewma::new(1.0); n],
             input_ratio: vec![Ewma::new(1.0); n],
             output_ratio: Default::default(),
+            health: vec![Health::default(); n],
+            next_retry: None,
         };
         // Start from what finished jobs taught earlier runs.
         match blocking(&self.store, |s| s.learned_token_ratios(7)).await {
@@ -188,9 +205,13 @@ impl Dispatcher {
                 _ = tokio::time::sleep(next) => {}
                 Some(done) = in_flight.join_next() => {
                     replan = true;
-                    self.account(&mut limits, &mut observed, done);
+                    let mut changed = self.account(&mut limits, &mut observed, done);
                     while let Some(done) = in_flight.try_join_next() {
-                        self.account(&mut limits, &mut observed, done);
+                        changed |= self.account(&mut limits, &mut observed, done);
+                    }
+                    if changed {
+                        // Availability changed: re-plan now, not after the throttle.
+                        current = None;
                     }
                 }
             }
@@ -220,14 +241,31 @@ impl Dispatcher {
         self.finished.notify_one();
     }
 
+    /// Books a finished request: rate-limit correction, observations, the
+    /// provider's health. Returns true if a provider's availability changed.
     fn account(
         &self,
         limits: &mut RateLimits,
         observed: &mut Observed,
         done: Result<Done, tokio::task::JoinError>,
-    ) {
+    ) -> bool {
         match done {
             Ok(d) => {
+                let now = Utc::now();
+                let health = &mut observed.health[d.provider];
+                let mut changed = health.record(&d.verdict, now);
+                if let Some(pause) = d
+                    .signals
+                    .pause()
+                    .filter(|_| d.verdict == Verdict::Succeeded)
+                {
+                    // A success that leaves a limit at zero: wait for its reset.
+                    changed |= health.pause(now, pause);
+                }
+                if changed {
+                    let name = &self.catalog.providers[d.provider].name;
+                    warn!(provider = %name, health = %health.describe(now), "provider availability changed; re-planning");
+                }
                 let actual = d.usage.map(|(i, o)| i + o);
                 limits.provider(d.provider).release(
                     d.estimated_tokens,
@@ -235,7 +273,11 @@ impl Dispatcher {
                     Utc::now().timestamp_millis(),
                 );
                 observed.latency_s[d.provider].observe(d.latency.as_secs_f64());
-                observed.success[d.provider].observe(if d.succeeded { 1.0 } else { 0.0 });
+                if let Some(at) = d.retry_at {
+                    observed.next_retry = Some(observed.next_retry.map_or(at, |t| t.min(at)));
+                }
+                let succeeded = d.verdict == Verdict::Succeeded;
+                observed.success[d.provider].observe(if succeeded { 1.0 } else { 0.0 });
                 if let Some((input, output)) = d.usage {
                     if d.estimated_input > 0 {
                         observed.input_ratio[d.provider]
@@ -250,9 +292,13 @@ impl Dispatcher {
                     }
                 }
                 self.finished.notify_one();
+                changed
             }
-            Err(e) if e.is_panic() => warn!("a request task panicked: {e}"),
-            Err(_) => {}
+            Err(e) if e.is_panic() => {
+                warn!("a request task panicked: {e}");
+                false
+            }
+            Err(_) => false,
         }
     }
 
@@ -268,6 +314,8 @@ impl Dispatcher {
             .map(|(k, v)| (k.clone(), v.value.clamp(0.05, 4.0)))
             .collect();
         let settings = self.plan_settings;
+        let disabled: Vec<Option<String>> =
+            observed.health.iter().map(|h| h.disabled.clone()).collect();
         let started = Instant::now();
         let (groups, unroutable, plan, quotas) = tokio::task::spawn_blocking(move || {
             let (groups, unroutable) = plan::build_groups(
@@ -279,6 +327,24 @@ impl Dispatcher {
                     let route = RouteKey::decode(key)
                         .ok_or_else(|| format!("unreadable route key {key}"))?;
                     let c = route.candidates(&catalog).map_err(|e| e.to_string())?;
+                    // Every eligible provider refused our key: fail now, with why,
+                    // rather than let the jobs wait for their deadline.
+                    let disabled: Vec<String> = c
+                        .models
+                        .iter()
+                        .filter_map(|&m| {
+                            let p = catalog.models[m].provider;
+                            disabled[p]
+                                .as_ref()
+                                .map(|r| format!("{}: {r}", catalog.providers[p].name))
+                        })
+                        .collect();
+                    if disabled.len() == c.models.len() {
+                        return Err(format!(
+                            "every eligible provider is disabled ({})",
+                            disabled.join("; ")
+                        ));
+                    }
                     Ok::<_, String>((c.models, c.reference))
                 },
             );
@@ -339,8 +405,13 @@ impl Dispatcher {
             info!(expired, "jobs passed their deadline before dispatch");
             self.finished.notify_one();
         }
+        let retry_due = observed.next_retry.is_some_and(|t| t <= now);
+        if retry_due {
+            observed.next_retry = None;
+        }
         let stale = match current {
             None => true,
+            Some(_) if retry_due => true,
             Some(c) => {
                 c.made.elapsed() >= REPLAN_EVERY
                     || c.quotas.until.is_some_and(|u| now >= u)
@@ -366,6 +437,22 @@ impl Dispatcher {
             if remaining == 0 || blocked.contains(&provider) {
                 continue;
             }
+            match observed.health[provider].available_from(now) {
+                Some(t) if t <= now => {}
+                later => {
+                    // Paused, circuit open or disabled: the next plan moves its jobs.
+                    blocked.insert(provider);
+                    if let Some(t) = later {
+                        next = next.min(
+                            (t - now)
+                                .to_std()
+                                .unwrap_or_default()
+                                .max(Duration::from_millis(1)),
+                        );
+                    }
+                    continue;
+                }
+            }
             let group = &cur.groups[g];
             let (key, from, to) = (
                 group.route_key.clone(),
@@ -374,7 +461,7 @@ impl Dispatcher {
             );
             let limit = (remaining as usize).min(BATCH);
             let jobs = blocking(&self.store, move |s| {
-                s.queued_in_route(&key, from, to, limit)
+                s.queued_in_route(&key, from, to, now_ms, limit)
             })
             .await?;
             if jobs.len() < limit {
@@ -399,6 +486,11 @@ impl Dispatcher {
                     )));
                     cur.quotas.take(g, model);
                     continue;
+                }
+                if !observed.health[provider].admit(now) {
+                    // A half-open circuit admits one probe at a time.
+                    blocked.insert(provider);
+                    break;
                 }
                 let lim = limits.provider(provider);
                 if !lim.try_acquire(estimate.0 + estimate.1, now_ms) {
@@ -459,20 +551,23 @@ impl Dispatcher {
                 catalog: self.catalog.clone(),
                 client: self.clients[provider].clone(),
                 owner: self.owner.clone(),
+                retry: self.retry,
             };
             in_flight.spawn(async move {
                 let (estimated_input, estimated_output) =
                     (job.est_input_tokens, job.est_output_tokens);
                 let sent = Instant::now();
-                let (usage, succeeded) = ctx.execute(job, model, reference, now).await;
+                let executed = ctx.execute(job, model, reference, now).await;
                 Done {
                     provider,
                     route_key,
                     estimated_tokens,
                     estimated_input,
                     estimated_output,
-                    usage,
-                    succeeded,
+                    usage: executed.usage,
+                    verdict: executed.verdict,
+                    signals: executed.signals,
+                    retry_at: executed.retry_at,
                     latency: sent.elapsed(),
                 }
             });
@@ -497,18 +592,27 @@ struct RequestContext {
     catalog: Arc<Catalog>,
     client: Arc<ProviderClient>,
     owner: String,
+    retry: RetryPolicy,
+}
+
+/// What a request task reports back to the loop.
+struct Executed {
+    usage: Option<(u64, u64)>,
+    verdict: Verdict,
+    signals: Signals,
+    retry_at: Option<DateTime<Utc>>,
 }
 
 impl RequestContext {
-    /// Sends the job and records its final state. Returns the usage the
-    /// provider reported, if any, and whether the job succeeded.
+    /// Sends the job, then records what the answer means: a final result, or
+    /// back to the queue for another attempt (later, maybe elsewhere).
     async fn execute(
         self,
         job: DueJob,
         model: ModelId,
         reference: ModelId,
         dispatched_at: DateTime<Utc>,
-    ) -> (Option<(u64, u64)>, bool) {
+    ) -> Executed {
         let endpoint = Endpoint::from_url(&job.endpoint).unwrap_or(Endpoint::ChatCompletions);
         let m = &self.catalog.models[model];
         let request = Request {
@@ -518,14 +622,18 @@ impl RequestContext {
             custom_id: &job.custom_id,
         };
         let outcome = self.client.send(request).await;
-        let completed_at = Utc::now().timestamp_millis();
+        let verdict = reliability::classify(&outcome);
+        let now = Utc::now();
+        let completed_at = now.timestamp_millis();
         let provider = &self.catalog.providers[m.provider].name;
-        let (finish, usage) = match outcome {
+        let attempts = job.attempts + 1; // this one included
+        let (mut finish, usage, signals) = match outcome {
             Outcome::Success {
                 status,
                 request_id,
                 body,
                 usage,
+                signals,
             } => {
                 let cost = self.catalog.cost_at(
                     model,
@@ -541,28 +649,32 @@ impl RequestContext {
                     usage.input_tokens,
                     usage.output_tokens,
                 );
+                let finish = Finish {
+                    succeeded: true,
+                    completed_at,
+                    status_code: Some(status),
+                    request_id,
+                    response: Some(body),
+                    input_tokens: Some(usage.input_tokens),
+                    output_tokens: Some(usage.output_tokens),
+                    cost_usd: Some(cost),
+                    list_cost_usd: Some(list),
+                    ..Finish::default()
+                };
                 (
-                    Finish {
-                        succeeded: true,
-                        completed_at,
-                        status_code: Some(status),
-                        request_id,
-                        response: Some(body),
-                        input_tokens: Some(usage.input_tokens),
-                        output_tokens: Some(usage.output_tokens),
-                        cost_usd: Some(cost),
-                        list_cost_usd: Some(list),
-                        ..Finish::default()
-                    },
+                    finish,
                     Some((usage.input_tokens, usage.output_tokens)),
+                    signals,
                 )
             }
             Outcome::HttpError {
                 status,
                 request_id,
                 body,
+                signals,
             } => {
-                warn!(job = job.id, custom_id = %job.custom_id, %provider, status, "provider answered with an error");
+                warn!(job = job.id, custom_id = %job.custom_id, %provider, status, attempts, ?verdict,
+                      "provider answered with an error");
                 let finish = Finish {
                     succeeded: false,
                     completed_at,
@@ -571,10 +683,11 @@ impl RequestContext {
                     response: Some(body),
                     ..Finish::default()
                 };
-                (finish, None)
+                (finish, None, signals)
             }
             Outcome::NoAnswer { code, message } => {
-                warn!(job = job.id, custom_id = %job.custom_id, %provider, code, "request failed: {message}");
+                warn!(job = job.id, custom_id = %job.custom_id, %provider, code, attempts, ?verdict,
+                      "request failed: {message}");
                 let finish = Finish {
                     succeeded: false,
                     completed_at,
@@ -582,22 +695,78 @@ impl RequestContext {
                     error_message: Some(message),
                     ..Finish::default()
                 };
-                (finish, None)
+                (finish, None, Signals::default())
             }
         };
-        let succeeded = finish.succeeded;
+        // Another attempt if the failure is worth one, attempts remain, and
+        // the backoff still leaves time before the deadline.
+        let retry_at = match &verdict {
+            Verdict::Retry { pause } => {
+                let jitter = self.retry.backoff(attempts, unit_draw(job.id, attempts));
+                let wait = pause.map_or(jitter, |p| p.max(jitter.min(Duration::from_secs(1))));
+                Some(now + chrono::Duration::from_std(wait).unwrap_or_default())
+            }
+            // The provider is gone for us: straight back to the queue, for another.
+            Verdict::DisableProvider { .. } => Some(now),
+            Verdict::Succeeded | Verdict::FailJob => None,
+        };
+        let deadline = DateTime::<Utc>::from_timestamp_millis(job.deadline).unwrap_or(now);
+        let retry_at = retry_at.filter(|t| attempts < self.retry.max_attempts && *t < deadline);
+        if retry_at.is_none()
+            && !finish.succeeded
+            && finish.error_code.is_none()
+            && verdict != Verdict::FailJob
+        {
+            finish.error_message = Some(format!("gave up after {attempts} attempts"));
+        }
         let (id, owner) = (job.id, self.owner.clone());
-        match blocking(&self.store, move |s| s.finish(id, &owner, &finish)).await {
-            Ok(true) => debug!(job = id, "job final"),
-            Ok(false) => warn!(
-                job = id,
-                "late answer for a job whose lease was recovered; result not recorded"
-            ),
+        let recorded = match retry_at {
+            Some(at) => {
+                let not_before = at.timestamp_millis();
+                blocking(&self.store, move |s| {
+                    s.retry_later(id, &owner, not_before, &finish)
+                })
+                .await
+            }
+            None => blocking(&self.store, move |s| s.finish(id, &owner, &finish)).await,
+        };
+        match recorded {
+            Ok(true) => debug!(job = id, retry = retry_at.is_some(), "job recorded"),
+            Ok(false) => {
+                // The lease was recovered and the job may have finished elsewhere:
+                // keep that result, but count what this answer cost.
+                let cost = usage
+                    .map(|(i, o)| self.catalog.cost_at(model, dispatched_at, i, o))
+                    .unwrap_or(0.0);
+                warn!(
+                    job = id,
+                    cost_usd = cost,
+                    "late answer for a job whose lease was recovered; result not recorded"
+                );
+                if let Err(e) = blocking(&self.store, move |s| s.record_late_answer(id, cost)).await
+                {
+                    warn!(job = id, "could not record the late answer's cost: {e}");
+                }
+            }
             Err(e) => warn!(
                 job = id,
                 "could not record the result (the lease will expire and the job re-run): {e}"
             ),
         }
-        (usage, succeeded)
+        Executed {
+            usage,
+            verdict,
+            signals,
+            retry_at,
+        }
     }
+}
+
+/// A deterministic draw in [0, 1) per (job, attempt), for backoff jitter.
+fn unit_draw(job: i64, attempt: u32) -> f64 {
+    let mut x = (job as u64) ^ (u64::from(attempt) << 40) ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    (x >> 11) as f64 / (1u64 << 53) as f64
 }

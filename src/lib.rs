@@ -36,6 +36,7 @@ pub mod plan;
 pub mod pricing;
 pub mod provider;
 pub mod queue;
+pub mod reliability;
 pub mod results;
 pub mod simulate;
 pub mod views;

@@ -13,6 +13,7 @@ use serde_json::{Map, Value, json};
 use crate::config::{Secret, Transport};
 use crate::estimate;
 use crate::pricing::Endpoint;
+use crate::reliability::{Signals, parse_signals};
 
 /// Upper bound on a provider response body we keep.
 const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
@@ -44,12 +45,14 @@ pub enum Outcome {
         request_id: Option<String>,
         body: String,
         usage: Usage,
+        signals: Signals,
     },
     /// An HTTP answer that is not a success; kept verbatim.
     HttpError {
         status: u16,
         request_id: Option<String>,
         body: String,
+        signals: Signals,
     },
     /// No usable HTTP answer (connection failure, timeout, malformed body).
     NoAnswer { code: &'static str, message: String },
@@ -80,13 +83,22 @@ impl ProviderClient {
         request_timeout: Duration,
     ) -> reqwest::Result<ProviderClient> {
         Ok(match transport {
-            Transport::OpenAi { base_url, api_key } => ProviderClient::Http {
+            Transport::OpenAi {
+                base_url,
+                api_key,
+                timeout,
+                connect_timeout,
+            } => ProviderClient::Http {
                 base_url: base_url.clone(),
                 api_key: api_key.clone(),
                 client: reqwest::Client::builder()
                     .use_rustls_tls()
-                    .connect_timeout(Duration::from_secs(10).min(request_timeout))
-                    .timeout(request_timeout)
+                    .connect_timeout(
+                        connect_timeout
+                            .unwrap_or(Duration::from_secs(10))
+                            .min(timeout.unwrap_or(request_timeout)),
+                    )
+                    .timeout(timeout.unwrap_or(request_timeout))
                     .user_agent(concat!("nightshift/", env!("CARGO_PKG_VERSION")))
                     .build()?,
             },
@@ -139,6 +151,7 @@ impl ProviderClient {
                             "message": "The server had an error while processing your request (simulated).",
                             "type": "server_error", "param": null, "code": null}})
                         .to_string(),
+                        signals: Signals::default(),
                     };
                 }
                 simulate(name, *latency, *ms_per_output_token, req, &body).await
@@ -205,6 +218,11 @@ async fn send_http(
         }
     };
     let status = response.status().as_u16();
+    let headers = response.headers();
+    let signals = parse_signals(
+        |name| headers.get(name).and_then(|v| v.to_str().ok()),
+        chrono::Utc::now(),
+    );
     let request_id = response
         .headers()
         .get("x-request-id")
@@ -242,6 +260,7 @@ async fn send_http(
             status,
             request_id,
             body,
+            signals,
         };
     }
     match parse_usage(&body) {
@@ -250,6 +269,7 @@ async fn send_http(
             request_id,
             body,
             usage,
+            signals,
         },
         None => Outcome::NoAnswer {
             code: "malformed_response",
@@ -381,6 +401,7 @@ async fn simulate(
         )),
         body: response.to_string(),
         usage,
+        signals: Signals::default(),
     }
 }
 

@@ -315,9 +315,23 @@ async fn provider_errors_fail_the_job_with_their_status_and_body() {
     assert_eq!(bad["error"], Value::Null);
     assert_eq!(bad["nightshift"]["state"], "failed");
     assert_eq!(bad["nightshift"]["provider"], "loop");
+    // 400 is permanent: one attempt. 500 is retried, then final after max_attempts (3).
+    assert_eq!(bad["nightshift"]["attempts"], 1);
     let boom = &errs["boom"];
     assert_eq!(boom["response"]["status_code"], 500);
     assert_eq!(boom["response"]["body"]["error"]["type"], "server_error");
+    assert_eq!(boom["nightshift"]["attempts"], 3);
+    let sent = |marker: &str| {
+        provider
+            .seen()
+            .iter()
+            .filter(|s| s.text().contains(marker))
+            .count()
+    };
+    assert_eq!(
+        (sent("status:400"), sent("status:500"), sent("fine")),
+        (1, 3, 1)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -347,6 +361,10 @@ async fn an_unreachable_provider_fails_the_job_with_a_reason() {
     assert!(output.is_empty());
     assert_eq!(errors[0]["response"], Value::Null);
     assert_eq!(errors[0]["error"]["code"], "connection_failed");
+    assert_eq!(
+        errors[0]["nightshift"]["attempts"], 3,
+        "retried up to max_attempts"
+    );
     assert!(
         errors[0]["error"]["message"]
             .as_str()

@@ -85,6 +85,8 @@ pub struct ProviderCapacity {
     pub reserve: f64,
     /// Provider-reported input tokens ÷ our estimate (tokenizers differ).
     pub input_token_ratio: f64,
+    /// Paused, circuit open, or disabled (`MAX_UTC`) until then: no capacity before.
+    pub unavailable_until: Option<DateTime<Utc>>,
 }
 
 impl ProviderCapacity {
@@ -102,6 +104,7 @@ impl ProviderCapacity {
             success_rate: 1.0,
             reserve: reserve.max(limits.reserve),
             input_token_ratio: 1.0,
+            unavailable_until: None,
         }
     }
 
@@ -384,10 +387,18 @@ pub fn plan(
         .iter()
         .enumerate()
         .flat_map(|(si, slot)| {
-            capacity
-                .iter()
-                .enumerate()
-                .map(move |(p, c)| ((p, si), c.per(slot.duration())))
+            capacity.iter().enumerate().map(move |(p, c)| {
+                // Only the part of the slot after the provider is available again.
+                let from = c
+                    .unavailable_until
+                    .map_or(slot.start, |u| u.max(slot.start));
+                let usable = if from >= slot.end {
+                    Duration::ZERO
+                } else {
+                    (slot.end - from).to_std().unwrap_or_default()
+                };
+                ((p, si), c.per(usable))
+            })
         })
         .collect();
 
@@ -432,16 +443,19 @@ pub fn fastest_model(
     capacity: &[ProviderCapacity],
     candidates: &[ModelId],
 ) -> ModelId {
+    // Available providers first (an unavailable one cannot run anything now),
+    // then the fastest, then the cheapest.
+    let key = |m: ModelId| {
+        let c = capacity.get(catalog.models[m].provider);
+        (
+            c.is_some_and(|c| c.unavailable_until.is_some()),
+            c.map_or(Duration::ZERO, |c| c.latency),
+        )
+    };
     *candidates
         .iter()
         .min_by(|&&a, &&b| {
-            let la = capacity
-                .get(catalog.models[a].provider)
-                .map_or(Duration::ZERO, |c| c.latency);
-            let lb = capacity
-                .get(catalog.models[b].provider)
-                .map_or(Duration::ZERO, |c| c.latency);
-            la.cmp(&lb).then(
+            key(a).cmp(&key(b)).then(
                 catalog.models[a]
                     .list
                     .input_per_mtok

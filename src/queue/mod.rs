@@ -436,11 +436,13 @@ impl Store {
     }
 
     /// The most urgent queued jobs of one route with deadlines in `[from, to)`.
+    /// Only jobs whose `not_before` (retry backoff) has passed at `now_ms`.
     pub fn queued_in_route(
         &self,
         route_key: &str,
         from: i64,
         to: i64,
+        now_ms: i64,
         limit: usize,
     ) -> Result<Vec<DueJob>> {
         let conn = self.conn();
@@ -448,10 +450,13 @@ impl Store {
             "SELECT id, custom_id, endpoint, model, body, options, est_input_tokens, est_output_tokens,
                     submitted_at, deadline, attempts
              FROM jobs WHERE state = 'queued' AND route_id = (SELECT id FROM routes WHERE key = ?1)
-               AND deadline >= ?2 AND deadline < ?3
+               AND deadline >= ?2 AND deadline < ?3 AND not_before <= ?5
              ORDER BY deadline, priority DESC, id LIMIT ?4",
         )?;
-        let rows = stmt.query_map(params![route_key, from, to, limit as i64], due_from_row)?;
+        let rows = stmt.query_map(
+            params![route_key, from, to, limit as i64, now_ms],
+            due_from_row,
+        )?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
@@ -533,6 +538,43 @@ impl Store {
             ],
         )?;
         Ok(n == 1)
+    }
+
+    /// Returns a running job held by `owner` to the queue after a failed
+    /// attempt, not to be sent before `not_before`; the failure is kept in the
+    /// job's error columns until a later attempt replaces it.
+    pub fn retry_later(
+        &self,
+        job_id: i64,
+        owner: &str,
+        not_before: i64,
+        last: &Finish,
+    ) -> Result<bool> {
+        let n = self.conn().execute(
+            "UPDATE jobs SET state = 'queued', not_before = ?3, lease_owner = NULL, lease_until = NULL,
+                    status_code = ?4, request_id = ?5, response = ?6, error_code = ?7, error_message = ?8
+             WHERE id = ?1 AND state = 'running' AND lease_owner = ?2",
+            params![
+                job_id,
+                owner,
+                not_before,
+                last.status_code,
+                last.request_id,
+                last.response,
+                last.error_code,
+                last.error_message
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Counts an answer that came after the job's lease was recovered.
+    pub fn record_late_answer(&self, job_id: i64, cost_usd: f64) -> Result<()> {
+        self.conn().execute(
+            "UPDATE jobs SET late_answers = late_answers + 1, late_cost_usd = late_cost_usd + ?2 WHERE id = ?1",
+            params![job_id, cost_usd],
+        )?;
+        Ok(())
     }
 
     /// Fails a queued job without sending it (e.g. no provider within its

@@ -227,7 +227,8 @@ pub struct ProviderSpec<'a> {
 /// order), and the state and job folders inside `dir`.
 pub fn config_toml(dir: &Path, providers: &[ProviderSpec]) -> String {
     let mut s = format!(
-        "[daemon]\nstate_dir = \"{}\"\njobs_dir = \"{}\"\nrescan_interval = \"1s\"\nrequest_timeout = \"10s\"\nshutdown_grace = \"2s\"\n\n",
+        "[daemon]\nstate_dir = \"{}\"\njobs_dir = \"{}\"\nrescan_interval = \"1s\"\nrequest_timeout = \"10s\"\nshutdown_grace = \"2s\"\n\
+         max_attempts = 3\nretry_base = \"50ms\"\nretry_max = \"200ms\"\n\n",
         dir.join("state").display(),
         dir.join("jobs").display()
     );

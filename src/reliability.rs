@@ -1,0 +1,592 @@
+//! Reliability as pure functions: what a provider's answer means (retry,
+//! fail, disable the provider, pause it), how long to back off, and each
+//! provider's health (a circuit breaker with half-open probes).
+//!
+//! The one place that decides retry vs. fail is [`classify`].
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+
+use crate::provider::Outcome;
+
+/// What a provider's headers said about its limits and when to come back.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Signals {
+    /// `retry-after-ms`, else `retry-after` (seconds or an HTTP date).
+    pub retry_after: Option<Duration>,
+    pub limit_requests: Option<u64>,
+    pub remaining_requests: Option<u64>,
+    pub reset_requests: Option<Duration>,
+    pub limit_tokens: Option<u64>,
+    pub remaining_tokens: Option<u64>,
+    pub reset_tokens: Option<Duration>,
+}
+
+impl Signals {
+    /// How long the provider says it will refuse requests, if it does: an
+    /// explicit Retry-After, or a limit at zero until its reset.
+    pub fn pause(&self) -> Option<Duration> {
+        let requests = (self.remaining_requests == Some(0))
+            .then_some(self.reset_requests)
+            .flatten();
+        let tokens = (self.remaining_tokens == Some(0))
+            .then_some(self.reset_tokens)
+            .flatten();
+        [self.retry_after, requests, tokens]
+            .into_iter()
+            .flatten()
+            .max()
+    }
+}
+
+/// Reads rate-limit and retry headers: OpenAI's `x-ratelimit-*` (Go-style
+/// durations), Anthropic's `anthropic-ratelimit-*` (RFC 3339 instants) and
+/// `retry-after-ms` / `retry-after`. `get` returns a header's value.
+pub fn parse_signals<'a>(get: impl Fn(&str) -> Option<&'a str>, now: DateTime<Utc>) -> Signals {
+    let num = |name: &str| get(name).and_then(|v| v.trim().parse::<u64>().ok());
+    let until = |name: &str| {
+        get(name)
+            .and_then(|v| DateTime::parse_from_rfc3339(v.trim()).ok())
+            .map(|t| {
+                (t.with_timezone(&Utc) - now)
+                    .to_std()
+                    .unwrap_or(Duration::ZERO)
+            })
+    };
+    let retry_after = get("retry-after-ms")
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+        .or_else(|| get("retry-after").and_then(|v| parse_retry_after(v, now)));
+    Signals {
+        retry_after,
+        limit_requests: num("x-ratelimit-limit-requests")
+            .or_else(|| num("anthropic-ratelimit-requests-limit")),
+        remaining_requests: num("x-ratelimit-remaining-requests")
+            .or_else(|| num("anthropic-ratelimit-requests-remaining")),
+        reset_requests: get("x-ratelimit-reset-requests")
+            .and_then(parse_go_duration)
+            .or_else(|| until("anthropic-ratelimit-requests-reset")),
+        limit_tokens: num("x-ratelimit-limit-tokens")
+            .or_else(|| num("anthropic-ratelimit-tokens-limit")),
+        remaining_tokens: num("x-ratelimit-remaining-tokens")
+            .or_else(|| num("anthropic-ratelimit-tokens-remaining")),
+        reset_tokens: get("x-ratelimit-reset-tokens")
+            .and_then(parse_go_duration)
+            .or_else(|| until("anthropic-ratelimit-tokens-reset")),
+    }
+}
+
+/// `Retry-After`: delay-seconds (possibly fractional) or an HTTP date.
+pub fn parse_retry_after(v: &str, now: DateTime<Utc>) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    DateTime::parse_from_rfc2822(v).ok().map(|t| {
+        (t.with_timezone(&Utc) - now)
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+    })
+}
+
+/// Go's `time.Duration` text as OpenAI sends it: `1s`, `6m0s`, `12ms`,
+/// `2m59.56s`, `1h2m3s`, `500us`. Hand-written: no crate parses this dialect
+/// (humantime rejects fractions and concatenated units like `6m0s.5`).
+pub fn parse_go_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    if s.is_empty() {
+        return None;
+    }
+    if s == "0" {
+        return Some(Duration::ZERO);
+    }
+    let mut total = 0.0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if num_len == 0 {
+            return None;
+        }
+        let value: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        total += value * scale;
+        rest = &rest[unit_len..];
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+/// OpenAI's 429 bodies say "Please try again in 3.89s" (or "in 120ms").
+fn try_again_in(body: &Value) -> Option<Duration> {
+    let message = body["error"]["message"].as_str()?;
+    let i = message.find("try again in ")? + "try again in ".len();
+    let word: String = message[i..]
+        .chars()
+        .take_while(|c| !c.is_whitespace())
+        .collect();
+    parse_go_duration(word.trim_end_matches(['.', ',']))
+}
+
+/// What to do after a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Succeeded,
+    /// Permanent for this job (400, 404, 422, ...): fail it with the answer.
+    FailJob,
+    /// Worth another attempt, here or elsewhere. `pause` stops the whole
+    /// provider for that long (429, 503 with Retry-After, limit at zero).
+    Retry {
+        pause: Option<Duration>,
+    },
+    /// The provider refuses us as a customer (401, 403, insufficient_quota):
+    /// disable it until the configuration is reloaded; the job goes elsewhere.
+    DisableProvider {
+        reason: String,
+    },
+}
+
+/// The one place that decides retry vs. fail.
+pub fn classify(outcome: &Outcome) -> Verdict {
+    match outcome {
+        Outcome::Success { signals, .. } => {
+            // A success that leaves a limit at zero still pauses the provider.
+            let _ = signals;
+            Verdict::Succeeded
+        }
+        Outcome::HttpError {
+            status,
+            body,
+            signals,
+            ..
+        } => {
+            let parsed: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+            let code = parsed["error"]["code"].as_str().unwrap_or_default();
+            let kind = parsed["error"]["type"].as_str().unwrap_or_default();
+            match status {
+                429 if code == "insufficient_quota" || kind == "insufficient_quota" => {
+                    Verdict::DisableProvider {
+                        reason: format!(
+                            "HTTP 429 insufficient_quota: {}",
+                            parsed["error"]["message"].as_str().unwrap_or(body)
+                        ),
+                    }
+                }
+                429 => Verdict::Retry {
+                    pause: Some(
+                        signals
+                            .pause()
+                            .or_else(|| try_again_in(&parsed))
+                            .unwrap_or(Duration::from_secs(1)),
+                    ),
+                },
+                401 | 403 => Verdict::DisableProvider {
+                    reason: format!(
+                        "HTTP {status}: {}",
+                        parsed["error"]["message"].as_str().unwrap_or(body)
+                    ),
+                },
+                408 | 409 => Verdict::Retry { pause: None },
+                503 | 529 => Verdict::Retry {
+                    pause: signals.retry_after,
+                },
+                500..=599 => Verdict::Retry {
+                    pause: signals.retry_after,
+                },
+                _ => Verdict::FailJob,
+            }
+        }
+        Outcome::NoAnswer { code, .. } => match *code {
+            "timeout" | "connection_failed" | "truncated_response" | "malformed_response" => {
+                Verdict::Retry { pause: None }
+            }
+            _ => Verdict::FailJob,
+        },
+    }
+}
+
+/// How retries back off.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts after which a retryable failure becomes final.
+    pub max_attempts: u32,
+    /// The first retry waits up to this long; each further one twice as long...
+    pub base: Duration,
+    /// ... up to this.
+    pub cap: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 8,
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(300),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Exponential backoff with full jitter: uniform in [0, min(cap,
+    /// base·2^(n-1))] for the n-th retry. `unit` is a draw in [0, 1).
+    pub fn backoff(&self, retry: u32, unit: f64) -> Duration {
+        let ceiling = (self.base.as_secs_f64() * 2f64.powi(retry.saturating_sub(1).min(30) as i32))
+            .min(self.cap.as_secs_f64());
+        Duration::from_secs_f64((ceiling * unit.clamp(0.0, 1.0)).max(0.01))
+    }
+}
+
+/// A provider's health: paused (the provider asked us to wait), disabled
+/// (it refused our key), and a circuit breaker over consecutive failures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    pub paused_until: Option<DateTime<Utc>>,
+    pub disabled: Option<String>,
+    pub circuit: Circuit,
+    consecutive_failures: u32,
+}
+
+/// The circuit breaker's state.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Circuit {
+    /// Requests flow.
+    Closed,
+    /// No requests until `until`, then one probe.
+    Open {
+        until: DateTime<Utc>,
+        cooldown: Duration,
+    },
+    /// One probe request is in flight; its outcome closes or re-opens.
+    HalfOpen { cooldown: Duration },
+}
+
+/// Consecutive failures that open the circuit.
+pub const FAILURES_TO_OPEN: u32 = 5;
+const FIRST_COOLDOWN: Duration = Duration::from_secs(10);
+const MAX_COOLDOWN: Duration = Duration::from_secs(600);
+
+impl Default for Health {
+    fn default() -> Health {
+        Health {
+            paused_until: None,
+            disabled: None,
+            circuit: Circuit::Closed,
+            consecutive_failures: 0,
+        }
+    }
+}
+
+impl Health {
+    /// When requests may flow again: `None` if never (disabled), `now` if
+    /// they flow now.
+    pub fn available_from(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        if self.disabled.is_some() {
+            return None;
+        }
+        let mut t = now;
+        if let Some(p) = self.paused_until {
+            t = t.max(p);
+        }
+        match self.circuit {
+            Circuit::Open { until, .. } => t = t.max(until),
+            // One probe is out; nothing else until it returns (soon).
+            Circuit::HalfOpen { .. } => t = t.max(now + chrono::Duration::seconds(1)),
+            Circuit::Closed => {}
+        }
+        Some(t)
+    }
+
+    /// Whether a request may be sent now; takes the half-open probe slot.
+    pub fn admit(&mut self, now: DateTime<Utc>) -> bool {
+        if self.disabled.is_some() || self.paused_until.is_some_and(|p| now < p) {
+            return false;
+        }
+        match self.circuit {
+            Circuit::Closed => true,
+            Circuit::Open { until, cooldown } if now >= until => {
+                self.circuit = Circuit::HalfOpen { cooldown };
+                true
+            }
+            Circuit::Open { .. } | Circuit::HalfOpen { .. } => false,
+        }
+    }
+
+    /// Records a request's verdict. Returns true if availability changed
+    /// (the plan should be redone).
+    pub fn record(&mut self, verdict: &Verdict, now: DateTime<Utc>) -> bool {
+        let before = (self.paused_until, self.disabled.clone(), self.circuit);
+        match verdict {
+            Verdict::Succeeded | Verdict::FailJob => {
+                // A permanent error is the job's fault, not the provider's.
+                self.consecutive_failures = 0;
+                self.circuit = Circuit::Closed;
+            }
+            Verdict::DisableProvider { reason } => self.disabled = Some(reason.clone()),
+            Verdict::Retry { pause } => {
+                if let Some(p) = pause {
+                    let until = now + chrono::Duration::from_std(*p).unwrap_or_default();
+                    self.paused_until = Some(self.paused_until.map_or(until, |u| u.max(until)));
+                } else {
+                    // Only failures the provider did not announce count towards the breaker.
+                    self.consecutive_failures += 1;
+                    let reopen = |cooldown: Duration| Circuit::Open {
+                        until: now + chrono::Duration::from_std(cooldown).unwrap_or_default(),
+                        cooldown,
+                    };
+                    self.circuit = match self.circuit {
+                        Circuit::HalfOpen { cooldown } => reopen((cooldown * 2).min(MAX_COOLDOWN)),
+                        Circuit::Closed if self.consecutive_failures >= FAILURES_TO_OPEN => {
+                            reopen(FIRST_COOLDOWN)
+                        }
+                        other => other,
+                    };
+                }
+            }
+        }
+        if self.paused_until.is_some_and(|p| p <= now) {
+            self.paused_until = None;
+        }
+        before != (self.paused_until, self.disabled.clone(), self.circuit)
+    }
+
+    /// Pauses the provider for `d` (a limit at zero until its reset).
+    /// Returns true if that extends the current pause.
+    pub fn pause(&mut self, now: DateTime<Utc>, d: Duration) -> bool {
+        let until = now + chrono::Duration::from_std(d).unwrap_or_default();
+        if self.paused_until.is_some_and(|p| p >= until) {
+            return false;
+        }
+        self.paused_until = Some(until);
+        true
+    }
+
+    /// A short description for logs and the API.
+    pub fn describe(&self, now: DateTime<Utc>) -> String {
+        if let Some(reason) = &self.disabled {
+            return format!("disabled: {reason}");
+        }
+        match (self.paused_until.filter(|p| *p > now), self.circuit) {
+            (_, Circuit::Open { until, .. }) => {
+                format!("circuit open until {}", until.to_rfc3339())
+            }
+            (_, Circuit::HalfOpen { .. }) => "circuit half-open (probing)".into(),
+            (Some(p), _) => format!("paused until {}", p.to_rfc3339()),
+            (None, Circuit::Closed) => "healthy".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn go_durations_parse() {
+        assert_eq!(parse_go_duration("1s"), Some(Duration::from_secs(1)));
+        assert_eq!(parse_go_duration("6m0s"), Some(Duration::from_secs(360)));
+        assert_eq!(parse_go_duration("12ms"), Some(Duration::from_millis(12)));
+        assert_eq!(
+            parse_go_duration("2m59.56s"),
+            Some(Duration::from_secs_f64(179.56))
+        );
+        assert_eq!(parse_go_duration("1h2m3s"), Some(Duration::from_secs(3723)));
+        assert_eq!(parse_go_duration("0"), Some(Duration::ZERO));
+        assert_eq!(parse_go_duration("soon"), None);
+        assert_eq!(parse_go_duration("5x"), None);
+    }
+
+    #[test]
+    fn retry_after_in_each_form() {
+        let now = at("2026-11-24T12:00:00Z");
+        let h = |pairs: &'static [(&'static str, &'static str)]| {
+            parse_signals(
+                |n| pairs.iter().find(|(k, _)| *k == n).map(|(_, v)| *v),
+                now,
+            )
+        };
+        assert_eq!(
+            h(&[("retry-after-ms", "1500")]).retry_after,
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            h(&[("retry-after", "7")]).retry_after,
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            h(&[("retry-after", "Tue, 24 Nov 2026 12:00:30 GMT")]).retry_after,
+            Some(Duration::from_secs(30))
+        );
+        // retry-after-ms wins over retry-after.
+        assert_eq!(
+            h(&[("retry-after", "9"), ("retry-after-ms", "100")]).retry_after,
+            Some(Duration::from_millis(100))
+        );
+        let s = h(&[
+            ("x-ratelimit-remaining-requests", "0"),
+            ("x-ratelimit-reset-requests", "2m59.56s"),
+        ]);
+        assert_eq!(s.pause(), Some(Duration::from_secs_f64(179.56)));
+        let s = h(&[
+            ("anthropic-ratelimit-tokens-remaining", "0"),
+            ("anthropic-ratelimit-tokens-reset", "2026-11-24T12:00:05Z"),
+        ]);
+        assert_eq!(s.pause(), Some(Duration::from_secs(5)));
+        assert_eq!(h(&[("x-ratelimit-remaining-requests", "5")]).pause(), None);
+    }
+
+    fn http(status: u16, body: &str) -> Outcome {
+        Outcome::HttpError {
+            status,
+            request_id: None,
+            body: body.into(),
+            signals: Signals::default(),
+        }
+    }
+
+    #[test]
+    fn classification() {
+        let rate = r#"{"error":{"message":"Rate limit reached. Please try again in 3.89s.","type":"tokens","code":"rate_limit_exceeded"}}"#;
+        assert_eq!(
+            classify(&http(429, rate)),
+            Verdict::Retry {
+                pause: Some(Duration::from_secs_f64(3.89))
+            }
+        );
+        let quota = r#"{"error":{"message":"You exceeded your current quota","type":"insufficient_quota","code":"insufficient_quota"}}"#;
+        assert!(matches!(
+            classify(&http(429, quota)),
+            Verdict::DisableProvider { .. }
+        ));
+        assert!(matches!(
+            classify(&http(401, "{}")),
+            Verdict::DisableProvider { .. }
+        ));
+        assert!(matches!(
+            classify(&http(403, "{}")),
+            Verdict::DisableProvider { .. }
+        ));
+        for s in [400, 404, 422] {
+            assert_eq!(classify(&http(s, "{}")), Verdict::FailJob, "{s}");
+        }
+        for s in [408, 409, 500, 502, 503, 529] {
+            assert!(
+                matches!(classify(&http(s, "{}")), Verdict::Retry { .. }),
+                "{s}"
+            );
+        }
+        let overloaded =
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#;
+        assert!(matches!(
+            classify(&http(529, overloaded)),
+            Verdict::Retry { .. }
+        ));
+        for code in [
+            "timeout",
+            "connection_failed",
+            "truncated_response",
+            "malformed_response",
+        ] {
+            let o = Outcome::NoAnswer {
+                code,
+                message: String::new(),
+            };
+            assert_eq!(classify(&o), Verdict::Retry { pause: None }, "{code}");
+        }
+        assert_eq!(
+            classify(&Outcome::NoAnswer {
+                code: "invalid_body",
+                message: String::new()
+            }),
+            Verdict::FailJob
+        );
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_a_cap() {
+        let p = RetryPolicy::default();
+        assert!(p.backoff(1, 0.999) <= Duration::from_secs(1));
+        assert!(
+            p.backoff(4, 0.999) > Duration::from_secs(7)
+                && p.backoff(4, 0.999) <= Duration::from_secs(8)
+        );
+        assert!(p.backoff(30, 0.999) <= Duration::from_secs(300));
+        assert!(p.backoff(3, 0.0) >= Duration::from_millis(10));
+        assert!(
+            p.backoff(3, 0.2) < p.backoff(3, 0.8),
+            "jitter spreads retries"
+        );
+    }
+
+    #[test]
+    fn the_circuit_opens_probes_and_closes() {
+        let mut h = Health::default();
+        let t0 = at("2026-11-24T12:00:00Z");
+        for _ in 0..FAILURES_TO_OPEN - 1 {
+            h.record(&Verdict::Retry { pause: None }, t0);
+        }
+        assert!(h.admit(t0));
+        assert!(
+            h.record(&Verdict::Retry { pause: None }, t0),
+            "opening changes availability"
+        );
+        assert!(!h.admit(t0 + chrono::Duration::seconds(5)));
+        // After the cooldown, exactly one probe.
+        let t1 = t0 + chrono::Duration::seconds(10);
+        assert!(h.admit(t1));
+        assert!(!h.admit(t1));
+        // The probe fails: open again, for twice as long.
+        h.record(&Verdict::Retry { pause: None }, t1);
+        assert!(!h.admit(t1 + chrono::Duration::seconds(19)));
+        let t2 = t1 + chrono::Duration::seconds(20);
+        assert!(h.admit(t2));
+        h.record(&Verdict::Succeeded, t2);
+        assert_eq!(h.circuit, Circuit::Closed);
+        assert!(h.admit(t2));
+    }
+
+    #[test]
+    fn pauses_and_disabling() {
+        let mut h = Health::default();
+        let t0 = at("2026-11-24T12:00:00Z");
+        h.record(
+            &Verdict::Retry {
+                pause: Some(Duration::from_secs(30)),
+            },
+            t0,
+        );
+        assert!(!h.admit(t0 + chrono::Duration::seconds(29)));
+        assert!(h.admit(t0 + chrono::Duration::seconds(30)));
+        assert_eq!(
+            h.available_from(t0),
+            Some(t0 + chrono::Duration::seconds(30))
+        );
+        h.record(
+            &Verdict::DisableProvider {
+                reason: "HTTP 401".into(),
+            },
+            t0,
+        );
+        assert_eq!(h.available_from(t0), None);
+        assert!(!h.admit(t0 + chrono::Duration::days(1)));
+        assert!(h.describe(t0).contains("401"));
+    }
+}
