@@ -113,6 +113,9 @@ struct Current {
     made: Instant,
     /// How long making it took: events re-plan at most every 10× this.
     took: Duration,
+    /// A provider excluded from this plan (open circuit) may be probed from
+    /// then: re-plan to include it.
+    reconsider_at: Option<DateTime<Utc>>,
 }
 
 /// Runs a closure against the store off the async threads.
@@ -137,11 +140,7 @@ impl Dispatcher {
                 latency: Duration::from_secs_f64(observed.latency_s[p].value.max(0.001)),
                 success_rate: observed.success[p].value,
                 input_token_ratio: observed.input_ratio[p].value.clamp(0.25, 4.0),
-                unavailable_until: match observed.health[p].available_from(now) {
-                    None => Some(DateTime::<Utc>::MAX_UTC),
-                    Some(t) if t > now => Some(t),
-                    Some(_) => None,
-                },
+                unavailable_until: observed.health[p].plan_excluded_until(now),
                 ..ProviderCapacity::from_limits(&info.limits, Duration::ZERO, 0.0)
             })
             .collect()
@@ -380,6 +379,7 @@ impl Dispatcher {
             quotas,
             made: Instant::now(),
             took: started.elapsed(),
+            reconsider_at: observed.health.iter().filter_map(Health::probe_due).min(),
         })
     }
 
@@ -415,6 +415,7 @@ impl Dispatcher {
             Some(c) => {
                 c.made.elapsed() >= REPLAN_EVERY
                     || c.quotas.until.is_some_and(|u| now >= u)
+                    || c.reconsider_at.is_some_and(|t| now >= t)
                     || (*replan && c.made.elapsed() >= REPLAN_AT_MOST.max(c.took * 10))
             }
         };

@@ -311,6 +311,30 @@ impl Health {
         Some(t)
     }
 
+    /// For planning: until when the provider gets no work (`MAX_UTC` =
+    /// indefinitely), or `None` if it may be planned now. An open circuit
+    /// plans nothing there until its probe is due: a provider that keeps
+    /// failing must not hold jobs back on the hope it recovers.
+    pub fn plan_excluded_until(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        if self.disabled.is_some() {
+            return Some(DateTime::<Utc>::MAX_UTC);
+        }
+        if let Circuit::Open { until, .. } = self.circuit
+            && now < until
+        {
+            return Some(DateTime::<Utc>::MAX_UTC);
+        }
+        self.paused_until.filter(|p| *p > now)
+    }
+
+    /// When an open circuit's probe is due (re-plan then to include it).
+    pub fn probe_due(&self) -> Option<DateTime<Utc>> {
+        match self.circuit {
+            Circuit::Open { until, .. } if self.disabled.is_none() => Some(until),
+            _ => None,
+        }
+    }
+
     /// Whether a request may be sent now; takes the half-open probe slot.
     pub fn admit(&mut self, now: DateTime<Utc>) -> bool {
         if self.disabled.is_some() || self.paused_until.is_some_and(|p| now < p) {

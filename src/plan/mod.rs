@@ -110,6 +110,10 @@ impl ProviderCapacity {
 
     /// (requests, tokens) this provider can take within `duration`.
     fn per(&self, duration: Duration) -> (f64, f64) {
+        if duration.is_zero() {
+            // Not available in this slot at all (and ∞ × 0 would be NaN).
+            return (0.0, 0.0);
+        }
         let minutes = duration.as_secs_f64() / 60.0;
         let usable = (1.0 - self.reserve).clamp(0.0, 1.0);
         let by_rpm = self.rpm.map_or(f64::INFINITY, |r| r * minutes);

@@ -299,3 +299,28 @@ fn lp_size_probe() {
         t.elapsed()
     );
 }
+
+#[test]
+fn an_unavailable_provider_gets_nothing_even_if_unlimited_and_cheapest() {
+    let now = at("2026-11-24T12:00:00Z");
+    let (c, mut caps) = catalog(&[("cheap", 1.0, None, vec![]), ("backup", 2.0, None, vec![])]);
+    caps[0].unavailable_until = Some(DateTime::<Utc>::MAX_UTC);
+    let groups = [group(20, now, at("2026-11-24T18:00:00Z"), vec![0, 1])];
+    let p = plan(&groups, &c, &caps, now, &PlanSettings::default());
+    assert_eq!(jobs_in(&p, |a| a.model == 0), 0.0, "{p:?}");
+    assert!(
+        (jobs_in(&p, |a| a.model == 1 && a.slot == 0) - 20.0).abs() < 1e-6,
+        "{p:?}"
+    );
+    // Paused for 30 minutes: the cheap provider takes the work after that.
+    caps[0].unavailable_until = Some(at("2026-11-24T12:30:00Z"));
+    let p = plan(&groups, &c, &caps, now, &PlanSettings::default());
+    assert!(
+        (jobs_in(&p, |a| a.model == 0
+            && p.slots[a.slot].start >= at("2026-11-24T12:30:00Z"))
+            - 20.0)
+            .abs()
+            < 1e-6,
+        "{p:?}"
+    );
+}

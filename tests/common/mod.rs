@@ -39,6 +39,8 @@ pub struct Seen {
     pub path: String,
     pub authorization: Option<String>,
     pub body: Value,
+    /// When the request arrived.
+    pub at: Instant,
 }
 
 impl Seen {
@@ -61,6 +63,22 @@ pub struct Reply {
     pub status: u16,
     pub body: Value,
     pub delay: Duration,
+    /// Extra response headers (Retry-After, rate limits).
+    pub headers: Vec<(&'static str, String)>,
+    /// Sent instead of `body` when set: a malformed answer.
+    pub raw_body: Option<&'static str>,
+}
+
+impl Reply {
+    pub fn json(status: u16, body: Value) -> Reply {
+        Reply {
+            status,
+            body,
+            delay: Duration::ZERO,
+            headers: Vec::new(),
+            raw_body: None,
+        }
+    }
 }
 
 type Behaviour = Arc<dyn Fn(&Seen) -> Reply + Send + Sync>;
@@ -116,26 +134,17 @@ pub fn default_reply(seen: &Seen) -> Reply {
                 None,
             ),
         };
-        return Reply {
-            status,
-            body,
-            delay: Duration::ZERO,
-        };
+        return Reply::json(status, body);
     }
     if seen.path.ends_with("/embeddings") {
         let body = json!({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
                           "model": seen.model(), "usage": {"prompt_tokens": 8, "total_tokens": 8}});
-        return Reply {
-            status: 200,
-            body,
-            delay: Duration::ZERO,
-        };
+        return Reply::json(200, body);
     }
-    Reply {
-        status: 200,
-        body: completion(seen.model(), &format!("echo: {text}"), 100, 10),
-        delay: Duration::ZERO,
-    }
+    Reply::json(
+        200,
+        completion(seen.model(), &format!("echo: {text}"), 100, 10),
+    )
 }
 
 async fn handle(
@@ -151,17 +160,18 @@ async fn handle(
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        at: Instant::now(),
     };
     let reply = (state.behaviour)(&seen);
     state.seen.lock().unwrap().push(seen);
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
     }
-    let mut response = (
-        StatusCode::from_u16(reply.status).unwrap(),
-        axum::Json(reply.body),
-    )
-        .into_response();
+    let status = StatusCode::from_u16(reply.status).unwrap();
+    let mut response = match reply.raw_body {
+        Some(raw) => (status, raw).into_response(),
+        None => (status, axum::Json(reply.body)).into_response(),
+    };
     let h = response.headers_mut();
     h.insert("x-request-id", "req_loopback".parse().unwrap());
     h.insert("x-ratelimit-limit-requests", "10000".parse().unwrap());
@@ -170,6 +180,9 @@ async fn handle(
     h.insert("x-ratelimit-limit-tokens", "2000000".parse().unwrap());
     h.insert("x-ratelimit-remaining-tokens", "1999890".parse().unwrap());
     h.insert("x-ratelimit-reset-tokens", "3ms".parse().unwrap());
+    for (name, value) in &reply.headers {
+        h.insert(*name, value.parse().unwrap());
+    }
     response
 }
 
@@ -327,6 +340,15 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            // The test failed: show what the daemon said, for the CI log.
+            let log = self.log_text();
+            let lines: Vec<&str> = log.lines().filter(|l| !l.contains("DEBUG")).collect();
+            eprintln!("--- last daemon log lines ({}) ---", self.log.display());
+            for l in &lines[lines.len().saturating_sub(80)..] {
+                eprintln!("{l}");
+            }
+        }
     }
 }
 
