@@ -493,10 +493,20 @@ impl Dispatcher {
                     blocked.insert(provider);
                     break;
                 }
+                // Charge the rate limiter with the estimate calibrated by what
+                // this provider and this route have actually reported.
+                let output_scale = observed
+                    .output_ratio
+                    .get(&group.route_key)
+                    .map_or(1.0, |e| e.value.clamp(0.05, 4.0));
+                let charge = (estimate.0 as f64
+                    * observed.input_ratio[provider].value.clamp(0.25, 4.0)
+                    + estimate.1 as f64 * output_scale)
+                    .ceil() as u64;
                 let lim = limits.provider(provider);
-                if !lim.try_acquire(estimate.0 + estimate.1, now_ms) {
+                if !lim.try_acquire(charge, now_ms) {
                     blocked.insert(provider);
-                    if let Some(wait) = lim.ready_in_ms(estimate.0 + estimate.1, now_ms) {
+                    if let Some(wait) = lim.ready_in_ms(charge, now_ms) {
                         next = next.min(Duration::from_millis(wait.max(1) as u64));
                     }
                     break;
@@ -508,7 +518,14 @@ impl Dispatcher {
                     provider: self.catalog.providers[m.provider].name.clone(),
                     provider_model: m.name.clone(),
                 });
-                routed.push((job, model, cost, group.reference, group.route_key.clone()));
+                routed.push((
+                    job,
+                    model,
+                    cost,
+                    group.reference,
+                    group.route_key.clone(),
+                    charge,
+                ));
             }
         }
         if !failures.is_empty() {
@@ -535,9 +552,9 @@ impl Dispatcher {
         .into_iter()
         .collect();
         info!(dispatched = started.len(), "dispatch batch");
-        for (job, model, estimated_cost, reference, route_key) in routed {
+        for (job, model, estimated_cost, reference, route_key, charge) in routed {
             let provider = self.catalog.models[model].provider;
-            let estimated_tokens = job.est_input_tokens + job.est_output_tokens;
+            let estimated_tokens = charge;
             if !started.contains(&job.id) {
                 // Cancelled between the read and the lease: give the capacity back.
                 limits

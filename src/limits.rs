@@ -13,6 +13,12 @@
 
 use crate::pricing::{Limits, ProviderId};
 
+/// nightshift sends at 99% of a configured limit: requests leave evenly
+/// spaced but reach the provider with network jitter, and a provider that
+/// enforces "per minute" over one-second windows would refuse the few that
+/// arrive bunched at exactly 100%.
+pub const PACING: f64 = 0.99;
+
 /// A refilling bucket: `capacity` units, refilled at `per_ms` per millisecond.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bucket {
@@ -82,8 +88,14 @@ pub struct ProviderLimiter {
 }
 
 impl ProviderLimiter {
+    /// A limiter pacing at [`PACING`] of the configured limits.
     pub fn new(limits: &Limits, now_ms: i64) -> ProviderLimiter {
-        let usable = 1.0 - limits.reserve.clamp(0.0, 0.9);
+        ProviderLimiter::with_pacing(limits, now_ms, PACING)
+    }
+
+    /// A limiter at `pacing` × the limits (minus the configured reserve).
+    pub fn with_pacing(limits: &Limits, now_ms: i64, pacing: f64) -> ProviderLimiter {
+        let usable = (1.0 - limits.reserve.clamp(0.0, 0.9)) * pacing;
         ProviderLimiter {
             requests: limits
                 .rpm
@@ -169,7 +181,7 @@ mod tests {
 
     #[test]
     fn rpm_bucket_allows_one_second_burst_then_paces() {
-        let mut p = ProviderLimiter::new(
+        let mut p = ProviderLimiter::with_pacing(
             &Limits {
                 rpm: Some(600),
                 tpm: None,
@@ -177,6 +189,7 @@ mod tests {
                 ..Limits::default()
             },
             0,
+            1.0,
         );
         for _ in 0..10 {
             assert!(p.try_acquire(1, 0));
@@ -190,7 +203,7 @@ mod tests {
 
     #[test]
     fn over_a_minute_the_rate_matches_the_limit() {
-        let mut p = ProviderLimiter::new(
+        let mut p = ProviderLimiter::with_pacing(
             &Limits {
                 rpm: Some(600),
                 tpm: Some(60_000),
@@ -198,6 +211,7 @@ mod tests {
                 ..Limits::default()
             },
             0,
+            1.0,
         );
         let mut sent = 0;
         let mut now = 0;
@@ -215,7 +229,7 @@ mod tests {
 
     #[test]
     fn concurrency_blocks_until_release_and_usage_corrects_tokens() {
-        let mut p = ProviderLimiter::new(
+        let mut p = ProviderLimiter::with_pacing(
             &Limits {
                 rpm: None,
                 tpm: Some(6_000),
@@ -223,6 +237,7 @@ mod tests {
                 ..Limits::default()
             },
             0,
+            1.0,
         );
         assert!(p.try_acquire(50, 0));
         assert_eq!(p.ready_in_ms(1, 0), None);
@@ -233,7 +248,7 @@ mod tests {
 
     #[test]
     fn a_request_larger_than_the_bucket_waits_for_a_full_bucket() {
-        let mut p = ProviderLimiter::new(
+        let mut p = ProviderLimiter::with_pacing(
             &Limits {
                 rpm: None,
                 tpm: Some(600),
@@ -241,8 +256,30 @@ mod tests {
                 ..Limits::default()
             },
             0,
+            1.0,
         );
         assert!(p.try_acquire(500, 0)); // bucket of 10 → debt of 490
         assert_eq!(p.ready_in_ms(500, 0), Some(50_000));
+    }
+
+    #[test]
+    fn the_default_limiter_paces_just_under_the_limit() {
+        let limits = Limits {
+            rpm: Some(6000),
+            ..Limits::default()
+        };
+        let mut p = ProviderLimiter::new(&limits, 0);
+        let mut sent = 0;
+        let mut now = 0;
+        while now < 60_000 {
+            if p.try_acquire(1, now) {
+                sent += 1;
+                p.release(1, Some(1), now);
+            } else {
+                now += p.ready_in_ms(1, now).unwrap().max(1);
+            }
+        }
+        // 99% of 6,000, plus the initial one-second burst (99).
+        assert!((5940..=6040).contains(&sent), "{sent}");
     }
 }

@@ -186,7 +186,13 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             info!(config = %config.origin, jobs_dir = %config.daemon.jobs_dir.display(),
                   state_dir = %config.daemon.state_dir.display(), "starting");
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            // All SQLite work funnels through one connection, so more than a
+            // few blocking threads only add per-thread allocator arenas (RSS).
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .max_blocking_threads(8)
+                .build()
+                .context("starting the async runtime")?;
             runtime.block_on(nightshift::daemon::run(config, shutdown_signal()))
         }
     }
