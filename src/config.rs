@@ -221,6 +221,7 @@ struct RawProvider {
     markup: f64,
     rpm: Option<u32>,
     tpm: Option<u64>,
+    rpd: Option<u32>,
     concurrency: Option<u32>,
     #[serde(default)]
     reserve: f64,
@@ -415,6 +416,7 @@ impl Validator<'_> {
             for (v, f) in [
                 (p.rpm.map(u64::from), "rpm"),
                 (p.tpm, "tpm"),
+                (p.rpd.map(u64::from), "rpd"),
                 (p.concurrency.map(u64::from), "concurrency"),
             ] {
                 if v == Some(0) {
@@ -495,6 +497,7 @@ impl Validator<'_> {
                 windows,
                 limits: Limits {
                     rpm: p.rpm,
+                    rpd: p.rpd,
                     tpm: p.tpm,
                     concurrency: p.concurrency,
                     reserve: p.reserve,

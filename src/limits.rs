@@ -29,6 +29,13 @@ pub struct Bucket {
 }
 
 impl Bucket {
+    /// A bucket for a per-day limit: the whole day's allowance may be used
+    /// at once, and it refills over 24 hours.
+    pub fn per_day(limit: f64, now_ms: i64) -> Bucket {
+        let capacity = limit.max(1.0);
+        Bucket { capacity, per_ms: limit / 86_400_000.0, level: capacity, last_ms: now_ms }
+    }
+
     /// A bucket for a per-minute limit, full at `now_ms`.
     pub fn per_minute(limit: f64, now_ms: i64) -> Bucket {
         let capacity = (limit / 60.0).max(1.0);
@@ -83,6 +90,7 @@ impl Bucket {
 pub struct ProviderLimiter {
     requests: Option<Bucket>,
     tokens: Option<Bucket>,
+    daily: Option<Bucket>,
     concurrency: Option<u32>,
     in_flight: u32,
 }
@@ -103,6 +111,7 @@ impl ProviderLimiter {
             tokens: limits
                 .tpm
                 .map(|t| Bucket::per_minute(t as f64 * usable, now_ms)),
+            daily: limits.rpd.map(|r| Bucket::per_day(r as f64 * usable, now_ms)),
             concurrency: limits.concurrency,
             in_flight: 0,
         }
@@ -122,7 +131,8 @@ impl ProviderLimiter {
             .tokens
             .as_mut()
             .map_or(0, |b| b.ready_in_ms(tokens as f64, now_ms));
-        Some(r.max(t))
+        let d = self.daily.as_mut().map_or(0, |b| b.ready_in_ms(1.0, now_ms));
+        Some(r.max(t).max(d))
     }
 
     /// Takes capacity for a request if the limits allow it now.
@@ -131,6 +141,9 @@ impl ProviderLimiter {
             return false;
         }
         if let Some(b) = &mut self.requests {
+            b.take(1.0, now_ms);
+        }
+        if let Some(b) = &mut self.daily {
             b.take(1.0, now_ms);
         }
         if let Some(b) = &mut self.tokens {
@@ -260,6 +273,19 @@ mod tests {
         );
         assert!(p.try_acquire(500, 0)); // bucket of 10 → debt of 490
         assert_eq!(p.ready_in_ms(500, 0), Some(50_000));
+    }
+
+    #[test]
+    fn a_daily_limit_stops_requests_for_the_rest_of_the_day() {
+        let limits = Limits { rpd: Some(3), ..Limits::default() };
+        let mut p = ProviderLimiter::with_pacing(&limits, 0, 1.0);
+        for _ in 0..3 {
+            assert!(p.try_acquire(1, 0));
+            p.release(1, Some(1), 0);
+        }
+        assert!(!p.try_acquire(1, 1000));
+        // One request's worth comes back after a third of a day.
+        assert_eq!(p.ready_in_ms(1, 1000), Some(28_800_000 - 1000));
     }
 
     #[test]

@@ -228,6 +228,8 @@ pub const ALL_DAYS: [Weekday; 7] = [
 pub struct Limits {
     pub rpm: Option<u32>,
     pub tpm: Option<u64>,
+    /// Requests per day (a rolling 24 hours).
+    pub rpd: Option<u32>,
     pub concurrency: Option<u32>,
     /// Fraction of rpm and tpm nightshift leaves unused, for interactive
     /// traffic that shares the same API key (0.0 to 0.9).

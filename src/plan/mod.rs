@@ -76,6 +76,7 @@ impl JobGroup {
 pub struct ProviderCapacity {
     pub rpm: Option<f64>,
     pub tpm: Option<f64>,
+    pub rpd: Option<f64>,
     pub concurrency: Option<u32>,
     /// Typical time from send to answer.
     pub latency: Duration,
@@ -99,6 +100,7 @@ impl ProviderCapacity {
         ProviderCapacity {
             rpm: limits.rpm.map(f64::from),
             tpm: limits.tpm.map(|t| t as f64),
+            rpd: limits.rpd.map(f64::from),
             concurrency: limits.concurrency,
             latency,
             success_rate: 1.0,
@@ -121,7 +123,10 @@ impl ProviderCapacity {
             c as f64 * duration.as_secs_f64() / self.latency.as_secs_f64().max(0.001)
         });
         let tokens = self.tpm.map_or(f64::INFINITY, |t| t * minutes);
-        (by_rpm.min(by_concurrency) * usable, tokens * usable)
+        // A daily limit caps any slot at a day's allowance (a loose bound:
+        // the rate limiter enforces the rolling day exactly).
+        let by_day = self.rpd.unwrap_or(f64::INFINITY);
+        (by_rpm.min(by_concurrency).min(by_day) * usable, tokens * usable)
     }
 }
 
