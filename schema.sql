@@ -87,3 +87,46 @@ CREATE TABLE IF NOT EXISTS jobs (
 -- a group's most urgent jobs. It covers the summary query (no table reads).
 CREATE INDEX IF NOT EXISTS jobs_route ON jobs (state, route_id, deadline, est_input_tokens, est_output_tokens);
 CREATE INDEX IF NOT EXISTS jobs_source_state ON jobs (source_id, state);
+
+-- Files of the OpenAI-compatible API (`/v1/files`). Uploaded batch input
+-- files keep their content here; a finished batch's output and error files
+-- have none: their content is produced from the jobs table when read.
+CREATE TABLE IF NOT EXISTS files (
+    id         INTEGER PRIMARY KEY,
+    purpose    TEXT    NOT NULL,               -- 'batch' (uploaded input) | 'batch_output'
+    filename   TEXT    NOT NULL,
+    bytes      INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    content    BLOB,                           -- uploaded files only
+    batch_id   INTEGER,                        -- output and error files: their batch
+    kind       TEXT    NOT NULL DEFAULT 'input' CHECK (kind IN ('input', 'output', 'errors'))
+);
+
+-- Batches of the OpenAI-compatible API (`/v1/batches`). A batch's jobs are
+-- one `sources` row (origin 'upload', stem 'batch_<id>'). Its request counts
+-- are read from the jobs; its status moves on when its jobs are final.
+CREATE TABLE IF NOT EXISTS batches (
+    id                INTEGER PRIMARY KEY,
+    input_file_id     INTEGER NOT NULL REFERENCES files (id),
+    source_id         INTEGER UNIQUE REFERENCES sources (id),   -- set once its jobs are queued
+    endpoint          TEXT    NOT NULL,
+    completion_window TEXT    NOT NULL,        -- as given: '24h', '90m', ...
+    metadata          TEXT,                    -- JSON object, verbatim
+    status            TEXT    NOT NULL DEFAULT 'validating'
+                      CHECK (status IN ('validating', 'failed', 'in_progress', 'finalizing', 'completed',
+                                        'expired', 'cancelling', 'cancelled')),
+    errors            TEXT,                    -- JSON array of OpenAI batch errors (invalid lines)
+    created_at        INTEGER NOT NULL,
+    in_progress_at    INTEGER,
+    expires_at        INTEGER NOT NULL,        -- created_at + completion_window: the jobs' deadline
+    finalizing_at     INTEGER,
+    completed_at      INTEGER,
+    failed_at         INTEGER,
+    expired_at        INTEGER,
+    cancelling_at     INTEGER,
+    cancelled_at      INTEGER,
+    output_file_id    INTEGER REFERENCES files (id),
+    error_file_id     INTEGER REFERENCES files (id)
+);
+CREATE INDEX IF NOT EXISTS batches_open ON batches (status)
+    WHERE status IN ('validating', 'in_progress', 'finalizing', 'cancelling');

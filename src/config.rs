@@ -106,12 +106,30 @@ pub struct DaemonSettings {
     pub retry: crate::reliability::RetryPolicy,
 }
 
+/// The local HTTP API: where it listens and how much it accepts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpSettings {
+    /// The Unix domain socket (mode 0660); no token needed on it.
+    pub socket: PathBuf,
+    /// An optional TCP address; requests on it need the bearer token.
+    pub tcp: Option<std::net::SocketAddr>,
+    /// Whether `tcp` may be a non-loopback address.
+    pub allow_non_loopback: bool,
+    /// The bearer token file (mode 0600), created at first start.
+    pub token_file: PathBuf,
+    /// Largest request body in bytes, except uploads to `/v1/files`.
+    pub max_body: u64,
+    /// Largest upload to `/v1/files` in bytes.
+    pub max_upload: u64,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Where it came from: a path, or `<embedded default>`.
     pub origin: String,
     pub daemon: DaemonSettings,
+    pub http: HttpSettings,
     pub catalog: Catalog,
     /// Parallel to `catalog.providers`.
     pub transports: Vec<Transport>,
@@ -147,6 +165,61 @@ impl Config {
             })?
         };
         Validator { file, text }.config(raw, base_dir)
+    }
+
+    /// Only the HTTP settings of a configuration file (or of the embedded
+    /// default), for the CLI client: it needs the socket and the token file,
+    /// not the providers, whose API keys a client's user may not have.
+    pub fn load_http(path: Option<&Path>) -> Result<HttpSettings, ConfigError> {
+        #[derive(Deserialize)]
+        struct ClientView {
+            #[serde(default)]
+            daemon: RawDaemon,
+            #[serde(default)]
+            http: RawHttp,
+        }
+        let (text, file, base) = match path {
+            None => (
+                EMBEDDED_DEFAULT.to_string(),
+                "<embedded default>".to_string(),
+                PathBuf::from("."),
+            ),
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|e| ConfigError {
+                    file: p.display().to_string(),
+                    line: None,
+                    field: "(file)".into(),
+                    message: format!("cannot read: {e}"),
+                })?,
+                p.display().to_string(),
+                p.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            ),
+        };
+        let raw: ClientView = {
+            let de =
+                toml::Deserializer::parse(&text).map_err(|e| toml_error(&file, &text, &e, ""))?;
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                let path = e.path().to_string();
+                toml_error(&file, &text, e.inner(), &path)
+            })?
+        };
+        let abs = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        let state_dir = abs(raw
+            .daemon
+            .state_dir
+            .as_deref()
+            .unwrap_or(Path::new("state")));
+        Validator {
+            file: &file,
+            text: &text,
+        }
+        .http(&raw.http, &state_dir, &abs)
     }
 
     /// Whether every provider is simulated.
@@ -186,6 +259,8 @@ struct RawConfig {
     #[serde(default)]
     daemon: RawDaemon,
     #[serde(default)]
+    http: RawHttp,
+    #[serde(default)]
     providers: Vec<RawProvider>,
     #[serde(default)]
     classes: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
@@ -206,6 +281,18 @@ struct RawDaemon {
     max_attempts: Option<u32>,
     retry_base: Option<Spanned<String>>,
     retry_max: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    socket: Option<PathBuf>,
+    tcp: Option<Spanned<String>>,
+    #[serde(default)]
+    allow_non_loopback: bool,
+    token_file: Option<PathBuf>,
+    max_body: Option<Spanned<String>>,
+    max_upload: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -365,6 +452,7 @@ impl Validator<'_> {
                 cap: self.duration(&d.retry_max, "daemon.retry_max", Duration::from_secs(300))?,
             },
         };
+        let http = self.http(&raw.http, &daemon.state_dir, &abs)?;
         if daemon.rescan_interval.is_zero() {
             return Err(self.err(
                 d.rescan_interval.as_ref().map(|s| s.span()),
@@ -618,8 +706,67 @@ impl Validator<'_> {
         Ok(Config {
             origin: self.file.to_string(),
             daemon,
+            http,
             catalog,
             transports,
+        })
+    }
+
+    fn http(
+        &self,
+        h: &RawHttp,
+        state_dir: &Path,
+        abs: &dyn Fn(&Path) -> PathBuf,
+    ) -> Result<HttpSettings, ConfigError> {
+        let tcp = match &h.tcp {
+            None => None,
+            Some(v) => {
+                let addr: std::net::SocketAddr = v.get_ref().trim().parse().map_err(|_| {
+                    self.err(
+                        Some(v.span()),
+                        "http.tcp",
+                        format!(
+                            "'{}' is not an IP address and port like 127.0.0.1:8088 or [::1]:8088",
+                            v.get_ref()
+                        ),
+                    )
+                })?;
+                if !addr.ip().is_loopback() && !h.allow_non_loopback {
+                    return Err(self.err(
+                        Some(v.span()),
+                        "http.tcp",
+                        format!(
+                            "{addr} is not a loopback address; set http.allow_non_loopback = true \
+                             to expose the API beyond this machine"
+                        ),
+                    ));
+                }
+                Some(addr)
+            }
+        };
+        let size = |v: &Option<Spanned<String>>, field: &str, default: u64| match v {
+            None => Ok(default),
+            Some(v) => match parse_size(v.get_ref()) {
+                Ok(0) => Err(self.err(Some(v.span()), field, "must be positive")),
+                Ok(n) => Ok(n),
+                Err(m) => Err(self.err(Some(v.span()), field, m)),
+            },
+        };
+        Ok(HttpSettings {
+            socket: h
+                .socket
+                .as_deref()
+                .map(abs)
+                .unwrap_or_else(|| state_dir.join("nightshift.sock")),
+            tcp,
+            allow_non_loopback: h.allow_non_loopback,
+            token_file: h
+                .token_file
+                .as_deref()
+                .map(abs)
+                .unwrap_or_else(|| state_dir.join("api-token")),
+            max_body: size(&h.max_body, "http.max_body", 10_000_000)?,
+            max_upload: size(&h.max_upload, "http.max_upload", 100_000_000)?,
         })
     }
 
@@ -792,6 +939,27 @@ fn parse_range(s: &str) -> Result<DailyRange, String> {
     })
 }
 
+/// Parses a size in bytes: `1048576`, `512KB`, `10MB`, `1GB` (powers of
+/// 1000) or `512KiB`, `10MiB`, `1GiB` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let bad = || format!("'{s}' is not a size like 10MB, 512KiB or 1048576");
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(factor).ok_or_else(bad)
+}
+
 /// Parses a duration such as `90m`, `12h`, `2d`, `1h30m`, `500ms`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
@@ -846,6 +1014,44 @@ mod tests {
         assert_eq!(
             (e.line, e.field.as_str()),
             (Some(5), "providers[0].api_key_env"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn http_settings_default_under_the_state_dir_and_refuse_public_tcp() {
+        let c = Config::embedded_default();
+        assert_eq!(c.http.socket, Path::new("./state/nightshift.sock"));
+        assert_eq!(c.http.token_file, Path::new("./state/api-token"));
+        assert_eq!(
+            (c.http.max_body, c.http.max_upload),
+            (10_000_000, 100_000_000)
+        );
+        assert_eq!(c.http.tcp, None);
+
+        let providers = "[[providers]]\nname = \"a\"\nkind = \"simulated\"\n[[providers.models]]\nname = \"m\"\n\
+                         input_per_mtok = 1.0\noutput_per_mtok = 2.0\n";
+        let text = format!("[http]\ntcp = \"127.0.0.1:8088\"\nmax_body = \"1MiB\"\n{providers}");
+        let c = Config::parse(&text, "x.toml", Path::new("/etc/ns")).unwrap();
+        assert_eq!(c.http.tcp, Some("127.0.0.1:8088".parse().unwrap()));
+        assert_eq!(c.http.max_body, 1 << 20);
+
+        let text = format!("[http]\ntcp = \"0.0.0.0:8088\"\n{providers}");
+        let e = Config::parse(&text, "x.toml", Path::new(".")).unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (Some(2), "http.tcp"), "{e}");
+        assert!(e.message.contains("allow_non_loopback"), "{e}");
+        let text =
+            format!("[http]\ntcp = \"0.0.0.0:8088\"\nallow_non_loopback = true\n{providers}");
+        assert!(Config::parse(&text, "x.toml", Path::new(".")).is_ok());
+
+        let text = format!("[http]\ntcp = \"localhost\"\n{providers}");
+        let e = Config::parse(&text, "x.toml", Path::new(".")).unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (Some(2), "http.tcp"), "{e}");
+        let text = format!("[http]\nmax_upload = \"lots\"\n{providers}");
+        let e = Config::parse(&text, "x.toml", Path::new(".")).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (Some(2), "http.max_upload"),
             "{e}"
         );
     }

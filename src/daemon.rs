@@ -147,10 +147,25 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         stop_rx.clone(),
     ));
 
+    // The local HTTP API: binding fails the start (a live socket, a bad address).
+    let http =
+        crate::http::Server::bind(&config, store.clone(), catalog.clone(), wake.clone()).await;
+    let http_task = match http {
+        Ok(server) => tokio::spawn(server.serve(stop_rx.clone())),
+        Err(e) => {
+            let _ = stop_tx.send(true);
+            let _ = ingest_task.await;
+            let _ = dispatch_task.await;
+            let _ = outbox_task.await;
+            return Err(e.context("starting the HTTP API"));
+        }
+    };
+
     info!(inbox = %folders.inbox.display(), outbox = %folders.outbox.display(), "nightshift ready");
     shutdown.await;
     info!("shutting down");
     let _ = stop_tx.send(true);
+    let _ = http_task.await;
     let _ = ingest_task.await;
     let _ = dispatch_task.await;
     let _ = outbox_task.await;

@@ -19,16 +19,19 @@
 //! | dispatch | [`provider`]  | OpenAI-compatible HTTP client, and the simulator          | network |
 //! |          | [`dispatch`]  | the loop: lease, send, record                             | async |
 //! | results  | [`results`]   | result lines and atomic outbox files                      | files |
+//! | api      | [`http`], [`cli_client`] | HTTP API (native + OpenAI Batch) on a Unix socket / TCP, and the CLI over it | sockets |
 //! | daemon   | [`daemon`]    | wiring, inotify, shutdown                                 | all |
 //!
 //! Pure modules take `now` as an argument and never read the clock, so the
 //! same code runs in real time in the daemon and in virtual time in tests.
 
+pub mod cli_client;
 pub mod commands;
 pub mod config;
 pub mod daemon;
 pub mod dispatch;
 pub mod estimate;
+pub mod http;
 pub mod ingest;
 pub mod job;
 pub mod limits;

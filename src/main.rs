@@ -86,6 +86,62 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the bearer token for the TCP listener (created if missing; mode 0600).
+    Token {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Submit job files to the running daemon (each file all or nothing).
+    Submit {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// JSONL job files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Deadline of jobs that name none: a duration (12h) or RFC 3339.
+        #[arg(long)]
+        deadline: Option<String>,
+        /// Wait until every job is final, then write <stem>.output.jsonl and
+        /// <stem>.errors.jsonl into --out.
+        #[arg(long)]
+        wait: bool,
+        /// Where --wait writes the results.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List jobs of the running daemon.
+    Jobs {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// queued, running, succeeded, failed, expired or cancelled.
+        #[arg(long)]
+        state: Option<String>,
+        /// Start after this job id (the previous page's last).
+        #[arg(long)]
+        after: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The running daemon's queue by state and provider, spend, savings, next price change.
+    Status {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a queued job (job_N) or a batch (batch_N).
+    Cancel {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -118,8 +174,63 @@ fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     })
 }
 
+/// Runs a client command against the daemon's socket and prints its output.
+fn client_command<F>(config: Option<&PathBuf>, f: F) -> anyhow::Result<()>
+where
+    F: AsyncFnOnce(&nightshift::http::client::Client) -> anyhow::Result<String>,
+{
+    let http = nightshift::config::Config::load_http(config.map(PathBuf::as_path))?;
+    let client = nightshift::cli_client::client(&http);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let out = runtime.block_on(f(&client))?;
+    print!("{out}");
+    Ok(())
+}
+
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Token { config } => {
+            let http = nightshift::config::Config::load_http(config.as_deref())?;
+            println!("{}", nightshift::cli_client::token(&http)?);
+            Ok(())
+        }
+        Command::Submit {
+            config,
+            files,
+            deadline,
+            wait,
+            out,
+            json,
+        } => {
+            let args = nightshift::cli_client::SubmitArgs {
+                files,
+                deadline,
+                wait,
+                out_dir: out,
+                json,
+            };
+            client_command(config.as_ref(), async |c| {
+                nightshift::cli_client::submit(c, &args).await
+            })
+        }
+        Command::Jobs {
+            config,
+            state,
+            after,
+            limit,
+            json,
+        } => client_command(config.as_ref(), async |c| {
+            nightshift::cli_client::jobs(c, state.as_deref(), after.as_deref(), limit, json).await
+        }),
+        Command::Status { config, json } => client_command(config.as_ref(), async |c| {
+            nightshift::cli_client::status(c, json).await
+        }),
+        Command::Cancel { config, id, json } => client_command(config.as_ref(), async |c| {
+            nightshift::cli_client::cancel(c, &id, json).await
+        }),
         Command::DefaultConfig => {
             print!("{EMBEDDED_DEFAULT}");
             Ok(())

@@ -16,6 +16,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 
 use crate::job::{LineError, NewJob};
 
+mod api;
+pub use api::*;
+
 /// The newest schema version; `schema.sql` describes it.
 pub const SCHEMA_VERSION: i64 = 1;
 const SCHEMA_SQL: &str = include_str!("../../schema.sql");

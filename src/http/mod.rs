@@ -1,0 +1,336 @@
+//! The local HTTP API: a Unix domain socket (no token: its file mode
+//! guards it) and, optionally, a loopback TCP address that needs
+//! `Authorization: Bearer <token>`.
+//!
+//! Two surfaces share one router:
+//!
+//! - the native API ([`native`]): jobs, plan, providers, stats;
+//! - OpenAI's Batch API ([`openai`]): files and batches, so the official
+//!   SDKs work with `base_url` pointed here.
+//!
+//! Handlers are thin: validation is [`crate::job::parse_line`], storage is
+//! [`crate::queue::Store`] (every write one transaction, and a 2xx only after
+//! it commits), planning is [`crate::plan`]. [`ROUTES`] lists what the
+//! router serves; `docs/openapi.json` describes the same routes (a test
+//! keeps them in step).
+
+pub mod client;
+mod error;
+pub mod listen;
+mod native;
+mod openai;
+mod results;
+mod views;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, Method, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, get, post};
+use tokio::sync::{Notify, watch};
+use tracing::{info, warn};
+
+pub use error::{ApiError, ApiResult};
+
+use crate::config::Config;
+use crate::plan::{PlanSettings, ProviderCapacity};
+use crate::pricing::Catalog;
+use crate::queue::Store;
+
+/// Every route the router serves: (method, path). `docs/openapi.json`
+/// must describe exactly these.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/healthz"),
+    ("POST", "/v1/jobs"),
+    ("GET", "/v1/jobs"),
+    ("GET", "/v1/jobs/{id}"),
+    ("POST", "/v1/jobs/{id}/cancel"),
+    ("GET", "/v1/submissions/{id}"),
+    ("GET", "/v1/submissions/{id}/output"),
+    ("GET", "/v1/submissions/{id}/errors"),
+    ("GET", "/v1/plan"),
+    ("GET", "/v1/providers"),
+    ("GET", "/v1/stats"),
+    ("POST", "/v1/files"),
+    ("GET", "/v1/files/{id}"),
+    ("GET", "/v1/files/{id}/content"),
+    ("POST", "/v1/batches"),
+    ("GET", "/v1/batches"),
+    ("GET", "/v1/batches/{id}"),
+    ("POST", "/v1/batches/{id}/cancel"),
+];
+
+/// What the handlers share.
+pub struct ApiState {
+    pub store: Arc<Store>,
+    pub catalog: Arc<Catalog>,
+    /// The deadline of jobs that name none.
+    pub default_deadline: Duration,
+    pub plan_settings: PlanSettings,
+    /// The planner's view of provider capacity (configured limits).
+    pub capacities: Vec<ProviderCapacity>,
+    pub max_body: u64,
+    pub max_upload: u64,
+    /// Notified when jobs are queued, so the dispatcher re-plans at once.
+    pub wake: Arc<Notify>,
+    plan_cache: views::PlanCache,
+    submissions: AtomicU64,
+}
+
+impl ApiState {
+    pub fn new(
+        config: &Config,
+        store: Arc<Store>,
+        catalog: Arc<Catalog>,
+        wake: Arc<Notify>,
+    ) -> Self {
+        ApiState {
+            store,
+            catalog,
+            default_deadline: config.daemon.default_deadline,
+            plan_settings: PlanSettings {
+                safety_margin: config.daemon.safety_margin,
+                ..PlanSettings::default()
+            },
+            capacities: crate::simulate::capacities(config),
+            max_body: config.http.max_body,
+            max_upload: config.http.max_upload,
+            wake,
+            plan_cache: views::PlanCache::default(),
+            submissions: AtomicU64::new(0),
+        }
+    }
+
+    /// Runs a closure against the store off the async threads.
+    async fn db<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&ApiState) -> T + Send + 'static,
+    ) -> ApiResult<T> {
+        let state = self.clone();
+        tokio::task::spawn_blocking(move || f(&state))
+            .await
+            .map_err(ApiError::internal)
+    }
+
+    /// New jobs are queued (or cancelled): plan again, and tell the dispatcher.
+    fn queue_changed(&self) {
+        self.plan_cache.invalidate();
+        self.wake.notify_one();
+    }
+}
+
+type S = Arc<ApiState>;
+
+fn route_for(method: &str, path: &str) -> MethodRouter<S> {
+    use native as n;
+    use openai as o;
+    match (method, path) {
+        ("GET", "/healthz") => get(n::healthz),
+        ("POST", "/v1/jobs") => post(n::submit),
+        ("GET", "/v1/jobs") => get(n::list_jobs),
+        ("GET", "/v1/jobs/{id}") => get(n::get_job),
+        ("POST", "/v1/jobs/{id}/cancel") => post(n::cancel_job),
+        ("GET", "/v1/submissions/{id}") => get(n::get_submission),
+        ("GET", "/v1/submissions/{id}/output") => get(n::submission_output),
+        ("GET", "/v1/submissions/{id}/errors") => get(n::submission_errors),
+        ("GET", "/v1/plan") => get(n::get_plan),
+        ("GET", "/v1/providers") => get(n::providers),
+        ("GET", "/v1/stats") => get(n::stats),
+        ("POST", "/v1/files") => post(o::upload_file),
+        ("GET", "/v1/files/{id}") => get(o::get_file),
+        ("GET", "/v1/files/{id}/content") => get(o::file_content),
+        ("POST", "/v1/batches") => post(o::create_batch),
+        ("GET", "/v1/batches") => get(o::list_batches),
+        ("GET", "/v1/batches/{id}") => get(o::get_batch),
+        ("POST", "/v1/batches/{id}/cancel") => post(o::cancel_batch),
+        _ => unreachable!("ROUTES lists {method} {path} without a handler"),
+    }
+}
+
+/// The router over [`ROUTES`], without authentication (the Unix socket's).
+pub fn router(state: S) -> Router {
+    let mut router: Router<S> = Router::new();
+    let mut paths: Vec<&str> = ROUTES.iter().map(|r| r.1).collect();
+    paths.dedup();
+    paths.sort();
+    paths.dedup();
+    for path in paths {
+        let mut methods: Option<MethodRouter<S>> = None;
+        for (m, _) in ROUTES.iter().filter(|r| r.1 == path) {
+            let r = route_for(m, path);
+            methods = Some(match methods {
+                None => r,
+                Some(prev) => prev.merge(r),
+            });
+        }
+        let methods = methods.expect("every path has a method").fallback(
+            |method: Method, uri: axum::http::Uri| async move {
+                ApiError::method_not_allowed(method.as_str(), uri.path())
+            },
+        );
+        router = router.route(path, methods);
+    }
+    router
+        .fallback(|method: Method, uri: axum::http::Uri| async move {
+            ApiError::unknown_route(method.as_str(), uri.path())
+        })
+        // Limits are enforced per route (see `read_body`), with 413s in OpenAI's shape.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// The bearer token the TCP listener requires.
+struct Token(String);
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(token): State<Arc<Token>>, req: Request, next: Next) -> Response {
+    // Liveness checks need no secret and learn nothing.
+    if req.uri().path() == "/healthz" {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        None => ApiError::unauthorized(
+            "missing bearer token: send 'Authorization: Bearer <token>' (`nightshift token` prints it)",
+        )
+        .into_response(),
+        Some(t) if same(t.as_bytes(), token.0.as_bytes()) => next.run(req).await,
+        Some(_) => ApiError::unauthorized("incorrect bearer token").into_response(),
+    }
+}
+
+/// The router for the TCP listener: every route but `/healthz` needs the token.
+pub fn router_with_token(state: S, token: String) -> Router {
+    router(state).layer(middleware::from_fn_with_state(
+        Arc::new(Token(token)),
+        require_token,
+    ))
+}
+
+/// Reads a whole body of at most `limit` bytes; 413 beyond.
+async fn read_body(headers: &HeaderMap, body: Body, limit: u64, setting: &str) -> ApiResult<Bytes> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::too_large(limit, setting));
+    }
+    axum::body::to_bytes(body, limit as usize)
+        .await
+        .map_err(|e| {
+            let is_limit = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || e.to_string().contains("length limit");
+            if is_limit {
+                ApiError::too_large(limit, setting)
+            } else {
+                ApiError::bad_request(format!("reading the body: {e}"), None, "invalid_body")
+            }
+        })
+}
+
+/// Parses `prefix<number>` ids (`job_12`, `file-3`, `batch_7`); a bare
+/// number is accepted too.
+fn parse_id(s: &str, prefix: &str) -> Option<i64> {
+    s.strip_prefix(prefix)
+        .unwrap_or(s)
+        .parse::<i64>()
+        .ok()
+        .filter(|&n| n > 0)
+}
+
+/// The listeners, bound and ready to serve.
+pub struct Server {
+    state: S,
+    unix: listen::BoundSocket,
+    tcp: Option<(tokio::net::TcpListener, String)>,
+}
+
+impl Server {
+    /// Binds the Unix socket (replacing a stale one) and the TCP address if
+    /// configured, and finishes batches a crash left in `validating`.
+    pub async fn bind(
+        config: &Config,
+        store: Arc<Store>,
+        catalog: Arc<Catalog>,
+        wake: Arc<Notify>,
+    ) -> anyhow::Result<Server> {
+        let state = Arc::new(ApiState::new(config, store, catalog, wake));
+        let recovered = state
+            .db(openai::recover_validating)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message))??;
+        if recovered > 0 {
+            warn!(recovered, "finished validating batches a crash interrupted");
+        }
+        let unix = listen::bind_unix(&config.http.socket)?;
+        info!(socket = %config.http.socket.display(), "HTTP API listening on the Unix socket (mode 0660)");
+        let tcp = match config.http.tcp {
+            None => None,
+            Some(addr) => {
+                let token = listen::ensure_token(&config.http.token_file)?;
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("binding the HTTP API to {addr}: {e}"))?;
+                let bound = listener.local_addr()?;
+                info!(tcp = %bound, token_file = %config.http.token_file.display(),
+                      "HTTP API listening on TCP (bearer token required)");
+                Some((listener, token))
+            }
+        };
+        Ok(Server { state, unix, tcp })
+    }
+
+    /// The bound TCP address, if any.
+    pub fn tcp_addr(&self) -> Option<std::net::SocketAddr> {
+        self.tcp.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    /// Serves until `stop` turns true, then stops accepting, lets requests
+    /// in progress finish, and removes the socket file.
+    pub async fn serve(self, stop: watch::Receiver<bool>) {
+        let stopped = |mut stop: watch::Receiver<bool>| async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let unix_app = router(self.state.clone());
+        let listen::BoundSocket { listener, path } = self.unix;
+        let unix = tokio::spawn(
+            axum::serve(listener, unix_app)
+                .with_graceful_shutdown(stopped(stop.clone()))
+                .into_future(),
+        );
+        let tcp = self.tcp.map(|(listener, token)| {
+            let app = router_with_token(self.state.clone(), token);
+            tokio::spawn(
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped(stop.clone()))
+                    .into_future(),
+            )
+        });
+        if let Err(e) = unix.await {
+            warn!("HTTP API (Unix socket) stopped: {e}");
+        }
+        if let Some(tcp) = tcp
+            && let Err(e) = tcp.await
+        {
+            warn!("HTTP API (TCP) stopped: {e}");
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+}

@@ -1,0 +1,535 @@
+//! The native API: jobs in (`POST /v1/jobs`: one job, an array, or JSONL,
+//! all or nothing), jobs out (get, list, cancel), the submissions they came
+//! in, the plan, providers, statistics.
+
+use std::collections::{BTreeMap, HashMap};
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use super::error::{ApiError, ApiResult};
+use super::views::{self, rfc3339, usd};
+use super::{S, parse_id, read_body};
+use crate::job::{self, JobContext, LineError, NewJob};
+use crate::queue::{CancelOutcome, FileKind, JobState, LineOutcome, NewSource, Origin};
+use crate::results::job_public_id;
+
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
+    q.map(|Query(q)| q).map_err(|e| {
+        ApiError::bad_request(
+            format!("invalid query string: {}", e.body_text()),
+            None,
+            "invalid_query",
+        )
+    })
+}
+
+#[derive(Deserialize, Default)]
+pub struct SubmitQuery {
+    /// Deadline of the jobs that name none: a duration or RFC 3339.
+    deadline: Option<String>,
+    /// A name for the submission (e.g. the file it came from).
+    name: Option<String>,
+}
+
+/// The jobs of a body: a JSON array, one JSON object, or JSONL; with their
+/// 1-based line (array: element) numbers.
+fn split_body(text: &str) -> ApiResult<Vec<(u64, &str)>> {
+    let t = text.trim_start();
+    if t.is_empty() {
+        return Err(ApiError::bad_request(
+            "the body holds no job: send one job object, an array of them, or JSONL",
+            None,
+            "empty_body",
+        ));
+    }
+    if t.starts_with('[') {
+        let items: Vec<&RawValue> =
+            serde_json::from_str(text).map_err(|e| ApiError::invalid_json(&e))?;
+        if items.is_empty() {
+            return Err(ApiError::bad_request(
+                "the array holds no job",
+                None,
+                "empty_body",
+            ));
+        }
+        return Ok(items
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (i as u64 + 1, r.get()))
+            .collect());
+    }
+    if let Ok(one) = serde_json::from_str::<&RawValue>(text) {
+        return Ok(vec![(1, one.get())]);
+    }
+    Ok(text
+        .split('\n')
+        .enumerate()
+        .map(|(i, l)| (i as u64 + 1, l.trim_end_matches('\r')))
+        .filter(|(_, l)| !l.trim().is_empty())
+        .collect())
+}
+
+type Validated = Result<Vec<(u64, NewJob)>, Vec<(u64, LineError)>>;
+
+/// Validates every line; all valid, or every error.
+pub(super) fn validate_all(lines: &[(u64, &str)], ctx: &JobContext) -> Validated {
+    let mut jobs = Vec::with_capacity(lines.len());
+    let mut errors = Vec::new();
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    for &(line, text) in lines {
+        match job::parse_line(text, ctx) {
+            Ok(j) => match seen.get(&j.custom_id) {
+                Some(first) => errors.push((
+                    line,
+                    LineError {
+                        custom_id: Some(j.custom_id.clone()),
+                        field: Some("custom_id".into()),
+                        message: format!("duplicate custom_id (first used on line {first})"),
+                    },
+                )),
+                None => {
+                    seen.insert(j.custom_id.clone(), line);
+                    jobs.push((line, j));
+                }
+            },
+            Err(e) => errors.push((line, e)),
+        }
+    }
+    if errors.is_empty() {
+        Ok(jobs)
+    } else {
+        Err(errors)
+    }
+}
+
+/// `POST /v1/jobs`: validates every job, then queues them all in one
+/// transaction — or none, with every line's error. 200 only after commit.
+pub async fn submit(
+    State(s): State<S>,
+    q: Result<Query<SubmitQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    let q = query(q)?;
+    let bytes = read_body(&headers, body, s.max_body, "http.max_body").await?;
+    let now = Utc::now();
+    let default_deadline = match &q.deadline {
+        None => s.default_deadline,
+        Some(d) => {
+            let t = job::parse_deadline(d, now)
+                .map_err(|m| ApiError::bad_request(m, Some("deadline"), "invalid_value"))?;
+            (t - now).to_std().map_err(|_| {
+                ApiError::bad_request(
+                    format!("deadline '{d}' is not in the future"),
+                    Some("deadline"),
+                    "invalid_value",
+                )
+            })?
+        }
+    };
+    let name = q.name.unwrap_or_else(|| "api".into());
+    let n = s
+        .submissions
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let out = s
+        .db(move |s| -> ApiResult<Value> {
+            let text = std::str::from_utf8(&bytes).map_err(|e| {
+                ApiError::bad_request(
+                    format!("the body is not UTF-8 (byte {})", e.valid_up_to() + 1),
+                    None,
+                    "invalid_body",
+                )
+            })?;
+            let lines = split_body(text)?;
+            let ctx = JobContext {
+                catalog: &s.catalog,
+                now,
+                default_deadline,
+            };
+            let jobs = validate_all(&lines, &ctx)
+                .map_err(|errors| ApiError::invalid_lines(&errors, lines.len()))?;
+            let now_ms = now.timestamp_millis();
+            let stem = format!("api-{now_ms}-{n}");
+            let source = NewSource {
+                origin: Origin::Api,
+                name: &name,
+                stem: &stem,
+                sha256: None,
+                now_ms,
+            };
+            let outcomes = jobs
+                .into_iter()
+                .map(|(line, job)| Ok(LineOutcome { line, job: Ok(job) }));
+            let summary = s.store.ingest(&source, outcomes)?;
+            let ids = s.store.job_ids_of(summary.source_id)?;
+            Ok(json!({
+                "object": "submission",
+                "id": views::submission_id(summary.source_id),
+                "name": name,
+                "queued": summary.queued,
+                "jobs": ids.iter().map(|(id, custom_id, deadline)| json!({
+                    "id": job_public_id(*id), "custom_id": custom_id, "state": "queued",
+                    "deadline": rfc3339(*deadline),
+                })).collect::<Vec<_>>(),
+            }))
+        })
+        .await??;
+    s.queue_changed();
+    Ok(Json(out))
+}
+
+#[derive(Deserialize, Default)]
+pub struct ListQuery {
+    state: Option<String>,
+    after: Option<String>,
+    limit: Option<String>,
+    submission: Option<String>,
+}
+
+fn limit_param(v: Option<&str>) -> ApiResult<usize> {
+    match v {
+        None => Ok(100),
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=1000).contains(l))
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    format!("limit '{l}' is not a number from 1 to 1000"),
+                    Some("limit"),
+                    "invalid_value",
+                )
+            }),
+    }
+}
+
+/// `GET /v1/jobs?state=&after=&limit=&submission=`: jobs in id order.
+pub async fn list_jobs(
+    State(s): State<S>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let q = query(q)?;
+    let state = match q.state.as_deref().filter(|x| !x.is_empty()) {
+        None => None,
+        Some(x) => Some(JobState::parse(x).ok_or_else(|| {
+            ApiError::bad_request(
+                format!("state '{x}' is not one of queued, running, succeeded, failed, expired, cancelled"),
+                Some("state"),
+                "invalid_value",
+            )
+        })?),
+    };
+    let after = match q.after.as_deref().filter(|x| !x.is_empty()) {
+        None => 0,
+        Some(a) => parse_id(a, "job_").ok_or_else(|| {
+            ApiError::bad_request(
+                format!("after '{a}' is not a job id"),
+                Some("after"),
+                "invalid_value",
+            )
+        })?,
+    };
+    let submission = match q.submission.as_deref().filter(|x| !x.is_empty()) {
+        None => None,
+        Some(x) => Some(parse_id(x, "sub_").ok_or_else(|| {
+            ApiError::bad_request(
+                format!("submission '{x}' is not a submission id"),
+                Some("submission"),
+                "invalid_value",
+            )
+        })?),
+    };
+    let limit = limit_param(q.limit.as_deref())?;
+    let mut rows = s
+        .db(move |s| s.store.list_jobs(state, submission, after, limit + 1))
+        .await??;
+    let has_more = rows.len() > limit;
+    rows.truncate(limit);
+    let data: Vec<Value> = rows
+        .iter()
+        .map(|d| views::job_json(d, None, false))
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "first_id": data.first().map(|d| d["id"].clone()),
+        "last_id": data.last().map(|d| d["id"].clone()),
+        "has_more": has_more,
+        "data": data,
+    })))
+}
+
+/// `GET /v1/jobs/{id}`: state, plan (while queued), result (once final).
+pub async fn get_job(State(s): State<S>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let n = parse_id(&id, "job_").ok_or_else(|| ApiError::not_found("job", &id))?;
+    let out = s
+        .db(move |s| -> ApiResult<Option<Value>> {
+            let Some(d) = s.store.job_detail(n)? else {
+                return Ok(None);
+            };
+            let plan = if d.job.state == JobState::Queued {
+                let p = views::current_plan(s)?;
+                Some(views::job_plan_json(&p, &s.catalog, &d))
+            } else {
+                None
+            };
+            Ok(Some(views::job_json(&d, plan, true)))
+        })
+        .await??;
+    out.map(Json).ok_or_else(|| ApiError::not_found("job", &id))
+}
+
+/// `POST /v1/jobs/{id}/cancel`: a queued job is cancelled (one
+/// transaction). A running job is not: its request is in flight and cannot
+/// be recalled, so the answer is 409 and its result will be recorded.
+pub async fn cancel_job(State(s): State<S>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let n = parse_id(&id, "job_").ok_or_else(|| ApiError::not_found("job", &id))?;
+    let now_ms = Utc::now().timestamp_millis();
+    let (outcome, detail) = s
+        .db(move |s| -> ApiResult<_> {
+            let outcome = s.store.cancel_job(n, now_ms)?;
+            Ok((outcome, s.store.job_detail(n)?))
+        })
+        .await??;
+    match outcome {
+        CancelOutcome::NotFound => Err(ApiError::not_found("job", &id)),
+        CancelOutcome::NotQueued(JobState::Running) => Err(ApiError::conflict(
+            format!(
+                "{} is running: its request is in flight and cannot be recalled; its result will be recorded",
+                job_public_id(n)
+            ),
+            "job_running",
+        )),
+        CancelOutcome::NotQueued(state) => Err(ApiError::conflict(
+            format!("{} is already {}", job_public_id(n), state.as_str()),
+            "job_final",
+        )),
+        CancelOutcome::Cancelled => {
+            s.queue_changed();
+            let d = detail.ok_or_else(|| ApiError::not_found("job", &id))?;
+            Ok(Json(views::job_json(&d, None, true)))
+        }
+    }
+}
+
+/// `GET /v1/submissions/{id}`: a submission's jobs by state.
+pub async fn get_submission(State(s): State<S>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let n = parse_id(&id, "sub_").ok_or_else(|| ApiError::not_found("submission", &id))?;
+    let info = s.db(move |s| s.store.source_info(n)).await??;
+    info.map(|i| Json(views::submission_json(&i)))
+        .ok_or_else(|| ApiError::not_found("submission", &id))
+}
+
+async fn submission_results(s: S, id: String, kind: FileKind) -> ApiResult<Response> {
+    let n = parse_id(&id, "sub_").ok_or_else(|| ApiError::not_found("submission", &id))?;
+    let info = s
+        .db(move |s| s.store.source_info(n))
+        .await??
+        .ok_or_else(|| ApiError::not_found("submission", &id))?;
+    let stem = info.stem.clone();
+    let body = super::results::streamed(s.store.clone(), move |store, w| {
+        super::results::write_results(store, info.id, &stem, kind, w)
+    });
+    Ok(([(header::CONTENT_TYPE, "application/jsonl")], body).into_response())
+}
+
+/// `GET /v1/submissions/{id}/output`: result lines of its succeeded jobs.
+pub async fn submission_output(State(s): State<S>, Path(id): Path<String>) -> ApiResult<Response> {
+    submission_results(s, id, FileKind::Output).await
+}
+
+/// `GET /v1/submissions/{id}/errors`: its failed, expired and cancelled jobs.
+pub async fn submission_errors(State(s): State<S>, Path(id): Path<String>) -> ApiResult<Response> {
+    submission_results(s, id, FileKind::Errors).await
+}
+
+/// `GET /v1/plan`: what the planner intends for the queue.
+pub async fn get_plan(State(s): State<S>) -> ApiResult<Json<Value>> {
+    let v = s
+        .db(|s| -> ApiResult<Value> {
+            let p = views::current_plan(s)?;
+            Ok(views::plan_json(&p, &s.catalog))
+        })
+        .await??;
+    Ok(Json(v))
+}
+
+/// How far back `/v1/providers` looks for a provider's health.
+const HEALTH_WINDOW_MS: i64 = 15 * 60 * 1000;
+
+/// `GET /v1/providers`: limits, recent health, prices in force now.
+pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
+    let now = Utc::now();
+    let recent = s
+        .db(move |s| {
+            s.store
+                .recent_outcomes(now.timestamp_millis() - HEALTH_WINDOW_MS)
+        })
+        .await??;
+    let c = &s.catalog;
+    let next_change = c.next_price_change(now, chrono::Duration::days(8));
+    let data: Vec<Value> = c
+        .providers
+        .iter()
+        .enumerate()
+        .map(|(pi, p)| {
+            let r = recent.get(&p.name).cloned().unwrap_or_default();
+            let total = r.succeeded + r.failed;
+            let status = if total == 0 {
+                "idle"
+            } else if r.failed * 2 > total {
+                "failing"
+            } else if r.failed > 0 {
+                "degraded"
+            } else {
+                "ok"
+            };
+            let models: Vec<Value> = c
+                .models
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| m.provider == pi)
+                .map(|(mi, m)| {
+                    let window = m
+                        .windows
+                        .iter()
+                        .chain(&p.windows)
+                        .find(|w| w.applies_at(now))
+                        .map(|w| w.name.clone());
+                    let price = c.price_at(mi, now);
+                    json!({
+                        "name": m.name,
+                        "endpoints": m.endpoints.iter().map(|e| e.as_url()).collect::<Vec<_>>(),
+                        "list_price": {"input_per_mtok": m.list.input_per_mtok, "output_per_mtok": m.list.output_per_mtok},
+                        "current_price": {
+                            "input_per_mtok": price.input_per_mtok * (1.0 + p.markup),
+                            "output_per_mtok": price.output_per_mtok * (1.0 + p.markup),
+                        },
+                        "price_window": window,
+                    })
+                })
+                .collect();
+            json!({
+                "name": p.name,
+                "simulated": p.simulated,
+                "region": p.region,
+                "markup": p.markup,
+                "limits": {"rpm": p.limits.rpm, "tpm": p.limits.tpm, "concurrency": p.limits.concurrency,
+                           "reserve": p.limits.reserve},
+                "health": {
+                    "status": status,
+                    "window_minutes": HEALTH_WINDOW_MS / 60_000,
+                    "succeeded": r.succeeded,
+                    "failed": r.failed,
+                    "last_failure": r.last_failure.map(|(at, code, message)| json!({
+                        "at": rfc3339(at), "code": code, "message": message})),
+                },
+                "models": models,
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "at": rfc3339(now.timestamp_millis()),
+        "next_price_change": next_change.map(|t| rfc3339(t.timestamp_millis())),
+        "data": data,
+    })))
+}
+
+/// `GET /v1/stats`: the queue by state and provider, spend and savings.
+pub async fn stats(State(s): State<S>) -> ApiResult<Json<Value>> {
+    let st = s.db(|s| s.store.queue_stats()).await??;
+    let now = Utc::now();
+    let mut by_state: BTreeMap<&str, u64> = JobState::ALL.iter().map(|x| (x.as_str(), 0)).collect();
+    let mut providers: BTreeMap<String, BTreeMap<&str, Value>> = BTreeMap::new();
+    let (mut spend, mut list_ok, mut cost_ok) = (st.late_cost_usd, 0.0, 0.0);
+    for r in &st.rows {
+        *by_state.entry(r.state.as_str()).or_default() += r.jobs;
+        spend += r.cost_usd;
+        if r.state == JobState::Succeeded {
+            list_ok += r.list_cost_usd;
+            cost_ok += r.cost_usd;
+        }
+        let name = r
+            .provider
+            .clone()
+            .unwrap_or_else(|| "(not yet dispatched)".into());
+        let e = providers.entry(name).or_default();
+        e.insert(r.state.as_str(), json!(r.jobs));
+        let add = |e: &mut BTreeMap<&str, Value>, k: &'static str, x: f64| {
+            let prev = e.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+            e.insert(k, json!(prev + x));
+        };
+        add(e, "cost_usd", r.cost_usd);
+        add(e, "input_tokens", r.input_tokens as f64);
+        add(e, "output_tokens", r.output_tokens as f64);
+    }
+    let providers: Vec<Value> = providers
+        .into_iter()
+        .map(|(name, mut m)| {
+            for s in JobState::ALL {
+                m.entry(s.as_str()).or_insert(json!(0));
+            }
+            if let Some(c) = m.get("cost_usd").and_then(Value::as_f64) {
+                m.insert("cost_usd", usd(c));
+            }
+            let mut v = json!({"provider": name});
+            for (k, x) in m {
+                v[k] = x;
+            }
+            v
+        })
+        .collect();
+    let savings = list_ok - cost_ok;
+    let next_change = s.catalog.next_price_change(now, chrono::Duration::days(8));
+    Ok(Json(json!({
+        "object": "stats",
+        "at": rfc3339(now.timestamp_millis()),
+        "jobs": by_state,
+        "providers": providers,
+        "spend_usd": usd(spend),
+        "succeeded_cost_usd": usd(cost_ok),
+        "succeeded_list_cost_usd": usd(list_ok),
+        "savings_usd": usd(savings),
+        "savings_pct": if list_ok > 0.0 { json!((savings / list_ok * 1000.0).round() / 10.0) } else { Value::Null },
+        "late_answers": st.late_answers,
+        "late_cost_usd": usd(st.late_cost_usd),
+        "next_price_change": next_change.map(|t| rfc3339(t.timestamp_millis())),
+    })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_split_as_object_array_or_jsonl() {
+        assert_eq!(split_body("{\"a\": 1}").unwrap(), vec![(1, "{\"a\": 1}")]);
+        assert_eq!(
+            split_body("{\n \"a\": 1\n}\n").unwrap(),
+            vec![(1, "{\n \"a\": 1\n}")]
+        );
+        assert_eq!(
+            split_body("[{\"a\":1}, {\"b\":2}]").unwrap(),
+            vec![(1, "{\"a\":1}"), (2, "{\"b\":2}")]
+        );
+        assert_eq!(
+            split_body("{\"a\":1}\n\n{\"b\":2}\r\n").unwrap(),
+            vec![(1, "{\"a\":1}"), (3, "{\"b\":2}")]
+        );
+        assert_eq!(split_body("  ").unwrap_err().code, Some("empty_body"));
+        assert_eq!(split_body("[1,").unwrap_err().code, Some("invalid_json"));
+    }
+}

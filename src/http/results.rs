@@ -1,0 +1,122 @@
+//! Result files produced from the database: a source's output lines
+//! (succeeded jobs) or error lines (failed, expired and cancelled jobs, then
+//! its invalid lines), in the same format as the outbox
+//! ([`crate::results::result_line`], [`crate::results::line_error_line`]).
+//! They are streamed: a batch may hold a million results.
+
+use std::io::{self, Write};
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use tokio::sync::mpsc;
+
+use crate::queue::{FileKind, Store};
+use crate::results::{is_output, line_error_line, result_line};
+
+/// Writes the lines of `kind` (output or errors) of a source to `w`. Jobs
+/// not final yet are skipped.
+pub fn write_results(
+    store: &Store,
+    source_id: i64,
+    stem: &str,
+    kind: FileKind,
+    w: &mut dyn Write,
+) -> io::Result<()> {
+    let want_output = kind == FileKind::Output;
+    store
+        .for_each_job_of(source_id, |job| {
+            if !job.state.is_final() || is_output(&job) != want_output {
+                return Ok(());
+            }
+            serde_json::to_writer(&mut *w, &result_line(&job))?;
+            w.write_all(b"\n")
+        })
+        .map_err(|e| match e {
+            crate::queue::ResultsError::Io(e) => e,
+            other => io::Error::other(other.to_string()),
+        })?;
+    if !want_output {
+        let invalid = store
+            .line_errors_of(source_id)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        for e in &invalid {
+            serde_json::to_writer(&mut *w, &line_error_line(stem, e))?;
+            w.write_all(b"\n")?;
+        }
+    }
+    Ok(())
+}
+
+/// Counts bytes written.
+#[derive(Default)]
+pub struct Counter(pub u64);
+
+impl Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A writer that sends 64 KiB pieces to an async body; fails once the
+/// client is gone, which stops the producer.
+struct ChannelWriter {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+const PIECE: usize = 64 * 1024;
+
+impl ChannelWriter {
+    fn send(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let piece = std::mem::replace(&mut self.buf, Vec::with_capacity(PIECE));
+        self.tx
+            .blocking_send(Ok(Bytes::from(piece)))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "client went away"))
+    }
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(buf);
+        if self.buf.len() >= PIECE {
+            self.send()?;
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.send()
+    }
+}
+
+/// A response body produced by `produce` on a blocking thread, as it writes.
+pub fn streamed(
+    store: Arc<Store>,
+    produce: impl FnOnce(&Store, &mut dyn Write) -> io::Result<()> + Send + 'static,
+) -> Body {
+    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(8);
+    tokio::task::spawn_blocking(move || {
+        let mut w = ChannelWriter {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(PIECE),
+        };
+        let result = produce(&store, &mut w).and_then(|()| w.flush());
+        if let Err(e) = result
+            && e.kind() != io::ErrorKind::BrokenPipe
+        {
+            tracing::error!("streaming a result file failed: {e}");
+            // The client sees a truncated body rather than a clean end.
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Body::from_stream(stream)
+}

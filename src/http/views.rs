@@ -1,0 +1,319 @@
+//! JSON shapes of the API's objects, and the plan as the handlers see it
+//! (computed the way `nightshift plan` computes it, cached for a moment).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Value, json};
+
+use crate::job::RouteKey;
+use crate::plan::{self, JobGroup, Plan, PlannedGroup};
+use crate::queue::{
+    BatchRow, FileKind, FileRow, JobDetail, JobState, SourceCounts, SourceInfo, Store,
+};
+use crate::results::{job_public_id, result_line};
+
+use super::ApiState;
+
+/// Unix ms as RFC 3339 (millisecond precision, `Z`).
+pub fn rfc3339(ms: i64) -> Value {
+    DateTime::<Utc>::from_timestamp_millis(ms).map_or(Value::Null, |t| {
+        Value::String(t.to_rfc3339_opts(SecondsFormat::Millis, true))
+    })
+}
+
+pub fn rfc3339_opt(ms: Option<i64>) -> Value {
+    ms.map_or(Value::Null, rfc3339)
+}
+
+/// Unix ms as Unix seconds (OpenAI's timestamps).
+fn secs(ms: Option<i64>) -> Value {
+    ms.map_or(Value::Null, |ms| json!(ms.div_euclid(1000)))
+}
+
+/// USD rounded to a picodollar, as in result lines.
+pub fn usd(x: f64) -> Value {
+    json!((x * 1e12).round() / 1e12)
+}
+
+pub fn submission_id(source_id: i64) -> String {
+    format!("sub_{source_id}")
+}
+pub fn file_id(id: i64) -> String {
+    format!("file-{id}")
+}
+pub fn batch_id(id: i64) -> String {
+    format!("batch_{id}")
+}
+
+pub fn counts_json(c: &SourceCounts) -> Value {
+    let mut m = serde_json::Map::new();
+    for s in JobState::ALL {
+        m.insert(s.as_str().into(), json!(c.count(s)));
+    }
+    Value::Object(m)
+}
+
+/// A job: state, where it ran, its plan while queued, its result once final.
+pub fn job_json(d: &JobDetail, plan: Option<Value>, with_result: bool) -> Value {
+    let j = &d.job;
+    json!({
+        "id": job_public_id(j.id),
+        "object": "job",
+        "custom_id": j.custom_id,
+        "state": j.state.as_str(),
+        "submission_id": d.source_id.map(submission_id),
+        "line": j.line,
+        "endpoint": d.endpoint,
+        "model": d.model,
+        "priority": d.priority,
+        "submitted_at": rfc3339(d.submitted_at),
+        "deadline": rfc3339(d.deadline),
+        "not_before": if d.not_before > 0 { rfc3339(d.not_before) } else { Value::Null },
+        "attempts": j.attempts,
+        "provider": j.provider,
+        "provider_model": j.provider_model,
+        "dispatched_at": rfc3339_opt(j.dispatched_at),
+        "completed_at": rfc3339_opt(j.completed_at),
+        "cost_usd": j.cost_usd.map(usd),
+        "plan": plan,
+        "result": if with_result && j.state.is_final() { result_line(j) } else { Value::Null },
+    })
+}
+
+pub fn submission_json(s: &SourceInfo) -> Value {
+    let id = submission_id(s.id);
+    json!({
+        "id": id,
+        "object": "submission",
+        "origin": s.origin,
+        "name": s.name,
+        "created_at": rfc3339(s.ingested_at),
+        "jobs": s.counts.jobs(),
+        "invalid_lines": s.counts.invalid_lines,
+        "counts": counts_json(&s.counts),
+        "done": s.counts.open() == 0,
+        "output_url": format!("/v1/submissions/{id}/output"),
+        "errors_url": format!("/v1/submissions/{id}/errors"),
+    })
+}
+
+pub fn file_json(f: &FileRow) -> Value {
+    json!({
+        "id": file_id(f.id),
+        "object": "file",
+        "bytes": f.bytes,
+        "created_at": secs(Some(f.created_at)),
+        "filename": f.filename,
+        "purpose": f.purpose,
+        "status": "processed",
+        "status_details": null,
+    })
+}
+
+pub fn batch_json(b: &BatchRow, counts: Option<&SourceCounts>) -> Value {
+    let (total, completed, failed) = counts.map_or((0, 0, 0), |c| {
+        let completed = c.count(JobState::Succeeded);
+        let failed = c.count(JobState::Failed)
+            + c.count(JobState::Expired)
+            + c.count(JobState::Cancelled)
+            + c.invalid_lines;
+        (c.jobs() + c.invalid_lines, completed, failed)
+    });
+    let errors = b
+        .errors
+        .as_deref()
+        .and_then(|e| serde_json::from_str::<Value>(e).ok())
+        .filter(|e| e.as_array().is_some_and(|a| !a.is_empty()))
+        .map_or(Value::Null, |data| json!({"object": "list", "data": data}));
+    let metadata = b
+        .metadata
+        .as_deref()
+        .and_then(|m| serde_json::from_str::<Value>(m).ok())
+        .unwrap_or(Value::Null);
+    json!({
+        "id": batch_id(b.id),
+        "object": "batch",
+        "endpoint": b.endpoint,
+        "errors": errors,
+        "input_file_id": file_id(b.input_file_id),
+        "completion_window": b.completion_window,
+        "status": b.status,
+        "output_file_id": b.output_file_id.map(file_id),
+        "error_file_id": b.error_file_id.map(file_id),
+        "created_at": secs(Some(b.created_at)),
+        "in_progress_at": secs(b.in_progress_at),
+        "expires_at": secs(Some(b.expires_at)),
+        "finalizing_at": secs(b.finalizing_at),
+        "completed_at": secs(b.completed_at),
+        "failed_at": secs(b.failed_at),
+        "expired_at": secs(b.expired_at),
+        "cancelling_at": secs(b.cancelling_at),
+        "cancelled_at": secs(b.cancelled_at),
+        "request_counts": {"total": total, "completed": completed, "failed": failed},
+        "metadata": metadata,
+    })
+}
+
+/// File name of a batch's output or error file.
+pub fn batch_file_name(batch: i64, kind: FileKind) -> String {
+    match kind {
+        FileKind::Errors => format!("batch_{batch}_error.jsonl"),
+        _ => format!("batch_{batch}_output.jsonl"),
+    }
+}
+
+// ---- the plan -------------------------------------------------------------
+
+/// The plan for the queue at one moment.
+pub struct PlanSnapshot {
+    pub groups: Vec<PlannedGroup>,
+    pub plan: Plan,
+    /// Routes no configured model serves any more: (route key, reason).
+    pub unroutable: Vec<(String, String)>,
+}
+
+/// The last plan, reused for a second (plans of a big queue take a while).
+#[derive(Default)]
+pub struct PlanCache(Mutex<Option<(Instant, Arc<PlanSnapshot>)>>);
+
+const PLAN_TTL: Duration = Duration::from_secs(1);
+
+impl PlanCache {
+    pub fn invalidate(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// The current plan, as `nightshift plan` computes it (same pure functions).
+pub fn current_plan(state: &ApiState) -> crate::queue::Result<Arc<PlanSnapshot>> {
+    if let Some((made, p)) = &*state.plan_cache.0.lock().unwrap_or_else(|e| e.into_inner())
+        && made.elapsed() < PLAN_TTL
+    {
+        return Ok(p.clone());
+    }
+    let snapshot = Arc::new(compute_plan(
+        &state.store,
+        &state.catalog,
+        &state.capacities,
+        &state.plan_settings,
+        Utc::now(),
+    )?);
+    *state.plan_cache.0.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some((Instant::now(), snapshot.clone()));
+    Ok(snapshot)
+}
+
+fn compute_plan(
+    store: &Store,
+    catalog: &crate::pricing::Catalog,
+    capacity: &[plan::ProviderCapacity],
+    settings: &plan::PlanSettings,
+    now: DateTime<Utc>,
+) -> crate::queue::Result<PlanSnapshot> {
+    let buckets = store.queued_buckets()?;
+    let (groups, unroutable) = plan::build_groups(
+        &buckets,
+        now,
+        settings,
+        |_| 1.0,
+        |key| {
+            let route =
+                RouteKey::decode(key).ok_or_else(|| format!("unreadable route key {key}"))?;
+            route
+                .candidates(catalog)
+                .map(|c| (c.models, c.reference))
+                .map_err(|e| e.to_string())
+        },
+    );
+    let plain: Vec<JobGroup> = groups.iter().map(|g| g.group.clone()).collect();
+    let plan = plan::plan(&plain, catalog, capacity, now, settings);
+    Ok(PlanSnapshot {
+        groups,
+        plan,
+        unroutable,
+    })
+}
+
+fn provider_model(catalog: &crate::pricing::Catalog, model: usize) -> (String, String) {
+    let m = &catalog.models[model];
+    (catalog.providers[m.provider].name.clone(), m.name.clone())
+}
+
+/// The whole plan: per (provider, model, slot), jobs and expected cost.
+pub fn plan_json(p: &PlanSnapshot, catalog: &crate::pricing::Catalog) -> Value {
+    let queued: u64 = p.groups.iter().map(|g| g.group.jobs).sum();
+    let allocations: Vec<Value> = p
+        .plan
+        .allocations
+        .iter()
+        .map(|a| {
+            let (provider, model) = provider_model(catalog, a.model);
+            let slot = &p.plan.slots[a.slot];
+            json!({
+                "provider": provider, "model": model,
+                "start": rfc3339(slot.start.timestamp_millis()), "end": rfc3339(slot.end.timestamp_millis()),
+                "jobs": a.jobs, "expected_cost_usd": usd(a.jobs * a.cost_per_job),
+                "route": RouteKey::decode(&p.groups[a.group].route_key),
+            })
+        })
+        .collect();
+    let overflow: f64 = p.plan.overflow.iter().map(|o| o.1).sum();
+    json!({
+        "object": "plan",
+        "planned_at": rfc3339(p.plan.now.timestamp_millis()),
+        "method": format!("{:?}", p.plan.method).to_lowercase(),
+        "queued_jobs": queued,
+        "groups": p.groups.len(),
+        "expected_cost_usd": usd(p.plan.expected_cost),
+        "dispatch_now_cost_usd": usd(p.plan.dispatch_now_cost),
+        "expected_savings_usd": usd(p.plan.dispatch_now_cost - p.plan.expected_cost),
+        "overflow_jobs": overflow,
+        "allocations": allocations,
+        "unroutable": p.unroutable.iter().map(|(k, r)| json!({"route": k, "reason": r})).collect::<Vec<_>>(),
+    })
+}
+
+/// A queued job's part of the plan: the slots and models its group is
+/// planned on (the dispatcher takes a group's most urgent jobs first).
+pub fn job_plan_json(p: &PlanSnapshot, catalog: &crate::pricing::Catalog, d: &JobDetail) -> Value {
+    let Some(gi) = p.groups.iter().position(|g| {
+        g.route_key == d.route_key && g.deadline_from <= d.deadline && d.deadline < g.deadline_to
+    }) else {
+        return Value::Null;
+    };
+    let g = &p.groups[gi];
+    let mut allocations: Vec<(i64, Value)> = p
+        .plan
+        .allocations
+        .iter()
+        .filter(|a| a.group == gi)
+        .map(|a| {
+            let (provider, model) = provider_model(catalog, a.model);
+            let slot = &p.plan.slots[a.slot];
+            (
+                slot.start.timestamp_millis(),
+                json!({"provider": provider, "model": model,
+                       "start": rfc3339(slot.start.timestamp_millis()), "end": rfc3339(slot.end.timestamp_millis()),
+                       "jobs": a.jobs, "expected_cost_per_job_usd": usd(a.cost_per_job)}),
+            )
+        })
+        .collect();
+    allocations.sort_by_key(|a| a.0);
+    let overflow: f64 = p
+        .plan
+        .overflow
+        .iter()
+        .filter(|o| o.0 == gi)
+        .map(|o| o.1)
+        .sum();
+    json!({
+        "planned_at": rfc3339(p.plan.now.timestamp_millis()),
+        "group_jobs": g.group.jobs,
+        "group_deadline": rfc3339(g.group.deadline.timestamp_millis()),
+        "earliest_start": allocations.first().map(|a| a.1["start"].clone()),
+        "allocations": allocations.into_iter().map(|a| a.1).collect::<Vec<_>>(),
+        "overflow_jobs": overflow,
+    })
+}
