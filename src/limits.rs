@@ -33,7 +33,12 @@ impl Bucket {
     /// at once, and it refills over 24 hours.
     pub fn per_day(limit: f64, now_ms: i64) -> Bucket {
         let capacity = limit.max(1.0);
-        Bucket { capacity, per_ms: limit / 86_400_000.0, level: capacity, last_ms: now_ms }
+        Bucket {
+            capacity,
+            per_ms: limit / 86_400_000.0,
+            level: capacity,
+            last_ms: now_ms,
+        }
     }
 
     /// A bucket for a per-minute limit, full at `now_ms`.
@@ -111,7 +116,9 @@ impl ProviderLimiter {
             tokens: limits
                 .tpm
                 .map(|t| Bucket::per_minute(t as f64 * usable, now_ms)),
-            daily: limits.rpd.map(|r| Bucket::per_day(r as f64 * usable, now_ms)),
+            daily: limits
+                .rpd
+                .map(|r| Bucket::per_day(r as f64 * usable, now_ms)),
             concurrency: limits.concurrency,
             in_flight: 0,
         }
@@ -131,7 +138,10 @@ impl ProviderLimiter {
             .tokens
             .as_mut()
             .map_or(0, |b| b.ready_in_ms(tokens as f64, now_ms));
-        let d = self.daily.as_mut().map_or(0, |b| b.ready_in_ms(1.0, now_ms));
+        let d = self
+            .daily
+            .as_mut()
+            .map_or(0, |b| b.ready_in_ms(1.0, now_ms));
         Some(r.max(t).max(d))
     }
 
@@ -277,7 +287,10 @@ mod tests {
 
     #[test]
     fn a_daily_limit_stops_requests_for_the_rest_of_the_day() {
-        let limits = Limits { rpd: Some(3), ..Limits::default() };
+        let limits = Limits {
+            rpd: Some(3),
+            ..Limits::default()
+        };
         let mut p = ProviderLimiter::with_pacing(&limits, 0, 1.0);
         for _ in 0..3 {
             assert!(p.try_acquire(1, 0));

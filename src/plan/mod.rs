@@ -126,7 +126,10 @@ impl ProviderCapacity {
         // A daily limit caps any slot at a day's allowance (a loose bound:
         // the rate limiter enforces the rolling day exactly).
         let by_day = self.rpd.unwrap_or(f64::INFINITY);
-        (by_rpm.min(by_concurrency).min(by_day) * usable, tokens * usable)
+        (
+            by_rpm.min(by_concurrency).min(by_day) * usable,
+            tokens * usable,
+        )
     }
 }
 
