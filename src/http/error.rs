@@ -81,7 +81,7 @@ impl ApiError {
         } else {
             "invalid_value"
         };
-        let message = crate_message(&inner.to_string());
+        let message = inner.to_string();
         ApiError {
             param,
             ..ApiError::bad_request(message, None, code)
@@ -104,6 +104,8 @@ impl ApiError {
         );
         let code = if first.1.field.as_deref() == Some("body.model") {
             "model_not_found"
+        } else if first.1.field.is_none() && first.1.message.starts_with("invalid JSON") {
+            "invalid_json"
         } else {
             "invalid_line"
         };
@@ -204,11 +206,6 @@ impl ApiError {
         }
         json!({ "error": error })
     }
-}
-
-/// serde's messages say "at line 1 column 5" for the whole body; keep them.
-fn crate_message(s: &str) -> String {
-    s.to_string()
 }
 
 impl IntoResponse for ApiError {

@@ -398,3 +398,84 @@ pub async fn wait_for_outbox(
     .await;
     (read_jsonl(&out), read_jsonl(&err))
 }
+
+// ---- the local HTTP API -----------------------------------------------------
+
+/// `config_toml` plus an `[http]` table listening on a loopback TCP port
+/// chosen by the OS (`127.0.0.1:0`) and these extra lines.
+pub fn api_config_toml(dir: &Path, providers: &[ProviderSpec], http_extra: &str) -> String {
+    format!(
+        "{}\n[http]\ntcp = \"127.0.0.1:0\"\n{http_extra}\n",
+        config_toml(dir, providers)
+    )
+}
+
+/// A log line without ANSI colour codes.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl Daemon {
+    /// Waits until the daemon logs that it is ready (its API is listening).
+    pub async fn wait_ready(&self) {
+        wait_until("the daemon to be ready", Duration::from_secs(30), || {
+            self.log_text().contains("nightshift ready")
+        })
+        .await;
+    }
+
+    /// The API socket of a daemon started with [`config_toml`]'s state dir.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("state/nightshift.sock")
+    }
+
+    /// The bearer token file's content.
+    pub fn token(&self) -> String {
+        fs::read_to_string(self.dir.join("state/api-token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// The TCP address the API bound (from the log), once ready.
+    pub async fn tcp_addr(&self) -> SocketAddr {
+        self.wait_ready().await;
+        let log = strip_ansi(&self.log_text());
+        let line = log
+            .lines()
+            .find(|l| l.contains("HTTP API listening on TCP"))
+            .expect("the API listens on TCP");
+        let at = line.find("tcp=").expect("the log names the address") + 4;
+        line[at..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    /// A client of the API over the Unix socket, once ready.
+    pub async fn unix_client(&self) -> nightshift::http::client::Client {
+        self.wait_ready().await;
+        nightshift::http::client::Client::new(nightshift::http::client::Target::Unix(self.socket()))
+    }
+
+    /// A base URL (`http://127.0.0.1:PORT`) and token for the TCP listener.
+    pub async fn tcp_base(&self) -> (String, String) {
+        let addr = self.tcp_addr().await;
+        (format!("http://{addr}"), self.token())
+    }
+}
