@@ -162,9 +162,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     };
 
     info!(inbox = %folders.inbox.display(), outbox = %folders.outbox.display(), "nightshift ready");
+    crate::systemd::ready(&format!("serving; inbox {}", folders.inbox.display()));
+    let watchdog_task = tokio::spawn(crate::systemd::watchdog(stop_rx.clone()));
     shutdown.await;
     info!("shutting down");
+    crate::systemd::stopping();
     let _ = stop_tx.send(true);
+    let _ = watchdog_task.await;
     let _ = http_task.await;
     let _ = ingest_task.await;
     let _ = dispatch_task.await;

@@ -42,4 +42,5 @@ pub mod queue;
 pub mod reliability;
 pub mod results;
 pub mod simulate;
+pub mod systemd;
 pub mod views;

@@ -102,3 +102,26 @@ fn a_second_daemon_on_the_same_state_directory_refuses_to_start() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("another nightshift is already running"));
     first.kill();
 }
+
+#[test]
+fn the_sample_systemd_config_is_valid() {
+    let creds = tempfile::tempdir().unwrap();
+    fs::write(creds.path().join("openai"), "sk-sample\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_nightshift"))
+        .args([
+            "check-config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/nightshift.toml"),
+        ])
+        .env("CREDENTIALS_DIRECTORY", creds.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("sk-sample"),
+        "the key is never printed"
+    );
+}
