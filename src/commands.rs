@@ -55,6 +55,87 @@ pub fn plan(config: &Config) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// `nightshift report`: spend and savings of finished jobs, from the database.
+pub fn report(
+    config: &Config,
+    since: Option<&str>,
+    by: crate::queue::SpendBy,
+) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
+    let db = &config.daemon.database;
+    if !db.exists() {
+        bail!(
+            "no database at {} (has the daemon run with this config?)",
+            db.display()
+        );
+    }
+    let since_ms = match since {
+        None => 0,
+        Some(s) => match chrono::DateTime::parse_from_rfc3339(s) {
+            Ok(t) => t.timestamp_millis(),
+            Err(_) => {
+                let d = crate::config::parse_duration(s).map_err(|_| {
+                    anyhow::anyhow!(
+                        "--since '{s}' is neither an RFC 3339 timestamp nor a duration like 7d"
+                    )
+                })?;
+                Utc::now().timestamp_millis() - d.as_millis() as i64
+            }
+        },
+    };
+    let store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
+    let rows = store.spend(since_ms, by)?;
+    let mut out = String::new();
+    let label = match by {
+        crate::queue::SpendBy::Provider => "provider",
+        crate::queue::SpendBy::Class => "class / model",
+        crate::queue::SpendBy::Day => "day (UTC)",
+    };
+    let _ = writeln!(
+        out,
+        "{label:<24} {:>9} {:>12} {:>12} {:>14} {:>14} {:>14} {:>8}",
+        "jobs", "input tok", "output tok", "spend USD", "list USD", "saved USD", "saved"
+    );
+    let mut total = crate::queue::SpendRow {
+        key: "total".into(),
+        jobs: 0,
+        input_tokens: 0,
+        output_tokens: 0,
+        cost_usd: 0.0,
+        list_cost_usd: 0.0,
+        late_cost_usd: 0.0,
+    };
+    for r in &rows {
+        total.jobs += r.jobs;
+        total.input_tokens += r.input_tokens;
+        total.output_tokens += r.output_tokens;
+        total.cost_usd += r.cost_usd;
+        total.list_cost_usd += r.list_cost_usd;
+        total.late_cost_usd += r.late_cost_usd;
+    }
+    for r in rows.iter().chain(std::iter::once(&total)) {
+        let spend = r.cost_usd + r.late_cost_usd;
+        let saved = r.list_cost_usd - spend;
+        let pct = if r.list_cost_usd > 0.0 {
+            100.0 * saved / r.list_cost_usd
+        } else {
+            0.0
+        };
+        let _ = writeln!(
+            out,
+            "{:<24} {:>9} {:>12} {:>12} {:>14.6} {:>14.6} {:>14.6} {:>7.1}%",
+            r.key, r.jobs, r.input_tokens, r.output_tokens, spend, r.list_cost_usd, saved, pct
+        );
+    }
+    out.push_str(
+        "
+spend = actual cost (usage × price at dispatch, markup included) plus late duplicate answers;
+list = the same tokens on the class's reference model at arrival time.
+",
+    );
+    Ok(out)
+}
+
 /// Arguments of `nightshift simulate`.
 pub struct SimulateArgs {
     pub workload: PathBuf,

@@ -24,6 +24,13 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum ReportBy {
+    Provider,
+    Class,
+    Day,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Compact,
     Json,
@@ -58,6 +65,17 @@ enum Command {
     },
     /// Show what the daemon intends to do with its queue: jobs and expected
     /// cost per provider and hour, against dispatching everything now.
+    /// Spend and savings of finished jobs: actual cost against list cost.
+    Report {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Only jobs finished since then: RFC 3339, or a duration such as 7d.
+        #[arg(long)]
+        since: Option<String>,
+        /// Group by provider, class or day.
+        #[arg(long, value_enum, default_value_t = ReportBy::Provider)]
+        by: ReportBy,
+    },
     Plan {
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -257,6 +275,19 @@ fn run(command: Command) -> anyhow::Result<()> {
             print!(
                 "{}",
                 nightshift::views::prices_table(&config.catalog, at, hours)
+            );
+            Ok(())
+        }
+        Command::Report { config, since, by } => {
+            let config = load(config.as_ref())?;
+            let by = match by {
+                ReportBy::Provider => nightshift::queue::SpendBy::Provider,
+                ReportBy::Class => nightshift::queue::SpendBy::Class,
+                ReportBy::Day => nightshift::queue::SpendBy::Day,
+            };
+            print!(
+                "{}",
+                nightshift::commands::report(&config, since.as_deref(), by)?
             );
             Ok(())
         }

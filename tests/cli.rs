@@ -125,3 +125,51 @@ fn the_sample_systemd_config_is_valid() {
         "the key is never printed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_spend_and_savings_match_the_sum_over_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::spawn(dir.path(), &["serve"]);
+    let example = fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/jobs/examples/tickets.jsonl"
+    ))
+    .unwrap();
+    drop_file(&dir.path().join("jobs"), "tickets.jsonl", &example);
+    let (output, _) =
+        wait_for_outbox(&dir.path().join("jobs"), "tickets", Duration::from_secs(30)).await;
+    daemon.terminate().await;
+    let cost: f64 = output
+        .iter()
+        .map(|l| l["nightshift"]["cost_usd"].as_f64().unwrap())
+        .sum();
+    let list: f64 = output
+        .iter()
+        .map(|l| l["nightshift"]["list_cost_usd"].as_f64().unwrap())
+        .sum();
+    for by in ["provider", "class", "day"] {
+        let out = nightshift(dir.path(), &["report", "--by", by]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let total: Vec<&str> = text
+            .lines()
+            .find(|l| l.starts_with("total"))
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        assert_eq!(total[1], output.len().to_string(), "{text}");
+        let (spend, list_usd): (f64, f64) = (total[4].parse().unwrap(), total[5].parse().unwrap());
+        assert!(
+            (spend - cost).abs() < 1e-6,
+            "{by}: {spend} vs {cost}\n{text}"
+        );
+        assert!(
+            (list_usd - list).abs() < 1e-6,
+            "{by}: {list_usd} vs {list}\n{text}"
+        );
+    }
+}

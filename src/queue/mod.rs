@@ -689,6 +689,35 @@ impl Store {
     }
 
     /// Number of jobs in each state.
+    /// Spend of finished jobs since `since_ms`, grouped by `by`: jobs, input
+    /// and output tokens, actual cost, list cost, and the cost of late
+    /// (duplicate) answers. Runs on a read connection.
+    pub fn spend(&self, since_ms: i64, by: SpendBy) -> Result<Vec<SpendRow>> {
+        let key = match by {
+            SpendBy::Provider => "provider",
+            SpendBy::Class => "model",
+            SpendBy::Day => "strftime('%Y-%m-%d', completed_at / 1000, 'unixepoch')",
+        };
+        let conn = self.reader()?;
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {key}, COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0),
+                    COALESCE(SUM(cost_usd), 0), COALESCE(SUM(list_cost_usd), 0), COALESCE(SUM(late_cost_usd), 0)
+             FROM jobs WHERE state = 'succeeded' AND completed_at >= ?1 GROUP BY 1 ORDER BY 1"
+        ))?;
+        let rows = stmt.query_map([since_ms], |r| {
+            Ok(SpendRow {
+                key: r.get::<_, Option<String>>(0)?.unwrap_or_default(),
+                jobs: r.get::<_, i64>(1)? as u64,
+                input_tokens: r.get::<_, i64>(2)? as u64,
+                output_tokens: r.get::<_, i64>(3)? as u64,
+                cost_usd: r.get(4)?,
+                list_cost_usd: r.get(5)?,
+                late_cost_usd: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     pub fn counts(&self) -> Result<BTreeMap<JobState, u64>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
@@ -709,6 +738,28 @@ impl Store {
         let mut stmt = conn.prepare_cached(&format!("{SELECT_FINISHED} WHERE id = ?1"))?;
         Ok(stmt.query_row([id], finished_from_row).optional()?)
     }
+}
+
+/// How `Store::spend` groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpendBy {
+    Provider,
+    /// The model or class the jobs asked for.
+    Class,
+    /// The UTC day they completed.
+    Day,
+}
+
+/// One group of [`Store::spend`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpendRow {
+    pub key: String,
+    pub jobs: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost_usd: f64,
+    pub list_cost_usd: f64,
+    pub late_cost_usd: f64,
 }
 
 /// Errors while streaming results to a writer.
