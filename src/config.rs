@@ -74,6 +74,8 @@ pub enum Transport {
     OpenAi {
         base_url: String,
         api_key: Secret,
+        /// Where the key came from (`env OPENAI_API_KEY`, `file ...`), for display.
+        key_source: String,
         /// Whole request, from connect to the last byte (default: `daemon.request_timeout`).
         timeout: Option<Duration>,
         connect_timeout: Option<Duration>,
@@ -544,6 +546,11 @@ impl Validator<'_> {
                     Transport::OpenAi {
                         base_url: url,
                         api_key,
+                        key_source: match (&p.api_key_env, &p.api_key_file) {
+                            (Some(v), _) => format!("env {}", v.get_ref()),
+                            (_, Some(f)) => format!("file {}", f.get_ref().display()),
+                            _ => String::new(),
+                        },
                         timeout: opt(&p.timeout, "timeout")?,
                         connect_timeout: opt(&p.connect_timeout, "connect_timeout")?,
                     }

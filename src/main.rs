@@ -45,7 +45,8 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Validate a configuration file (or the embedded default) and exit.
+    /// Validate a configuration file (or the embedded default) and print the
+    /// effective configuration (defaults filled in, API keys redacted).
     CheckConfig {
         /// The file to check; the embedded default if omitted.
         file: Option<PathBuf>,
@@ -255,8 +256,9 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::CheckConfig { file } => {
             let config = load(file.as_ref())?;
+            print!("{}", nightshift::views::effective_config(&config));
             println!(
-                "{}: OK ({} providers, {} models, {} classes)",
+                "\n# {}: OK ({} providers, {} models, {} classes)",
                 config.origin,
                 config.catalog.providers.len(),
                 config.catalog.models.len(),

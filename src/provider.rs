@@ -88,6 +88,7 @@ impl ProviderClient {
                 api_key,
                 timeout,
                 connect_timeout,
+                ..
             } => ProviderClient::Http {
                 base_url: base_url.clone(),
                 api_key: api_key.clone(),

@@ -150,6 +150,151 @@ pub fn plan_table(plan: &Plan, groups: &[JobGroup], catalog: &Catalog) -> String
     out
 }
 
+/// The effective configuration, as `nightshift check-config` prints it:
+/// every default filled in, API keys shown only by where they come from.
+pub fn effective_config(config: &crate::config::Config) -> String {
+    use crate::config::Transport;
+    let mut out = String::new();
+    let d = &config.daemon;
+    let _ = writeln!(out, "# effective configuration of {}", config.origin);
+    let _ = writeln!(out, "[daemon]");
+    let _ = writeln!(out, "state_dir = {:?}", d.state_dir.display().to_string());
+    let _ = writeln!(out, "jobs_dir = {:?}", d.jobs_dir.display().to_string());
+    let _ = writeln!(out, "database = {:?}", d.database.display().to_string());
+    for (k, v) in [
+        ("default_deadline", d.default_deadline),
+        ("rescan_interval", d.rescan_interval),
+        ("request_timeout", d.request_timeout),
+        ("shutdown_grace", d.shutdown_grace),
+        ("safety_margin", d.safety_margin),
+        ("retry_base", d.retry.base),
+        ("retry_max", d.retry.cap),
+    ] {
+        let _ = writeln!(out, "{k} = \"{}\"", humantime::format_duration(v));
+    }
+    let _ = writeln!(
+        out,
+        "after_deadline = \"{}\"",
+        if d.run_after_deadline {
+            "run"
+        } else {
+            "expire"
+        }
+    );
+    let _ = writeln!(out, "max_attempts = {}", d.retry.max_attempts);
+    let h = &config.http;
+    let _ = writeln!(
+        out,
+        "\n[http]\nsocket = {:?}",
+        h.socket.display().to_string()
+    );
+    match h.tcp {
+        Some(addr) => {
+            let _ = writeln!(out, "tcp = \"{addr}\"");
+        }
+        None => {
+            let _ = writeln!(out, "# tcp: off");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "allow_non_loopback = {}\ntoken_file = {:?}\nmax_body = {}\nmax_upload = {}",
+        h.allow_non_loopback,
+        h.token_file.display().to_string(),
+        h.max_body,
+        h.max_upload
+    );
+    for (p, t) in config.catalog.providers.iter().zip(&config.transports) {
+        let _ = writeln!(out, "\n[[providers]]\nname = {:?}", p.name);
+        match t {
+            Transport::OpenAi {
+                base_url,
+                key_source,
+                timeout,
+                connect_timeout,
+                ..
+            } => {
+                let _ = writeln!(
+                    out,
+                    "kind = \"openai\"\nbase_url = {base_url:?}\napi_key = \"<redacted; from {key_source}>\""
+                );
+                if let Some(t) = timeout {
+                    let _ = writeln!(out, "timeout = \"{}\"", humantime::format_duration(*t));
+                }
+                if let Some(t) = connect_timeout {
+                    let _ = writeln!(
+                        out,
+                        "connect_timeout = \"{}\"",
+                        humantime::format_duration(*t)
+                    );
+                }
+            }
+            Transport::Simulated {
+                latency,
+                ms_per_output_token,
+                failure_rate,
+            } => {
+                let _ = writeln!(
+                    out,
+                    "kind = \"simulated\"\nlatency = \"{}\"\nms_per_output_token = {ms_per_output_token}\nfailure_rate = {failure_rate}",
+                    humantime::format_duration(*latency)
+                );
+            }
+        }
+        if let Some(r) = &p.region {
+            let _ = writeln!(out, "region = {r:?}");
+        }
+        let l = &p.limits;
+        let _ = writeln!(out, "markup = {}\nreserve = {}", p.markup, l.reserve);
+        for (k, v) in [
+            ("rpm", l.rpm.map(u64::from)),
+            ("tpm", l.tpm),
+            ("rpd", l.rpd.map(u64::from)),
+            ("concurrency", l.concurrency.map(u64::from)),
+        ] {
+            match v {
+                Some(v) => {
+                    let _ = writeln!(out, "{k} = {v}");
+                }
+                None => {
+                    let _ = writeln!(out, "# {k}: unlimited");
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# price windows: {}",
+            p.windows
+                .iter()
+                .map(|w| w.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        for m in config
+            .catalog
+            .models
+            .iter()
+            .filter(|m| config.catalog.providers[m.provider].name == p.name)
+        {
+            let endpoints: Vec<&str> = m.endpoints.iter().map(|e| e.as_url()).collect();
+            let _ = writeln!(
+                out,
+                "[[providers.models]]\nname = {:?}\ninput_per_mtok = {}\noutput_per_mtok = {}\nendpoints = {endpoints:?}",
+                m.name, m.list.input_per_mtok, m.list.output_per_mtok
+            );
+        }
+    }
+    let _ = writeln!(out, "\n[classes]");
+    for (class, members) in &config.catalog.classes {
+        let names: Vec<String> = members
+            .iter()
+            .map(|&m| config.catalog.qualified_name(m))
+            .collect();
+        let _ = writeln!(out, "{class} = {names:?}");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
