@@ -794,3 +794,42 @@ async fn the_cli_submits_waits_lists_and_reports_status() {
     let v: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["stats"]["jobs"]["failed"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_over_the_limit_is_refused_with_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let provider = LoopbackProvider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &api_config_toml(
+            dir.path(),
+            &[cheap(provider.base_url())],
+            "max_body = \"4KB\"",
+        ),
+    );
+    daemon.wait_ready().await;
+    // No Content-Length: the limit must hold while the body streams in.
+    let mut request =
+        b"POST /v1/jobs HTTP/1.1\r\nHost: nightshift\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            .to_vec();
+    let chunk = "x".repeat(1000);
+    for _ in 0..6 {
+        request.extend_from_slice(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes());
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let mut stream = tokio::net::UnixStream::connect(daemon.socket())
+        .await
+        .unwrap();
+    let _ = stream.write_all(&request).await;
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains("\"code\":\"request_too_large\""),
+        "{answer}"
+    );
+    let client = daemon.unix_client().await;
+    assert_eq!(client.get("/v1/jobs").await.unwrap()["data"], json!([]));
+}
