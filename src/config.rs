@@ -135,6 +135,8 @@ pub struct Config {
     pub catalog: Catalog,
     /// Parallel to `catalog.providers`.
     pub transports: Vec<Transport>,
+    /// Spending caps, global and per provider.
+    pub budgets: Vec<crate::budget::Budget>,
 }
 
 impl Config {
@@ -263,6 +265,8 @@ struct RawConfig {
     #[serde(default)]
     http: RawHttp,
     #[serde(default)]
+    budget: RawBudget,
+    #[serde(default)]
     providers: Vec<RawProvider>,
     #[serde(default)]
     classes: BTreeMap<String, Spanned<Vec<Spanned<String>>>>,
@@ -297,6 +301,14 @@ struct RawHttp {
     max_upload: Option<Spanned<String>>,
 }
 
+/// Global spending caps (USD).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    daily_usd: Option<f64>,
+    monthly_usd: Option<f64>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawProvider {
@@ -314,6 +326,9 @@ struct RawProvider {
     concurrency: Option<u32>,
     #[serde(default)]
     reserve: f64,
+    /// Spending caps on this provider (USD per UTC day / month).
+    daily_budget_usd: Option<f64>,
+    monthly_budget_usd: Option<f64>,
     /// The date the prices were last checked against the provider's page.
     #[allow(dead_code)]
     prices_checked: Option<String>,
@@ -465,6 +480,7 @@ impl Validator<'_> {
 
         let mut catalog = Catalog::default();
         let mut transports = Vec::new();
+        let mut budgets = Vec::new();
         if raw.providers.is_empty() {
             return Err(self.err(
                 None,
@@ -585,6 +601,33 @@ impl Validator<'_> {
                 windows.push(self.window(w, &field(&format!("price_windows[{wi}]")))?);
             }
             let provider_id = catalog.providers.len();
+            for (cap, period, f) in [
+                (
+                    p.daily_budget_usd,
+                    crate::budget::Period::Day,
+                    "daily_budget_usd",
+                ),
+                (
+                    p.monthly_budget_usd,
+                    crate::budget::Period::Month,
+                    "monthly_budget_usd",
+                ),
+            ] {
+                if let Some(cap) = cap {
+                    if !(cap.is_finite() && cap >= 0.0) {
+                        return Err(self.err(
+                            Some(p.name.span()),
+                            field(f),
+                            "must be a non-negative number of USD",
+                        ));
+                    }
+                    budgets.push(crate::budget::Budget {
+                        provider: Some(provider_id),
+                        period,
+                        cap_usd: cap,
+                    });
+                }
+            }
             catalog.providers.push(ProviderInfo {
                 name: name.clone(),
                 region: p.region.clone(),
@@ -710,12 +753,36 @@ impl Validator<'_> {
             catalog.classes.insert(class.clone(), ids);
         }
 
+        for (cap, period, f) in [
+            (
+                raw.budget.daily_usd,
+                crate::budget::Period::Day,
+                "budget.daily_usd",
+            ),
+            (
+                raw.budget.monthly_usd,
+                crate::budget::Period::Month,
+                "budget.monthly_usd",
+            ),
+        ] {
+            if let Some(cap) = cap {
+                if !(cap.is_finite() && cap >= 0.0) {
+                    return Err(self.err(None, f, "must be a non-negative number of USD"));
+                }
+                budgets.push(crate::budget::Budget {
+                    provider: None,
+                    period,
+                    cap_usd: cap,
+                });
+            }
+        }
         Ok(Config {
             origin: self.file.to_string(),
             daemon,
             http,
             catalog,
             transports,
+            budgets,
         })
     }
 

@@ -123,6 +123,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         lease: d.request_timeout + Duration::from_secs(60),
         run_after_deadline: d.run_after_deadline,
         retry: d.retry,
+        budgets: config.budgets.clone(),
         plan_settings: crate::plan::PlanSettings {
             safety_margin: d.safety_margin,
             ..Default::default()

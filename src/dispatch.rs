@@ -50,6 +50,8 @@ pub struct Dispatcher {
     /// of expiring them.
     pub run_after_deadline: bool,
     pub retry: RetryPolicy,
+    /// Spending caps.
+    pub budgets: Vec<crate::budget::Budget>,
     /// Notified when jobs arrive (ingest) to re-plan and dispatch at once.
     pub wake: Arc<Notify>,
     /// Notified when jobs become final, for the outbox writer.
@@ -89,6 +91,8 @@ struct Observed {
     health: Vec<Health>,
     /// The earliest time a retried job becomes due again: re-plan then.
     next_retry: Option<DateTime<Utc>>,
+    /// Spend against the budgets in their current periods.
+    budget: crate::budget::BudgetState,
 }
 
 /// A finished request, reported back to the loop.
@@ -104,6 +108,9 @@ struct Done {
     latency: Duration,
     /// The job went back to the queue until then.
     retry_at: Option<DateTime<Utc>>,
+    /// Charged to the budget at dispatch (estimate), and billed (actual).
+    charged_cost: f64,
+    actual_cost: f64,
 }
 
 /// The current plan: groups, and what may start in its first slot.
@@ -140,7 +147,13 @@ impl Dispatcher {
                 latency: Duration::from_secs_f64(observed.latency_s[p].value.max(0.001)),
                 success_rate: observed.success[p].value,
                 input_token_ratio: observed.input_ratio[p].value.clamp(0.25, 4.0),
-                unavailable_until: observed.health[p].plan_excluded_until(now),
+                // Out of health, or out of budget until it renews.
+                unavailable_until: {
+                    let health = observed.health[p].plan_excluded_until(now);
+                    let budget = (observed.budget.remaining(p) <= 1e-9)
+                        .then(|| observed.budget.renews_at(p, 1e-9, now));
+                    health.max(budget)
+                },
                 ..ProviderCapacity::from_limits(&info.limits, Duration::ZERO, 0.0)
             })
             .collect()
@@ -163,6 +176,7 @@ impl Dispatcher {
             output_ratio: Default::default(),
             health: vec![Health::default(); n],
             next_retry: None,
+            budget: self.load_budgets().await,
         };
         // Start from what finished jobs taught earlier runs.
         match blocking(&self.store, |s| s.learned_token_ratios(7)).await {
@@ -240,6 +254,31 @@ impl Dispatcher {
         self.finished.notify_one();
     }
 
+    /// The budgets, with what finished jobs already spent in their periods.
+    async fn load_budgets(&self) -> crate::budget::BudgetState {
+        let budgets = self.budgets.clone();
+        let names: Vec<String> = self
+            .catalog
+            .providers
+            .iter()
+            .map(|p| p.name.clone())
+            .collect();
+        let now = Utc::now();
+        blocking(&self.store, move |s| {
+            crate::budget::BudgetState::new(budgets, now, |provider, since| {
+                let name = provider.map(|p| names[p].as_str());
+                s.spent_since(name, since.timestamp_millis())
+                    .unwrap_or_else(|e| {
+                        warn!(
+                            "could not read past spend for the budgets (counting it as zero): {e}"
+                        );
+                        0.0
+                    })
+            })
+        })
+        .await
+    }
+
     /// Books a finished request: rate-limit correction, observations, the
     /// provider's health. Returns true if a provider's availability changed.
     fn account(
@@ -251,6 +290,10 @@ impl Dispatcher {
         match done {
             Ok(d) => {
                 let now = Utc::now();
+                // The budget was charged the estimate; correct it to what was billed.
+                observed
+                    .budget
+                    .charge(d.provider, d.actual_cost - d.charged_cost);
                 let health = &mut observed.health[d.provider];
                 let mut changed = health.record(&d.verdict, now);
                 if let Some(pause) = d
@@ -405,6 +448,10 @@ impl Dispatcher {
             info!(expired, "jobs passed their deadline before dispatch");
             self.finished.notify_one();
         }
+        if observed.budget.roll_over(now) {
+            info!("a budget period renewed");
+            *current = None;
+        }
         let retry_due = observed.next_retry.is_some_and(|t| t <= now);
         if retry_due {
             observed.next_retry = None;
@@ -432,6 +479,7 @@ impl Dispatcher {
         let mut failures = Vec::new();
         let mut next = IDLE;
         let mut blocked = HashSet::new();
+        let mut replan_now = false;
         for idx in 0..cur.quotas.entries.len() {
             let (g, model, remaining) = cur.quotas.entries[idx];
             let provider = self.catalog.models[model].provider;
@@ -481,12 +529,60 @@ impl Dispatcher {
                 if let Some(max) = max_cost
                     && cost > max
                 {
-                    failures.push((job.id, format!(
+                    failures.push((job.id, "max_cost_exceeded", format!(
                         "the planned model {} costs an estimated ${cost:.6}, above max_cost_usd ${max:.6}",
                         self.catalog.qualified_name(model)
                     )));
                     cur.quotas.take(g, model);
                     continue;
+                }
+                if !observed.budget.fits(provider, cost) {
+                    // Over budget here. If another eligible provider still has
+                    // budget, re-plan (this one now counts as unavailable);
+                    // otherwise wait for the earliest renewal, unless the
+                    // deadline comes first.
+                    let fits_at = |m: ModelId| {
+                        let p = self.catalog.models[m].provider;
+                        (p, self.catalog.cost_at(m, now, estimate.0, estimate.1))
+                    };
+                    let others_fit = group.group.candidates.iter().any(|&m| {
+                        let (p, c) = fits_at(m);
+                        p != provider && observed.budget.fits(p, c)
+                    });
+                    if others_fit {
+                        blocked.insert(provider);
+                        replan_now = true;
+                        break;
+                    }
+                    let renews = group
+                        .group
+                        .candidates
+                        .iter()
+                        .map(|&m| {
+                            let (p, c) = fits_at(m);
+                            observed.budget.renews_at(p, c, now)
+                        })
+                        .min()
+                        .unwrap_or(now);
+                    let margin = chrono::Duration::from_std(self.plan_settings.safety_margin)
+                        .unwrap_or_default();
+                    if job.deadline <= (renews + margin).timestamp_millis() {
+                        failures.push((job.id, "budget_exhausted", format!(
+                            "{}'s budget cannot pay the estimated ${cost:.6} before the deadline (it renews at {})",
+                            self.catalog.providers[provider].name,
+                            renews.to_rfc3339()
+                        )));
+                        cur.quotas.take(g, model);
+                        continue;
+                    }
+                    blocked.insert(provider);
+                    next = next.min(
+                        (renews - now)
+                            .to_std()
+                            .unwrap_or_default()
+                            .max(Duration::from_millis(1)),
+                    );
+                    break;
                 }
                 if !observed.health[provider].admit(now) {
                     // A half-open circuit admits one probe at a time.
@@ -512,6 +608,7 @@ impl Dispatcher {
                     break;
                 }
                 cur.quotas.take(g, model);
+                observed.budget.charge(provider, cost);
                 let m = &self.catalog.models[model];
                 starts.push(Start {
                     job_id: job.id,
@@ -528,16 +625,23 @@ impl Dispatcher {
                 ));
             }
         }
+        if replan_now {
+            // A provider ran out of budget: the next pass plans without it.
+            cur.quotas.until = Some(now);
+        }
         if !failures.is_empty() {
             let n = failures.len();
             blocking(&self.store, move |s| {
-                for (id, message) in failures {
-                    s.fail_queued(id, now_ms, "max_cost_exceeded", &message)?;
+                for (id, code, message) in failures {
+                    s.fail_queued(id, now_ms, code, &message)?;
                 }
                 Ok::<_, QueueError>(())
             })
             .await?;
-            info!(failed = n, "jobs failed: over their max_cost_usd");
+            info!(
+                failed = n,
+                "jobs failed without dispatch (max_cost_usd or budget)"
+            );
             self.finished.notify_one();
         }
         if starts.is_empty() {
@@ -586,6 +690,8 @@ impl Dispatcher {
                     verdict: executed.verdict,
                     signals: executed.signals,
                     retry_at: executed.retry_at,
+                    charged_cost: estimated_cost,
+                    actual_cost: executed.cost,
                     latency: sent.elapsed(),
                 }
             });
@@ -615,6 +721,8 @@ struct RequestContext {
 
 /// What a request task reports back to the loop.
 struct Executed {
+    /// What this attempt was billed (0 unless it succeeded).
+    cost: f64,
     usage: Option<(u64, u64)>,
     verdict: Verdict,
     signals: Signals,
@@ -737,6 +845,7 @@ impl RequestContext {
         {
             finish.error_message = Some(format!("gave up after {attempts} attempts"));
         }
+        let billed = finish.cost_usd.unwrap_or(0.0);
         let (id, owner) = (job.id, self.owner.clone());
         let recorded = match retry_at {
             Some(at) => {
@@ -772,6 +881,7 @@ impl RequestContext {
             ),
         }
         Executed {
+            cost: billed,
             usage,
             verdict,
             signals,

@@ -25,6 +25,7 @@
 //! Pure modules take `now` as an argument and never read the clock, so the
 //! same code runs in real time in the daemon and in virtual time in tests.
 
+pub mod budget;
 pub mod cli_client;
 pub mod commands;
 pub mod config;

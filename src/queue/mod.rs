@@ -689,6 +689,18 @@ impl Store {
     }
 
     /// Number of jobs in each state.
+    /// What jobs finished since `since_ms` cost (late duplicates included),
+    /// on one provider or all. Runs on a read connection.
+    pub fn spent_since(&self, provider: Option<&str>, since_ms: i64) -> Result<f64> {
+        let conn = self.reader()?;
+        Ok(conn.query_row(
+            "SELECT COALESCE(SUM(COALESCE(cost_usd, 0) + late_cost_usd), 0) FROM jobs
+             WHERE completed_at >= ?1 AND (?2 IS NULL OR provider = ?2)",
+            params![since_ms, provider],
+            |r| r.get(0),
+        )?)
+    }
+
     /// Spend of finished jobs since `since_ms`, grouped by `by`: jobs, input
     /// and output tokens, actual cost, list cost, and the cost of late
     /// (duplicate) answers. Runs on a read connection.
