@@ -66,10 +66,15 @@ async fn server(
     config.http.max_body = 100_000_000;
     let store = Arc::new(Store::open(&config.daemon.database).unwrap());
     let catalog = Arc::new(config.catalog.clone());
-    let s =
-        nightshift::http::Server::bind(&config, store.clone(), catalog, Arc::new(Notify::new()))
-            .await
-            .unwrap();
+    let s = nightshift::http::Server::bind(
+        &config,
+        store.clone(),
+        catalog,
+        Arc::new(Notify::new()),
+        Arc::default(),
+    )
+    .await
+    .unwrap();
     let (tx, rx) = watch::channel(false);
     let task = tokio::spawn(s.serve(rx));
     (tx, task, store)

@@ -114,6 +114,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             Transport::OpenAi { .. } => Duration::from_secs(2),
         })
         .collect();
+    let telemetry = Arc::new(crate::telemetry::Telemetry::new());
     let dispatcher = Dispatcher {
         store: store.clone(),
         catalog: catalog.clone(),
@@ -124,6 +125,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         run_after_deadline: d.run_after_deadline,
         retry: d.retry,
         budgets: config.budgets.clone(),
+        telemetry: telemetry.clone(),
         plan_settings: crate::plan::PlanSettings {
             safety_margin: d.safety_margin,
             ..Default::default()
@@ -149,8 +151,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     ));
 
     // The local HTTP API: binding fails the start (a live socket, a bad address).
-    let http =
-        crate::http::Server::bind(&config, store.clone(), catalog.clone(), wake.clone()).await;
+    let http = crate::http::Server::bind(
+        &config,
+        store.clone(),
+        catalog.clone(),
+        wake.clone(),
+        telemetry.clone(),
+    )
+    .await;
     let http_task = match http {
         Ok(server) => tokio::spawn(server.serve(stop_rx.clone())),
         Err(e) => {

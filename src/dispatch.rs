@@ -52,6 +52,8 @@ pub struct Dispatcher {
     pub retry: RetryPolicy,
     /// Spending caps.
     pub budgets: Vec<crate::budget::Budget>,
+    /// Metrics and the live provider health, for the HTTP API.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// Notified when jobs arrive (ingest) to re-plan and dispatch at once.
     pub wake: Arc<Notify>,
     /// Notified when jobs become final, for the outbox writer.
@@ -111,6 +113,8 @@ struct Done {
     /// Charged to the budget at dispatch (estimate), and billed (actual).
     charged_cost: f64,
     actual_cost: f64,
+    list_cost: f64,
+    status: Option<u16>,
 }
 
 /// The current plan: groups, and what may start in its first slot.
@@ -192,6 +196,9 @@ impl Dispatcher {
             }
             Err(e) => warn!("could not read token statistics of finished jobs: {e}"),
         }
+        for p in 0..n {
+            self.publish_health(p, &observed);
+        }
         let mut current: Option<Current> = None;
         let mut replan = true;
         let mut in_flight: JoinSet<Done> = JoinSet::new();
@@ -254,6 +261,64 @@ impl Dispatcher {
         self.finished.notify_one();
     }
 
+    /// Counts a finished request in the metrics, and publishes the
+    /// provider's health as the dispatcher now sees it.
+    fn record_metrics(&self, d: &Done, observed: &Observed) {
+        use crate::telemetry::{OutcomeLabel, provider as label};
+        let t = &self.telemetry;
+        let name = &self.catalog.providers[d.provider].name;
+        let p = label(name);
+        let outcome = match (&d.verdict, d.retry_at) {
+            (Verdict::Succeeded, _) => "succeeded",
+            (Verdict::DisableProvider { .. }, _) => "provider_disabled",
+            (_, Some(_)) => "retried",
+            _ => "failed",
+        };
+        t.requests
+            .get_or_create(&OutcomeLabel {
+                provider: name.clone(),
+                outcome: outcome.into(),
+            })
+            .inc();
+        if d.status == Some(429) {
+            t.rate_limited.get_or_create(&p).inc();
+        }
+        if matches!(d.verdict, Verdict::Retry { pause: Some(_) }) || d.signals.pause().is_some() {
+            t.pauses.get_or_create(&p).inc();
+        }
+        t.latency.get_or_create(&p).observe(d.latency.as_secs_f64());
+        if let Some((input, output)) = d.usage {
+            t.input_tokens.get_or_create(&p).inc_by(input);
+            t.output_tokens.get_or_create(&p).inc_by(output);
+        }
+        if d.actual_cost > 0.0 {
+            t.spend_usd.get_or_create(&p).inc_by(d.actual_cost);
+            t.list_usd.get_or_create(&p).inc_by(d.list_cost);
+            t.savings_usd
+                .get_or_create(&p)
+                .inc_by((d.list_cost - d.actual_cost).max(0.0));
+        }
+        self.publish_health(d.provider, observed);
+    }
+
+    fn publish_health(&self, p: usize, observed: &Observed) {
+        let h = &observed.health[p];
+        let code = if h.disabled.is_some() {
+            3
+        } else {
+            match h.circuit {
+                reliability::Circuit::Closed => 0,
+                reliability::Circuit::Open { .. } => 1,
+                reliability::Circuit::HalfOpen { .. } => 2,
+            }
+        };
+        self.telemetry.set_health(
+            &self.catalog.providers[p].name,
+            code,
+            h.describe(Utc::now()),
+        );
+    }
+
     /// The budgets, with what finished jobs already spent in their periods.
     async fn load_budgets(&self) -> crate::budget::BudgetState {
         let budgets = self.budgets.clone();
@@ -314,6 +379,7 @@ impl Dispatcher {
                     actual,
                     Utc::now().timestamp_millis(),
                 );
+                self.record_metrics(&d, observed);
                 observed.latency_s[d.provider].observe(d.latency.as_secs_f64());
                 if let Some(at) = d.retry_at {
                     observed.next_retry = Some(observed.next_retry.map_or(at, |t| t.min(at)));
@@ -409,6 +475,14 @@ impl Dispatcher {
                 "failed queued jobs that no configured model can serve"
             );
             self.finished.notify_one();
+        }
+        self.telemetry.planned_now.clear();
+        for &(_, m, n) in &quotas.entries {
+            let name = &self.catalog.providers[self.catalog.models[m].provider].name;
+            self.telemetry
+                .planned_now
+                .get_or_create(&crate::telemetry::provider(name))
+                .inc_by(n as i64);
         }
         let jobs: u64 = groups.iter().map(|g| g.group.jobs).sum();
         let now_jobs: u64 = quotas.entries.iter().map(|e| e.2).sum();
@@ -692,6 +766,8 @@ impl Dispatcher {
                     retry_at: executed.retry_at,
                     charged_cost: estimated_cost,
                     actual_cost: executed.cost,
+                    list_cost: executed.list_cost,
+                    status: executed.status,
                     latency: sent.elapsed(),
                 }
             });
@@ -721,8 +797,10 @@ struct RequestContext {
 
 /// What a request task reports back to the loop.
 struct Executed {
-    /// What this attempt was billed (0 unless it succeeded).
+    /// What this attempt was billed (0 unless it succeeded), and its list cost.
     cost: f64,
+    list_cost: f64,
+    status: Option<u16>,
     usage: Option<(u64, u64)>,
     verdict: Verdict,
     signals: Signals,
@@ -845,6 +923,8 @@ impl RequestContext {
         {
             finish.error_message = Some(format!("gave up after {attempts} attempts"));
         }
+        let list_cost = finish.list_cost_usd.unwrap_or(0.0);
+        let status = finish.status_code;
         let billed = finish.cost_usd.unwrap_or(0.0);
         let (id, owner) = (job.id, self.owner.clone());
         let recorded = match retry_at {
@@ -882,6 +962,8 @@ impl RequestContext {
         }
         Executed {
             cost: billed,
+            list_cost,
+            status,
             usage,
             verdict,
             signals,

@@ -44,4 +44,5 @@ pub mod reliability;
 pub mod results;
 pub mod simulate;
 pub mod systemd;
+pub mod telemetry;
 pub mod views;

@@ -47,6 +47,7 @@ use crate::queue::Store;
 /// must describe exactly these.
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/healthz"),
+    ("GET", "/metrics"),
     ("POST", "/v1/jobs"),
     ("GET", "/v1/jobs"),
     ("GET", "/v1/jobs/{id}"),
@@ -81,6 +82,8 @@ pub struct ApiState {
     pub wake: Arc<Notify>,
     plan_cache: views::PlanCache,
     submissions: AtomicU64,
+    /// Metrics and the dispatcher's live view of provider health.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 impl ApiState {
@@ -104,7 +107,13 @@ impl ApiState {
             wake,
             plan_cache: views::PlanCache::default(),
             submissions: AtomicU64::new(0),
+            telemetry: Arc::new(crate::telemetry::Telemetry::new()),
         }
+    }
+
+    /// Shares the daemon's telemetry instead of a private one.
+    pub fn with_telemetry(self, telemetry: Arc<crate::telemetry::Telemetry>) -> Self {
+        ApiState { telemetry, ..self }
     }
 
     /// Runs a closure against the store off the async threads.
@@ -132,6 +141,7 @@ fn route_for(method: &str, path: &str) -> MethodRouter<S> {
     use openai as o;
     match (method, path) {
         ("GET", "/healthz") => get(n::healthz),
+        ("GET", "/metrics") => get(n::metrics),
         ("POST", "/v1/jobs") => post(n::submit),
         ("GET", "/v1/jobs") => get(n::list_jobs),
         ("GET", "/v1/jobs/{id}") => get(n::get_job),
@@ -270,8 +280,9 @@ impl Server {
         store: Arc<Store>,
         catalog: Arc<Catalog>,
         wake: Arc<Notify>,
+        telemetry: Arc<crate::telemetry::Telemetry>,
     ) -> anyhow::Result<Server> {
-        let state = Arc::new(ApiState::new(config, store, catalog, wake));
+        let state = Arc::new(ApiState::new(config, store, catalog, wake).with_telemetry(telemetry));
         let recovered = state
             .db(openai::recover_validating)
             .await

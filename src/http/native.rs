@@ -26,6 +26,46 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
 }
 
+/// `GET /metrics`: Prometheus text. Queue gauges are read from SQLite now;
+/// counters come from the dispatcher.
+pub async fn metrics(State(s): State<S>) -> ApiResult<axum::response::Response> {
+    use crate::telemetry::{ClassLabel, StateLabel};
+    use axum::response::IntoResponse;
+    let (counts, by_route) = s
+        .db(|s| -> Result<_, crate::queue::QueueError> {
+            Ok((s.store.counts()?, s.store.queued_by_route()?))
+        })
+        .await?
+        .map_err(ApiError::internal)?;
+    let t = &s.telemetry;
+    for (state, n) in counts {
+        t.jobs
+            .get_or_create(&StateLabel {
+                state: state.as_str().to_string(),
+            })
+            .set(n as i64);
+    }
+    t.queued_by_class.clear();
+    let mut by_class: std::collections::BTreeMap<String, u64> = Default::default();
+    for (key, n) in by_route {
+        let class = crate::job::RouteKey::decode(&key).map_or(key, |k| k.model);
+        *by_class.entry(class).or_default() += n;
+    }
+    for (class, n) in by_class {
+        t.queued_by_class
+            .get_or_create(&ClassLabel { class })
+            .set(n as i64);
+    }
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        t.render(),
+    )
+        .into_response())
+}
+
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
     q.map(|Query(q)| q).map_err(|e| {
         ApiError::bad_request(
@@ -426,10 +466,12 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
                 "simulated": p.simulated,
                 "region": p.region,
                 "markup": p.markup,
-                "limits": {"rpm": p.limits.rpm, "tpm": p.limits.tpm, "concurrency": p.limits.concurrency,
-                           "reserve": p.limits.reserve},
+                "limits": {"rpm": p.limits.rpm, "tpm": p.limits.tpm, "rpd": p.limits.rpd,
+                           "concurrency": p.limits.concurrency, "reserve": p.limits.reserve},
                 "health": {
                     "status": status,
+                    // The dispatcher's live view: healthy, paused until, circuit open, disabled.
+                    "dispatcher": s.telemetry.health(&p.name),
                     "window_minutes": HEALTH_WINDOW_MS / 60_000,
                     "succeeded": r.succeeded,
                     "failed": r.failed,

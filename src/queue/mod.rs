@@ -410,6 +410,19 @@ impl Store {
         Ok((inputs, outputs))
     }
 
+    /// Queued jobs per route key (an index-only scan), for metrics.
+    pub fn queued_by_route(&self) -> Result<Vec<(String, u64)>> {
+        let conn = self.reader()?;
+        let mut stmt = conn.prepare(
+            "SELECT r.key, q.n FROM (SELECT route_id, COUNT(*) AS n FROM jobs WHERE state = 'queued' GROUP BY route_id) AS q
+             JOIN routes r ON r.id = q.route_id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// Queued jobs by route and deadline bucket: the planner's input.
     /// Runs on a read connection: at a million queued jobs it takes a few
     /// hundred milliseconds, which must not hold up the writer.
