@@ -65,11 +65,11 @@ async fn server(
     config.http.socket = dir.join("api.sock");
     config.http.max_body = 100_000_000;
     let store = Arc::new(Store::open(&config.daemon.database).unwrap());
-    let catalog = Arc::new(config.catalog.clone());
+    let (_live_tx, live) = nightshift::live::channel(&config);
     let s = nightshift::http::Server::bind(
         &config,
         store.clone(),
-        catalog,
+        live,
         Arc::new(Notify::new()),
         Arc::default(),
     )

@@ -47,7 +47,13 @@ fn lock_state_dir(state_dir: &Path) -> anyhow::Result<InstanceLock> {
 }
 
 /// Runs the daemon until `shutdown` resolves, then stops gracefully.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// `config_path` is where SIGHUP reloads the configuration from (`None`:
+/// the embedded default, which a reload leaves as it is).
+pub async fn run(
+    config: Config,
+    config_path: Option<std::path::PathBuf>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let d = &config.daemon;
     fs::create_dir_all(&d.state_dir)
         .with_context(|| format!("creating state directory {}", d.state_dir.display()))?;
@@ -115,6 +121,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         })
         .collect();
     let telemetry = Arc::new(crate::telemetry::Telemetry::new());
+    let (live_tx, live_rx) = crate::live::channel(&config);
     let dispatcher = Dispatcher {
         store: store.clone(),
         catalog: catalog.clone(),
@@ -126,6 +133,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         retry: d.retry,
         budgets: config.budgets.clone(),
         telemetry: telemetry.clone(),
+        live: Some(live_rx.clone()),
+        request_timeout: d.request_timeout,
         plan_settings: crate::plan::PlanSettings {
             safety_margin: d.safety_margin,
             ..Default::default()
@@ -142,7 +151,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     ));
     let ingest_task = tokio::spawn(ingest_loop(
         store.clone(),
-        catalog.clone(),
+        live_rx.clone(),
         config.daemon.default_deadline,
         config.daemon.rescan_interval,
         folders.clone(),
@@ -154,7 +163,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let http = crate::http::Server::bind(
         &config,
         store.clone(),
-        catalog.clone(),
+        live_rx.clone(),
         wake.clone(),
         telemetry.clone(),
     )
@@ -173,11 +182,18 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     info!(inbox = %folders.inbox.display(), outbox = %folders.outbox.display(), "nightshift ready");
     crate::systemd::ready(&format!("serving; inbox {}", folders.inbox.display()));
     let watchdog_task = tokio::spawn(crate::systemd::watchdog(stop_rx.clone()));
+    let reload_task = tokio::spawn(reload_on_sighup(
+        config.clone(),
+        config_path,
+        live_tx,
+        stop_rx.clone(),
+    ));
     shutdown.await;
     info!("shutting down");
     crate::systemd::stopping();
     let _ = stop_tx.send(true);
     let _ = watchdog_task.await;
+    let _ = reload_task.await;
     let _ = http_task.await;
     let _ = ingest_task.await;
     let _ = dispatch_task.await;
@@ -188,10 +204,64 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     Ok(())
 }
 
+/// On SIGHUP, reads the configuration file again. A valid one replaces the
+/// providers, prices, limits, classes and budgets in place (see
+/// [`crate::live`]); an invalid one is refused with its file:line: field
+/// error and the running configuration stays.
+async fn reload_on_sighup(
+    mut running: Config,
+    path: Option<std::path::PathBuf>,
+    live: watch::Sender<Arc<crate::live::Live>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("cannot listen for SIGHUP (no configuration reload): {e}");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = hup.recv() => {}
+        }
+        crate::systemd::reloading();
+        let Some(path) = &path else {
+            info!("SIGHUP: running on the embedded default; nothing to reload");
+            crate::systemd::ready("serving (embedded default)");
+            continue;
+        };
+        let loaded = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || Config::load(&path)).await
+        };
+        match loaded {
+            Ok(Ok(new)) => {
+                for what in crate::live::needs_restart(&running, &new) {
+                    warn!(
+                        setting = what,
+                        "changed in the file, but only a restart applies it; keeping the running value"
+                    );
+                }
+                let _ = live.send(Arc::new(crate::live::Live::from_config(&new)));
+                info!(config = %path.display(), "SIGHUP: configuration reloaded (providers, prices, limits, classes, budgets)");
+                running = new;
+            }
+            Ok(Err(e)) => error!("SIGHUP: configuration refused, keeping the running one: {e}"),
+            Err(e) => {
+                error!("SIGHUP: reading the configuration failed, keeping the running one: {e}")
+            }
+        }
+        crate::systemd::ready("serving");
+    }
+}
+
 /// Watches the inbox (inotify) and rescans it periodically as a fallback.
 async fn ingest_loop(
     store: Arc<Store>,
-    catalog: Arc<crate::pricing::Catalog>,
+    live: crate::live::LiveRx,
     default_deadline: Duration,
     rescan_interval: Duration,
     folders: Folders,
@@ -240,9 +310,10 @@ async fn ingest_loop(
     };
     let mut next_scan = rescan_interval;
     loop {
+        // The catalog in force now (a reload applies from the next file on).
         let (store, catalog, folders2, completed2) = (
             store.clone(),
-            catalog.clone(),
+            live.borrow().catalog.clone(),
             folders.clone(),
             completed.clone(),
         );

@@ -54,6 +54,10 @@ pub struct Dispatcher {
     pub budgets: Vec<crate::budget::Budget>,
     /// Metrics and the live provider health, for the HTTP API.
     pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// The reloadable configuration (SIGHUP); `None` = fixed.
+    pub live: Option<crate::live::LiveRx>,
+    /// For building provider clients on a reload.
+    pub request_timeout: Duration,
     /// Notified when jobs arrive (ingest) to re-plan and dispatch at once.
     pub wake: Arc<Notify>,
     /// Notified when jobs become final, for the outbox writer.
@@ -99,7 +103,10 @@ struct Observed {
 
 /// A finished request, reported back to the loop.
 struct Done {
+    /// Index in the catalog the request was sent under; `provider_name`
+    /// finds it again if the configuration was reloaded meanwhile.
     provider: usize,
+    provider_name: String,
     route_key: String,
     estimated_tokens: u64,
     estimated_input: u64,
@@ -165,7 +172,7 @@ impl Dispatcher {
 
     /// Dispatches until `shutdown` turns true, then waits up to `grace` for
     /// in-flight requests and returns the rest to the queue.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>, grace: Duration) {
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>, grace: Duration) {
         let now_ms = Utc::now().timestamp_millis();
         let mut limits = RateLimits::new(self.catalog.providers.iter().map(|p| p.limits), now_ms);
         let n = self.catalog.providers.len();
@@ -203,6 +210,14 @@ impl Dispatcher {
         let mut replan = true;
         let mut in_flight: JoinSet<Done> = JoinSet::new();
         loop {
+            if self
+                .live
+                .as_mut()
+                .is_some_and(|rx| rx.has_changed().unwrap_or(false))
+            {
+                self.apply_reload(&mut limits, &mut observed).await;
+                current = None;
+            }
             let next = match self
                 .pass(
                     &mut limits,
@@ -259,6 +274,78 @@ impl Dispatcher {
             Err(e) => warn!("could not release running jobs (their leases will expire): {e}"),
         }
         self.finished.notify_one();
+    }
+
+    /// Takes a reloaded configuration: new catalog, clients and budgets;
+    /// what was learned and the limits' in-flight counts carry over by
+    /// provider name. Requests in flight finish on their old clients.
+    async fn apply_reload(&mut self, limits: &mut RateLimits, observed: &mut Observed) {
+        let Some(rx) = self.live.as_mut() else { return };
+        let live = rx.borrow_and_update().clone();
+        let mut clients = Vec::new();
+        for (p, t) in live.catalog.providers.iter().zip(&live.transports) {
+            match ProviderClient::new(&p.name, t, self.request_timeout) {
+                Ok(c) => clients.push(Arc::new(c)),
+                Err(e) => {
+                    warn!(provider = %p.name, "reload not applied: cannot build the HTTP client: {e}");
+                    return;
+                }
+            }
+        }
+        let now = Utc::now();
+        let old = std::mem::replace(&mut self.catalog, live.catalog.clone());
+        let old_index = |name: &str| old.provider_id(name);
+        let mut new_limits = RateLimits::new(
+            self.catalog.providers.iter().map(|p| p.limits),
+            now.timestamp_millis(),
+        );
+        let n = self.catalog.providers.len();
+        let mut fresh = Observed {
+            latency_s: Vec::with_capacity(n),
+            success: Vec::with_capacity(n),
+            input_ratio: Vec::with_capacity(n),
+            output_ratio: std::mem::take(&mut observed.output_ratio),
+            health: Vec::with_capacity(n),
+            next_retry: observed.next_retry,
+            budget: observed.budget.clone(),
+        };
+        for (p, t) in self.catalog.providers.iter().zip(&live.transports) {
+            match old_index(&p.name) {
+                Some(o) => {
+                    fresh.latency_s.push(observed.latency_s[o]);
+                    fresh.success.push(observed.success[o]);
+                    fresh.input_ratio.push(observed.input_ratio[o]);
+                    fresh.health.push(observed.health[o].clone());
+                    let idx = fresh.health.len() - 1;
+                    new_limits
+                        .provider(idx)
+                        .carry_in_flight(limits.provider(o).in_flight());
+                }
+                None => {
+                    fresh
+                        .latency_s
+                        .push(Ewma::new(crate::live::typical_latency(t).as_secs_f64()));
+                    fresh.success.push(Ewma::new(1.0));
+                    fresh.input_ratio.push(Ewma::new(1.0));
+                    fresh.health.push(Health::default());
+                }
+            }
+        }
+        self.clients = clients;
+        self.initial_latency = live
+            .transports
+            .iter()
+            .map(crate::live::typical_latency)
+            .collect();
+        self.budgets = live.budgets.clone();
+        *limits = new_limits;
+        *observed = fresh;
+        observed.budget = self.load_budgets().await;
+        for p in 0..n {
+            self.publish_health(p, observed);
+        }
+        info!(config = %live.origin, providers = n, models = self.catalog.models.len(),
+              classes = self.catalog.classes.len(), "configuration reloaded: re-planning");
     }
 
     /// Counts a finished request in the metrics, and publishes the
@@ -353,7 +440,12 @@ impl Dispatcher {
         done: Result<Done, tokio::task::JoinError>,
     ) -> bool {
         match done {
-            Ok(d) => {
+            Ok(mut d) => {
+                // The configuration may have been reloaded while it ran.
+                match self.catalog.provider_id(&d.provider_name) {
+                    Some(p) => d.provider = p,
+                    None => return false,
+                }
                 let now = Utc::now();
                 // The budget was charged the estimate; correct it to what was billed.
                 observed
@@ -749,6 +841,7 @@ impl Dispatcher {
                 owner: self.owner.clone(),
                 retry: self.retry,
             };
+            let provider_name = self.catalog.providers[provider].name.clone();
             in_flight.spawn(async move {
                 let (estimated_input, estimated_output) =
                     (job.est_input_tokens, job.est_output_tokens);
@@ -756,6 +849,7 @@ impl Dispatcher {
                 let executed = ctx.execute(job, model, reference, now).await;
                 Done {
                     provider,
+                    provider_name,
                     route_key,
                     estimated_tokens,
                     estimated_input,

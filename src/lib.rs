@@ -36,6 +36,7 @@ pub mod http;
 pub mod ingest;
 pub mod job;
 pub mod limits;
+pub mod live;
 pub mod plan;
 pub mod pricing;
 pub mod provider;

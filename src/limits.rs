@@ -175,6 +175,12 @@ impl ProviderLimiter {
     pub fn in_flight(&self) -> u32 {
         self.in_flight
     }
+
+    /// Takes over the requests in flight of the limiter this one replaces
+    /// (a configuration reload), so the concurrency cap still counts them.
+    pub fn carry_in_flight(&mut self, n: u32) {
+        self.in_flight = n;
+    }
 }
 
 /// Limit state of every provider, indexed like the catalog.

@@ -319,8 +319,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             print!("{}", nightshift::commands::simulate(&config, &args)?);
             Ok(())
         }
-        Command::Serve { config } => {
-            let config = load(config.as_ref())?;
+        Command::Serve { config: path } => {
+            let config = load(path.as_ref())?;
             if config.all_simulated() {
                 warn!(
                     config = %config.origin,
@@ -337,7 +337,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .max_blocking_threads(8)
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(nightshift::daemon::run(config, shutdown_signal()))
+            runtime.block_on(nightshift::daemon::run(config, path, shutdown_signal()))
         }
     }
 }

@@ -23,6 +23,11 @@ pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
+/// A configuration reload has begun (READY=1 follows when it is done).
+pub fn reloading() {
+    send(&[NotifyState::Reloading]);
+}
+
 /// Shutdown has begun.
 pub fn stopping() {
     send(&[

@@ -70,12 +70,11 @@ pub const ROUTES: &[(&str, &str)] = &[
 /// What the handlers share.
 pub struct ApiState {
     pub store: Arc<Store>,
-    pub catalog: Arc<Catalog>,
+    /// Providers, prices, classes: reloadable, so read through [`ApiState::catalog`].
+    live: crate::live::LiveRx,
     /// The deadline of jobs that name none.
     pub default_deadline: Duration,
     pub plan_settings: PlanSettings,
-    /// The planner's view of provider capacity (configured limits).
-    pub capacities: Vec<ProviderCapacity>,
     pub max_body: u64,
     pub max_upload: u64,
     /// Notified when jobs are queued, so the dispatcher re-plans at once.
@@ -87,21 +86,15 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    pub fn new(
-        config: &Config,
-        store: Arc<Store>,
-        catalog: Arc<Catalog>,
-        wake: Arc<Notify>,
-    ) -> Self {
+    pub fn new(config: &Config, store: Arc<Store>, wake: Arc<Notify>) -> Self {
         ApiState {
             store,
-            catalog,
+            live: crate::live::channel(config).1,
             default_deadline: config.daemon.default_deadline,
             plan_settings: PlanSettings {
                 safety_margin: config.daemon.safety_margin,
                 ..PlanSettings::default()
             },
-            capacities: crate::simulate::capacities(config),
             max_body: config.http.max_body,
             max_upload: config.http.max_upload,
             wake,
@@ -109,6 +102,21 @@ impl ApiState {
             submissions: AtomicU64::new(0),
             telemetry: Arc::new(crate::telemetry::Telemetry::new()),
         }
+    }
+
+    /// Follows the daemon's reloadable configuration instead of a fixed one.
+    pub fn with_live(self, live: crate::live::LiveRx) -> Self {
+        ApiState { live, ..self }
+    }
+
+    /// The catalog in force now.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.live.borrow().catalog.clone()
+    }
+
+    /// The planner's view of provider capacity (configured limits) now.
+    pub fn capacities(&self) -> Vec<ProviderCapacity> {
+        self.live.borrow().capacities.clone()
     }
 
     /// Shares the daemon's telemetry instead of a private one.
@@ -278,11 +286,15 @@ impl Server {
     pub async fn bind(
         config: &Config,
         store: Arc<Store>,
-        catalog: Arc<Catalog>,
+        live: crate::live::LiveRx,
         wake: Arc<Notify>,
         telemetry: Arc<crate::telemetry::Telemetry>,
     ) -> anyhow::Result<Server> {
-        let state = Arc::new(ApiState::new(config, store, catalog, wake).with_telemetry(telemetry));
+        let state = Arc::new(
+            ApiState::new(config, store, wake)
+                .with_live(live)
+                .with_telemetry(telemetry),
+        );
         let recovered = state
             .db(openai::recover_validating)
             .await

@@ -194,8 +194,9 @@ pub async fn submit(
                 )
             })?;
             let lines = split_body(text)?;
+            let catalog = s.catalog();
             let ctx = JobContext {
-                catalog: &s.catalog,
+                catalog: &catalog,
                 now,
                 default_deadline,
             };
@@ -321,7 +322,7 @@ pub async fn get_job(State(s): State<S>, Path(id): Path<String>) -> ApiResult<Js
             };
             let plan = if d.job.state == JobState::Queued {
                 let p = views::current_plan(s)?;
-                Some(views::job_plan_json(&p, &s.catalog, &d))
+                Some(views::job_plan_json(&p, &s.catalog(), &d))
             } else {
                 None
             };
@@ -400,7 +401,7 @@ pub async fn get_plan(State(s): State<S>) -> ApiResult<Json<Value>> {
     let v = s
         .db(|s| -> ApiResult<Value> {
             let p = views::current_plan(s)?;
-            Ok(views::plan_json(&p, &s.catalog))
+            Ok(views::plan_json(&p, &s.catalog()))
         })
         .await??;
     Ok(Json(v))
@@ -418,7 +419,7 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
                 .recent_outcomes(now.timestamp_millis() - HEALTH_WINDOW_MS)
         })
         .await??;
-    let c = &s.catalog;
+    let c = &s.catalog();
     let next_change = c.next_price_change(now, chrono::Duration::days(8));
     let data: Vec<Value> = c
         .providers
@@ -535,7 +536,9 @@ pub async fn stats(State(s): State<S>) -> ApiResult<Json<Value>> {
         })
         .collect();
     let savings = list_ok - cost_ok;
-    let next_change = s.catalog.next_price_change(now, chrono::Duration::days(8));
+    let next_change = s
+        .catalog()
+        .next_price_change(now, chrono::Duration::days(8));
     Ok(Json(json!({
         "object": "stats",
         "at": rfc3339(now.timestamp_millis()),

@@ -330,8 +330,9 @@ fn validate_batch(s: &ApiState, batch: &BatchRow, existing: Option<i64>) -> ApiR
                 Ok(text) => {
                     let created = DateTime::<Utc>::from_timestamp_millis(batch.created_at)
                         .unwrap_or_else(Utc::now);
+                    let catalog = s.catalog();
                     let ctx = JobContext {
-                        catalog: &s.catalog,
+                        catalog: &catalog,
                         now: created,
                         default_deadline: std::time::Duration::from_millis(
                             (batch.expires_at - batch.created_at).max(1) as u64,

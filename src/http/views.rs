@@ -195,8 +195,8 @@ pub fn current_plan(state: &ApiState) -> crate::queue::Result<Arc<PlanSnapshot>>
     }
     let snapshot = Arc::new(compute_plan(
         &state.store,
-        &state.catalog,
-        &state.capacities,
+        &state.catalog(),
+        &state.capacities(),
         &state.plan_settings,
         Utc::now(),
     )?);

@@ -328,6 +328,16 @@ impl Daemon {
         }
     }
 
+    /// Sends SIGHUP (reload the configuration).
+    pub fn hup(&self) {
+        let child = self.child.as_ref().expect("daemon running");
+        let status = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     /// SIGKILL: no chance to clean up.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
