@@ -606,12 +606,18 @@ impl Dispatcher {
         let now = Utc::now();
         let now_ms = now.timestamp_millis();
         let expired = if self.run_after_deadline {
-            0
+            Vec::new()
         } else {
             blocking(&self.store, move |s| s.expire_overdue(now_ms)).await?
         };
-        if expired > 0 {
-            info!(expired, "jobs passed their deadline before dispatch");
+        if !expired.is_empty() {
+            for (id, custom_id) in &expired {
+                debug!(job = id, %custom_id, "job expired");
+            }
+            info!(
+                expired = expired.len(),
+                "jobs passed their deadline before dispatch"
+            );
             self.finished.notify_one();
         }
         if observed.budget.roll_over(now) {
@@ -1020,6 +1026,7 @@ impl RequestContext {
         let list_cost = finish.list_cost_usd.unwrap_or(0.0);
         let status = finish.status_code;
         let billed = finish.cost_usd.unwrap_or(0.0);
+        let succeeded = finish.succeeded;
         let (id, owner) = (job.id, self.owner.clone());
         let recorded = match retry_at {
             Some(at) => {
@@ -1032,7 +1039,13 @@ impl RequestContext {
             None => blocking(&self.store, move |s| s.finish(id, &owner, &finish)).await,
         };
         match recorded {
-            Ok(true) => debug!(job = id, retry = retry_at.is_some(), "job recorded"),
+            Ok(true) => match retry_at {
+                Some(at) => {
+                    debug!(job = id, retry_at = %at.to_rfc3339(), "job queued again for a retry")
+                }
+                None if succeeded => debug!(job = id, cost_usd = billed, "job succeeded"),
+                None => debug!(job = id, "job failed"),
+            },
             Ok(false) => {
                 // The lease was recovered and the job may have finished elsewhere:
                 // keep that result, but count what this answer cost.

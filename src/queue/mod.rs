@@ -324,6 +324,7 @@ impl Store {
                     ]) {
                         Ok(_) => {
                             queued += 1;
+                            tracing::debug!(job = tx.last_insert_rowid(), custom_id = %job.custom_id, "job queued");
                             continue;
                         }
                         Err(rusqlite::Error::SqliteFailure(e, _))
@@ -605,13 +606,17 @@ impl Store {
     }
 
     /// Marks queued jobs whose deadline has passed as expired.
-    pub fn expire_overdue(&self, now_ms: i64) -> Result<usize> {
-        Ok(self.conn().execute(
+    /// Returns the expired jobs' ids and custom_ids.
+    pub fn expire_overdue(&self, now_ms: i64) -> Result<Vec<(i64, String)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
             "UPDATE jobs SET state = 'expired', completed_at = ?1, error_code = 'expired',
                     error_message = 'the deadline passed before the job could be dispatched'
-             WHERE state = 'queued' AND deadline <= ?1",
-            [now_ms],
-        )?)
+             WHERE state = 'queued' AND deadline <= ?1
+             RETURNING id, custom_id",
+        )?;
+        let rows = stmt.query_map([now_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Re-queues running jobs whose lease has expired, or that belong to
