@@ -357,6 +357,11 @@ struct RawModel {
     endpoints: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     price_windows: Vec<RawWindow>,
+    /// Per-model limits, for providers that limit each model separately.
+    rpm: Option<u32>,
+    tpm: Option<u64>,
+    rpd: Option<u32>,
+    concurrency: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -708,6 +713,35 @@ impl Validator<'_> {
                     },
                     windows: mwindows,
                     endpoints,
+                    limits: if m.rpm.is_some()
+                        || m.tpm.is_some()
+                        || m.rpd.is_some()
+                        || m.concurrency.is_some()
+                    {
+                        for (v, f) in [
+                            (m.rpm.map(u64::from), "rpm"),
+                            (m.tpm, "tpm"),
+                            (m.rpd.map(u64::from), "rpd"),
+                            (m.concurrency.map(u64::from), "concurrency"),
+                        ] {
+                            if v == Some(0) {
+                                return Err(self.err(
+                                    Some(m.name.span()),
+                                    mfield(f),
+                                    "must be positive (omit it for no limit)",
+                                ));
+                            }
+                        }
+                        Some(Limits {
+                            rpm: m.rpm,
+                            tpm: m.tpm,
+                            rpd: m.rpd,
+                            concurrency: m.concurrency,
+                            reserve: p.reserve,
+                        })
+                    } else {
+                        None
+                    },
                 });
             }
         }

@@ -107,6 +107,9 @@ struct Done {
     /// finds it again if the configuration was reloaded meanwhile.
     provider: usize,
     provider_name: String,
+    /// Likewise for the model (`provider/model`).
+    model: usize,
+    model_name: String,
     route_key: String,
     estimated_tokens: u64,
     estimated_input: u64,
@@ -174,7 +177,7 @@ impl Dispatcher {
     /// in-flight requests and returns the rest to the queue.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>, grace: Duration) {
         let now_ms = Utc::now().timestamp_millis();
-        let mut limits = RateLimits::new(self.catalog.providers.iter().map(|p| p.limits), now_ms);
+        let mut limits = RateLimits::for_catalog(&self.catalog, now_ms);
         let n = self.catalog.providers.len();
         let mut observed = Observed {
             latency_s: self
@@ -295,10 +298,7 @@ impl Dispatcher {
         let now = Utc::now();
         let old = std::mem::replace(&mut self.catalog, live.catalog.clone());
         let old_index = |name: &str| old.provider_id(name);
-        let mut new_limits = RateLimits::new(
-            self.catalog.providers.iter().map(|p| p.limits),
-            now.timestamp_millis(),
-        );
+        let mut new_limits = RateLimits::for_catalog(&self.catalog, now.timestamp_millis());
         let n = self.catalog.providers.len();
         let mut fresh = Observed {
             latency_s: Vec::with_capacity(n),
@@ -446,6 +446,10 @@ impl Dispatcher {
                     Some(p) => d.provider = p,
                     None => return false,
                 }
+                // (usize::MAX: the model is gone; only the provider's limits apply.)
+                d.model = (0..self.catalog.models.len())
+                    .find(|&m| self.catalog.qualified_name(m) == d.model_name)
+                    .unwrap_or(usize::MAX);
                 let now = Utc::now();
                 // The budget was charged the estimate; correct it to what was billed.
                 observed
@@ -466,7 +470,9 @@ impl Dispatcher {
                     warn!(provider = %name, health = %health.describe(now), "provider availability changed; re-planning");
                 }
                 let actual = d.usage.map(|(i, o)| i + o);
-                limits.provider(d.provider).release(
+                limits.release(
+                    d.provider,
+                    d.model,
                     d.estimated_tokens,
                     actual,
                     Utc::now().timestamp_millis(),
@@ -651,11 +657,12 @@ impl Dispatcher {
         let mut failures = Vec::new();
         let mut next = IDLE;
         let mut blocked = HashSet::new();
+        let mut blocked_models = HashSet::new();
         let mut replan_now = false;
         for idx in 0..cur.quotas.entries.len() {
             let (g, model, remaining) = cur.quotas.entries[idx];
             let provider = self.catalog.models[model].provider;
-            if remaining == 0 || blocked.contains(&provider) {
+            if remaining == 0 || blocked.contains(&provider) || blocked_models.contains(&model) {
                 continue;
             }
             match observed.health[provider].available_from(now) {
@@ -771,10 +778,14 @@ impl Dispatcher {
                     * observed.input_ratio[provider].value.clamp(0.25, 4.0)
                     + estimate.1 as f64 * output_scale)
                     .ceil() as u64;
-                let lim = limits.provider(provider);
-                if !lim.try_acquire(charge, now_ms) {
-                    blocked.insert(provider);
-                    if let Some(wait) = lim.ready_in_ms(charge, now_ms) {
+                if !limits.try_acquire(provider, model, charge, now_ms) {
+                    // The provider's limits, or only this model's.
+                    if limits.provider(provider).ready_in_ms(charge, now_ms) == Some(0) {
+                        blocked_models.insert(model);
+                    } else {
+                        blocked.insert(provider);
+                    }
+                    if let Some(wait) = limits.ready_in_ms(provider, model, charge, now_ms) {
                         next = next.min(Duration::from_millis(wait.max(1) as u64));
                     }
                     break;
@@ -833,9 +844,7 @@ impl Dispatcher {
             let estimated_tokens = charge;
             if !started.contains(&job.id) {
                 // Cancelled between the read and the lease: give the capacity back.
-                limits
-                    .provider(provider)
-                    .release(estimated_tokens, Some(0), now_ms);
+                limits.release(provider, model, estimated_tokens, Some(0), now_ms);
                 continue;
             }
             debug!(job = job.id, custom_id = %job.custom_id, provider = %self.catalog.providers[provider].name,
@@ -848,6 +857,7 @@ impl Dispatcher {
                 retry: self.retry,
             };
             let provider_name = self.catalog.providers[provider].name.clone();
+            let model_name = self.catalog.qualified_name(model);
             in_flight.spawn(async move {
                 let (estimated_input, estimated_output) =
                     (job.est_input_tokens, job.est_output_tokens);
@@ -856,6 +866,8 @@ impl Dispatcher {
                 Done {
                     provider,
                     provider_name,
+                    model,
+                    model_name,
                     route_key,
                     estimated_tokens,
                     estimated_input,
@@ -873,11 +885,11 @@ impl Dispatcher {
             });
         }
         // Quota left and capacity not exhausted: look again soon.
-        let more = cur
-            .quotas
-            .entries
-            .iter()
-            .any(|e| e.2 > 0 && !blocked.contains(&self.catalog.models[e.1].provider));
+        let more = cur.quotas.entries.iter().any(|e| {
+            e.2 > 0
+                && !blocked.contains(&self.catalog.models[e.1].provider)
+                && !blocked_models.contains(&e.1)
+        });
         Ok(if more {
             Duration::from_millis(10)
         } else {

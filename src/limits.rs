@@ -11,7 +11,7 @@
 //! charged extra) once the provider reports `usage` — neither fits governor's
 //! clock-owning, take-only API.
 
-use crate::pricing::{Limits, ProviderId};
+use crate::pricing::{Limits, ModelId, ProviderId};
 
 /// nightshift sends at 99% of a configured limit: requests leave evenly
 /// spaced but reach the provider with network jitter, and a provider that
@@ -187,20 +187,90 @@ impl ProviderLimiter {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateLimits {
     pub providers: Vec<ProviderLimiter>,
+    /// Parallel to the catalog's models: limits a provider sets per model.
+    pub models: Vec<Option<ProviderLimiter>>,
 }
 
 impl RateLimits {
+    /// Provider limits only.
     pub fn new(limits: impl IntoIterator<Item = Limits>, now_ms: i64) -> RateLimits {
         RateLimits {
             providers: limits
                 .into_iter()
                 .map(|l| ProviderLimiter::new(&l, now_ms))
                 .collect(),
+            models: Vec::new(),
+        }
+    }
+
+    /// Every provider's limits and every model's that has its own.
+    pub fn for_catalog(catalog: &crate::pricing::Catalog, now_ms: i64) -> RateLimits {
+        RateLimits {
+            models: catalog
+                .models
+                .iter()
+                .map(|m| m.limits.map(|l| ProviderLimiter::new(&l, now_ms)))
+                .collect(),
+            ..RateLimits::new(catalog.providers.iter().map(|p| p.limits), now_ms)
         }
     }
 
     pub fn provider(&mut self, id: ProviderId) -> &mut ProviderLimiter {
         &mut self.providers[id]
+    }
+
+    fn model(&mut self, id: ModelId) -> Option<&mut ProviderLimiter> {
+        self.models.get_mut(id).and_then(Option::as_mut)
+    }
+
+    /// Milliseconds until a request of `tokens` to `model` on `provider` may
+    /// go (both limits); `None` while a concurrency cap is reached.
+    pub fn ready_in_ms(
+        &mut self,
+        provider: ProviderId,
+        model: ModelId,
+        tokens: u64,
+        now_ms: i64,
+    ) -> Option<i64> {
+        let p = self.providers[provider].ready_in_ms(tokens, now_ms)?;
+        let m = match self.model(model) {
+            Some(l) => l.ready_in_ms(tokens, now_ms)?,
+            None => 0,
+        };
+        Some(p.max(m))
+    }
+
+    /// Takes capacity on both the provider and the model, if both allow it now.
+    pub fn try_acquire(
+        &mut self,
+        provider: ProviderId,
+        model: ModelId,
+        tokens: u64,
+        now_ms: i64,
+    ) -> bool {
+        if self.ready_in_ms(provider, model, tokens, now_ms) != Some(0) {
+            return false;
+        }
+        let ok = self.providers[provider].try_acquire(tokens, now_ms);
+        if let Some(l) = self.model(model) {
+            l.try_acquire(tokens, now_ms);
+        }
+        ok
+    }
+
+    /// Ends a request on both limiters (see [`ProviderLimiter::release`]).
+    pub fn release(
+        &mut self,
+        provider: ProviderId,
+        model: ModelId,
+        estimated: u64,
+        actual: Option<u64>,
+        now_ms: i64,
+    ) {
+        self.providers[provider].release(estimated, actual, now_ms);
+        if let Some(l) = self.model(model) {
+            l.release(estimated, actual, now_ms);
+        }
     }
 }
 
@@ -305,6 +375,59 @@ mod tests {
         assert!(!p.try_acquire(1, 1000));
         // One request's worth comes back after a third of a day.
         assert_eq!(p.ready_in_ms(1, 1000), Some(28_800_000 - 1000));
+    }
+
+    #[test]
+    fn a_model_limit_applies_on_top_of_its_providers() {
+        use crate::pricing::{Catalog, Endpoint, Model, Price, ProviderInfo};
+        let provider = ProviderInfo {
+            name: "p".into(),
+            region: None,
+            markup: 0.0,
+            windows: vec![],
+            limits: Limits {
+                rpm: Some(6000),
+                ..Limits::default()
+            },
+            simulated: true,
+        };
+        let model = |name: &str, limits| Model {
+            provider: 0,
+            name: name.into(),
+            list: Price {
+                input_per_mtok: 1.0,
+                output_per_mtok: 1.0,
+            },
+            windows: vec![],
+            endpoints: [Endpoint::ChatCompletions].into_iter().collect(),
+            limits,
+        };
+        let catalog = Catalog {
+            providers: vec![provider],
+            models: vec![
+                model(
+                    "limited",
+                    Some(Limits {
+                        concurrency: Some(1),
+                        ..Limits::default()
+                    }),
+                ),
+                model("free", None),
+            ],
+            classes: Default::default(),
+        };
+        let mut l = RateLimits::for_catalog(&catalog, 0);
+        assert!(l.try_acquire(0, 0, 1, 0));
+        assert!(
+            !l.try_acquire(0, 0, 1, 0),
+            "the model's concurrency cap is 1"
+        );
+        assert!(
+            l.try_acquire(0, 1, 1, 0),
+            "the provider still has room for other models"
+        );
+        l.release(0, 0, 1, Some(1), 0);
+        assert!(l.try_acquire(0, 0, 1, 0));
     }
 
     #[test]

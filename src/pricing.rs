@@ -259,6 +259,9 @@ pub struct Model {
     /// Checked before the provider's windows; the first match wins.
     pub windows: Vec<PriceWindow>,
     pub endpoints: BTreeSet<Endpoint>,
+    /// Limits of this model on top of its provider's (rpm, tpm, rpd,
+    /// concurrency), where the provider sets them per model.
+    pub limits: Option<Limits>,
 }
 
 /// Providers, models, price windows and model classes.
@@ -498,6 +501,7 @@ mod tests {
                 simulated: true,
             }],
             models: vec![Model {
+                limits: None,
                 provider: 0,
                 name: "m".into(),
                 list: Price {

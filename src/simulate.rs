@@ -317,10 +317,7 @@ pub fn run(
             cost: 0.0,
         })
         .collect();
-    let mut limits = RateLimits::new(
-        catalog.providers.iter().map(|p| p.limits),
-        start.timestamp_millis(),
-    );
+    let mut limits = RateLimits::for_catalog(catalog, start.timestamp_millis());
     let mut next_arrival = 0usize;
     // Queued jobs by (route key, deadline, index): a group's most urgent first.
     let mut queued: BTreeSet<(String, i64, usize)> = BTreeSet::new();
@@ -354,7 +351,9 @@ pub fn run(
             let model = j.model.expect("a running job has a model");
             let provider = catalog.models[model].provider;
             let failed = draw(&j.w.custom_id, j.attempts) < providers[provider].failure_rate;
-            limits.provider(provider).release(
+            limits.release(
+                provider,
+                model,
                 j.w.input_tokens + j.w.expected_output_tokens,
                 Some(j.w.input_tokens + if failed { 0 } else { j.w.output_tokens }),
                 now_ms,
@@ -460,9 +459,8 @@ pub fn run(
                     }
                     for i in members {
                         let tokens = jobs[i].w.input_tokens + jobs[i].w.expected_output_tokens;
-                        let lim = limits.provider(provider);
-                        if !lim.try_acquire(tokens, now_ms) {
-                            if let Some(w) = lim.ready_in_ms(tokens, now_ms) {
+                        if !limits.try_acquire(provider, model, tokens, now_ms) {
+                            if let Some(w) = limits.ready_in_ms(provider, model, tokens, now_ms) {
                                 wait_ms = Some(wait_ms.map_or(w, |x: i64| x.min(w)));
                             }
                             break;

@@ -33,6 +33,7 @@ fn catalog(
             simulated: true,
         });
         c.models.push(Model {
+            limits: None,
             provider: i,
             name: format!("{name}-m"),
             list: Price {
