@@ -119,27 +119,7 @@ fn synthetic_queue(config: &Config, n: usize, now: DateTime<Utc>) -> Vec<(String
 }
 
 fn aggregate(queue: &[(String, i64, u64, u64)]) -> Vec<QueuedBucket> {
-    let mut map: std::collections::HashMap<(&str, i64), QueuedBucket> =
-        std::collections::HashMap::new();
-    for (key, deadline, input, output) in queue {
-        let b = deadline.div_euclid(plan::BUCKET_MS);
-        let e = map
-            .entry((key.as_str(), b))
-            .or_insert_with(|| QueuedBucket {
-                route_key: key.clone(),
-                deadline_from: b * plan::BUCKET_MS,
-                deadline_to: (b + 1) * plan::BUCKET_MS,
-                jobs: 0,
-                input_tokens: 0,
-                output_tokens: 0,
-                min_deadline: *deadline,
-            });
-        e.jobs += 1;
-        e.input_tokens += input;
-        e.output_tokens += output;
-        e.min_deadline = e.min_deadline.min(*deadline);
-    }
-    map.into_values().collect()
+    plan::bucket_jobs(queue.iter().map(|(k, d, i, o)| (k.as_str(), *d, *i, *o)))
 }
 
 fn replan_times(sizes: &[usize]) {

@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::config::{Config, Transport};
 use crate::job::{self, JobContext, LineError, RouteKey};
 use crate::limits::RateLimits;
-use crate::plan::{self, Decision, JobGroup, PlanSettings, ProviderCapacity, QueuedBucket, Quotas};
+use crate::plan::{self, Decision, JobGroup, PlanSettings, ProviderCapacity, Quotas};
 use crate::pricing::{ModelId, ProviderId};
 
 /// How the simulation chooses where and when jobs run.
@@ -418,7 +418,14 @@ pub fn run(
                         && planned_at.is_some_and(|at| now - at >= chrono::Duration::seconds(1)))
                     || (arrivals_since_plan && quotas.entries.iter().all(|e| e.2 == 0))
                 {
-                    let buckets = buckets_of(&queued, &jobs);
+                    let buckets = plan::bucket_jobs(queued.iter().map(|(key, deadline, i)| {
+                        (
+                            key.as_str(),
+                            *deadline,
+                            jobs[*i].w.input_tokens,
+                            jobs[*i].w.expected_output_tokens,
+                        )
+                    }));
                     let (g, _) = plan::build_groups(
                         &buckets,
                         now,
@@ -633,28 +640,6 @@ fn empty_summary(policy: &Policy) -> Summary {
         per_provider: BTreeMap::new(),
         retries: 0,
     }
-}
-
-/// The queue summary the daemon gets from SQL, computed from memory.
-fn buckets_of(queued: &BTreeSet<(String, i64, usize)>, jobs: &[SimJob]) -> Vec<QueuedBucket> {
-    let mut map: BTreeMap<(String, i64), QueuedBucket> = BTreeMap::new();
-    for (key, deadline, i) in queued {
-        let b = deadline.div_euclid(plan::BUCKET_MS);
-        let e = map.entry((key.clone(), b)).or_insert_with(|| QueuedBucket {
-            route_key: key.clone(),
-            deadline_from: b * plan::BUCKET_MS,
-            deadline_to: (b + 1) * plan::BUCKET_MS,
-            jobs: 0,
-            input_tokens: 0,
-            output_tokens: 0,
-            min_deadline: *deadline,
-        });
-        e.jobs += 1;
-        e.input_tokens += jobs[*i].w.input_tokens;
-        e.output_tokens += jobs[*i].w.expected_output_tokens;
-        e.min_deadline = e.min_deadline.min(*deadline);
-    }
-    map.into_values().collect()
 }
 
 /// The offline optimum of the relaxed problem: every job known in advance

@@ -693,6 +693,32 @@ pub struct QueuedBucket {
     pub min_deadline: i64,
 }
 
+/// The queue summary the daemon's SQL produces (`GROUP BY route_key,
+/// deadline / BUCKET_MS`), computed from jobs in memory: (route key,
+/// deadline ms, estimated input tokens, expected output tokens) each.
+pub fn bucket_jobs<'a>(
+    jobs: impl IntoIterator<Item = (&'a str, i64, u64, u64)>,
+) -> Vec<QueuedBucket> {
+    let mut map: BTreeMap<(&'a str, i64), QueuedBucket> = BTreeMap::new();
+    for (key, deadline, input, output) in jobs {
+        let b = deadline.div_euclid(BUCKET_MS);
+        let e = map.entry((key, b)).or_insert_with(|| QueuedBucket {
+            route_key: key.to_string(),
+            deadline_from: b * BUCKET_MS,
+            deadline_to: (b + 1) * BUCKET_MS,
+            jobs: 0,
+            input_tokens: 0,
+            output_tokens: 0,
+            min_deadline: deadline,
+        });
+        e.jobs += 1;
+        e.input_tokens += input;
+        e.output_tokens += output;
+        e.min_deadline = e.min_deadline.min(deadline);
+    }
+    map.into_values().collect()
+}
+
 /// Width of the queue's deadline buckets.
 pub const BUCKET_MS: i64 = 15 * 60 * 1000;
 
