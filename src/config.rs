@@ -23,6 +23,9 @@ use crate::pricing::{
 /// The configuration compiled into the binary.
 pub const EMBEDDED_DEFAULT: &str = include_str!("default_config.toml");
 
+/// `daemon.maintenance` by default: nightly at 03:17:00 UTC.
+pub const DEFAULT_MAINTENANCE: &str = "0 17 3 * * *";
+
 /// A configuration problem, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -106,6 +109,15 @@ pub struct DaemonSettings {
     pub run_after_deadline: bool,
     /// Retries of failed requests: attempts and backoff.
     pub retry: crate::reliability::RetryPolicy,
+    /// Bodies and results of finished, delivered jobs are purged this long
+    /// after they completed; `None` (`"off"`): kept forever.
+    pub retention: Option<Duration>,
+    /// When retention and a TRUNCATE WAL checkpoint run: a cron expression
+    /// with seconds, in UTC.
+    pub maintenance: String,
+    /// How often a PASSIVE WAL checkpoint runs; `None` (`"off"`): only
+    /// SQLite's automatic ones.
+    pub checkpoint_every: Option<Duration>,
 }
 
 /// The local HTTP API: where it listens and how much it accepts.
@@ -287,6 +299,9 @@ struct RawDaemon {
     max_attempts: Option<u32>,
     retry_base: Option<Spanned<String>>,
     retry_max: Option<Spanned<String>>,
+    retention: Option<Spanned<String>>,
+    maintenance: Option<Spanned<String>>,
+    checkpoint_every: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -414,6 +429,31 @@ impl Validator<'_> {
         }
     }
 
+    /// A duration of at least `min`, or `"off"` (`None`).
+    fn duration_or_off(
+        &self,
+        value: &Option<Spanned<String>>,
+        field: &str,
+        default: Duration,
+        min: Duration,
+    ) -> Result<Option<Duration>, ConfigError> {
+        match value {
+            Some(v) if v.get_ref().trim() == "off" => Ok(None),
+            Some(v) => match self.duration(value, field, default)? {
+                d if d < min => Err(self.err(
+                    Some(v.span()),
+                    field,
+                    format!(
+                        "must be at least {}, or \"off\"",
+                        humantime::format_duration(min)
+                    ),
+                )),
+                d => Ok(Some(d)),
+            },
+            None => Ok(Some(default)),
+        }
+    }
+
     fn config(&self, raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
         let d = &raw.daemon;
         let abs = |p: &Path| {
@@ -473,6 +513,27 @@ impl Validator<'_> {
                 base: self.duration(&d.retry_base, "daemon.retry_base", Duration::from_secs(1))?,
                 cap: self.duration(&d.retry_max, "daemon.retry_max", Duration::from_secs(300))?,
             },
+            retention: self.duration_or_off(
+                &d.retention,
+                "daemon.retention",
+                Duration::from_secs(30 * 86_400),
+                Duration::from_secs(1),
+            )?,
+            maintenance: match &d.maintenance {
+                None => DEFAULT_MAINTENANCE.to_string(),
+                Some(v) => {
+                    let expr = v.get_ref().trim();
+                    crate::maintenance::check_cron(expr)
+                        .map_err(|m| self.err(Some(v.span()), "daemon.maintenance", m))?;
+                    expr.to_string()
+                }
+            },
+            checkpoint_every: self.duration_or_off(
+                &d.checkpoint_every,
+                "daemon.checkpoint_every",
+                Duration::from_secs(600),
+                Duration::from_secs(1),
+            )?,
         };
         let http = self.http(&raw.http, &daemon.state_dir, &abs)?;
         if daemon.rescan_interval.is_zero() {
@@ -1162,6 +1223,74 @@ mod tests {
             (Some(2), "http.max_upload"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn maintenance_keys_default_parse_and_name_file_line_and_field() {
+        let c = Config::embedded_default();
+        assert_eq!(c.daemon.retention, Some(Duration::from_secs(30 * 86_400)));
+        assert_eq!(c.daemon.maintenance, "0 17 3 * * *");
+        assert_eq!(c.daemon.checkpoint_every, Some(Duration::from_secs(600)));
+
+        let providers = "[[providers]]\nname = \"a\"\nkind = \"simulated\"\n[[providers.models]]\nname = \"m\"\n\
+                         input_per_mtok = 1.0\noutput_per_mtok = 2.0\n";
+        let parse = |daemon: &str| {
+            Config::parse(
+                &format!("[daemon]\n{daemon}\n{providers}"),
+                "x.toml",
+                Path::new("."),
+            )
+        };
+        let c = parse(
+            "retention = \"7d\"\nmaintenance = \"0 0 4 * * Sun\"\ncheckpoint_every = \"off\"",
+        )
+        .unwrap();
+        assert_eq!(c.daemon.retention, Some(Duration::from_secs(7 * 86_400)));
+        assert_eq!(c.daemon.maintenance, "0 0 4 * * Sun");
+        assert_eq!(c.daemon.checkpoint_every, None);
+        let c = parse("retention = \"off\"").unwrap();
+        assert_eq!(c.daemon.retention, None);
+
+        for (daemon, field, says) in [
+            (
+                "retention = \"a month\"",
+                "daemon.retention",
+                "not a duration",
+            ),
+            (
+                "retention = \"0s\"",
+                "daemon.retention",
+                "at least 1s, or \"off\"",
+            ),
+            (
+                "maintenance = \"17 3 * * *\"",
+                "daemon.maintenance",
+                "with seconds",
+            ),
+            (
+                "maintenance = \"0 0 25 * * *\"",
+                "daemon.maintenance",
+                "not a cron expression",
+            ),
+            (
+                "checkpoint_every = \"500ms\"",
+                "daemon.checkpoint_every",
+                "at least 1s",
+            ),
+            (
+                "checkpoint_every = \"often\"",
+                "daemon.checkpoint_every",
+                "not a duration",
+            ),
+        ] {
+            let e = parse(&format!("state_dir = \"s\"\n{daemon}")).unwrap_err();
+            assert_eq!((e.line, e.field.as_str()), (Some(3), field), "{e}");
+            assert!(e.message.contains(says), "{e}");
+            assert!(
+                e.to_string().starts_with(&format!("x.toml:3: {field}: ")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -179,6 +179,14 @@ pub async fn run(
         }
     };
 
+    // Retention, WAL checkpoints and the midnight budget nudge, on a cron schedule.
+    let maintenance_task = tokio::spawn(crate::maintenance::run(
+        store.clone(),
+        d.into(),
+        wake.clone(),
+        stop_rx.clone(),
+    ));
+
     info!(inbox = %folders.inbox.display(), outbox = %folders.outbox.display(), "nightshift ready");
     crate::systemd::ready(&format!("serving; inbox {}", folders.inbox.display()));
     let watchdog_task = tokio::spawn(crate::systemd::watchdog(stop_rx.clone()));
@@ -198,6 +206,7 @@ pub async fn run(
     let _ = ingest_task.await;
     let _ = dispatch_task.await;
     let _ = outbox_task.await;
+    let _ = maintenance_task.await;
     // Results that became final during the drain.
     write_ready_outboxes(&store, &folders).await;
     info!("stopped");

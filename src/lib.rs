@@ -21,6 +21,7 @@
 //! | results  | [`results`]   | result lines and atomic outbox files                      | files |
 //! | api      | [`http`], [`cli_client`] | HTTP API (native + OpenAI Batch) on a Unix socket / TCP, and the CLI over it | sockets |
 //! | daemon   | [`daemon`]    | wiring, inotify, shutdown                                 | all |
+//! |          | [`maintenance`] | retention, WAL checkpoints, budget roll-over nudge (cron) | SQLite |
 //!
 //! Pure modules take `now` as an argument and never read the clock, so the
 //! same code runs in real time in the daemon and in virtual time in tests.
@@ -37,6 +38,7 @@ pub mod ingest;
 pub mod job;
 pub mod limits;
 pub mod live;
+pub mod maintenance;
 pub mod plan;
 pub mod pricing;
 pub mod provider;

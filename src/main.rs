@@ -153,6 +153,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run retention (daemon.retention) and a WAL checkpoint once on the
+    /// database, and print what was done. Safe while the daemon runs.
+    Maintenance {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// Cancel a queued job (job_N) or a batch (batch_N).
     Cancel {
         #[arg(long, short)]
@@ -291,6 +297,11 @@ fn run(command: Command) -> anyhow::Result<()> {
                 "{}",
                 nightshift::commands::report(&config, since.as_deref(), by)?
             );
+            Ok(())
+        }
+        Command::Maintenance { config } => {
+            let config = load(config.as_ref())?;
+            print!("{}", nightshift::maintenance::command(&config)?);
             Ok(())
         }
         Command::Plan { config } => {

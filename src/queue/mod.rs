@@ -18,6 +18,7 @@ use crate::job::{LineError, NewJob};
 
 mod api;
 pub use api::*;
+pub mod maintenance;
 
 /// The newest schema version; `schema.sql` describes it.
 pub const SCHEMA_VERSION: i64 = 1;
