@@ -80,6 +80,12 @@ pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     {
         out.push("daemon timings (deadlines, margins, retries, timeouts)");
     }
+    if a.retention != b.retention
+        || a.maintenance != b.maintenance
+        || a.checkpoint_every != b.checkpoint_every
+    {
+        out.push("daemon.retention / maintenance / checkpoint_every");
+    }
     if old.http != new.http {
         out.push("http");
     }

@@ -182,6 +182,14 @@ pub fn effective_config(config: &crate::config::Config) -> String {
         }
     );
     let _ = writeln!(out, "max_attempts = {}", d.retry.max_attempts);
+    let off_or = |v: Option<std::time::Duration>| {
+        v.map_or("off".to_string(), |d| {
+            humantime::format_duration(d).to_string()
+        })
+    };
+    let _ = writeln!(out, "retention = \"{}\"", off_or(d.retention));
+    let _ = writeln!(out, "maintenance = {:?}", d.maintenance);
+    let _ = writeln!(out, "checkpoint_every = \"{}\"", off_or(d.checkpoint_every));
     let h = &config.http;
     let _ = writeln!(
         out,
