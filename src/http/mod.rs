@@ -4,8 +4,8 @@
 //!
 //! Two surfaces share one router:
 //!
-//! - the native API ([`native`]): jobs, plan, providers, stats;
-//! - OpenAI's Batch API ([`openai`]): files and batches, so the official
+//! - the native API (`native`): jobs, plan, providers, stats;
+//! - OpenAI's Batch API (`openai`): files and batches, so the official
 //!   SDKs work with `base_url` pointed here.
 //!
 //! Handlers are thin: validation is [`crate::job::parse_line`], storage is

@@ -166,7 +166,7 @@ impl Store {
     }
 
     /// Runs `PRAGMA wal_checkpoint` on the writer connection. A TRUNCATE
-    /// checkpoint waits at most [`TRUNCATE_WAIT`] for readers, then reports
+    /// checkpoint waits at most `TRUNCATE_WAIT` for readers, then reports
     /// `busy` instead.
     pub fn wal_checkpoint(&self, mode: CheckpointMode) -> Result<Checkpoint> {
         let conn = self.conn();
