@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use nightshift::config::Config;
 use nightshift::job::{Options, RouteKey};
-use nightshift::plan::{self, JobGroup, PlanSettings, ProviderCapacity, QueuedBucket};
+use nightshift::plan::{self, PlanSettings, ProviderCapacity, QueuedBucket};
 use nightshift::pricing::Endpoint;
 use nightshift::simulate::{self, Policy};
 
@@ -141,21 +141,16 @@ fn replan_times(sizes: &[usize]) {
             let t0 = Instant::now();
             let buckets = aggregate(&queue);
             let t1 = Instant::now();
-            let (groups, _) = plan::build_groups(
+            let q = plan::plan_queue(
                 &buckets,
+                &config.catalog,
+                &capacity,
                 now,
                 &settings,
                 |_| 1.0,
-                |key| {
-                    let c = RouteKey::decode(key)
-                        .unwrap()
-                        .candidates(&config.catalog)
-                        .map_err(|e| e.to_string())?;
-                    Ok::<_, String>((c.models, c.reference))
-                },
+                |_| None,
             );
-            let plain: Vec<JobGroup> = groups.into_iter().map(|g| g.group).collect();
-            let p = plan::plan(&plain, &config.catalog, &capacity, now, &settings);
+            let (plain, p) = (q.groups, q.plan);
             let t2 = Instant::now();
             let run = (
                 t1 - t0,

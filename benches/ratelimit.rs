@@ -8,6 +8,8 @@
 //!
 //! NIGHTSHIFT_BENCH_SECONDS (default 120) sets the measured window.
 
+mod support;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -65,17 +67,6 @@ async fn handle(State(p): State<Arc<Mutex<Provider>>>, body: Bytes) -> Response 
     (StatusCode::OK, axum::Json(body)).into_response()
 }
 
-fn rss_kb(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 fn main() {
     let seconds: u64 = std::env::var("NIGHTSHIFT_BENCH_SECONDS")
         .ok()
@@ -126,7 +117,6 @@ chat = ["limited/m"]
         state = dir.path().join("state").display(),
         jobs = dir.path().join("jobs").display(),
     );
-    std::fs::write(dir.path().join("nightshift.toml"), config).unwrap();
     // A backlog larger than the window can drain: 1.5 × what the limits allow.
     let n = (RPM / 60.0 * seconds as f64 * 1.5) as usize;
     let lines: Vec<String> = (0..n)
@@ -147,17 +137,8 @@ chat = ["limited/m"]
     )
     .unwrap();
 
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nightshift"))
-        .args([
-            "serve",
-            "--config",
-            dir.path().join("nightshift.toml").to_str().unwrap(),
-        ])
-        .env("NIGHTSHIFT_BENCH_KEY", "sk-bench")
-        .env("RUST_LOG", "warn")
-        .stderr(std::fs::File::create(dir.path().join("daemon.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child =
+        support::spawn_daemon(dir.path(), &config, &[("NIGHTSHIFT_BENCH_KEY", "sk-bench")]);
     let pid = child.id();
     // Measure from the first served request for `seconds`.
     let start = loop {
@@ -169,7 +150,7 @@ chat = ["limited/m"]
     let mut rss = Vec::new();
     while start.elapsed() < Duration::from_secs(seconds) {
         std::thread::sleep(Duration::from_secs(1));
-        rss.push(rss_kb(pid).unwrap_or(0));
+        rss.push(support::rss_kb(pid).unwrap_or(0));
     }
     let end = start + Duration::from_secs(seconds);
     let _ = child.kill();

@@ -7,18 +7,9 @@
 //!
 //! NIGHTSHIFT_BENCH_JOBS (default 100000) sets the number of jobs.
 
-use std::time::{Duration, Instant};
+mod support;
 
-fn rss_kb(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
+use std::time::{Duration, Instant};
 
 fn main() {
     let jobs: usize = std::env::var("NIGHTSHIFT_BENCH_JOBS")
@@ -52,17 +43,7 @@ chat = ["sim/m"]
         state = dir.path().join("state").display(),
         jobs = dir.path().join("jobs").display(),
     );
-    std::fs::write(dir.path().join("nightshift.toml"), config).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_nightshift"))
-        .args([
-            "serve",
-            "--config",
-            dir.path().join("nightshift.toml").to_str().unwrap(),
-        ])
-        .env("RUST_LOG", "warn")
-        .stderr(std::fs::File::create(dir.path().join("daemon.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = support::spawn_daemon(dir.path(), &config, &[]);
     let pid = child.id();
     let inbox = dir.path().join("jobs/inbox");
     let outbox = dir.path().join("jobs/outbox");
@@ -71,7 +52,10 @@ chat = ["sim/m"]
     println!("## Soak ({jobs} jobs in {files} files of {per_file}, simulated provider)\n");
     println!("| files done | jobs done | elapsed | daemon RSS |");
     println!("|---|---|---|---|");
-    println!("| 0 | 0 | 0 s | {} KiB |", rss_kb(pid).unwrap_or(0));
+    println!(
+        "| 0 | 0 | 0 s | {} KiB |",
+        support::rss_kb(pid).unwrap_or(0)
+    );
     let mut samples = Vec::new();
     for f in 0..files {
         let lines: Vec<String> = (0..per_file)
@@ -87,7 +71,7 @@ chat = ["sim/m"]
         let out = outbox.join(format!("f{f}.output.jsonl"));
         while !out.exists() {
             std::thread::sleep(Duration::from_millis(250));
-            samples.push(rss_kb(pid).unwrap_or(0));
+            samples.push(support::rss_kb(pid).unwrap_or(0));
             assert!(
                 start.elapsed() < Duration::from_secs(1800),
                 "soak did not finish"
@@ -98,7 +82,7 @@ chat = ["sim/m"]
             f + 1,
             (f + 1) * per_file,
             start.elapsed().as_secs_f64(),
-            rss_kb(pid).unwrap_or(0)
+            support::rss_kb(pid).unwrap_or(0)
         );
     }
     let elapsed = start.elapsed().as_secs_f64();

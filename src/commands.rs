@@ -9,8 +9,7 @@ use anyhow::{Context, bail};
 use chrono::Utc;
 
 use crate::config::Config;
-use crate::job::RouteKey;
-use crate::plan::{self, JobGroup, PlanSettings, ProviderCapacity};
+use crate::plan::{self, PlanSettings, ProviderCapacity};
 use crate::queue::Store;
 use crate::simulate::{self, Policy};
 
@@ -31,30 +30,22 @@ pub fn plan(config: &Config) -> anyhow::Result<String> {
         safety_margin: config.daemon.safety_margin,
         ..PlanSettings::default()
     };
-    let (groups, unroutable) = plan::build_groups(
+    let capacity: Vec<ProviderCapacity> = simulate::capacities(config);
+    let q = plan::plan_queue(
         &buckets,
+        &config.catalog,
+        &capacity,
         now,
         &settings,
         |_| 1.0,
-        |key| {
-            let route =
-                RouteKey::decode(key).ok_or_else(|| format!("unreadable route key {key}"))?;
-            route
-                .candidates(&config.catalog)
-                .map(|c| (c.models, c.reference))
-                .map_err(|e| e.to_string())
-        },
+        |_| None,
     );
-    let capacity: Vec<ProviderCapacity> = simulate::capacities(config);
-    let plain: Vec<JobGroup> = groups.into_iter().map(|g| g.group).collect();
-    let p = plan::plan(&plain, &config.catalog, &capacity, now, &settings);
-    let mut out = crate::views::plan_table(&p, &plain, &config.catalog);
-    for (key, reason) in unroutable {
+    let mut out = crate::views::plan_table(&q.plan, &q.job_groups(), &config.catalog);
+    for (key, reason) in q.unroutable {
         out.push_str(&format!("  not routable in this config: {key}: {reason}\n"));
     }
     Ok(out)
 }
-
 /// `nightshift report`: spend and savings of finished jobs, from the database.
 pub fn report(
     config: &Config,

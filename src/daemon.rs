@@ -110,15 +110,7 @@ pub async fn run(
     let initial_latency = config
         .transports
         .iter()
-        .map(|t| match t {
-            // Typical: the base latency plus ~100 output tokens.
-            Transport::Simulated {
-                latency,
-                ms_per_output_token,
-                ..
-            } => *latency + Duration::from_secs_f64(ms_per_output_token * 100.0 / 1000.0),
-            Transport::OpenAi { .. } => Duration::from_secs(2),
-        })
+        .map(crate::live::typical_latency)
         .collect();
     let telemetry = Arc::new(crate::telemetry::Telemetry::new());
     let (live_tx, live_rx) = crate::live::channel(&config);

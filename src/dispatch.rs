@@ -16,7 +16,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::job::{Options, RouteKey};
+use crate::job::Options;
 use crate::limits::RateLimits;
 use crate::plan::{self, PlanSettings, PlannedGroup, ProviderCapacity, Quotas};
 use crate::pricing::{Catalog, Endpoint, ModelId};
@@ -523,20 +523,18 @@ impl Dispatcher {
         let disabled: Vec<Option<String>> =
             observed.health.iter().map(|h| h.disabled.clone()).collect();
         let started = Instant::now();
-        let (groups, unroutable, plan, quotas) = tokio::task::spawn_blocking(move || {
-            let (groups, unroutable) = plan::build_groups(
+        let (q, quotas) = tokio::task::spawn_blocking(move || {
+            let q = plan::plan_queue(
                 &buckets,
+                &catalog,
+                &capacities,
                 now,
                 &settings,
                 |key| output_scale.get(key).copied().unwrap_or(1.0),
-                |key| {
-                    let route = RouteKey::decode(key)
-                        .ok_or_else(|| format!("unreadable route key {key}"))?;
-                    let c = route.candidates(&catalog).map_err(|e| e.to_string())?;
-                    // Every eligible provider refused our key: fail now, with why,
-                    // rather than let the jobs wait for their deadline.
-                    let disabled: Vec<String> = c
-                        .models
+                // Every eligible provider refused our key: fail now, with why,
+                // rather than let the jobs wait for their deadline.
+                |models| {
+                    let reasons: Vec<String> = models
                         .iter()
                         .filter_map(|&m| {
                             let p = catalog.models[m].provider;
@@ -545,22 +543,24 @@ impl Dispatcher {
                                 .map(|r| format!("{}: {r}", catalog.providers[p].name))
                         })
                         .collect();
-                    if disabled.len() == c.models.len() {
-                        return Err(format!(
+                    (reasons.len() == models.len()).then(|| {
+                        format!(
                             "every eligible provider is disabled ({})",
-                            disabled.join("; ")
-                        ));
-                    }
-                    Ok::<_, String>((c.models, c.reference))
+                            reasons.join("; ")
+                        )
+                    })
                 },
             );
-            let plain: Vec<plan::JobGroup> = groups.iter().map(|g| g.group.clone()).collect();
-            let plan = plan::plan(&plain, &catalog, &capacities, now, &settings);
-            let quotas = Quotas::from_plan(&plan, &plain, &catalog, &capacities);
-            (groups, unroutable, plan, quotas)
+            let quotas = Quotas::from_plan(&q.plan, &q.job_groups(), &catalog, &capacities);
+            (q, quotas)
         })
         .await
         .expect("planner panicked");
+        let crate::plan::QueuePlan {
+            groups,
+            plan,
+            unroutable,
+        } = q;
         for (route_key, reason) in unroutable {
             let message = format!("no eligible model in the current configuration: {reason}");
             let now_ms = now.timestamp_millis();

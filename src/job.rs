@@ -74,6 +74,13 @@ impl RouteKey {
         serde_json::from_str(s).ok()
     }
 
+    /// The candidates of a stored route key in `catalog`, or why there are
+    /// none (unreadable key, model gone from the configuration).
+    pub fn resolve(key: &str, catalog: &Catalog) -> Result<Candidates, String> {
+        let route = RouteKey::decode(key).ok_or_else(|| format!("unreadable route key {key}"))?;
+        route.candidates(catalog).map_err(|e| e.to_string())
+    }
+
     /// The models this key may run on in `catalog` (which may have changed
     /// since the job was queued).
     pub fn candidates(&self, catalog: &Catalog) -> Result<Candidates, LineError> {

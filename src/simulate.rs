@@ -238,14 +238,11 @@ pub fn capacities(config: &Config) -> Vec<ProviderCapacity> {
         .catalog
         .providers
         .iter()
+        .zip(&config.transports)
         .zip(sim_providers(config))
-        .map(|(p, s)| {
-            let typical =
-                s.latency + Duration::from_secs_f64(s.ms_per_output_token * 100.0 / 1000.0);
-            ProviderCapacity {
-                success_rate: 1.0 - s.failure_rate,
-                ..ProviderCapacity::from_limits(&p.limits, typical, 0.0)
-            }
+        .map(|((p, t), s)| ProviderCapacity {
+            success_rate: 1.0 - s.failure_rate,
+            ..ProviderCapacity::from_limits(&p.limits, crate::live::typical_latency(t), 0.0)
         })
         .collect()
 }
@@ -426,23 +423,17 @@ pub fn run(
                             jobs[*i].w.expected_output_tokens,
                         )
                     }));
-                    let (g, _) = plan::build_groups(
+                    let q = plan::plan_queue(
                         &buckets,
+                        catalog,
+                        &capacity,
                         now,
                         settings,
                         |_| 1.0,
-                        |key| {
-                            let route = RouteKey::decode(key).ok_or("bad key")?;
-                            route
-                                .candidates(catalog)
-                                .map(|c| (c.models, c.reference))
-                                .map_err(|_| "unroutable")
-                        },
+                        |_| None,
                     );
-                    let plain: Vec<JobGroup> = g.iter().map(|g| g.group.clone()).collect();
-                    let p = plan::plan(&plain, catalog, &capacity, now, settings);
-                    quotas = Quotas::from_plan(&p, &plain, catalog, &capacity);
-                    groups = g;
+                    quotas = Quotas::from_plan(&q.plan, &q.job_groups(), catalog, &capacity);
+                    groups = q.groups;
                     planned_at = Some(now);
                     arrivals_since_plan = false;
                 }

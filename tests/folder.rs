@@ -508,3 +508,58 @@ async fn a_file_that_is_not_jsonl_is_rejected_with_the_reason_beside_it() {
     assert!(daemon.jobs().join("inbox/partial.jsonl.part").exists());
     assert_eq!(provider.count(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_cannot_start_before_its_deadline_expires_and_one_over_its_max_cost_fails() {
+    // One request at a time, each taking 4 s: "late" (due in 2 s) cannot start in time.
+    let provider = LoopbackProvider::with(|seen| Reply {
+        delay: Duration::from_secs(4),
+        ..default_reply(seen)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = one_provider(&provider);
+    spec[0].extra = "concurrency = 1";
+    let daemon = Daemon::start(dir.path(), &config_toml(dir.path(), &spec));
+    drop_file(
+        &daemon.jobs(),
+        "first.jsonl",
+        &chat_line("first", "chat", "occupies the provider", None),
+    );
+    wait_until("the provider is busy", T, || provider.count() == 1).await;
+    let content = [
+        chat_line(
+            "late",
+            "chat",
+            "cannot start in time",
+            Some(json!({"deadline": "2s"})),
+        ),
+        chat_line(
+            "dear",
+            "chat",
+            "too expensive",
+            Some(json!({"max_cost_usd": 1e-12})),
+        ),
+    ]
+    .join("\n");
+    drop_file(&daemon.jobs(), "limits.jsonl", &content);
+    let (output, errors) = wait_for_outbox(&daemon.jobs(), "limits", T).await;
+    assert!(output.is_empty(), "{output:?}");
+    let errs = by_custom_id(&errors);
+    let late = &errs["late"];
+    assert_eq!(late["error"]["code"], "expired", "{late}");
+    assert_eq!(late["response"], Value::Null);
+    assert_eq!(late["nightshift"]["attempts"], 0);
+    let dear = &errs["dear"];
+    assert_eq!(dear["error"]["code"], "max_cost_exceeded", "{dear}");
+    assert!(
+        dear["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_cost_usd")
+    );
+    assert_eq!(
+        provider.seen().iter().map(|s| s.text()).collect::<Vec<_>>(),
+        ["occupies the provider"]
+    );
+}

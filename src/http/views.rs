@@ -8,7 +8,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Value, json};
 
 use crate::job::RouteKey;
-use crate::plan::{self, JobGroup, Plan, PlannedGroup};
+use crate::plan;
 use crate::queue::{
     BatchRow, FileKind, FileRow, JobDetail, JobState, SourceCounts, SourceInfo, Store,
 };
@@ -167,12 +167,7 @@ pub fn batch_file_name(batch: i64, kind: FileKind) -> String {
 // ---- the plan -------------------------------------------------------------
 
 /// The plan for the queue at one moment.
-pub struct PlanSnapshot {
-    pub groups: Vec<PlannedGroup>,
-    pub plan: Plan,
-    /// Routes no configured model serves any more: (route key, reason).
-    pub unroutable: Vec<(String, String)>,
-}
+pub type PlanSnapshot = plan::QueuePlan;
 
 /// The last plan, reused for a second (plans of a big queue take a while).
 #[derive(Default)]
@@ -213,27 +208,15 @@ fn compute_plan(
     now: DateTime<Utc>,
 ) -> crate::queue::Result<PlanSnapshot> {
     let buckets = store.queued_buckets()?;
-    let (groups, unroutable) = plan::build_groups(
+    Ok(plan::plan_queue(
         &buckets,
+        catalog,
+        capacity,
         now,
         settings,
         |_| 1.0,
-        |key| {
-            let route =
-                RouteKey::decode(key).ok_or_else(|| format!("unreadable route key {key}"))?;
-            route
-                .candidates(catalog)
-                .map(|c| (c.models, c.reference))
-                .map_err(|e| e.to_string())
-        },
-    );
-    let plain: Vec<JobGroup> = groups.iter().map(|g| g.group.clone()).collect();
-    let plan = plan::plan(&plain, catalog, capacity, now, settings);
-    Ok(PlanSnapshot {
-        groups,
-        plan,
-        unroutable,
-    })
+        |_| None,
+    ))
 }
 
 fn provider_model(catalog: &crate::pricing::Catalog, model: usize) -> (String, String) {

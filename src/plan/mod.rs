@@ -719,6 +719,52 @@ pub fn bucket_jobs<'a>(
     map.into_values().collect()
 }
 
+/// A plan of the queue, with the groups it was made for and the routes no
+/// configured model can serve.
+#[derive(Debug, Clone)]
+pub struct QueuePlan {
+    pub groups: Vec<PlannedGroup>,
+    pub plan: Plan,
+    /// (route key, why it cannot be served).
+    pub unroutable: Vec<(String, String)>,
+}
+
+impl QueuePlan {
+    /// The groups as the planner saw them.
+    pub fn job_groups(&self) -> Vec<JobGroup> {
+        self.groups.iter().map(|g| g.group.clone()).collect()
+    }
+}
+
+/// Plans the queue from its summary: the one path from queued buckets to a
+/// plan, for the daemon, `nightshift plan`, the HTTP API and the simulator.
+/// `output_scale` gives the learned output-token ratio of a route;
+/// `veto` may refuse a route's candidates (e.g. every provider disabled).
+pub fn plan_queue(
+    buckets: &[QueuedBucket],
+    catalog: &Catalog,
+    capacity: &[ProviderCapacity],
+    now: DateTime<Utc>,
+    settings: &PlanSettings,
+    output_scale: impl Fn(&str) -> f64,
+    veto: impl Fn(&[ModelId]) -> Option<String>,
+) -> QueuePlan {
+    let (groups, unroutable) = build_groups(buckets, now, settings, output_scale, |key| {
+        let c = crate::job::RouteKey::resolve(key, catalog)?;
+        match veto(&c.models) {
+            Some(why) => Err(why),
+            None => Ok((c.models, c.reference)),
+        }
+    });
+    let job_groups: Vec<JobGroup> = groups.iter().map(|g| g.group.clone()).collect();
+    let plan = plan(&job_groups, catalog, capacity, now, settings);
+    QueuePlan {
+        groups,
+        plan,
+        unroutable,
+    }
+}
+
 /// Width of the queue's deadline buckets.
 pub const BUCKET_MS: i64 = 15 * 60 * 1000;
 
