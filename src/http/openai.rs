@@ -366,7 +366,8 @@ fn validate_batch(s: &ApiState, batch: &BatchRow, existing: Option<i64>) -> ApiR
                         .file(batch.input_file_id)?
                         .map_or_else(|| "batch.jsonl".to_string(), |f| f.filename);
                     let stem = format!("batch_{}", batch.id);
-                    let summary = s.store.ingest(
+                    let summary = s.store.ingest_batch(
+                        batch.id,
                         &NewSource {
                             origin: Origin::Upload,
                             name: &name,

@@ -582,13 +582,29 @@ impl Store {
         Ok(())
     }
 
+    /// Queues a batch's lines as a source and records it on the batch in the
+    /// same transaction.
+    pub fn ingest_batch(
+        &self,
+        batch_id: i64,
+        source: &super::NewSource,
+        lines: impl Iterator<Item = std::io::Result<super::LineOutcome>>,
+    ) -> Result<super::IngestSummary> {
+        self.ingest_linked(source, lines, |tx, source_id| {
+            tx.execute(
+                "UPDATE batches SET source_id = ?2 WHERE id = ?1",
+                params![batch_id, source_id],
+            )
+            .map(|_| ())
+        })
+    }
+
     /// Batches left in `validating` by a crash, with the id of the source
     /// their jobs went to, if that transaction committed.
     pub fn validating_batches(&self) -> Result<Vec<(BatchRow, Option<i64>)>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
-            "SELECT {BATCH_COLUMNS}, (SELECT s.id FROM sources s WHERE s.origin = 'upload' AND s.stem = 'batch_' || b.id)
-             FROM batches b WHERE status = 'validating' ORDER BY id"
+            "SELECT {BATCH_COLUMNS}, b.source_id FROM batches b WHERE status = 'validating' ORDER BY id"
         ))?;
         let rows = stmt.query_map([], |r| Ok((batch_from_row(r)?, r.get(19)?)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -722,5 +738,53 @@ impl Store {
         };
         tx.commit()?;
         Ok(Some(n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{NewSource, Origin, Store};
+    use super::NewBatch;
+
+    /// A crash after a batch's jobs are committed but before the batch is
+    /// started must not queue them again: the link is in the same
+    /// transaction, whatever stem the source got (an inbox file may already
+    /// hold `batch_<id>`).
+    #[test]
+    fn a_batch_is_linked_to_its_source_in_the_ingest_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("q.db")).unwrap();
+        let taken = NewSource {
+            origin: Origin::Inbox,
+            name: "batch_1.jsonl",
+            stem: "batch_1",
+            sha256: Some("x"),
+            now_ms: 0,
+        };
+        store.ingest(&taken, std::iter::empty()).unwrap();
+        let file = store.insert_file("batch", "in.jsonl", b"{}", 0).unwrap();
+        let batch = NewBatch {
+            input_file_id: file.id,
+            endpoint: "/v1/chat/completions",
+            completion_window: "24h",
+            metadata: None,
+            now_ms: 0,
+            expires_at: 1,
+        };
+        let id = store.create_batch(&batch).unwrap();
+        assert_eq!(id, 1);
+        let source = NewSource {
+            origin: Origin::Upload,
+            name: "in.jsonl",
+            stem: "batch_1",
+            sha256: None,
+            now_ms: 0,
+        };
+        let summary = store.ingest_batch(id, &source, std::iter::empty()).unwrap();
+        assert_eq!(summary.stem, "batch_1.2", "the inbox file kept the stem");
+        // Still `validating` (the "crash"): recovery sees the source and will not ingest again.
+        let open = store.validating_batches().unwrap();
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].1, Some(summary.source_id));
     }
 }

@@ -286,6 +286,17 @@ impl Store {
         source: &NewSource,
         lines: impl Iterator<Item = std::io::Result<LineOutcome>>,
     ) -> Result<IngestSummary> {
+        self.ingest_linked(source, lines, |_, _| Ok(()))
+    }
+
+    /// [`Store::ingest`], running `link(tx, source_id)` in the same
+    /// transaction (a batch records its source, so a crash cannot separate them).
+    pub(crate) fn ingest_linked(
+        &self,
+        source: &NewSource,
+        lines: impl Iterator<Item = std::io::Result<LineOutcome>>,
+        link: impl FnOnce(&Connection, i64) -> rusqlite::Result<()>,
+    ) -> Result<IngestSummary> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let stem = unique_stem(&tx, source.stem)?;
@@ -363,6 +374,7 @@ impl Store {
             "UPDATE sources SET total_lines = ?2, valid_jobs = ?3, invalid_lines = ?4 WHERE id = ?1",
             params![source_id, total as i64, queued as i64, invalid as i64],
         )?;
+        link(&tx, source_id)?;
         tx.commit()?;
         Ok(IngestSummary {
             source_id,
