@@ -12,11 +12,12 @@ use crate::queue::{FinishedJob, JobState, ResultsError, SourceRow, Store, Stored
 
 /// Costs are exact in the database; results show them to a picomillionth
 /// of a dollar so that 9.15e-6 does not print as 9.149999999999999e-6.
-fn usd(x: Option<f64>) -> Value {
+pub fn usd(x: Option<f64>) -> Value {
     x.map_or(Value::Null, |x| json!((x * 1e12).round() / 1e12))
 }
 
-fn rfc3339(ms: Option<i64>) -> Value {
+/// Unix ms as RFC 3339 with milliseconds and `Z`; null if absent.
+pub fn rfc3339(ms: Option<i64>) -> Value {
     ms.and_then(DateTime::<Utc>::from_timestamp_millis)
         .map_or(Value::Null, |t| {
             Value::String(t.to_rfc3339_opts(SecondsFormat::Millis, true))
@@ -95,6 +96,30 @@ pub fn line_error_line(stem: &str, e: &StoredLineError) -> Value {
     })
 }
 
+/// Every result line of a source, in one pass: its jobs in line order
+/// (`output` = true for the output file, false for the errors file; jobs not
+/// final yet are skipped), then its invalid lines (errors file).
+pub fn for_each_result_line(
+    store: &Store,
+    source_id: i64,
+    stem: &str,
+    mut f: impl FnMut(bool, &Value) -> std::io::Result<()>,
+) -> Result<(), ResultsError> {
+    store.for_each_job_of(source_id, |job| {
+        if !job.state.is_final() {
+            return Ok(());
+        }
+        f(is_output(&job), &result_line(&job))
+    })?;
+    let invalid = store
+        .line_errors_of(source_id)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    for e in &invalid {
+        f(false, &line_error_line(stem, e))?;
+    }
+    Ok(())
+}
+
 /// Where a source's results go.
 pub fn outbox_paths(outbox: &Path, stem: &str) -> (PathBuf, PathBuf) {
     (
@@ -115,20 +140,11 @@ pub fn write_outbox(
     let err_tmp = outbox.join(format!(".{}.errors.jsonl.tmp", source.stem));
     let mut out = BufWriter::new(File::create(&out_tmp)?);
     let mut err = BufWriter::new(File::create(&err_tmp)?);
-    store.for_each_job_of(source.id, |job| {
-        let line = result_line(&job);
-        let w = if is_output(&job) { &mut out } else { &mut err };
-        serde_json::to_writer(&mut *w, &line)?;
+    for_each_result_line(store, source.id, &source.stem, |output, line| {
+        let w = if output { &mut out } else { &mut err };
+        serde_json::to_writer(&mut *w, line)?;
         w.write_all(b"\n")
     })?;
-    let invalid = store
-        .line_errors_of(source.id)
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    for e in &invalid {
-        serde_json::to_writer(&mut err, &line_error_line(&source.stem, e))
-            .map_err(std::io::Error::from)?;
-        err.write_all(b"\n")?;
-    }
     for (w, tmp, path) in [(out, &out_tmp, &out_path), (err, &err_tmp, &err_path)] {
         let file = w.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;

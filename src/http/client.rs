@@ -64,10 +64,6 @@ impl Client {
         }
     }
 
-    pub fn target(&self) -> &Target {
-        &self.target
-    }
-
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, CallError> {
         let err = |e: std::io::Error| CallError::Connect {
             target: self.target.to_string(),
@@ -77,26 +73,26 @@ impl Client {
             target: self.target.to_string(),
             message: e.to_string(),
         };
-        let sender = match &self.target {
+        async fn http1<S>(stream: S) -> hyper::Result<SendRequest<Full<Bytes>>>
+        where
+            S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        {
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            Ok(sender)
+        }
+        match &self.target {
             Target::Unix(path) => {
                 let stream = tokio::net::UnixStream::connect(path).await.map_err(err)?;
-                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(handshake_err)?;
-                tokio::spawn(conn);
-                sender
+                http1(stream).await.map_err(handshake_err)
             }
             Target::Tcp { addr, .. } => {
                 let stream = tokio::net::TcpStream::connect(addr).await.map_err(err)?;
                 let _ = stream.set_nodelay(true);
-                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(handshake_err)?;
-                tokio::spawn(conn);
-                sender
+                http1(stream).await.map_err(handshake_err)
             }
-        };
-        Ok(sender)
+        }
     }
 
     /// Sends a request and returns the status and the whole body.

@@ -117,7 +117,7 @@ pub fn ensure_token(path: &Path) -> anyhow::Result<String> {
 }
 
 /// The token at `path`, if the file exists. Refuses a file others can read.
-pub fn read_token(path: &Path) -> anyhow::Result<Option<String>> {
+fn read_token(path: &Path) -> anyhow::Result<Option<String>> {
     match fs::read_to_string(path) {
         Ok(s) => {
             let mode = fs::metadata(path)?.permissions().mode() & 0o777;

@@ -320,11 +320,6 @@ impl Server {
         Ok(Server { state, unix, tcp })
     }
 
-    /// The bound TCP address, if any.
-    pub fn tcp_addr(&self) -> Option<std::net::SocketAddr> {
-        self.tcp.as_ref().and_then(|(l, _)| l.local_addr().ok())
-    }
-
     /// Serves until `stop` turns true, then stops accepting, lets requests
     /// in progress finish, and removes the socket file.
     pub async fn serve(self, stop: watch::Receiver<bool>) {

@@ -11,7 +11,6 @@ use axum::body::{Body, Bytes};
 use tokio::sync::mpsc;
 
 use crate::queue::{FileKind, Store};
-use crate::results::{is_output, line_error_line, result_line};
 
 /// Writes the lines of `kind` (output or errors) of a source to `w`. Jobs
 /// not final yet are skipped.
@@ -23,28 +22,17 @@ pub fn write_results(
     w: &mut dyn Write,
 ) -> io::Result<()> {
     let want_output = kind == FileKind::Output;
-    store
-        .for_each_job_of(source_id, |job| {
-            if !job.state.is_final() || is_output(&job) != want_output {
-                return Ok(());
-            }
-            serde_json::to_writer(&mut *w, &result_line(&job))?;
-            w.write_all(b"\n")
-        })
-        .map_err(|e| match e {
-            crate::queue::ResultsError::Io(e) => e,
-            other => io::Error::other(other.to_string()),
-        })?;
-    if !want_output {
-        let invalid = store
-            .line_errors_of(source_id)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        for e in &invalid {
-            serde_json::to_writer(&mut *w, &line_error_line(stem, e))?;
-            w.write_all(b"\n")?;
+    crate::results::for_each_result_line(store, source_id, stem, |output, line| {
+        if output != want_output {
+            return Ok(());
         }
-    }
-    Ok(())
+        serde_json::to_writer(&mut *w, line)?;
+        w.write_all(b"\n")
+    })
+    .map_err(|e| match e {
+        crate::queue::ResultsError::Io(e) => e,
+        other => io::Error::other(other.to_string()),
+    })
 }
 
 /// Counts bytes written.

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
 use crate::job::RouteKey;
@@ -18,13 +18,11 @@ use super::ApiState;
 
 /// Unix ms as RFC 3339 (millisecond precision, `Z`).
 pub fn rfc3339(ms: i64) -> Value {
-    DateTime::<Utc>::from_timestamp_millis(ms).map_or(Value::Null, |t| {
-        Value::String(t.to_rfc3339_opts(SecondsFormat::Millis, true))
-    })
+    crate::results::rfc3339(Some(ms))
 }
 
 pub fn rfc3339_opt(ms: Option<i64>) -> Value {
-    ms.map_or(Value::Null, rfc3339)
+    crate::results::rfc3339(ms)
 }
 
 /// Unix ms as Unix seconds (OpenAI's timestamps).
@@ -34,7 +32,7 @@ fn secs(ms: Option<i64>) -> Value {
 
 /// USD rounded to a picodollar, as in result lines.
 pub fn usd(x: f64) -> Value {
-    json!((x * 1e12).round() / 1e12)
+    crate::results::usd(Some(x))
 }
 
 pub fn submission_id(source_id: i64) -> String {
