@@ -535,7 +535,8 @@ pub async fn stats(State(s): State<S>) -> ApiResult<Json<Value>> {
             v
         })
         .collect();
-    let savings = list_ok - cost_ok;
+    // As `nightshift report` counts it: duplicate (late) answers are spend too.
+    let savings = list_ok - cost_ok - st.late_cost_usd;
     let next_change = s
         .catalog()
         .next_price_change(now, chrono::Duration::days(8));
