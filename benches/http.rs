@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use nightshift::api::client::{Client, Target};
 use nightshift::config::Config;
-use nightshift::http::client::{Client, Target};
-use nightshift::job::{self, JobContext};
-use nightshift::queue::{LineOutcome, NewSource, Origin, Store};
+use nightshift::domain::job::{self, JobContext};
+use nightshift::store::{LineOutcome, NewSource, Origin, Store};
 use tokio::sync::{Notify, watch};
 
 fn line(i: usize) -> String {
@@ -65,8 +65,8 @@ async fn server(
     config.http.socket = dir.join("api.sock");
     config.http.max_body = 100_000_000;
     let store = Arc::new(Store::open(&config.daemon.database).unwrap());
-    let (_live_tx, live) = nightshift::live::channel(&config);
-    let s = nightshift::http::Server::bind(
+    let (_live_tx, live) = nightshift::config::live::channel(&config);
+    let s = nightshift::api::Server::bind(
         &config,
         store.clone(),
         live,

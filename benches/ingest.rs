@@ -13,7 +13,7 @@
 //!    (parsed by nightshift's own validator before the timer starts, route ids
 //!    assigned) into `jobs`, after the source row and the few `routes` rows, in
 //!    one transaction with a cached prepared statement
-//!    ([`queue::bare_insert_statement`]). This is the ceiling: SQLite
+//!    ([`store::bare_insert_statement`]). This is the ceiling: SQLite
 //!    insertion only.
 //! 2. **nightshift**: [`ingest::ingest_file`] end to end on a copy of the file
 //!    in the inbox: hashing pass, per-line validation, insert, move to
@@ -31,9 +31,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use nightshift::config::Config;
+use nightshift::domain::job::{self, JobContext, NewJob};
 use nightshift::ingest::{self, FileOutcome, Folders};
-use nightshift::job::{self, JobContext, NewJob};
-use nightshift::queue::{self, JobState, Store};
+use nightshift::store::{self, JobState, Store};
 use rusqlite::{Connection, TransactionBehavior, params};
 
 const DEFAULT_LINES: usize = 1_000_000;
@@ -330,13 +330,13 @@ fn bare_insert(db: &Path, rows: &[NewJob], routes: &Routes) -> (Duration, Finger
     }
     {
         let mut insert = tx
-            .prepare_cached(queue::bare_insert_statement())
+            .prepare_cached(store::bare_insert_statement())
             .expect("prepare the insert");
         // The parameters below are Store::ingest's, in its order.
         assert_eq!(
             insert.parameter_count(),
             13,
-            "queue::bare_insert_statement() changed; update the bare insert's parameters"
+            "store::bare_insert_statement() changed; update the bare insert's parameters"
         );
         for (i, job) in rows.iter().enumerate() {
             insert

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use nightshift::config::Config;
-use nightshift::job::{Options, RouteKey};
+use nightshift::domain::job::{Options, RouteKey};
+use nightshift::domain::pricing::Endpoint;
 use nightshift::plan::{self, PlanSettings, ProviderCapacity, QueuedBucket};
-use nightshift::pricing::Endpoint;
 use nightshift::simulate::{self, Policy};
 
 fn main() {
@@ -176,7 +176,7 @@ fn replan_times(sizes: &[usize]) {
 
 /// The daemon's side of a re-plan: the queue summary query on SQLite.
 fn sql_summary_times(sizes: &[usize]) {
-    use nightshift::queue::{LineOutcome, NewSource, Origin, Store};
+    use nightshift::store::{LineOutcome, NewSource, Origin, Store};
     let config = Config::embedded_default();
     let now = Utc::now();
     println!(
@@ -195,14 +195,14 @@ fn sql_summary_times(sizes: &[usize]) {
                 let route = RouteKey::decode(key).unwrap();
                 Ok(LineOutcome {
                     line: i as u64 + 1,
-                    job: Ok(nightshift::job::NewJob {
+                    job: Ok(nightshift::domain::job::NewJob {
                         custom_id: format!("j{i}"),
                         endpoint: Endpoint::ChatCompletions,
                         model: route.model.clone(),
                         body: "{}".into(),
                         options: None,
                         priority: 0,
-                        estimate: nightshift::estimate::TokenEstimate {
+                        estimate: nightshift::domain::estimate::TokenEstimate {
                             input: *input,
                             output: *output,
                         },

@@ -33,26 +33,15 @@
 //! Pure modules take `now` as an argument and never read the clock, so the
 //! same code runs in real time in the daemon and in virtual time in tests.
 
-pub mod budget;
-pub mod cli_client;
-pub mod commands;
+pub mod api;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dispatch;
-pub mod estimate;
-pub mod http;
+pub mod domain;
 pub mod ingest;
-pub mod job;
-pub mod limits;
-pub mod live;
-pub mod maintenance;
 pub mod plan;
-pub mod pricing;
-pub mod provider;
-pub mod queue;
-pub mod reliability;
 pub mod results;
 pub mod simulate;
-pub mod systemd;
+pub mod store;
 pub mod telemetry;
-pub mod views;

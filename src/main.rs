@@ -202,10 +202,10 @@ fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 /// Runs a client command against the daemon's socket and prints its output.
 fn client_command<F>(config: Option<&PathBuf>, f: F) -> anyhow::Result<()>
 where
-    F: AsyncFnOnce(&nightshift::http::client::Client) -> anyhow::Result<String>,
+    F: AsyncFnOnce(&nightshift::api::client::Client) -> anyhow::Result<String>,
 {
     let http = nightshift::config::Config::load_http(config.map(PathBuf::as_path))?;
-    let client = nightshift::cli_client::client(&http);
+    let client = nightshift::cli::client::client(&http);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -219,7 +219,7 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Token { config } => {
             let http = nightshift::config::Config::load_http(config.as_deref())?;
-            println!("{}", nightshift::cli_client::token(&http)?);
+            println!("{}", nightshift::cli::client::token(&http)?);
             Ok(())
         }
         Command::Submit {
@@ -230,7 +230,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             out,
             json,
         } => {
-            let args = nightshift::cli_client::SubmitArgs {
+            let args = nightshift::cli::client::SubmitArgs {
                 files,
                 deadline,
                 wait,
@@ -238,7 +238,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 json,
             };
             client_command(config.as_ref(), async |c| {
-                nightshift::cli_client::submit(c, &args).await
+                nightshift::cli::client::submit(c, &args).await
             })
         }
         Command::Jobs {
@@ -248,13 +248,13 @@ fn run(command: Command) -> anyhow::Result<()> {
             limit,
             json,
         } => client_command(config.as_ref(), async |c| {
-            nightshift::cli_client::jobs(c, state.as_deref(), after.as_deref(), limit, json).await
+            nightshift::cli::client::jobs(c, state.as_deref(), after.as_deref(), limit, json).await
         }),
         Command::Status { config, json } => client_command(config.as_ref(), async |c| {
-            nightshift::cli_client::status(c, json).await
+            nightshift::cli::client::status(c, json).await
         }),
         Command::Cancel { config, id, json } => client_command(config.as_ref(), async |c| {
-            nightshift::cli_client::cancel(c, &id, json).await
+            nightshift::cli::client::cancel(c, &id, json).await
         }),
         Command::DefaultConfig => {
             print!("{EMBEDDED_DEFAULT}");
@@ -262,7 +262,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::CheckConfig { file } => {
             let config = load(file.as_ref())?;
-            print!("{}", nightshift::views::effective_config(&config));
+            print!("{}", nightshift::cli::tables::effective_config(&config));
             println!(
                 "\n# {}: OK ({} providers, {} models, {} classes)",
                 config.origin,
@@ -282,31 +282,31 @@ fn run(command: Command) -> anyhow::Result<()> {
             };
             print!(
                 "{}",
-                nightshift::views::prices_table(&config.catalog, at, hours)
+                nightshift::cli::tables::prices_table(&config.catalog, at, hours)
             );
             Ok(())
         }
         Command::Report { config, since, by } => {
             let config = load(config.as_ref())?;
             let by = match by {
-                ReportBy::Provider => nightshift::queue::SpendBy::Provider,
-                ReportBy::Class => nightshift::queue::SpendBy::Class,
-                ReportBy::Day => nightshift::queue::SpendBy::Day,
+                ReportBy::Provider => nightshift::store::SpendBy::Provider,
+                ReportBy::Class => nightshift::store::SpendBy::Class,
+                ReportBy::Day => nightshift::store::SpendBy::Day,
             };
             print!(
                 "{}",
-                nightshift::commands::report(&config, since.as_deref(), by)?
+                nightshift::cli::report(&config, since.as_deref(), by)?
             );
             Ok(())
         }
         Command::Maintenance { config } => {
             let config = load(config.as_ref())?;
-            print!("{}", nightshift::maintenance::command(&config)?);
+            print!("{}", nightshift::daemon::cron::command(&config)?);
             Ok(())
         }
         Command::Plan { config } => {
             let config = load(config.as_ref())?;
-            print!("{}", nightshift::commands::plan(&config)?);
+            print!("{}", nightshift::cli::plan(&config)?);
             Ok(())
         }
         Command::Simulate {
@@ -319,7 +319,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             json,
         } => {
             let config = load(config.as_ref())?;
-            let args = nightshift::commands::SimulateArgs {
+            let args = nightshift::cli::SimulateArgs {
                 workload,
                 start,
                 policies,
@@ -327,7 +327,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 trace,
                 json,
             };
-            print!("{}", nightshift::commands::simulate(&config, &args)?);
+            print!("{}", nightshift::cli::simulate(&config, &args)?);
             Ok(())
         }
         Command::Serve { config: path } => {

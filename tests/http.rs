@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use nightshift::http::client::{CallError, Client};
+use nightshift::api::client::{CallError, Client};
 use serde_json::{Value, json};
 
 fn cheap(base_url: String) -> ProviderSpec<'static> {

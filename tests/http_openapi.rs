@@ -28,13 +28,13 @@ fn documented() -> BTreeSet<(String, String)> {
 
 #[test]
 fn every_served_route_is_documented_and_every_documented_route_is_served() {
-    let served: BTreeSet<(String, String)> = nightshift::http::ROUTES
+    let served: BTreeSet<(String, String)> = nightshift::api::ROUTES
         .iter()
         .map(|(m, p)| (m.to_string(), p.to_string()))
         .collect();
     assert_eq!(
         served.len(),
-        nightshift::http::ROUTES.len(),
+        nightshift::api::ROUTES.len(),
         "a route is listed twice"
     );
     let documented = documented();

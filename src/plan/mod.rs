@@ -47,7 +47,7 @@ use microlp::{ComparisonOp, OptimizationDirection, Problem};
 
 pub use route::{Decision, by_cost_at, route};
 
-use crate::pricing::{Catalog, ModelId, ProviderId};
+use crate::domain::pricing::{Catalog, ModelId, ProviderId};
 
 /// Jobs that are interchangeable for planning: same eligible models, released
 /// and due in the same slots.
@@ -93,7 +93,7 @@ pub struct ProviderCapacity {
 impl ProviderCapacity {
     /// From the configured limits, assuming a reliable provider.
     pub fn from_limits(
-        limits: &crate::pricing::Limits,
+        limits: &crate::domain::pricing::Limits,
         latency: Duration,
         reserve: f64,
     ) -> ProviderCapacity {
@@ -750,7 +750,7 @@ pub fn plan_queue(
     veto: impl Fn(&[ModelId]) -> Option<String>,
 ) -> QueuePlan {
     let (groups, unroutable) = build_groups(buckets, now, settings, output_scale, |key| {
-        let c = crate::job::RouteKey::resolve(key, catalog)?;
+        let c = crate::domain::job::RouteKey::resolve(key, catalog)?;
         match veto(&c.models) {
             Some(why) => Err(why),
             None => Ok((c.models, c.reference)),

@@ -10,8 +10,8 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::estimate::TokenEstimate;
-use crate::pricing::{Catalog, ModelId, ProviderId};
+use crate::domain::estimate::TokenEstimate;
+use crate::domain::pricing::{Catalog, ModelId, ProviderId};
 
 /// What to do with a due job now.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,7 +89,10 @@ mod tests {
         let c = Config::embedded_default();
         let cand = c
             .catalog
-            .resolve("cheap-chat", crate::pricing::Endpoint::ChatCompletions)
+            .resolve(
+                "cheap-chat",
+                crate::domain::pricing::Endpoint::ChatCompletions,
+            )
             .unwrap();
         let est = TokenEstimate {
             input: 1000,
@@ -115,7 +118,10 @@ mod tests {
         let c = Config::embedded_default();
         let cand = c
             .catalog
-            .resolve("cheap-chat", crate::pricing::Endpoint::ChatCompletions)
+            .resolve(
+                "cheap-chat",
+                crate::domain::pricing::Endpoint::ChatCompletions,
+            )
             .unwrap();
         let est = TokenEstimate {
             input: 100,
@@ -141,7 +147,10 @@ mod tests {
         let c = Config::embedded_default();
         let cand = c
             .catalog
-            .resolve("smart-chat", crate::pricing::Endpoint::ChatCompletions)
+            .resolve(
+                "smart-chat",
+                crate::domain::pricing::Endpoint::ChatCompletions,
+            )
             .unwrap();
         let est = TokenEstimate {
             input: 1_000_000,

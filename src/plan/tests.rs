@@ -6,7 +6,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::*;
-use crate::pricing::{Endpoint, Limits, Model, Price, PriceWindow, ProviderInfo, WindowEffect};
+use crate::domain::pricing::{
+    Endpoint, Limits, Model, Price, PriceWindow, ProviderInfo, WindowEffect,
+};
 
 fn at(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)

@@ -478,9 +478,9 @@ impl Daemon {
     }
 
     /// A client of the API over the Unix socket, once ready.
-    pub async fn unix_client(&self) -> nightshift::http::client::Client {
+    pub async fn unix_client(&self) -> nightshift::api::client::Client {
         self.wait_ready().await;
-        nightshift::http::client::Client::new(nightshift::http::client::Target::Unix(self.socket()))
+        nightshift::api::client::Client::new(nightshift::api::client::Target::Unix(self.socket()))
     }
 
     /// A base URL (`http://127.0.0.1:PORT`) and token for the TCP listener.

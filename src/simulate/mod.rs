@@ -15,10 +15,10 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::{Config, Transport};
-use crate::job::{self, JobContext, LineError, RouteKey};
-use crate::limits::RateLimits;
+use crate::dispatch::limits::RateLimits;
+use crate::domain::job::{self, JobContext, LineError, RouteKey};
+use crate::domain::pricing::{ModelId, ProviderId};
 use crate::plan::{self, Decision, JobGroup, PlanSettings, ProviderCapacity, Quotas};
-use crate::pricing::{ModelId, ProviderId};
 
 /// How the simulation chooses where and when jobs run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,7 +242,7 @@ pub fn capacities(config: &Config) -> Vec<ProviderCapacity> {
         .zip(sim_providers(config))
         .map(|((p, t), s)| ProviderCapacity {
             success_rate: 1.0 - s.failure_rate,
-            ..ProviderCapacity::from_limits(&p.limits, crate::live::typical_latency(t), 0.0)
+            ..ProviderCapacity::from_limits(&p.limits, crate::config::live::typical_latency(t), 0.0)
         })
         .collect()
 }
@@ -494,7 +494,7 @@ pub fn run(
                         continue;
                     }
                     let tokens = w.input_tokens + w.expected_output_tokens;
-                    let estimate = crate::estimate::TokenEstimate {
+                    let estimate = crate::domain::estimate::TokenEstimate {
                         input: w.input_tokens,
                         output: w.expected_output_tokens,
                     };

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tracing::error;
 
-use crate::job::LineError;
+use crate::domain::job::LineError;
 
 /// An error answer of the API.
 #[derive(Debug, Clone)]
@@ -214,8 +214,8 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<crate::queue::QueueError> for ApiError {
-    fn from(e: crate::queue::QueueError) -> ApiError {
+impl From<crate::store::QueueError> for ApiError {
+    fn from(e: crate::store::QueueError) -> ApiError {
         ApiError::internal(e)
     }
 }

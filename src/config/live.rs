@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::budget::Budget;
 use crate::config::{Config, Transport};
+use crate::dispatch::budget::Budget;
+use crate::domain::pricing::Catalog;
 use crate::plan::ProviderCapacity;
-use crate::pricing::Catalog;
 
 /// The reloadable configuration.
 #[derive(Debug)]

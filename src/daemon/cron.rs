@@ -24,8 +24,8 @@ use tracing::instrument::WithSubscriber;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, DaemonSettings};
-use crate::queue::Store;
-use crate::queue::maintenance::{Checkpoint, CheckpointMode, PURGE_BATCH, Purged};
+use crate::store::Store;
+use crate::store::maintenance::{Checkpoint, CheckpointMode, PURGE_BATCH, Purged};
 
 /// Midnight UTC, when daily (and monthly) budget periods begin.
 pub const MIDNIGHT_UTC: &str = "0 0 0 * * *";
@@ -125,7 +125,7 @@ pub fn run_once(
     retention: Option<Duration>,
     now: DateTime<Utc>,
     keep_going: &dyn Fn() -> bool,
-) -> crate::queue::Result<Outcome> {
+) -> crate::store::Result<Outcome> {
     let started = Instant::now();
     let cutoff_ms = retention.map(|r| {
         now.timestamp_millis()

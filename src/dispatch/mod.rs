@@ -7,6 +7,11 @@
 //! this module only feeds it the queue's summary and what it has observed
 //! of the providers (latency, success rate, token counts).
 
+pub mod budget;
+pub mod limits;
+pub mod provider;
+pub mod reliability;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,13 +21,13 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::job::Options;
-use crate::limits::RateLimits;
+use self::reliability::{Health, RetryPolicy, Signals, Verdict};
+use crate::dispatch::limits::RateLimits;
+use crate::dispatch::provider::{Outcome, ProviderClient, Request};
+use crate::domain::job::Options;
+use crate::domain::pricing::{Catalog, Endpoint, ModelId};
 use crate::plan::{self, PlanSettings, PlannedGroup, ProviderCapacity, Quotas};
-use crate::pricing::{Catalog, Endpoint, ModelId};
-use crate::provider::{Outcome, ProviderClient, Request};
-use crate::queue::{DueJob, Finish, QueueError, Start, Store};
-use crate::reliability::{self, Health, RetryPolicy, Signals, Verdict};
+use crate::store::{DueJob, Finish, QueueError, Start, Store};
 
 /// How many jobs of one group one pass takes at most.
 const BATCH: usize = 256;
@@ -51,11 +56,11 @@ pub struct Dispatcher {
     pub run_after_deadline: bool,
     pub retry: RetryPolicy,
     /// Spending caps.
-    pub budgets: Vec<crate::budget::Budget>,
+    pub budgets: Vec<crate::dispatch::budget::Budget>,
     /// Metrics and the live provider health, for the HTTP API.
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// The reloadable configuration (SIGHUP); `None` = fixed.
-    pub live: Option<crate::live::LiveRx>,
+    pub live: Option<crate::config::live::LiveRx>,
     /// For building provider clients on a reload.
     pub request_timeout: Duration,
     /// Notified when jobs arrive (ingest) to re-plan and dispatch at once.
@@ -98,7 +103,7 @@ struct Observed {
     /// The earliest time a retried job becomes due again: re-plan then.
     next_retry: Option<DateTime<Utc>>,
     /// Spend against the budgets in their current periods.
-    budget: crate::budget::BudgetState,
+    budget: crate::dispatch::budget::BudgetState,
 }
 
 /// A finished request, reported back to the loop.
@@ -322,9 +327,9 @@ impl Dispatcher {
                         .carry_in_flight(limits.provider(o).in_flight());
                 }
                 None => {
-                    fresh
-                        .latency_s
-                        .push(Ewma::new(crate::live::typical_latency(t).as_secs_f64()));
+                    fresh.latency_s.push(Ewma::new(
+                        crate::config::live::typical_latency(t).as_secs_f64(),
+                    ));
                     fresh.success.push(Ewma::new(1.0));
                     fresh.input_ratio.push(Ewma::new(1.0));
                     fresh.health.push(Health::default());
@@ -335,7 +340,7 @@ impl Dispatcher {
         self.initial_latency = live
             .transports
             .iter()
-            .map(crate::live::typical_latency)
+            .map(crate::config::live::typical_latency)
             .collect();
         self.budgets = live.budgets.clone();
         *limits = new_limits;
@@ -407,7 +412,7 @@ impl Dispatcher {
     }
 
     /// The budgets, with what finished jobs already spent in their periods.
-    async fn load_budgets(&self) -> crate::budget::BudgetState {
+    async fn load_budgets(&self) -> crate::dispatch::budget::BudgetState {
         let budgets = self.budgets.clone();
         let names: Vec<String> = self
             .catalog
@@ -417,7 +422,7 @@ impl Dispatcher {
             .collect();
         let now = Utc::now();
         blocking(&self.store, move |s| {
-            crate::budget::BudgetState::new(budgets, now, |provider, since| {
+            crate::dispatch::budget::BudgetState::new(budgets, now, |provider, since| {
                 let name = provider.map(|p| names[p].as_str());
                 s.spent_since(name, since.timestamp_millis())
                     .unwrap_or_else(|e| {

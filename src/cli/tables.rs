@@ -6,8 +6,8 @@ use std::fmt::Write;
 
 use chrono::{DateTime, Duration, DurationRound, Utc};
 
+use crate::domain::pricing::{Catalog, ModelId};
 use crate::plan::{JobGroup, Plan};
-use crate::pricing::{Catalog, ModelId};
 
 /// The token mix used to rank models in the price table: a typical
 /// classification or extraction job.

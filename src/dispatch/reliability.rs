@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use crate::provider::Outcome;
+use crate::dispatch::provider::Outcome;
 
 /// What a provider's headers said about its limits and when to come back.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

@@ -1,6 +1,9 @@
 //! The offline commands (`plan`, `simulate`): argument handling and IO
 //! around the pure planner and simulator, returning the text to print.
 
+pub mod client;
+pub mod tables;
+
 use std::fs;
 use std::io::Write;
 use std::path::PathBuf;
@@ -10,8 +13,8 @@ use chrono::Utc;
 
 use crate::config::Config;
 use crate::plan::{self, PlanSettings, ProviderCapacity};
-use crate::queue::Store;
 use crate::simulate::{self, Policy};
+use crate::store::Store;
 
 /// `nightshift plan`: the plan for the daemon's current queue, read from its
 /// database (safe while the daemon runs: WAL readers do not block it).
@@ -40,7 +43,7 @@ pub fn plan(config: &Config) -> anyhow::Result<String> {
         |_| 1.0,
         |_| None,
     );
-    let mut out = crate::views::plan_table(&q.plan, &q.job_groups(), &config.catalog);
+    let mut out = crate::cli::tables::plan_table(&q.plan, &q.job_groups(), &config.catalog);
     for (key, reason) in q.unroutable {
         out.push_str(&format!("  not routable in this config: {key}: {reason}\n"));
     }
@@ -50,7 +53,7 @@ pub fn plan(config: &Config) -> anyhow::Result<String> {
 pub fn report(
     config: &Config,
     since: Option<&str>,
-    by: crate::queue::SpendBy,
+    by: crate::store::SpendBy,
 ) -> anyhow::Result<String> {
     use std::fmt::Write as _;
     let db = &config.daemon.database;
@@ -78,16 +81,16 @@ pub fn report(
     let rows = store.spend(since_ms, by)?;
     let mut out = String::new();
     let label = match by {
-        crate::queue::SpendBy::Provider => "provider",
-        crate::queue::SpendBy::Class => "class / model",
-        crate::queue::SpendBy::Day => "day (UTC)",
+        crate::store::SpendBy::Provider => "provider",
+        crate::store::SpendBy::Class => "class / model",
+        crate::store::SpendBy::Day => "day (UTC)",
     };
     let _ = writeln!(
         out,
         "{label:<24} {:>9} {:>12} {:>12} {:>14} {:>14} {:>14} {:>8}",
         "jobs", "input tok", "output tok", "spend USD", "list USD", "saved USD", "saved"
     );
-    let mut total = crate::queue::SpendRow {
+    let mut total = crate::store::SpendRow {
         key: "total".into(),
         jobs: 0,
         input_tokens: 0,

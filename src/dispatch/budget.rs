@@ -9,7 +9,7 @@
 
 use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
 
-use crate::pricing::ProviderId;
+use crate::domain::pricing::ProviderId;
 
 /// The period a budget renews over (UTC).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

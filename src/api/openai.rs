@@ -3,7 +3,7 @@
 //! it, poll it, download its output and error files.
 //!
 //! A batch's lines become one source of jobs (origin `upload`), validated by
-//! [`crate::job::parse_line`] like every other job, with the deadline
+//! [`crate::domain::job::parse_line`] like every other job, with the deadline
 //! `created_at + completion_window` (a line's own `nightshift.deadline`
 //! wins). Valid lines are queued and scheduled by the planner across all
 //! providers; invalid ones go to the error file, as in the watched folder.
@@ -27,12 +27,12 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::error::{ApiError, ApiResult};
-use super::results::{Counter, streamed, write_results};
-use super::views::{self, batch_json, file_json};
+use super::objects::{self, batch_json, file_json};
+use super::result_files::{Counter, streamed, write_results};
 use super::{ApiState, S, parse_id, read_body};
-use crate::job::{self, JobContext, LineError};
-use crate::pricing::Endpoint;
-use crate::queue::{
+use crate::domain::job::{self, JobContext, LineError};
+use crate::domain::pricing::Endpoint;
+use crate::store::{
     BatchClose, BatchRow, FileKind, LineOutcome, NewBatch, NewSource, Origin, QueueError,
 };
 
@@ -239,7 +239,7 @@ pub async fn create_batch(
                 return Err(ApiError::bad_request(
                     format!(
                         "{} is not an uploaded batch input file",
-                        views::file_id(f.id)
+                        objects::file_id(f.id)
                     ),
                     Some("input_file_id"),
                     "invalid_value",
@@ -272,7 +272,7 @@ pub async fn create_batch(
 }
 
 /// A batch's JSON, its counts read now.
-fn batch_view(s: &ApiState, id: i64) -> crate::queue::Result<Option<Value>> {
+fn batch_view(s: &ApiState, id: i64) -> crate::store::Result<Option<Value>> {
     let Some(b) = s.store.batch(id)? else {
         return Ok(None);
     };
@@ -416,7 +416,7 @@ fn refresh_batches(s: &ApiState) -> ApiResult<()> {
             *bytes = c.0;
         }
         let file = |(kind, bytes): (FileKind, u64)| {
-            (bytes > 0).then(|| (views::batch_file_name(done.id, kind), bytes))
+            (bytes > 0).then(|| (objects::batch_file_name(done.id, kind), bytes))
         };
         let status = if done.status == "cancelling" {
             "cancelled"
@@ -541,7 +541,10 @@ pub async fn cancel_batch(State(s): State<S>, Path(id): Path<String>) -> ApiResu
                 "cancelling" | "cancelled" => {}
                 other => {
                     return Err(ApiError::conflict(
-                        format!("{} is {other} and cannot be cancelled", views::batch_id(n)),
+                        format!(
+                            "{} is {other} and cannot be cancelled",
+                            objects::batch_id(n)
+                        ),
                         "batch_not_cancellable",
                     ));
                 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use axum::body::{Body, Bytes};
 use tokio::sync::mpsc;
 
-use crate::queue::{FileKind, Store};
+use crate::store::{FileKind, Store};
 
 /// Writes the lines of `kind` (output or errors) of a source to `w`. Jobs
 /// not final yet are skipped.
@@ -30,7 +30,7 @@ pub fn write_results(
         w.write_all(b"\n")
     })
     .map_err(|e| match e {
-        crate::queue::ResultsError::Io(e) => e,
+        crate::store::ResultsError::Io(e) => e,
         other => io::Error::other(other.to_string()),
     })
 }

@@ -1,6 +1,9 @@
 //! The daemon: wires the queue, the watched folder, the dispatcher and the
 //! outbox writer together, and stops them in order on shutdown.
 
+pub mod cron;
+pub mod systemd;
+
 use std::fs::{self, File};
 use std::future::Future;
 use std::path::Path;
@@ -14,11 +17,11 @@ use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
 
 use crate::config::{Config, Transport};
+use crate::dispatch::provider::ProviderClient;
 use crate::dispatch::{Dispatcher, blocking};
 use crate::ingest::{self, CompletedWrites, FileOutcome, Folders};
-use crate::provider::ProviderClient;
-use crate::queue::Store;
 use crate::results;
+use crate::store::Store;
 
 /// Holds the state directory's instance lock for the daemon's lifetime:
 /// two daemons on one database would both believe they own its leases.
@@ -82,7 +85,7 @@ pub async fn run(
     let counts = blocking(&store, |s| s.counts()).await?;
     info!(
         database = %d.database.display(),
-        queued = counts[&crate::queue::JobState::Queued],
+        queued = counts[&crate::store::JobState::Queued],
         running_recovered = recovered,
         "queue open"
     );
@@ -110,10 +113,10 @@ pub async fn run(
     let initial_latency = config
         .transports
         .iter()
-        .map(crate::live::typical_latency)
+        .map(crate::config::live::typical_latency)
         .collect();
     let telemetry = Arc::new(crate::telemetry::Telemetry::new());
-    let (live_tx, live_rx) = crate::live::channel(&config);
+    let (live_tx, live_rx) = crate::config::live::channel(&config);
     let dispatcher = Dispatcher {
         store: store.clone(),
         catalog: catalog.clone(),
@@ -152,7 +155,7 @@ pub async fn run(
     ));
 
     // The local HTTP API: binding fails the start (a live socket, a bad address).
-    let http = crate::http::Server::bind(
+    let http = crate::api::Server::bind(
         &config,
         store.clone(),
         live_rx.clone(),
@@ -172,7 +175,7 @@ pub async fn run(
     };
 
     // Retention, WAL checkpoints and the midnight budget nudge, on a cron schedule.
-    let maintenance_task = tokio::spawn(crate::maintenance::run(
+    let maintenance_task = tokio::spawn(crate::daemon::cron::run(
         store.clone(),
         d.into(),
         wake.clone(),
@@ -180,8 +183,8 @@ pub async fn run(
     ));
 
     info!(inbox = %folders.inbox.display(), outbox = %folders.outbox.display(), "nightshift ready");
-    crate::systemd::ready(&format!("serving; inbox {}", folders.inbox.display()));
-    let watchdog_task = tokio::spawn(crate::systemd::watchdog(stop_rx.clone()));
+    crate::daemon::systemd::ready(&format!("serving; inbox {}", folders.inbox.display()));
+    let watchdog_task = tokio::spawn(crate::daemon::systemd::watchdog(stop_rx.clone()));
     let reload_task = tokio::spawn(reload_on_sighup(
         config.clone(),
         config_path,
@@ -190,7 +193,7 @@ pub async fn run(
     ));
     shutdown.await;
     info!("shutting down");
-    crate::systemd::stopping();
+    crate::daemon::systemd::stopping();
     let _ = stop_tx.send(true);
     let _ = watchdog_task.await;
     let _ = reload_task.await;
@@ -207,12 +210,12 @@ pub async fn run(
 
 /// On SIGHUP, reads the configuration file again. A valid one replaces the
 /// providers, prices, limits, classes and budgets in place (see
-/// [`crate::live`]); an invalid one is refused with its file:line: field
+/// [`crate::config::live`]); an invalid one is refused with its file:line: field
 /// error and the running configuration stays.
 async fn reload_on_sighup(
     mut running: Config,
     path: Option<std::path::PathBuf>,
-    live: watch::Sender<Arc<crate::live::Live>>,
+    live: watch::Sender<Arc<crate::config::live::Live>>,
     mut stop: watch::Receiver<bool>,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -228,10 +231,10 @@ async fn reload_on_sighup(
             _ = stop.changed() => return,
             _ = hup.recv() => {}
         }
-        crate::systemd::reloading();
+        crate::daemon::systemd::reloading();
         let Some(path) = &path else {
             info!("SIGHUP: running on the embedded default; nothing to reload");
-            crate::systemd::ready("serving (embedded default)");
+            crate::daemon::systemd::ready("serving (embedded default)");
             continue;
         };
         let loaded = {
@@ -240,13 +243,13 @@ async fn reload_on_sighup(
         };
         match loaded {
             Ok(Ok(new)) => {
-                for what in crate::live::needs_restart(&running, &new) {
+                for what in crate::config::live::needs_restart(&running, &new) {
                     warn!(
                         setting = what,
                         "changed in the file, but only a restart applies it; keeping the running value"
                     );
                 }
-                let _ = live.send(Arc::new(crate::live::Live::from_config(&new)));
+                let _ = live.send(Arc::new(crate::config::live::Live::from_config(&new)));
                 info!(config = %path.display(), "SIGHUP: configuration reloaded (providers, prices, limits, classes, budgets)");
                 running = new;
             }
@@ -255,14 +258,14 @@ async fn reload_on_sighup(
                 error!("SIGHUP: reading the configuration failed, keeping the running one: {e}")
             }
         }
-        crate::systemd::ready("serving");
+        crate::daemon::systemd::ready("serving");
     }
 }
 
 /// Watches the inbox (inotify) and rescans it periodically as a fallback.
 async fn ingest_loop(
     store: Arc<Store>,
-    live: crate::live::LiveRx,
+    live: crate::config::live::LiveRx,
     default_deadline: Duration,
     rescan_interval: Duration,
     folders: Folders,
@@ -351,7 +354,7 @@ async fn ingest_loop(
 /// file was left to settle.
 fn scan_inbox(
     store: &Store,
-    catalog: &crate::pricing::Catalog,
+    catalog: &crate::domain::pricing::Catalog,
     default_deadline: Duration,
     folders: &Folders,
     completed: &CompletedWrites,

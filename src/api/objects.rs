@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
-use crate::job::RouteKey;
+use crate::domain::job::RouteKey;
 use crate::plan;
-use crate::queue::{
+use crate::results::{job_public_id, result_line};
+use crate::store::{
     BatchRow, FileKind, FileRow, JobDetail, JobState, SourceCounts, SourceInfo, Store,
 };
-use crate::results::{job_public_id, result_line};
 
 use super::ApiState;
 
@@ -180,7 +180,7 @@ impl PlanCache {
 }
 
 /// The current plan, as `nightshift plan` computes it (same pure functions).
-pub fn current_plan(state: &ApiState) -> crate::queue::Result<Arc<PlanSnapshot>> {
+pub fn current_plan(state: &ApiState) -> crate::store::Result<Arc<PlanSnapshot>> {
     if let Some((made, p)) = &*state.plan_cache.0.lock().unwrap_or_else(|e| e.into_inner())
         && made.elapsed() < PLAN_TTL
     {
@@ -200,11 +200,11 @@ pub fn current_plan(state: &ApiState) -> crate::queue::Result<Arc<PlanSnapshot>>
 
 fn compute_plan(
     store: &Store,
-    catalog: &crate::pricing::Catalog,
+    catalog: &crate::domain::pricing::Catalog,
     capacity: &[plan::ProviderCapacity],
     settings: &plan::PlanSettings,
     now: DateTime<Utc>,
-) -> crate::queue::Result<PlanSnapshot> {
+) -> crate::store::Result<PlanSnapshot> {
     let buckets = store.queued_buckets()?;
     Ok(plan::plan_queue(
         &buckets,
@@ -217,13 +217,13 @@ fn compute_plan(
     ))
 }
 
-fn provider_model(catalog: &crate::pricing::Catalog, model: usize) -> (String, String) {
+fn provider_model(catalog: &crate::domain::pricing::Catalog, model: usize) -> (String, String) {
     let m = &catalog.models[model];
     (catalog.providers[m.provider].name.clone(), m.name.clone())
 }
 
 /// The whole plan: per (provider, model, slot), jobs and expected cost.
-pub fn plan_json(p: &PlanSnapshot, catalog: &crate::pricing::Catalog) -> Value {
+pub fn plan_json(p: &PlanSnapshot, catalog: &crate::domain::pricing::Catalog) -> Value {
     let queued: u64 = p.groups.iter().map(|g| g.group.jobs).sum();
     let allocations: Vec<Value> = p
         .plan
@@ -258,7 +258,11 @@ pub fn plan_json(p: &PlanSnapshot, catalog: &crate::pricing::Catalog) -> Value {
 
 /// A queued job's part of the plan: the slots and models its group is
 /// planned on (the dispatcher takes a group's most urgent jobs first).
-pub fn job_plan_json(p: &PlanSnapshot, catalog: &crate::pricing::Catalog, d: &JobDetail) -> Value {
+pub fn job_plan_json(
+    p: &PlanSnapshot,
+    catalog: &crate::domain::pricing::Catalog,
+    d: &JobDetail,
+) -> Value {
     let Some(gi) = p.groups.iter().position(|g| {
         g.route_key == d.route_key && g.deadline_from <= d.deadline && d.deadline < g.deadline_to
     }) else {

@@ -11,7 +11,7 @@
 //! charged extra) once the provider reports `usage` — neither fits governor's
 //! clock-owning, take-only API.
 
-use crate::pricing::{Limits, ModelId, ProviderId};
+use crate::domain::pricing::{Limits, ModelId, ProviderId};
 
 /// nightshift sends at 99% of a configured limit: requests leave evenly
 /// spaced but reach the provider with network jitter, and a provider that
@@ -204,7 +204,7 @@ impl RateLimits {
     }
 
     /// Every provider's limits and every model's that has its own.
-    pub fn for_catalog(catalog: &crate::pricing::Catalog, now_ms: i64) -> RateLimits {
+    pub fn for_catalog(catalog: &crate::domain::pricing::Catalog, now_ms: i64) -> RateLimits {
         RateLimits {
             models: catalog
                 .models
@@ -379,7 +379,7 @@ mod tests {
 
     #[test]
     fn a_model_limit_applies_on_top_of_its_providers() {
-        use crate::pricing::{Catalog, Endpoint, Model, Price, ProviderInfo};
+        use crate::domain::pricing::{Catalog, Endpoint, Model, Price, ProviderInfo};
         let provider = ProviderInfo {
             name: "p".into(),
             region: None,

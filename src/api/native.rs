@@ -16,11 +16,11 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::error::{ApiError, ApiResult};
-use super::views::{self, rfc3339, usd};
+use super::objects::{self, rfc3339, usd};
 use super::{S, parse_id, read_body};
-use crate::job::{self, JobContext, LineError, NewJob};
-use crate::queue::{CancelOutcome, FileKind, JobState, LineOutcome, NewSource, Origin};
+use crate::domain::job::{self, JobContext, LineError, NewJob};
 use crate::results::job_public_id;
+use crate::store::{CancelOutcome, FileKind, JobState, LineOutcome, NewSource, Origin};
 
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
@@ -32,7 +32,7 @@ pub async fn metrics(State(s): State<S>) -> ApiResult<axum::response::Response> 
     use crate::telemetry::{ClassLabel, StateLabel};
     use axum::response::IntoResponse;
     let (counts, by_route) = s
-        .db(|s| -> Result<_, crate::queue::QueueError> {
+        .db(|s| -> Result<_, crate::store::QueueError> {
             Ok((s.store.counts()?, s.store.queued_by_route()?))
         })
         .await?
@@ -48,7 +48,7 @@ pub async fn metrics(State(s): State<S>) -> ApiResult<axum::response::Response> 
     t.queued_by_class.clear();
     let mut by_class: std::collections::BTreeMap<String, u64> = Default::default();
     for (key, n) in by_route {
-        let class = crate::job::RouteKey::decode(&key).map_or(key, |k| k.model);
+        let class = crate::domain::job::RouteKey::decode(&key).map_or(key, |k| k.model);
         *by_class.entry(class).or_default() += n;
     }
     for (class, n) in by_class {
@@ -218,7 +218,7 @@ pub async fn submit(
             let ids = s.store.job_ids_of(summary.source_id)?;
             Ok(json!({
                 "object": "submission",
-                "id": views::submission_id(summary.source_id),
+                "id": objects::submission_id(summary.source_id),
                 "name": name,
                 "queued": summary.queued,
                 "jobs": ids.iter().map(|(id, custom_id, deadline)| json!({
@@ -301,7 +301,7 @@ pub async fn list_jobs(
     rows.truncate(limit);
     let data: Vec<Value> = rows
         .iter()
-        .map(|d| views::job_json(d, None, false))
+        .map(|d| objects::job_json(d, None, false))
         .collect();
     Ok(Json(json!({
         "object": "list",
@@ -321,12 +321,12 @@ pub async fn get_job(State(s): State<S>, Path(id): Path<String>) -> ApiResult<Js
                 return Ok(None);
             };
             let plan = if d.job.state == JobState::Queued {
-                let p = views::current_plan(s)?;
-                Some(views::job_plan_json(&p, &s.catalog(), &d))
+                let p = objects::current_plan(s)?;
+                Some(objects::job_plan_json(&p, &s.catalog(), &d))
             } else {
                 None
             };
-            Ok(Some(views::job_json(&d, plan, true)))
+            Ok(Some(objects::job_json(&d, plan, true)))
         })
         .await??;
     out.map(Json).ok_or_else(|| ApiError::not_found("job", &id))
@@ -360,7 +360,7 @@ pub async fn cancel_job(State(s): State<S>, Path(id): Path<String>) -> ApiResult
         CancelOutcome::Cancelled => {
             s.queue_changed();
             let d = detail.ok_or_else(|| ApiError::not_found("job", &id))?;
-            Ok(Json(views::job_json(&d, None, true)))
+            Ok(Json(objects::job_json(&d, None, true)))
         }
     }
 }
@@ -369,7 +369,7 @@ pub async fn cancel_job(State(s): State<S>, Path(id): Path<String>) -> ApiResult
 pub async fn get_submission(State(s): State<S>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let n = parse_id(&id, "sub_").ok_or_else(|| ApiError::not_found("submission", &id))?;
     let info = s.db(move |s| s.store.source_info(n)).await??;
-    info.map(|i| Json(views::submission_json(&i)))
+    info.map(|i| Json(objects::submission_json(&i)))
         .ok_or_else(|| ApiError::not_found("submission", &id))
 }
 
@@ -380,8 +380,8 @@ async fn submission_results(s: S, id: String, kind: FileKind) -> ApiResult<Respo
         .await??
         .ok_or_else(|| ApiError::not_found("submission", &id))?;
     let stem = info.stem.clone();
-    let body = super::results::streamed(s.store.clone(), move |store, w| {
-        super::results::write_results(store, info.id, &stem, kind, w)
+    let body = super::result_files::streamed(s.store.clone(), move |store, w| {
+        super::result_files::write_results(store, info.id, &stem, kind, w)
     });
     Ok(([(header::CONTENT_TYPE, "application/jsonl")], body).into_response())
 }
@@ -400,8 +400,8 @@ pub async fn submission_errors(State(s): State<S>, Path(id): Path<String>) -> Ap
 pub async fn get_plan(State(s): State<S>) -> ApiResult<Json<Value>> {
     let v = s
         .db(|s| -> ApiResult<Value> {
-            let p = views::current_plan(s)?;
-            Ok(views::plan_json(&p, &s.catalog()))
+            let p = objects::current_plan(s)?;
+            Ok(objects::plan_json(&p, &s.catalog()))
         })
         .await??;
     Ok(Json(v))

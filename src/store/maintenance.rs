@@ -1,6 +1,6 @@
 //! The queue's side of maintenance: retention (dropping the bodies and
 //! results of finished, delivered jobs and the content of old uploads) and
-//! WAL checkpoints. Used by `crate::maintenance`, on its schedule and by
+//! WAL checkpoints. Used by `crate::daemon::cron`, on its schedule and by
 //! `nightshift maintenance`.
 //!
 //! Retention works in short transactions: candidates are found on a
@@ -206,8 +206,8 @@ impl Store {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::job::{self, JobContext};
-    use crate::queue::{Finish, JobState, LineOutcome, NewSource, Origin, SpendBy, Start};
+    use crate::domain::job::{self, JobContext};
+    use crate::store::{Finish, JobState, LineOutcome, NewSource, Origin, SpendBy, Start};
     use chrono::{DateTime, Utc};
 
     const OWNER: &str = "test-owner";
@@ -368,7 +368,7 @@ mod tests {
         );
         assert_eq!(
             store.cancel_job(api[0], old).unwrap(),
-            crate::queue::CancelOutcome::Cancelled
+            crate::store::CancelOutcome::Cancelled
         );
         assert_eq!(
             store.expire_overdue(old).unwrap(),
@@ -485,7 +485,7 @@ mod tests {
             .insert_file("batch", "new.jsonl", content, now)
             .unwrap();
         store
-            .create_batch(&crate::queue::NewBatch {
+            .create_batch(&crate::store::NewBatch {
                 input_file_id: in_use.id,
                 endpoint: "/v1/chat/completions",
                 completion_window: "24h",

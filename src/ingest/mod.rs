@@ -17,9 +17,9 @@ use std::time::{Duration, SystemTime};
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
-use crate::job::{self, JobContext};
-use crate::pricing::Catalog;
-use crate::queue::{self, IngestSummary, LineOutcome, NewSource, Origin, Store};
+use crate::domain::job::{self, JobContext};
+use crate::domain::pricing::Catalog;
+use crate::store::{self, IngestSummary, LineOutcome, NewSource, Origin, Store};
 
 /// The folders under the jobs root.
 #[derive(Debug, Clone)]
@@ -71,7 +71,7 @@ pub enum IngestError {
     #[error("{path}: {source}")]
     Queue {
         path: String,
-        source: queue::QueueError,
+        source: store::QueueError,
     },
 }
 

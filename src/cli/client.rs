@@ -10,8 +10,8 @@ use anyhow::{Context, bail};
 use hyper::Method;
 use serde_json::{Value, json};
 
+use crate::api::client::{CallError, Client, Target};
 use crate::config::HttpSettings;
-use crate::http::client::{CallError, Client, Target};
 
 /// A client of the daemon configured by `http` (its Unix socket).
 pub fn client(http: &HttpSettings) -> Client {
@@ -20,7 +20,7 @@ pub fn client(http: &HttpSettings) -> Client {
 
 /// `nightshift token`: the TCP bearer token, created if it does not exist.
 pub fn token(http: &HttpSettings) -> anyhow::Result<String> {
-    crate::http::listen::ensure_token(&http.token_file)
+    crate::api::listen::ensure_token(&http.token_file)
 }
 
 /// Percent-encodes a query value.

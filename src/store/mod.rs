@@ -14,7 +14,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 
-use crate::job::{LineError, NewJob};
+use crate::domain::job::{LineError, NewJob};
 
 mod api;
 pub use api::*;

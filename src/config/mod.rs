@@ -4,6 +4,8 @@
 //! The embedded default (`src/default_config.toml`) goes through the same
 //! path, so it doubles as the reference example of the format.
 
+pub mod live;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::ops::Range;
@@ -15,13 +17,13 @@ use chrono_tz::Tz;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::pricing::{
+use crate::domain::pricing::{
     ALL_DAYS, Catalog, DailyRange, Endpoint, Limits, Model, Price, PriceWindow, ProviderInfo,
     WindowEffect, weekday_set,
 };
 
 /// The configuration compiled into the binary.
-pub const EMBEDDED_DEFAULT: &str = include_str!("default_config.toml");
+pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
 
 /// `daemon.maintenance` by default: nightly at 03:17:00 UTC.
 pub const DEFAULT_MAINTENANCE: &str = "0 17 3 * * *";
@@ -108,7 +110,7 @@ pub struct DaemonSettings {
     /// `true` still runs it, on the fastest eligible provider.
     pub run_after_deadline: bool,
     /// Retries of failed requests: attempts and backoff.
-    pub retry: crate::reliability::RetryPolicy,
+    pub retry: crate::dispatch::reliability::RetryPolicy,
     /// Bodies and results of finished, delivered jobs are purged this long
     /// after they completed; `None` (`"off"`): kept forever.
     pub retention: Option<Duration>,
@@ -148,7 +150,7 @@ pub struct Config {
     /// Parallel to `catalog.providers`.
     pub transports: Vec<Transport>,
     /// Spending caps, global and per provider.
-    pub budgets: Vec<crate::budget::Budget>,
+    pub budgets: Vec<crate::dispatch::budget::Budget>,
 }
 
 impl Config {
@@ -508,7 +510,7 @@ impl Validator<'_> {
                     ));
                 }
             },
-            retry: crate::reliability::RetryPolicy {
+            retry: crate::dispatch::reliability::RetryPolicy {
                 max_attempts: d.max_attempts.unwrap_or(8).max(1),
                 base: self.duration(&d.retry_base, "daemon.retry_base", Duration::from_secs(1))?,
                 cap: self.duration(&d.retry_max, "daemon.retry_max", Duration::from_secs(300))?,
@@ -523,7 +525,7 @@ impl Validator<'_> {
                 None => DEFAULT_MAINTENANCE.to_string(),
                 Some(v) => {
                     let expr = v.get_ref().trim();
-                    crate::maintenance::check_cron(expr)
+                    crate::daemon::cron::check_cron(expr)
                         .map_err(|m| self.err(Some(v.span()), "daemon.maintenance", m))?;
                     expr.to_string()
                 }
@@ -670,12 +672,12 @@ impl Validator<'_> {
             for (cap, period, f) in [
                 (
                     p.daily_budget_usd,
-                    crate::budget::Period::Day,
+                    crate::dispatch::budget::Period::Day,
                     "daily_budget_usd",
                 ),
                 (
                     p.monthly_budget_usd,
-                    crate::budget::Period::Month,
+                    crate::dispatch::budget::Period::Month,
                     "monthly_budget_usd",
                 ),
             ] {
@@ -687,7 +689,7 @@ impl Validator<'_> {
                             "must be a non-negative number of USD",
                         ));
                     }
-                    budgets.push(crate::budget::Budget {
+                    budgets.push(crate::dispatch::budget::Budget {
                         provider: Some(provider_id),
                         period,
                         cap_usd: cap,
@@ -851,12 +853,12 @@ impl Validator<'_> {
         for (cap, period, f) in [
             (
                 raw.budget.daily_usd,
-                crate::budget::Period::Day,
+                crate::dispatch::budget::Period::Day,
                 "budget.daily_usd",
             ),
             (
                 raw.budget.monthly_usd,
-                crate::budget::Period::Month,
+                crate::dispatch::budget::Period::Month,
                 "budget.monthly_usd",
             ),
         ] {
@@ -864,7 +866,7 @@ impl Validator<'_> {
                 if !(cap.is_finite() && cap >= 0.0) {
                     return Err(self.err(None, f, "must be a non-negative number of USD"));
                 }
-                budgets.push(crate::budget::Budget {
+                budgets.push(crate::dispatch::budget::Budget {
                     provider: None,
                     period,
                     cap_usd: cap,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Value, json};
 
-use crate::queue::{FinishedJob, JobState, ResultsError, SourceRow, Store, StoredLineError};
+use crate::store::{FinishedJob, JobState, ResultsError, SourceRow, Store, StoredLineError};
 
 /// Costs are exact in the database; results show them to a picomillionth
 /// of a dollar so that 9.15e-6 does not print as 9.149999999999999e-6.

@@ -11,9 +11,9 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::config::{Secret, Transport};
-use crate::estimate;
-use crate::pricing::Endpoint;
-use crate::reliability::{Signals, parse_signals};
+use crate::dispatch::reliability::{Signals, parse_signals};
+use crate::domain::estimate;
+use crate::domain::pricing::Endpoint;
 
 /// Upper bound on a provider response body we keep.
 const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;

@@ -16,8 +16,8 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
-use crate::estimate::{self, TokenEstimate};
-use crate::pricing::{Candidates, Catalog, Endpoint, ResolveError};
+use crate::domain::estimate::{self, TokenEstimate};
+use crate::domain::pricing::{Candidates, Catalog, Endpoint, ResolveError};
 
 /// A validated job, ready to be queued.
 #[derive(Debug, Clone, PartialEq)]

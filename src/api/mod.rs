@@ -8,8 +8,8 @@
 //! - OpenAI's Batch API (`openai`): files and batches, so the official
 //!   SDKs work with `base_url` pointed here.
 //!
-//! Handlers are thin: validation is [`crate::job::parse_line`], storage is
-//! [`crate::queue::Store`] (every write one transaction, and a 2xx only after
+//! Handlers are thin: validation is [`crate::domain::job::parse_line`], storage is
+//! [`crate::store::Store`] (every write one transaction, and a 2xx only after
 //! it commits), planning is [`crate::plan`]. [`ROUTES`] lists what the
 //! router serves; `docs/openapi.json` describes the same routes (a test
 //! keeps them in step).
@@ -18,9 +18,9 @@ pub mod client;
 mod error;
 pub mod listen;
 mod native;
+mod objects;
 mod openai;
-mod results;
-mod views;
+mod result_files;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -39,9 +39,9 @@ use tracing::{info, warn};
 pub use error::{ApiError, ApiResult};
 
 use crate::config::Config;
+use crate::domain::pricing::Catalog;
 use crate::plan::{PlanSettings, ProviderCapacity};
-use crate::pricing::Catalog;
-use crate::queue::Store;
+use crate::store::Store;
 
 /// Every route the router serves: (method, path). `docs/openapi.json`
 /// must describe exactly these.
@@ -71,7 +71,7 @@ pub const ROUTES: &[(&str, &str)] = &[
 pub struct ApiState {
     pub store: Arc<Store>,
     /// Providers, prices, classes: reloadable, so read through [`ApiState::catalog`].
-    live: crate::live::LiveRx,
+    live: crate::config::live::LiveRx,
     /// The deadline of jobs that name none.
     pub default_deadline: Duration,
     pub plan_settings: PlanSettings,
@@ -79,7 +79,7 @@ pub struct ApiState {
     pub max_upload: u64,
     /// Notified when jobs are queued, so the dispatcher re-plans at once.
     pub wake: Arc<Notify>,
-    plan_cache: views::PlanCache,
+    plan_cache: objects::PlanCache,
     submissions: AtomicU64,
     /// Metrics and the dispatcher's live view of provider health.
     pub telemetry: Arc<crate::telemetry::Telemetry>,
@@ -89,7 +89,7 @@ impl ApiState {
     pub fn new(config: &Config, store: Arc<Store>, wake: Arc<Notify>) -> Self {
         ApiState {
             store,
-            live: crate::live::channel(config).1,
+            live: crate::config::live::channel(config).1,
             default_deadline: config.daemon.default_deadline,
             plan_settings: PlanSettings {
                 safety_margin: config.daemon.safety_margin,
@@ -98,14 +98,14 @@ impl ApiState {
             max_body: config.http.max_body,
             max_upload: config.http.max_upload,
             wake,
-            plan_cache: views::PlanCache::default(),
+            plan_cache: objects::PlanCache::default(),
             submissions: AtomicU64::new(0),
             telemetry: Arc::new(crate::telemetry::Telemetry::new()),
         }
     }
 
     /// Follows the daemon's reloadable configuration instead of a fixed one.
-    pub fn with_live(self, live: crate::live::LiveRx) -> Self {
+    pub fn with_live(self, live: crate::config::live::LiveRx) -> Self {
         ApiState { live, ..self }
     }
 
@@ -286,7 +286,7 @@ impl Server {
     pub async fn bind(
         config: &Config,
         store: Arc<Store>,
-        live: crate::live::LiveRx,
+        live: crate::config::live::LiveRx,
         wake: Arc<Notify>,
         telemetry: Arc<crate::telemetry::Telemetry>,
     ) -> anyhow::Result<Server> {

@@ -1,0 +1,7 @@
+//! The vocabulary every stage shares, all pure: the catalog of providers,
+//! models, classes and prices ([`pricing`]), a job line and its options
+//! ([`job`]), and token estimates ([`estimate`]).
+
+pub mod estimate;
+pub mod job;
+pub mod pricing;
