@@ -4,34 +4,25 @@
 //! to whichever provider has the cheapest effective price for them at that
 //! hour, before their deadline, within every provider's rate limits.
 //!
-//! The modules follow the data:
+//! The folders follow the data, and each imports only from the rows above it
+//! (no import cycles). *Pure* code takes `now` as an argument and never reads
+//! the clock, touches a file or a socket, so the daemon (real time) and the
+//! simulator (virtual time) run the same decisions.
 //!
-//! | stage    | module        | what it does                                              | IO? |
-//! |----------|---------------|-----------------------------------------------------------|-----|
-//! | config   | [`config`]    | TOML → validated [`config::Config`] (file:line: field errors) | reads the file |
-//! |          | [`live`]      | the part of the config a SIGHUP reload replaces           | — |
-//! | ingest   | [`job`]       | one JSONL line → [`job::NewJob`] or a [`job::LineError`]  | pure |
-//! |          | [`ingest`]    | the watched folder: inbox → queue → processed/rejected    | files |
-//! | queue    | [`queue`]     | the SQLite store; every state change one transaction      | SQLite |
-//! | plan     | [`pricing`]   | prices and price windows as functions of time             | pure |
-//! |          | [`estimate`]  | token estimates before a request is sent                  | pure |
-//! |          | [`plan`]      | where and when each job goes (LP over job groups)         | pure |
-//! |          | [`limits`]    | rate-limit accounting (rpm, tpm, rpd, concurrency)        | pure |
-//! |          | [`budget`]    | daily / monthly spending caps                             | pure |
-//! |          | [`reliability`] | retry vs fail, backoff, pauses, circuit breaker         | pure |
-//! | dispatch | [`provider`]  | OpenAI-compatible HTTP client, and the simulator          | network |
-//! |          | [`dispatch`]  | the loop: plan, lease, send, record                       | async |
-//! | results  | [`results`]   | result lines and atomic outbox files                      | files |
-//! | api      | [`http`], [`cli_client`] | HTTP API (native + OpenAI Batch) on a Unix socket / TCP, and the CLI over it | sockets |
-//! |          | [`telemetry`] | Prometheus metrics and live provider health               | — |
-//! | daemon   | [`daemon`]    | wiring, inotify, SIGHUP, shutdown                         | all |
-//! |          | [`systemd`]   | READY / WATCHDOG / STOPPING notifications                 | socket |
-//! |          | [`maintenance`] | retention, WAL checkpoints, budget roll-over nudge (cron) | SQLite |
-//! | offline  | [`simulate`]  | virtual-time runs of the same planner; the lower bound    | pure |
-//! |          | [`commands`], [`views`] | `plan`, `simulate`, `report`, `prices`, `check-config` output | files |
-//!
-//! Pure modules take `now` as an argument and never read the clock, so the
-//! same code runs in real time in the daemon and in virtual time in tests.
+//! | stage    | module | what it holds | IO |
+//! |----------|--------|---------------|----|
+//! | vocabulary | [`domain`] | catalog and prices ([`domain::pricing`]), job lines ([`domain::job`]), token estimates, budgets and retry policy ([`domain::policy`]), units | pure |
+//! | config   | [`config`] | TOML → validated [`config::Config`] (`file:line: field` errors); [`config::live`]: what SIGHUP replaces | reads the file |
+//! | ingest   | [`ingest`] | the watched folder: inbox → queue → processed/ or rejected/ | files |
+//! | queue    | [`store`]  | the SQLite store: every state change one transaction; retention | SQLite |
+//! | plan     | [`plan`]   | where and when each job goes (an LP over job groups) | pure |
+//! | dispatch | [`dispatch`] | the step that decides what starts now ([`dispatch::decide`]) with rate limits ([`dispatch::limits`]), budgets ([`dispatch::budget`]) and retry/health ([`dispatch::reliability`]); provider clients ([`dispatch::provider`]); the loop that applies it | pure step, async shell |
+//! | results  | [`results`] | result lines and atomic outbox files | files |
+//! | api      | [`api`]    | HTTP API (native + OpenAI Batch) on a Unix socket and loopback TCP | sockets |
+//! |          | [`telemetry`] | Prometheus metrics and the dispatcher's live view | — |
+//! | daemon   | [`daemon`] | supervised components, inotify, SIGHUP; [`daemon::cron`] maintenance, [`daemon::systemd`] notifications | all |
+//! | offline  | [`simulate`] | virtual-time runs of the same planner and dispatch step; the lower bound | pure |
+//! | cli      | [`cli`]    | offline commands (`plan`, `simulate`, `report`, `prices`), tables, the client over the socket | files, socket |
 
 pub mod api;
 pub mod cli;

@@ -116,7 +116,8 @@ impl ApiState {
 
     /// The planner's view of provider capacity (configured limits) now.
     pub fn capacities(&self) -> Vec<ProviderCapacity> {
-        self.live.borrow().capacities.clone()
+        let live = self.live.borrow();
+        crate::plan::configured_capacities(&live.catalog, &live.transports)
     }
 
     /// Shares the daemon's telemetry instead of a private one.

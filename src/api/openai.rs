@@ -203,7 +203,7 @@ pub async fn create_batch(
             "invalid_value",
         ));
     }
-    let window = crate::config::parse_duration(&req.completion_window)
+    let window = crate::domain::units::parse_duration(&req.completion_window)
         .ok()
         .filter(|w| !w.is_zero())
         .and_then(|w| chrono::Duration::from_std(w).ok())

@@ -68,7 +68,7 @@ pub fn report(
         Some(s) => match chrono::DateTime::parse_from_rfc3339(s) {
             Ok(t) => t.timestamp_millis(),
             Err(_) => {
-                let d = crate::config::parse_duration(s).map_err(|_| {
+                let d = crate::domain::units::parse_duration(s).map_err(|_| {
                     anyhow::anyhow!(
                         "--since '{s}' is neither an RFC 3339 timestamp nor a duration like 7d"
                     )

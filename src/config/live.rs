@@ -10,9 +10,8 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::config::{Config, Transport};
-use crate::dispatch::budget::Budget;
+use crate::domain::policy::Budget;
 use crate::domain::pricing::Catalog;
-use crate::plan::ProviderCapacity;
 
 /// The reloadable configuration.
 #[derive(Debug)]
@@ -23,8 +22,6 @@ pub struct Live {
     /// Parallel to `catalog.providers`.
     pub transports: Vec<Transport>,
     pub budgets: Vec<Budget>,
-    /// The planner's view of capacity from the configured limits.
-    pub capacities: Vec<ProviderCapacity>,
 }
 
 impl Live {
@@ -34,7 +31,6 @@ impl Live {
             catalog: Arc::new(config.catalog.clone()),
             transports: config.transports.clone(),
             budgets: config.budgets.clone(),
-            capacities: crate::simulate::capacities(config),
         }
     }
 }
@@ -45,19 +41,6 @@ pub type LiveRx = watch::Receiver<Arc<Live>>;
 /// A channel holding `config`'s reloadable parts.
 pub fn channel(config: &Config) -> (watch::Sender<Arc<Live>>, LiveRx) {
     watch::channel(Arc::new(Live::from_config(config)))
-}
-
-/// A provider's typical time to answer, before any is observed: the
-/// simulator's latency plus ~100 output tokens, or 2 s for a real API.
-pub fn typical_latency(t: &Transport) -> std::time::Duration {
-    match t {
-        Transport::Simulated {
-            latency,
-            ms_per_output_token,
-            ..
-        } => *latency + std::time::Duration::from_secs_f64(ms_per_output_token * 100.0 / 1000.0),
-        Transport::OpenAi { .. } => std::time::Duration::from_secs(2),
-    }
 }
 
 /// What a reload cannot change without a restart, named for the log.

@@ -21,6 +21,7 @@ use crate::domain::pricing::{
     ALL_DAYS, Catalog, DailyRange, Endpoint, Limits, Model, Price, PriceWindow, ProviderInfo,
     WindowEffect, weekday_set,
 };
+use crate::domain::units::parse_duration;
 
 /// The configuration compiled into the binary.
 pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
@@ -94,6 +95,30 @@ pub enum Transport {
     },
 }
 
+impl Transport {
+    /// A provider's typical time to answer, before any is observed: the
+    /// simulator's latency plus ~100 output tokens, or 2 s for a real API.
+    pub fn typical_latency(&self) -> Duration {
+        match self {
+            Transport::Simulated {
+                latency,
+                ms_per_output_token,
+                ..
+            } => *latency + Duration::from_secs_f64(ms_per_output_token * 100.0 / 1000.0),
+            Transport::OpenAi { .. } => Duration::from_secs(2),
+        }
+    }
+
+    /// The fraction of requests expected to fail: configured for a
+    /// simulated provider, unknown (0) for a real one until observed.
+    pub fn failure_rate(&self) -> f64 {
+        match self {
+            Transport::Simulated { failure_rate, .. } => *failure_rate,
+            Transport::OpenAi { .. } => 0.0,
+        }
+    }
+}
+
 /// Daemon settings: paths and timings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DaemonSettings {
@@ -110,7 +135,7 @@ pub struct DaemonSettings {
     /// `true` still runs it, on the fastest eligible provider.
     pub run_after_deadline: bool,
     /// Retries of failed requests: attempts and backoff.
-    pub retry: crate::dispatch::reliability::RetryPolicy,
+    pub retry: crate::domain::policy::RetryPolicy,
     /// Bodies and results of finished, delivered jobs are purged this long
     /// after they completed; `None` (`"off"`): kept forever.
     pub retention: Option<Duration>,
@@ -150,7 +175,7 @@ pub struct Config {
     /// Parallel to `catalog.providers`.
     pub transports: Vec<Transport>,
     /// Spending caps, global and per provider.
-    pub budgets: Vec<crate::dispatch::budget::Budget>,
+    pub budgets: Vec<crate::domain::policy::Budget>,
 }
 
 impl Config {
@@ -510,7 +535,7 @@ impl Validator<'_> {
                     ));
                 }
             },
-            retry: crate::dispatch::reliability::RetryPolicy {
+            retry: crate::domain::policy::RetryPolicy {
                 max_attempts: d.max_attempts.unwrap_or(8).max(1),
                 base: self.duration(&d.retry_base, "daemon.retry_base", Duration::from_secs(1))?,
                 cap: self.duration(&d.retry_max, "daemon.retry_max", Duration::from_secs(300))?,
@@ -525,7 +550,7 @@ impl Validator<'_> {
                 None => DEFAULT_MAINTENANCE.to_string(),
                 Some(v) => {
                     let expr = v.get_ref().trim();
-                    crate::daemon::cron::check_cron(expr)
+                    crate::domain::units::check_cron(expr, Utc::now())
                         .map_err(|m| self.err(Some(v.span()), "daemon.maintenance", m))?;
                     expr.to_string()
                 }
@@ -672,12 +697,12 @@ impl Validator<'_> {
             for (cap, period, f) in [
                 (
                     p.daily_budget_usd,
-                    crate::dispatch::budget::Period::Day,
+                    crate::domain::policy::Period::Day,
                     "daily_budget_usd",
                 ),
                 (
                     p.monthly_budget_usd,
-                    crate::dispatch::budget::Period::Month,
+                    crate::domain::policy::Period::Month,
                     "monthly_budget_usd",
                 ),
             ] {
@@ -689,7 +714,7 @@ impl Validator<'_> {
                             "must be a non-negative number of USD",
                         ));
                     }
-                    budgets.push(crate::dispatch::budget::Budget {
+                    budgets.push(crate::domain::policy::Budget {
                         provider: Some(provider_id),
                         period,
                         cap_usd: cap,
@@ -853,12 +878,12 @@ impl Validator<'_> {
         for (cap, period, f) in [
             (
                 raw.budget.daily_usd,
-                crate::dispatch::budget::Period::Day,
+                crate::domain::policy::Period::Day,
                 "budget.daily_usd",
             ),
             (
                 raw.budget.monthly_usd,
-                crate::dispatch::budget::Period::Month,
+                crate::domain::policy::Period::Month,
                 "budget.monthly_usd",
             ),
         ] {
@@ -866,7 +891,7 @@ impl Validator<'_> {
                 if !(cap.is_finite() && cap >= 0.0) {
                     return Err(self.err(None, f, "must be a non-negative number of USD"));
                 }
-                budgets.push(crate::dispatch::budget::Budget {
+                budgets.push(crate::domain::policy::Budget {
                     provider: None,
                     period,
                     cap_usd: cap,
@@ -1129,12 +1154,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         _ => return Err(bad()),
     };
     n.checked_mul(factor).ok_or_else(bad)
-}
-
-/// Parses a duration such as `90m`, `12h`, `2d`, `1h30m`, `500ms`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("'{s}' is not a duration like 90m, 12h or 2d ({e})"))
 }
 
 #[cfg(test)]

@@ -51,21 +51,6 @@ impl From<&DaemonSettings> for Schedule {
     }
 }
 
-/// Checks a cron expression the way the scheduler parses it (croner, seconds
-/// required, UTC), and that it fires at least once from now.
-pub fn check_cron(expr: &str) -> Result<(), String> {
-    let mut job = Job::new_async(expr, |_, _| Box::pin(async {})).map_err(|_| {
-        format!(
-            "'{expr}' is not a cron expression with seconds, like \"0 17 3 * * *\" \
-             (second minute hour day-of-month month day-of-week)"
-        )
-    })?;
-    match job.job_data() {
-        Ok(data) if data.next_tick > 0 => Ok(()),
-        _ => Err(format!("'{expr}' never fires")),
-    }
-}
-
 /// What one maintenance run did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
@@ -348,6 +333,7 @@ async fn start(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::units::check_cron;
 
     #[test]
     fn cron_expressions_are_checked_like_the_scheduler_parses_them() {
@@ -357,11 +343,15 @@ mod tests {
             "0 0 0 * * *",
             "0 */5 * * * Mon-Fri",
         ] {
-            assert_eq!(check_cron(ok), Ok(()), "{ok}");
+            assert_eq!(check_cron(ok, Utc::now()), Ok(()), "{ok}");
+            assert!(
+                Job::new_async(ok, |_, _| Box::pin(async {})).is_ok(),
+                "{ok}"
+            );
         }
         // Five fields (no seconds), nonsense, out-of-range values.
         for bad in ["17 3 * * *", "nightly", "0 61 3 * * *", "0 0 25 * * *", ""] {
-            let e = check_cron(bad).unwrap_err();
+            let e = check_cron(bad, Utc::now()).unwrap_err();
             assert!(e.contains("not a cron expression"), "{bad}: {e}");
         }
     }

@@ -113,7 +113,7 @@ pub async fn run(
     let initial_latency = config
         .transports
         .iter()
-        .map(crate::config::live::typical_latency)
+        .map(crate::config::Transport::typical_latency)
         .collect();
     let telemetry = Arc::new(crate::telemetry::Telemetry::new());
     let (live_tx, live_rx) = crate::config::live::channel(&config);

@@ -7,70 +7,11 @@
 //! only if its estimate fits every budget that applies; one that cannot be
 //! sent before its deadline within budget fails with `budget_exhausted`.
 
-use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 
 use crate::domain::pricing::ProviderId;
 
-/// The period a budget renews over (UTC).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Period {
-    Day,
-    Month,
-}
-
-impl Period {
-    /// The start of the period containing `t`.
-    pub fn start(self, t: DateTime<Utc>) -> DateTime<Utc> {
-        let d = t.date_naive();
-        let first = match self {
-            Period::Day => d,
-            Period::Month => NaiveDate::from_ymd_opt(d.year(), d.month(), 1).expect("valid date"),
-        };
-        Utc.from_utc_datetime(&first.and_hms_opt(0, 0, 0).expect("midnight"))
-    }
-
-    /// The start of the next period after the one containing `t`.
-    pub fn next_start(self, t: DateTime<Utc>) -> DateTime<Utc> {
-        let s = self.start(t);
-        match self {
-            Period::Day => s + chrono::Duration::days(1),
-            Period::Month => {
-                let (y, m) = if s.month() == 12 {
-                    (s.year() + 1, 1)
-                } else {
-                    (s.year(), s.month() + 1)
-                };
-                Utc.from_utc_datetime(
-                    &NaiveDate::from_ymd_opt(y, m, 1)
-                        .expect("valid date")
-                        .and_hms_opt(0, 0, 0)
-                        .expect("midnight"),
-                )
-            }
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Period::Day => "daily",
-            Period::Month => "monthly",
-        }
-    }
-}
-
-/// A cap on spend per period, for one provider or (`None`) all of them.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Budget {
-    pub provider: Option<ProviderId>,
-    pub period: Period,
-    pub cap_usd: f64,
-}
-
-impl Budget {
-    pub fn applies_to(&self, provider: ProviderId) -> bool {
-        self.provider.is_none_or(|p| p == provider)
-    }
-}
+pub use crate::domain::policy::{Budget, Period};
 
 /// Budgets and what has been spent (or committed) in their current periods.
 #[derive(Debug, Clone, PartialEq)]

@@ -21,9 +21,9 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use self::reliability::{Health, RetryPolicy, Signals, Verdict};
+use self::reliability::{Health, Outcome, RetryPolicy, Signals, Verdict};
 use crate::dispatch::limits::RateLimits;
-use crate::dispatch::provider::{Outcome, ProviderClient, Request};
+use crate::dispatch::provider::{ProviderClient, Request};
 use crate::domain::job::Options;
 use crate::domain::pricing::{Catalog, Endpoint, ModelId};
 use crate::plan::{self, PlanSettings, PlannedGroup, ProviderCapacity, Quotas};
@@ -327,9 +327,9 @@ impl Dispatcher {
                         .carry_in_flight(limits.provider(o).in_flight());
                 }
                 None => {
-                    fresh.latency_s.push(Ewma::new(
-                        crate::config::live::typical_latency(t).as_secs_f64(),
-                    ));
+                    fresh
+                        .latency_s
+                        .push(Ewma::new(t.typical_latency().as_secs_f64()));
                     fresh.success.push(Ewma::new(1.0));
                     fresh.input_ratio.push(Ewma::new(1.0));
                     fresh.health.push(Health::default());
@@ -340,7 +340,7 @@ impl Dispatcher {
         self.initial_latency = live
             .transports
             .iter()
-            .map(crate::config::live::typical_latency)
+            .map(crate::config::Transport::typical_latency)
             .collect();
         self.budgets = live.budgets.clone();
         *limits = new_limits;

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::config::{Secret, Transport};
-use crate::dispatch::reliability::{Signals, parse_signals};
+use crate::dispatch::reliability::{Outcome, Signals, Usage, parse_signals};
 use crate::domain::estimate;
 use crate::domain::pricing::Endpoint;
 
@@ -27,35 +27,6 @@ pub struct Request<'a> {
     /// The job's request body; its `model` is replaced by [`Request::model`].
     pub body: &'a str,
     pub custom_id: &'a str,
-}
-
-/// Tokens the provider reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Usage {
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-}
-
-/// What came back.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    /// A 2xx with usage.
-    Success {
-        status: u16,
-        request_id: Option<String>,
-        body: String,
-        usage: Usage,
-        signals: Signals,
-    },
-    /// An HTTP answer that is not a success; kept verbatim.
-    HttpError {
-        status: u16,
-        request_id: Option<String>,
-        body: String,
-        signals: Signals,
-    },
-    /// No usable HTTP answer (connection failure, timeout, malformed body).
-    NoAnswer { code: &'static str, message: String },
 }
 
 /// A client for one provider.

@@ -9,7 +9,34 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use crate::dispatch::provider::Outcome;
+/// Tokens the provider reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// What came back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// A 2xx with usage.
+    Success {
+        status: u16,
+        request_id: Option<String>,
+        body: String,
+        usage: Usage,
+        signals: Signals,
+    },
+    /// An HTTP answer that is not a success; kept verbatim.
+    HttpError {
+        status: u16,
+        request_id: Option<String>,
+        body: String,
+        signals: Signals,
+    },
+    /// No usable HTTP answer (connection failure, timeout, malformed body).
+    NoAnswer { code: &'static str, message: String },
+}
 
 /// What a provider's headers said about its limits and when to come back.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -220,36 +247,7 @@ pub fn classify(outcome: &Outcome) -> Verdict {
     }
 }
 
-/// How retries back off.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RetryPolicy {
-    /// Attempts after which a retryable failure becomes final.
-    pub max_attempts: u32,
-    /// The first retry waits up to this long; each further one twice as long...
-    pub base: Duration,
-    /// ... up to this.
-    pub cap: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> RetryPolicy {
-        RetryPolicy {
-            max_attempts: 8,
-            base: Duration::from_secs(1),
-            cap: Duration::from_secs(300),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// Exponential backoff with full jitter: uniform in [0, min(cap,
-    /// base·2^(n-1))] for the n-th retry. `unit` is a draw in [0, 1).
-    pub fn backoff(&self, retry: u32, unit: f64) -> Duration {
-        let ceiling = (self.base.as_secs_f64() * 2f64.powi(retry.saturating_sub(1).min(30) as i32))
-            .min(self.cap.as_secs_f64());
-        Duration::from_secs_f64((ceiling * unit.clamp(0.0, 1.0)).max(0.01))
-    }
-}
+pub use crate::domain::policy::RetryPolicy;
 
 /// A provider's health: paused (the provider asked us to wait), disabled
 /// (it refused our key), and a circuit breaker over consecutive failures.

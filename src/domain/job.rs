@@ -480,7 +480,7 @@ pub fn parse_deadline(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Stri
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }
-    let d = crate::config::parse_duration(s).map_err(|_| {
+    let d = crate::domain::units::parse_duration(s).map_err(|_| {
         format!("'{s}' is neither an RFC 3339 timestamp nor a duration like 90m, 12h or 2d")
     })?;
     chrono::Duration::from_std(d)

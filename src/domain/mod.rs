@@ -4,4 +4,6 @@
 
 pub mod estimate;
 pub mod job;
+pub mod policy;
 pub mod pricing;
+pub mod units;

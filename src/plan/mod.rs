@@ -71,6 +71,24 @@ impl JobGroup {
     }
 }
 
+/// The planner's view of each provider before anything is observed: its
+/// configured limits, typical latency and (for a simulated provider) its
+/// configured failure rate. Parallel to `catalog.providers`.
+pub fn configured_capacities(
+    catalog: &Catalog,
+    transports: &[crate::config::Transport],
+) -> Vec<ProviderCapacity> {
+    catalog
+        .providers
+        .iter()
+        .zip(transports)
+        .map(|(p, t)| ProviderCapacity {
+            success_rate: 1.0 - t.failure_rate(),
+            ..ProviderCapacity::from_limits(&p.limits, t.typical_latency(), 0.0)
+        })
+        .collect()
+}
+
 /// What the planner assumes about a provider's capacity and reliability.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ProviderCapacity {

@@ -161,7 +161,7 @@ pub fn load_workload(
 /// `2026-11-24T01:00:00Z`, or an offset from `start` such as `+2h30m`.
 pub fn parse_submit_at(s: &str, start: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
     if let Some(offset) = s.strip_prefix('+') {
-        let d = crate::config::parse_duration(offset)?;
+        let d = crate::domain::units::parse_duration(offset)?;
         return Ok(start + chrono::Duration::from_std(d).map_err(|e| e.to_string())?);
     }
     DateTime::parse_from_rfc3339(s)
@@ -234,17 +234,7 @@ fn sim_providers(config: &Config) -> Vec<SimProvider> {
 
 /// The planner's view of provider capacity: configured limits, simulated latency.
 pub fn capacities(config: &Config) -> Vec<ProviderCapacity> {
-    config
-        .catalog
-        .providers
-        .iter()
-        .zip(&config.transports)
-        .zip(sim_providers(config))
-        .map(|((p, t), s)| ProviderCapacity {
-            success_rate: 1.0 - s.failure_rate,
-            ..ProviderCapacity::from_limits(&p.limits, crate::config::live::typical_latency(t), 0.0)
-        })
-        .collect()
+    plan::configured_capacities(&config.catalog, &config.transports)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
