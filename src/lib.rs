@@ -30,6 +30,7 @@ pub mod config;
 pub mod daemon;
 pub mod dispatch;
 pub mod domain;
+pub mod faults;
 pub mod ingest;
 pub mod plan;
 pub mod results;

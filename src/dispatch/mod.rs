@@ -3,40 +3,47 @@
 //!
 //! Its shape: sleep until the next thing is due or something changes (jobs
 //! arrive, a request finishes, the plan's first slot ends), then do
-//! everything that is due now. Planning itself is pure ([`crate::plan`]);
-//! this module only feeds it the queue's summary and what it has observed
-//! of the providers (latency, success rate, token counts).
+//! everything that is due now. The decisions are pure and shared with the
+//! simulator: the plan ([`crate::plan`]), what starts now ([`decide::step`]),
+//! what an answer means ([`reliability::classify`],
+//! [`reliability::next_attempt`]) and how it is booked ([`decide::settle`]).
+//! This module reads the queue, applies those decisions to it, and runs the
+//! requests.
 
 pub mod budget;
+pub mod decide;
 pub mod limits;
 pub mod provider;
 pub mod reliability;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use self::decide::{Action, Answer, Attempt, Candidate, CurrentPlan, IDLE, Observed};
 use self::reliability::{Health, Outcome, RetryPolicy, Signals, Verdict};
 use crate::dispatch::limits::RateLimits;
 use crate::dispatch::provider::{ProviderClient, Request};
 use crate::domain::job::Options;
 use crate::domain::pricing::{Catalog, Endpoint, ModelId};
-use crate::plan::{self, PlanSettings, PlannedGroup, ProviderCapacity, Quotas};
+use crate::plan::{self, PlanSettings, Quotas};
 use crate::store::{DueJob, Finish, QueueError, Start, Store};
 
-/// How many jobs of one group one pass takes at most.
-const BATCH: usize = 256;
-/// How long an idle dispatcher sleeps before looking again.
-const IDLE: Duration = Duration::from_secs(1);
 /// Re-plan at least this often (new observations, the clock moving on).
 const REPLAN_EVERY: Duration = Duration::from_secs(60);
 /// ... and at most this often, however many events ask for it.
 const REPLAN_AT_MOST: Duration = Duration::from_millis(500);
+/// How often leases of jobs whose request task is gone are recovered.
+const RECOVER_EVERY: Duration = Duration::from_secs(30);
+/// Requests in flight at most, over all providers: the cap when providers
+/// set no concurrency limit of their own.
+pub const MAX_IN_FLIGHT: usize = 4096;
 
 /// Shared handles the dispatcher works with.
 pub struct Dispatcher {
@@ -69,79 +76,51 @@ pub struct Dispatcher {
     pub finished: Arc<Notify>,
 }
 
-/// Exponentially weighted moving average.
-#[derive(Debug, Clone, Copy)]
-struct Ewma {
-    value: f64,
-    weight: f64,
-}
-
-impl Ewma {
-    fn new(value: f64) -> Ewma {
-        Ewma {
-            value,
-            weight: 0.05,
-        }
-    }
-    fn observe(&mut self, x: f64) {
-        if x.is_finite() {
-            self.value += self.weight * (x - self.value);
-        }
-    }
-}
-
-/// What the dispatcher has learned about providers and routes.
-struct Observed {
-    latency_s: Vec<Ewma>,
-    success: Vec<Ewma>,
-    /// Provider-reported input tokens ÷ our estimate, per provider.
-    input_ratio: Vec<Ewma>,
-    /// Actual output tokens ÷ expected, per route key (model class).
-    output_ratio: std::collections::HashMap<String, Ewma>,
-    /// Pauses, circuit breakers, disabled providers.
-    health: Vec<Health>,
-    /// The earliest time a retried job becomes due again: re-plan then.
-    next_retry: Option<DateTime<Utc>>,
-    /// Spend against the budgets in their current periods.
-    budget: crate::dispatch::budget::BudgetState,
-}
-
-/// A finished request, reported back to the loop.
-struct Done {
-    /// Index in the catalog the request was sent under; `provider_name`
-    /// finds it again if the configuration was reloaded meanwhile.
-    provider: usize,
-    provider_name: String,
-    /// Likewise for the model (`provider/model`).
-    model: usize,
-    model_name: String,
-    route_key: String,
-    estimated_tokens: u64,
-    estimated_input: u64,
-    estimated_output: u64,
-    usage: Option<(u64, u64)>,
-    verdict: Verdict,
-    signals: Signals,
-    latency: Duration,
-    /// The job went back to the queue until then.
-    retry_at: Option<DateTime<Utc>>,
-    /// Charged to the budget at dispatch (estimate), and billed (actual).
-    charged_cost: f64,
-    actual_cost: f64,
-    list_cost: f64,
-    status: Option<u16>,
-}
-
-/// The current plan: groups, and what may start in its first slot.
+/// The current plan, and when and how fast it was made.
 struct Current {
-    groups: Vec<PlannedGroup>,
-    quotas: Quotas,
+    plan: CurrentPlan,
     made: Instant,
     /// How long making it took: events re-plan at most every 10× this.
     took: Duration,
     /// A provider excluded from this plan (open circuit) may be probed from
     /// then: re-plan to include it.
     reconsider_at: Option<DateTime<Utc>>,
+}
+
+/// A finished request, reported back to the loop.
+struct Done {
+    /// Names find the provider and model again if the configuration was
+    /// reloaded while the request ran.
+    provider_name: String,
+    model_name: String,
+    attempt: Attempt,
+    answer: Answer,
+    list_cost: f64,
+    status: Option<u16>,
+}
+
+/// What the loop keeps of a request in flight, by task id: enough to give
+/// its capacity back and return its job to the queue if the task dies.
+struct InFlight {
+    provider_name: String,
+    model_name: String,
+    attempt: Attempt,
+}
+
+/// The loop's state between passes.
+struct Loop {
+    limits: RateLimits,
+    observed: Observed,
+    current: Option<Current>,
+    replan: bool,
+    tasks: JoinSet<Done>,
+    in_flight: HashMap<tokio::task::Id, InFlight>,
+    /// The global cap on requests in flight.
+    slots: Arc<Semaphore>,
+    next_recovery: Instant,
+    /// The earliest deadline of a queued job, when known: nothing expires
+    /// before it (a job queued since is an event that clears it).
+    earliest_deadline: Option<i64>,
 }
 
 /// Runs a closure against the store off the async threads.
@@ -155,124 +134,100 @@ pub async fn blocking<T: Send + 'static>(
         .expect("store task panicked")
 }
 
-impl Dispatcher {
-    fn capacities(&self, observed: &Observed) -> Vec<ProviderCapacity> {
-        let now = Utc::now();
-        self.catalog
-            .providers
-            .iter()
-            .enumerate()
-            .map(|(p, info)| ProviderCapacity {
-                latency: Duration::from_secs_f64(observed.latency_s[p].value.max(0.001)),
-                success_rate: observed.success[p].value,
-                input_token_ratio: observed.input_ratio[p].value.clamp(0.25, 4.0),
-                // Out of health, or out of budget until it renews.
-                unavailable_until: {
-                    let health = observed.health[p].plan_excluded_until(now);
-                    let budget = (observed.budget.remaining(p) <= 1e-9)
-                        .then(|| observed.budget.renews_at(p, 1e-9, now));
-                    health.max(budget)
-                },
-                ..ProviderCapacity::from_limits(&info.limits, Duration::ZERO, 0.0)
-            })
-            .collect()
-    }
+fn instant_at(t: DateTime<Utc>, now: DateTime<Utc>) -> Instant {
+    Instant::now() + (t - now).to_std().unwrap_or_default()
+}
 
+impl Dispatcher {
     /// Dispatches until `shutdown` turns true, then waits up to `grace` for
     /// in-flight requests and returns the rest to the queue.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>, grace: Duration) {
-        let now_ms = Utc::now().timestamp_millis();
-        let mut limits = RateLimits::for_catalog(&self.catalog, now_ms);
-        let n = self.catalog.providers.len();
-        let mut observed = Observed {
-            latency_s: self
-                .initial_latency
-                .iter()
-                .map(|l| Ewma::new(l.as_secs_f64()))
-                .collect(),
-            success: vec![Ewma::new(1.0); n],
-            input_ratio: vec![Ewma::new(1.0); n],
-            output_ratio: Default::default(),
-            health: vec![Health::default(); n],
-            next_retry: None,
-            budget: self.load_budgets().await,
+        let now = Utc::now();
+        let mut st = Loop {
+            limits: RateLimits::for_catalog(&self.catalog, now.timestamp_millis()),
+            observed: Observed::new(&self.initial_latency, self.load_budgets().await),
+            current: None,
+            replan: true,
+            tasks: JoinSet::new(),
+            in_flight: HashMap::new(),
+            slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            next_recovery: Instant::now() + RECOVER_EVERY,
+            earliest_deadline: None,
         };
         // Start from what finished jobs taught earlier runs.
         match blocking(&self.store, |s| s.learned_token_ratios(7)).await {
             Ok((inputs, outputs)) => {
                 for (provider, ratio) in inputs {
                     if let Some(p) = self.catalog.provider_id(&provider) {
-                        observed.input_ratio[p] = Ewma::new(ratio);
+                        st.observed.input_ratio[p] = decide::Ewma::new(ratio);
                     }
                 }
                 for (route, ratio) in outputs {
-                    observed.output_ratio.insert(route, Ewma::new(ratio));
+                    st.observed
+                        .output_ratio
+                        .insert(route, decide::Ewma::new(ratio));
                 }
             }
             Err(e) => warn!("could not read token statistics of finished jobs: {e}"),
         }
-        for p in 0..n {
-            self.publish_health(p, &observed);
+        for p in 0..self.catalog.providers.len() {
+            self.publish_health(p, &st.observed);
         }
-        let mut current: Option<Current> = None;
-        let mut replan = true;
-        let mut in_flight: JoinSet<Done> = JoinSet::new();
         loop {
             if self
                 .live
                 .as_mut()
                 .is_some_and(|rx| rx.has_changed().unwrap_or(false))
             {
-                self.apply_reload(&mut limits, &mut observed).await;
-                current = None;
+                self.apply_reload(&mut st).await;
+                st.current = None;
             }
-            let next = match self
-                .pass(
-                    &mut limits,
-                    &mut observed,
-                    &mut current,
-                    &mut replan,
-                    &mut in_flight,
-                )
-                .await
-            {
+            let next = match self.pass(&mut st).await {
                 Ok(next) => next,
                 Err(e) => {
                     warn!("dispatch pass failed: {e}");
-                    IDLE
+                    Instant::now() + IDLE
                 }
             };
             tokio::select! {
                 _ = shutdown.changed() => break,
-                _ = self.wake.notified() => replan = true,
-                _ = tokio::time::sleep(next) => {}
-                Some(done) = in_flight.join_next() => {
-                    replan = true;
-                    let mut changed = self.account(&mut limits, &mut observed, done);
-                    while let Some(done) = in_flight.try_join_next() {
-                        changed |= self.account(&mut limits, &mut observed, done);
+                _ = self.wake.notified() => {
+                    st.replan = true;
+                    st.earliest_deadline = None;
+                }
+                _ = tokio::time::sleep_until(next) => {}
+                Some(done) = st.tasks.join_next_with_id() => {
+                    st.replan = true;
+                    let mut changed = self.account(&mut st, done).await;
+                    while let Some(done) = st.tasks.try_join_next_with_id() {
+                        changed |= self.account(&mut st, done).await;
                     }
                     if changed {
                         // Availability changed: re-plan now, not after the throttle.
-                        current = None;
+                        st.current = None;
                     }
                 }
             }
         }
-        let waiting = in_flight.len();
+        let waiting = st.tasks.len();
         if waiting > 0 {
             info!(
                 in_flight = waiting,
                 grace_s = grace.as_secs_f64(),
                 "shutting down: waiting for in-flight requests"
             );
-            let drain = async {
-                while let Some(done) = in_flight.join_next().await {
-                    self.account(&mut limits, &mut observed, done);
+            let deadline = Instant::now() + grace;
+            loop {
+                match tokio::time::timeout_at(deadline, st.tasks.join_next_with_id()).await {
+                    Ok(Some(done)) => {
+                        self.account(&mut st, done).await;
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        st.tasks.abort_all();
+                        break;
+                    }
                 }
-            };
-            if tokio::time::timeout(grace, drain).await.is_err() {
-                in_flight.abort_all();
             }
         }
         let owner = self.owner.clone();
@@ -284,10 +239,315 @@ impl Dispatcher {
         self.finished.notify_one();
     }
 
+    /// Books a request task that ended: its answer, or (it panicked) its
+    /// capacity given back and its job returned to the queue. Returns true
+    /// if a provider's availability changed.
+    async fn account(
+        &self,
+        st: &mut Loop,
+        done: Result<(tokio::task::Id, Done), tokio::task::JoinError>,
+    ) -> bool {
+        let now = Utc::now();
+        match done {
+            Ok((id, d)) => {
+                st.in_flight.remove(&id);
+                let Some(attempt) = self.relocate(&d.provider_name, &d.model_name, d.attempt)
+                else {
+                    return false;
+                };
+                let changed =
+                    decide::settle(&mut st.limits, &mut st.observed, &attempt, &d.answer, now);
+                if changed {
+                    let name = &self.catalog.providers[attempt.provider].name;
+                    warn!(provider = %name, health = %st.observed.health[attempt.provider].describe(now),
+                          "provider availability changed; re-planning");
+                }
+                self.record_metrics(&attempt, &d.answer, d.list_cost, d.status, &st.observed);
+                self.finished.notify_one();
+                changed
+            }
+            Err(e) => {
+                let Some(lost) = st.in_flight.remove(&e.id()) else {
+                    return false;
+                };
+                if e.is_panic() {
+                    warn!(job = lost.attempt.job, provider = %lost.provider_name,
+                          "a request task panicked; its job returns to the queue");
+                }
+                let job = lost.attempt.job;
+                let owner = self.owner.clone();
+                match blocking(&self.store, move |s| s.requeue_running(job, &owner)).await {
+                    Ok(_) => {}
+                    Err(err) => {
+                        warn!(
+                            job,
+                            "could not return the job to the queue (its lease will expire): {err}"
+                        )
+                    }
+                }
+                let Some(attempt) =
+                    self.relocate(&lost.provider_name, &lost.model_name, lost.attempt)
+                else {
+                    return false;
+                };
+                decide::settle_lost(&mut st.limits, &mut st.observed, &attempt, now)
+            }
+        }
+    }
+
+    /// The attempt's provider and model in the catalog now (a reload may
+    /// have moved or removed them); `None` if its provider is gone.
+    fn relocate(&self, provider: &str, model: &str, mut attempt: Attempt) -> Option<Attempt> {
+        attempt.provider = self.catalog.provider_id(provider)?;
+        attempt.model =
+            (0..self.catalog.models.len()).find(|&m| self.catalog.qualified_name(m) == model);
+        Some(attempt)
+    }
+
+    /// One pass: expire overdue jobs, recover dead leases, re-plan if due,
+    /// then apply what [`decide::step`] starts or fails. Returns when to
+    /// look again if nothing else happens.
+    async fn pass(&self, st: &mut Loop) -> Result<Instant, QueueError> {
+        let now = Utc::now();
+        let now_ms = now.timestamp_millis();
+        if !self.run_after_deadline && st.earliest_deadline.is_none_or(|d| d <= now_ms) {
+            let (expired, earliest) = blocking(&self.store, move |s| {
+                let expired = s.expire_overdue(now_ms)?;
+                Ok::<_, QueueError>((expired, s.earliest_queued_deadline()?))
+            })
+            .await?;
+            st.earliest_deadline = earliest;
+            if !expired.is_empty() {
+                for (id, custom_id) in &expired {
+                    debug!(job = id, %custom_id, "job expired");
+                }
+                info!(
+                    expired = expired.len(),
+                    "jobs passed their deadline before dispatch"
+                );
+                self.finished.notify_one();
+            }
+        }
+        if Instant::now() >= st.next_recovery {
+            // A request task that died leaves its job running under our
+            // lease: once the lease expires, the job is queued again.
+            st.next_recovery = Instant::now() + RECOVER_EVERY;
+            let owner = self.owner.clone();
+            let n = blocking(&self.store, move |s| s.recover_leases(now_ms, &owner)).await?;
+            if n > 0 {
+                warn!(recovered = n, "re-queued running jobs whose lease expired");
+                st.replan = true;
+            }
+        }
+        if st.observed.budget.roll_over(now) {
+            info!("a budget period renewed");
+            st.current = None;
+        }
+        let retry_due = st.observed.next_retry.is_some_and(|t| t <= now);
+        if retry_due {
+            st.observed.next_retry = None;
+        }
+        let stale = match &st.current {
+            None => true,
+            Some(_) if retry_due => true,
+            Some(c) => {
+                c.made.elapsed() >= REPLAN_EVERY
+                    || c.plan.quotas.until.is_some_and(|u| now >= u)
+                    || c.reconsider_at.is_some_and(|t| now >= t)
+                    || (st.replan && c.made.elapsed() >= REPLAN_AT_MOST.max(c.took * 10))
+            }
+        };
+        if stale {
+            st.current = Some(self.make_plan(&st.observed).await?);
+            st.replan = false;
+        }
+        let Some(cur) = st.current.as_mut() else {
+            return Ok(Instant::now() + IDLE);
+        };
+
+        // The queued jobs each planned group may start now, in one read.
+        let wanted = cur.plan.wanted();
+        let reads: Vec<(usize, String, i64, i64, usize)> = wanted
+            .iter()
+            .enumerate()
+            .filter(|&(_, &n)| n > 0)
+            .map(|(g, &n)| {
+                let group = &cur.plan.groups[g];
+                (
+                    g,
+                    group.route_key.clone(),
+                    group.deadline_from,
+                    group.deadline_to,
+                    n,
+                )
+            })
+            .collect();
+        let fetched = blocking(&self.store, move |s| {
+            reads
+                .into_iter()
+                .map(|(g, key, from, to, n)| Ok((g, s.queued_in_route(&key, from, to, now_ms, n)?)))
+                .collect::<Result<Vec<_>, QueueError>>()
+        })
+        .await?;
+        let mut due = vec![Vec::new(); cur.plan.groups.len()];
+        let mut jobs: HashMap<i64, DueJob> = HashMap::new();
+        for (g, list) in fetched {
+            due[g] = list.iter().map(candidate).collect();
+            jobs.extend(list.into_iter().map(|j| (j.id, j)));
+        }
+        let step = decide::step(decide::StepInput {
+            catalog: &self.catalog,
+            plan: &mut cur.plan,
+            due,
+            limits: &mut st.limits,
+            observed: &mut st.observed,
+            safety_margin: self.plan_settings.safety_margin,
+            now,
+        });
+        let next = if step.more {
+            Instant::now() + Duration::from_millis(1)
+        } else {
+            step.next.map_or(Instant::now() + IDLE, |t| {
+                instant_at(t, now).min(Instant::now() + IDLE)
+            })
+        };
+        let (starts, failures): (Vec<Action>, Vec<Action>) = step
+            .actions
+            .into_iter()
+            .partition(|a| matches!(a, Action::Start { .. }));
+        if !failures.is_empty() {
+            let n = failures.len();
+            blocking(&self.store, move |s| {
+                for a in failures {
+                    if let Action::Fail { job, code, message } = a {
+                        s.fail_queued(job, now_ms, code, &message)?;
+                    }
+                }
+                Ok::<_, QueueError>(())
+            })
+            .await?;
+            info!(
+                failed = n,
+                "jobs failed without dispatch (max_cost_usd or budget)"
+            );
+            self.finished.notify_one();
+        }
+        if starts.is_empty() {
+            return Ok(next);
+        }
+        let records: Vec<Start> = starts
+            .iter()
+            .filter_map(|a| match a {
+                Action::Start { job, model, .. } => {
+                    let m = &self.catalog.models[*model];
+                    Some(Start {
+                        job_id: *job,
+                        provider: self.catalog.providers[m.provider].name.clone(),
+                        provider_model: m.name.clone(),
+                    })
+                }
+                Action::Fail { .. } => None,
+            })
+            .collect();
+        let lease_until = now_ms + self.lease.as_millis() as i64;
+        let owner = self.owner.clone();
+        let started = blocking(&self.store, move |s| {
+            if crate::faults::fire("dispatch.start_attempts") {
+                return Err(QueueError::Injected("dispatch.start_attempts"));
+            }
+            s.start_attempts(&records, now_ms, lease_until, &owner)
+        })
+        .await;
+        let started: std::collections::HashSet<i64> = match started {
+            Ok(ids) => ids.into_iter().collect(),
+            Err(e) => {
+                // Nothing was started: give back everything the step took.
+                for a in &starts {
+                    decide::undo_start(&self.catalog, &mut st.limits, &mut st.observed, a, now);
+                }
+                return Err(e);
+            }
+        };
+        info!(dispatched = started.len(), "dispatch batch");
+        for action in starts {
+            let Action::Start {
+                job: id,
+                model,
+                reference,
+                tokens,
+                cost,
+                group,
+            } = action
+            else {
+                continue;
+            };
+            let (Some(job), true) = (jobs.remove(&id), started.contains(&id)) else {
+                // Cancelled between the read and the lease: give the capacity back.
+                decide::undo_start(
+                    &self.catalog,
+                    &mut st.limits,
+                    &mut st.observed,
+                    &action,
+                    now,
+                );
+                continue;
+            };
+            let provider = self.catalog.models[model].provider;
+            debug!(job = id, custom_id = %job.custom_id, provider = %self.catalog.providers[provider].name,
+                   model = %self.catalog.models[model].name, estimated_cost = cost, "job running");
+            let attempt = Attempt {
+                job: id,
+                provider,
+                model: Some(model),
+                route_key: cur.plan.groups[group].route_key.clone(),
+                tokens,
+                cost,
+                est_input_tokens: job.est_input_tokens,
+                est_output_tokens: job.est_output_tokens,
+            };
+            let ctx = RequestContext {
+                store: self.store.clone(),
+                catalog: self.catalog.clone(),
+                client: self.clients[provider].clone(),
+                owner: self.owner.clone(),
+                retry: self.retry,
+            };
+            let provider_name = self.catalog.providers[provider].name.clone();
+            let model_name = self.catalog.qualified_name(model);
+            let slots = st.slots.clone();
+            let task_attempt = attempt.clone();
+            let (pn, mn) = (provider_name.clone(), model_name.clone());
+            let handle = st.tasks.spawn(async move {
+                let _slot = slots.acquire_owned().await;
+                if crate::faults::fire("dispatch.request_panic") {
+                    panic!("injected fault: dispatch.request_panic");
+                }
+                let executed = ctx.execute(job, model, reference, now).await;
+                Done {
+                    provider_name: pn,
+                    model_name: mn,
+                    attempt: task_attempt,
+                    answer: executed.answer,
+                    list_cost: executed.list_cost,
+                    status: executed.status,
+                }
+            });
+            st.in_flight.insert(
+                handle.id(),
+                InFlight {
+                    provider_name,
+                    model_name,
+                    attempt,
+                },
+            );
+        }
+        Ok(next)
+    }
+
     /// Takes a reloaded configuration: new catalog, clients and budgets;
     /// what was learned and the limits' in-flight counts carry over by
     /// provider name. Requests in flight finish on their old clients.
-    async fn apply_reload(&mut self, limits: &mut RateLimits, observed: &mut Observed) {
+    async fn apply_reload(&mut self, st: &mut Loop) {
         let Some(rx) = self.live.as_mut() else { return };
         let live = rx.borrow_and_update().clone();
         let mut clients = Vec::new();
@@ -305,6 +565,7 @@ impl Dispatcher {
         let old_index = |name: &str| old.provider_id(name);
         let mut new_limits = RateLimits::for_catalog(&self.catalog, now.timestamp_millis());
         let n = self.catalog.providers.len();
+        let (limits, observed) = (&mut st.limits, &mut st.observed);
         let mut fresh = Observed {
             latency_s: Vec::with_capacity(n),
             success: Vec::with_capacity(n),
@@ -329,9 +590,9 @@ impl Dispatcher {
                 None => {
                     fresh
                         .latency_s
-                        .push(Ewma::new(t.typical_latency().as_secs_f64()));
-                    fresh.success.push(Ewma::new(1.0));
-                    fresh.input_ratio.push(Ewma::new(1.0));
+                        .push(decide::Ewma::new(t.typical_latency().as_secs_f64()));
+                    fresh.success.push(decide::Ewma::new(1.0));
+                    fresh.input_ratio.push(decide::Ewma::new(1.0));
                     fresh.health.push(Health::default());
                 }
             }
@@ -345,9 +606,9 @@ impl Dispatcher {
         self.budgets = live.budgets.clone();
         *limits = new_limits;
         *observed = fresh;
-        observed.budget = self.load_budgets().await;
+        st.observed.budget = self.load_budgets().await;
         for p in 0..n {
-            self.publish_health(p, observed);
+            self.publish_health(p, &st.observed);
         }
         info!(config = %live.origin, providers = n, models = self.catalog.models.len(),
               classes = self.catalog.classes.len(), "configuration reloaded: re-planning");
@@ -355,12 +616,19 @@ impl Dispatcher {
 
     /// Counts a finished request in the metrics, and publishes the
     /// provider's health as the dispatcher now sees it.
-    fn record_metrics(&self, d: &Done, observed: &Observed) {
+    fn record_metrics(
+        &self,
+        attempt: &Attempt,
+        answer: &Answer,
+        list_cost: f64,
+        status: Option<u16>,
+        observed: &Observed,
+    ) {
         use crate::telemetry::{OutcomeLabel, provider as label};
         let t = &self.telemetry;
-        let name = &self.catalog.providers[d.provider].name;
+        let name = &self.catalog.providers[attempt.provider].name;
         let p = label(name);
-        let outcome = match (&d.verdict, d.retry_at) {
+        let outcome = match (&answer.verdict, answer.retry_at) {
             (Verdict::Succeeded, _) => "succeeded",
             (Verdict::DisableProvider { .. }, _) => "provider_disabled",
             (_, Some(_)) => "retried",
@@ -372,25 +640,29 @@ impl Dispatcher {
                 outcome: outcome.into(),
             })
             .inc();
-        if d.status == Some(429) {
+        if status == Some(429) {
             t.rate_limited.get_or_create(&p).inc();
         }
-        if matches!(d.verdict, Verdict::Retry { pause: Some(_) }) || d.signals.pause().is_some() {
+        if matches!(answer.verdict, Verdict::Retry { pause: Some(_) })
+            || answer.signals.pause().is_some()
+        {
             t.pauses.get_or_create(&p).inc();
         }
-        t.latency.get_or_create(&p).observe(d.latency.as_secs_f64());
-        if let Some((input, output)) = d.usage {
+        t.latency
+            .get_or_create(&p)
+            .observe(answer.latency.as_secs_f64());
+        if let Some((input, output)) = answer.usage {
             t.input_tokens.get_or_create(&p).inc_by(input);
             t.output_tokens.get_or_create(&p).inc_by(output);
         }
-        if d.actual_cost > 0.0 {
-            t.spend_usd.get_or_create(&p).inc_by(d.actual_cost);
-            t.list_usd.get_or_create(&p).inc_by(d.list_cost);
+        if answer.billed > 0.0 {
+            t.spend_usd.get_or_create(&p).inc_by(answer.billed);
+            t.list_usd.get_or_create(&p).inc_by(list_cost);
             t.savings_usd
                 .get_or_create(&p)
-                .inc_by((d.list_cost - d.actual_cost).max(0.0));
+                .inc_by((list_cost - answer.billed).max(0.0));
         }
-        self.publish_health(d.provider, observed);
+        self.publish_health(attempt.provider, observed);
     }
 
     fn publish_health(&self, p: usize, observed: &Observed) {
@@ -436,98 +708,21 @@ impl Dispatcher {
         .await
     }
 
-    /// Books a finished request: rate-limit correction, observations, the
-    /// provider's health. Returns true if a provider's availability changed.
-    fn account(
-        &self,
-        limits: &mut RateLimits,
-        observed: &mut Observed,
-        done: Result<Done, tokio::task::JoinError>,
-    ) -> bool {
-        match done {
-            Ok(mut d) => {
-                // The configuration may have been reloaded while it ran.
-                match self.catalog.provider_id(&d.provider_name) {
-                    Some(p) => d.provider = p,
-                    None => return false,
-                }
-                // (usize::MAX: the model is gone; only the provider's limits apply.)
-                d.model = (0..self.catalog.models.len())
-                    .find(|&m| self.catalog.qualified_name(m) == d.model_name)
-                    .unwrap_or(usize::MAX);
-                let now = Utc::now();
-                // The budget was charged the estimate; correct it to what was billed.
-                observed
-                    .budget
-                    .charge(d.provider, d.actual_cost - d.charged_cost);
-                let health = &mut observed.health[d.provider];
-                let mut changed = health.record(&d.verdict, now);
-                if let Some(pause) = d
-                    .signals
-                    .pause()
-                    .filter(|_| d.verdict == Verdict::Succeeded)
-                {
-                    // A success that leaves a limit at zero: wait for its reset.
-                    changed |= health.pause(now, pause);
-                }
-                if changed {
-                    let name = &self.catalog.providers[d.provider].name;
-                    warn!(provider = %name, health = %health.describe(now), "provider availability changed; re-planning");
-                }
-                let actual = d.usage.map(|(i, o)| i + o);
-                limits.release(
-                    d.provider,
-                    d.model,
-                    d.estimated_tokens,
-                    actual,
-                    Utc::now().timestamp_millis(),
-                );
-                self.record_metrics(&d, observed);
-                observed.latency_s[d.provider].observe(d.latency.as_secs_f64());
-                if let Some(at) = d.retry_at {
-                    observed.next_retry = Some(observed.next_retry.map_or(at, |t| t.min(at)));
-                }
-                let succeeded = d.verdict == Verdict::Succeeded;
-                observed.success[d.provider].observe(if succeeded { 1.0 } else { 0.0 });
-                if let Some((input, output)) = d.usage {
-                    if d.estimated_input > 0 {
-                        observed.input_ratio[d.provider]
-                            .observe(input as f64 / d.estimated_input as f64);
-                    }
-                    if d.estimated_output > 0 {
-                        observed
-                            .output_ratio
-                            .entry(d.route_key)
-                            .or_insert_with(|| Ewma::new(1.0))
-                            .observe(output as f64 / d.estimated_output as f64);
-                    }
-                }
-                self.finished.notify_one();
-                changed
-            }
-            Err(e) if e.is_panic() => {
-                warn!("a request task panicked: {e}");
-                false
-            }
-            Err(_) => false,
-        }
-    }
-
     /// Re-plans the queue from its summary in SQLite.
     async fn make_plan(&self, observed: &Observed) -> Result<Current, QueueError> {
         let buckets = blocking(&self.store, |s| s.queued_buckets()).await?;
         let now = Utc::now();
         let catalog = self.catalog.clone();
-        let capacities = self.capacities(observed);
-        let output_scale: std::collections::HashMap<String, f64> = observed
+        let capacities = observed.capacities(&catalog, now);
+        let output_scale: HashMap<String, f64> = observed
             .output_ratio
-            .iter()
-            .map(|(k, v)| (k.clone(), v.value.clamp(0.05, 4.0)))
+            .keys()
+            .map(|k| (k.clone(), observed.output_scale(k)))
             .collect();
         let settings = self.plan_settings;
         let disabled: Vec<Option<String>> =
             observed.health.iter().map(|h| h.disabled.clone()).collect();
-        let started = Instant::now();
+        let started = std::time::Instant::now();
         let (q, quotas) = tokio::task::spawn_blocking(move || {
             let q = plan::plan_queue(
                 &buckets,
@@ -595,310 +790,10 @@ impl Dispatcher {
                   method = ?plan.method, took_ms = started.elapsed().as_millis() as u64, "plan");
         }
         Ok(Current {
-            groups,
-            quotas,
+            plan: CurrentPlan { groups, quotas },
             made: Instant::now(),
             took: started.elapsed(),
             reconsider_at: observed.health.iter().filter_map(Health::probe_due).min(),
-        })
-    }
-
-    /// One pass: expire overdue jobs, re-plan if due, start what the plan's
-    /// first slot allows and the rate limits admit. Returns how long to sleep
-    /// if nothing else happens.
-    async fn pass(
-        &self,
-        limits: &mut RateLimits,
-        observed: &mut Observed,
-        current: &mut Option<Current>,
-        replan: &mut bool,
-        in_flight: &mut JoinSet<Done>,
-    ) -> Result<Duration, QueueError> {
-        let now = Utc::now();
-        let now_ms = now.timestamp_millis();
-        let expired = if self.run_after_deadline {
-            Vec::new()
-        } else {
-            blocking(&self.store, move |s| s.expire_overdue(now_ms)).await?
-        };
-        if !expired.is_empty() {
-            for (id, custom_id) in &expired {
-                debug!(job = id, %custom_id, "job expired");
-            }
-            info!(
-                expired = expired.len(),
-                "jobs passed their deadline before dispatch"
-            );
-            self.finished.notify_one();
-        }
-        if observed.budget.roll_over(now) {
-            info!("a budget period renewed");
-            *current = None;
-        }
-        let retry_due = observed.next_retry.is_some_and(|t| t <= now);
-        if retry_due {
-            observed.next_retry = None;
-        }
-        let stale = match current {
-            None => true,
-            Some(_) if retry_due => true,
-            Some(c) => {
-                c.made.elapsed() >= REPLAN_EVERY
-                    || c.quotas.until.is_some_and(|u| now >= u)
-                    || c.reconsider_at.is_some_and(|t| now >= t)
-                    || (*replan && c.made.elapsed() >= REPLAN_AT_MOST.max(c.took * 10))
-            }
-        };
-        if stale {
-            *current = Some(self.make_plan(observed).await?);
-            *replan = false;
-        }
-        let Some(cur) = current.as_mut() else {
-            return Ok(IDLE);
-        };
-
-        let mut starts = Vec::new();
-        let mut routed = Vec::new();
-        let mut failures = Vec::new();
-        let mut next = IDLE;
-        let mut blocked = HashSet::new();
-        let mut blocked_models = HashSet::new();
-        let mut replan_now = false;
-        for idx in 0..cur.quotas.entries.len() {
-            let (g, model, remaining) = cur.quotas.entries[idx];
-            let provider = self.catalog.models[model].provider;
-            if remaining == 0 || blocked.contains(&provider) || blocked_models.contains(&model) {
-                continue;
-            }
-            match observed.health[provider].available_from(now) {
-                Some(t) if t <= now => {}
-                later => {
-                    // Paused, circuit open or disabled: the next plan moves its jobs.
-                    blocked.insert(provider);
-                    if let Some(t) = later {
-                        next = next.min(
-                            (t - now)
-                                .to_std()
-                                .unwrap_or_default()
-                                .max(Duration::from_millis(1)),
-                        );
-                    }
-                    continue;
-                }
-            }
-            let group = &cur.groups[g];
-            let (key, from, to) = (
-                group.route_key.clone(),
-                group.deadline_from,
-                group.deadline_to,
-            );
-            let limit = (remaining as usize).min(BATCH);
-            let jobs = blocking(&self.store, move |s| {
-                s.queued_in_route(&key, from, to, now_ms, limit)
-            })
-            .await?;
-            if jobs.len() < limit {
-                // The group has fewer queued jobs than planned (some finished or
-                // were cancelled meanwhile): what is here is all there is.
-                cur.quotas.entries[idx].2 = jobs.len() as u64;
-            }
-            for job in jobs {
-                let estimate = (job.est_input_tokens, job.est_output_tokens);
-                let max_cost = job
-                    .options
-                    .as_deref()
-                    .and_then(|o| Options::parse(o).ok())
-                    .and_then(|o| o.max_cost_usd);
-                let cost = self.catalog.cost_at(model, now, estimate.0, estimate.1);
-                if let Some(max) = max_cost
-                    && cost > max
-                {
-                    failures.push((job.id, "max_cost_exceeded", format!(
-                        "the planned model {} costs an estimated ${cost:.6}, above max_cost_usd ${max:.6}",
-                        self.catalog.qualified_name(model)
-                    )));
-                    cur.quotas.take(g, model);
-                    continue;
-                }
-                if !observed.budget.fits(provider, cost) {
-                    // Over budget here. If another eligible provider still has
-                    // budget, re-plan (this one now counts as unavailable);
-                    // otherwise wait for the earliest renewal, unless the
-                    // deadline comes first.
-                    let fits_at = |m: ModelId| {
-                        let p = self.catalog.models[m].provider;
-                        (p, self.catalog.cost_at(m, now, estimate.0, estimate.1))
-                    };
-                    let others_fit = group.group.candidates.iter().any(|&m| {
-                        let (p, c) = fits_at(m);
-                        p != provider && observed.budget.fits(p, c)
-                    });
-                    if others_fit {
-                        blocked.insert(provider);
-                        replan_now = true;
-                        break;
-                    }
-                    let renews = group
-                        .group
-                        .candidates
-                        .iter()
-                        .map(|&m| {
-                            let (p, c) = fits_at(m);
-                            observed.budget.renews_at(p, c, now)
-                        })
-                        .min()
-                        .unwrap_or(now);
-                    let margin = chrono::Duration::from_std(self.plan_settings.safety_margin)
-                        .unwrap_or_default();
-                    if job.deadline <= (renews + margin).timestamp_millis() {
-                        failures.push((job.id, "budget_exhausted", format!(
-                            "{}'s budget cannot pay the estimated ${cost:.6} before the deadline (it renews at {})",
-                            self.catalog.providers[provider].name,
-                            renews.to_rfc3339()
-                        )));
-                        cur.quotas.take(g, model);
-                        continue;
-                    }
-                    blocked.insert(provider);
-                    next = next.min(
-                        (renews - now)
-                            .to_std()
-                            .unwrap_or_default()
-                            .max(Duration::from_millis(1)),
-                    );
-                    break;
-                }
-                if !observed.health[provider].admit(now) {
-                    // A half-open circuit admits one probe at a time.
-                    blocked.insert(provider);
-                    break;
-                }
-                // Charge the rate limiter with the estimate calibrated by what
-                // this provider and this route have actually reported.
-                let output_scale = observed
-                    .output_ratio
-                    .get(&group.route_key)
-                    .map_or(1.0, |e| e.value.clamp(0.05, 4.0));
-                let charge = (estimate.0 as f64
-                    * observed.input_ratio[provider].value.clamp(0.25, 4.0)
-                    + estimate.1 as f64 * output_scale)
-                    .ceil() as u64;
-                if !limits.try_acquire(provider, model, charge, now_ms) {
-                    // The provider's limits, or only this model's.
-                    if limits.provider(provider).ready_in_ms(charge, now_ms) == Some(0) {
-                        blocked_models.insert(model);
-                    } else {
-                        blocked.insert(provider);
-                    }
-                    if let Some(wait) = limits.ready_in_ms(provider, model, charge, now_ms) {
-                        next = next.min(Duration::from_millis(wait.max(1) as u64));
-                    }
-                    break;
-                }
-                cur.quotas.take(g, model);
-                observed.budget.charge(provider, cost);
-                let m = &self.catalog.models[model];
-                starts.push(Start {
-                    job_id: job.id,
-                    provider: self.catalog.providers[m.provider].name.clone(),
-                    provider_model: m.name.clone(),
-                });
-                routed.push((
-                    job,
-                    model,
-                    cost,
-                    group.reference,
-                    group.route_key.clone(),
-                    charge,
-                ));
-            }
-        }
-        if replan_now {
-            // A provider ran out of budget: the next pass plans without it.
-            cur.quotas.until = Some(now);
-        }
-        if !failures.is_empty() {
-            let n = failures.len();
-            blocking(&self.store, move |s| {
-                for (id, code, message) in failures {
-                    s.fail_queued(id, now_ms, code, &message)?;
-                }
-                Ok::<_, QueueError>(())
-            })
-            .await?;
-            info!(
-                failed = n,
-                "jobs failed without dispatch (max_cost_usd or budget)"
-            );
-            self.finished.notify_one();
-        }
-        if starts.is_empty() {
-            return Ok(next);
-        }
-        let lease_until = now_ms + self.lease.as_millis() as i64;
-        let owner = self.owner.clone();
-        let started: HashSet<i64> = blocking(&self.store, move |s| {
-            s.start_attempts(&starts, now_ms, lease_until, &owner)
-        })
-        .await?
-        .into_iter()
-        .collect();
-        info!(dispatched = started.len(), "dispatch batch");
-        for (job, model, estimated_cost, reference, route_key, charge) in routed {
-            let provider = self.catalog.models[model].provider;
-            let estimated_tokens = charge;
-            if !started.contains(&job.id) {
-                // Cancelled between the read and the lease: give the capacity back.
-                limits.release(provider, model, estimated_tokens, Some(0), now_ms);
-                continue;
-            }
-            debug!(job = job.id, custom_id = %job.custom_id, provider = %self.catalog.providers[provider].name,
-                   model = %self.catalog.models[model].name, estimated_cost, "job running");
-            let ctx = RequestContext {
-                store: self.store.clone(),
-                catalog: self.catalog.clone(),
-                client: self.clients[provider].clone(),
-                owner: self.owner.clone(),
-                retry: self.retry,
-            };
-            let provider_name = self.catalog.providers[provider].name.clone();
-            let model_name = self.catalog.qualified_name(model);
-            in_flight.spawn(async move {
-                let (estimated_input, estimated_output) =
-                    (job.est_input_tokens, job.est_output_tokens);
-                let sent = Instant::now();
-                let executed = ctx.execute(job, model, reference, now).await;
-                Done {
-                    provider,
-                    provider_name,
-                    model,
-                    model_name,
-                    route_key,
-                    estimated_tokens,
-                    estimated_input,
-                    estimated_output,
-                    usage: executed.usage,
-                    verdict: executed.verdict,
-                    signals: executed.signals,
-                    retry_at: executed.retry_at,
-                    charged_cost: estimated_cost,
-                    actual_cost: executed.cost,
-                    list_cost: executed.list_cost,
-                    status: executed.status,
-                    latency: sent.elapsed(),
-                }
-            });
-        }
-        // Quota left and capacity not exhausted: look again soon.
-        let more = cur.quotas.entries.iter().any(|e| {
-            e.2 > 0
-                && !blocked.contains(&self.catalog.models[e.1].provider)
-                && !blocked_models.contains(&e.1)
-        });
-        Ok(if more {
-            Duration::from_millis(10)
-        } else {
-            next
         })
     }
 }
@@ -914,14 +809,10 @@ struct RequestContext {
 
 /// What a request task reports back to the loop.
 struct Executed {
-    /// What this attempt was billed (0 unless it succeeded), and its list cost.
-    cost: f64,
+    answer: Answer,
+    /// What the answer would have cost at the reference model's list price.
     list_cost: f64,
     status: Option<u16>,
-    usage: Option<(u64, u64)>,
-    verdict: Verdict,
-    signals: Signals,
-    retry_at: Option<DateTime<Utc>>,
 }
 
 impl RequestContext {
@@ -942,7 +833,10 @@ impl RequestContext {
             body: &job.body,
             custom_id: &job.custom_id,
         };
+        // Latency is the provider call's alone, not the store's time around it.
+        let sent = Instant::now();
         let outcome = self.client.send(request).await;
+        let latency = sent.elapsed();
         let verdict = reliability::classify(&outcome);
         let now = Utc::now();
         let completed_at = now.timestamp_millis();
@@ -1019,20 +913,15 @@ impl RequestContext {
                 (finish, None, Signals::default())
             }
         };
-        // Another attempt if the failure is worth one, attempts remain, and
-        // the backoff still leaves time before the deadline.
-        let retry_at = match &verdict {
-            Verdict::Retry { pause } => {
-                let jitter = self.retry.backoff(attempts, unit_draw(job.id, attempts));
-                let wait = pause.map_or(jitter, |p| p.max(jitter.min(Duration::from_secs(1))));
-                Some(now + chrono::Duration::from_std(wait).unwrap_or_default())
-            }
-            // The provider is gone for us: straight back to the queue, for another.
-            Verdict::DisableProvider { .. } => Some(now),
-            Verdict::Succeeded | Verdict::FailJob => None,
-        };
         let deadline = DateTime::<Utc>::from_timestamp_millis(job.deadline).unwrap_or(now);
-        let retry_at = retry_at.filter(|t| attempts < self.retry.max_attempts && *t < deadline);
+        let retry_at = reliability::next_attempt(
+            &verdict,
+            attempts,
+            &self.retry,
+            deadline,
+            now,
+            reliability::unit_draw(job.id as u64, attempts),
+        );
         if retry_at.is_none()
             && !finish.succeeded
             && finish.error_code.is_none()
@@ -1085,22 +974,31 @@ impl RequestContext {
             ),
         }
         Executed {
-            cost: billed,
+            answer: Answer {
+                verdict,
+                signals,
+                usage,
+                billed,
+                latency,
+                retry_at,
+            },
             list_cost,
             status,
-            usage,
-            verdict,
-            signals,
-            retry_at,
         }
     }
 }
 
-/// A deterministic draw in [0, 1) per (job, attempt), for backoff jitter.
-fn unit_draw(job: i64, attempt: u32) -> f64 {
-    let mut x = (job as u64) ^ (u64::from(attempt) << 40) ^ 0x9e37_79b9_7f4a_7c15;
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    (x >> 11) as f64 / (1u64 << 53) as f64
+/// The view of a queued job that the dispatch step decides on.
+fn candidate(j: &DueJob) -> Candidate {
+    Candidate {
+        id: j.id,
+        est_input_tokens: j.est_input_tokens,
+        est_output_tokens: j.est_output_tokens,
+        deadline_ms: j.deadline,
+        max_cost_usd: j
+            .options
+            .as_deref()
+            .and_then(|o| Options::parse(o).ok())
+            .and_then(|o| o.max_cost_usd),
+    }
 }

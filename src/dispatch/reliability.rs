@@ -249,6 +249,42 @@ pub fn classify(outcome: &Outcome) -> Verdict {
 
 pub use crate::domain::policy::RetryPolicy;
 
+/// When a failed attempt runs again, or `None` if it is final: the one
+/// place that decides retry vs. fail after [`classify`]. `attempts` counts
+/// this one; `draw` is a deterministic draw in [0, 1) for the jitter
+/// ([`unit_draw`]). A pause the provider asked for is honoured (with at most
+/// a second of jitter on top); a disabled provider's job goes straight back
+/// to the queue for another provider; no retry starts after the deadline.
+pub fn next_attempt(
+    verdict: &Verdict,
+    attempts: u32,
+    policy: &RetryPolicy,
+    deadline: DateTime<Utc>,
+    now: DateTime<Utc>,
+    draw: f64,
+) -> Option<DateTime<Utc>> {
+    let at = match verdict {
+        Verdict::Retry { pause } => {
+            let jitter = policy.backoff(attempts, draw);
+            let wait = pause.map_or(jitter, |p| p.max(jitter.min(Duration::from_secs(1))));
+            now.checked_add_signed(chrono::Duration::from_std(wait).ok()?)?
+        }
+        Verdict::DisableProvider { .. } => now,
+        Verdict::Succeeded | Verdict::FailJob => return None,
+    };
+    (attempts < policy.max_attempts && at < deadline).then_some(at)
+}
+
+/// A deterministic draw in [0, 1) per (key, attempt): backoff jitter in the
+/// daemon (key = job id) and simulated failures in the simulator.
+pub fn unit_draw(key: u64, attempt: u32) -> f64 {
+    let mut x = key ^ (u64::from(attempt) << 40) ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// A provider's health: paused (the provider asked us to wait), disabled
 /// (it refused our key), and a circuit breaker over consecutive failures.
 #[derive(Debug, Clone, PartialEq)]
@@ -345,6 +381,17 @@ impl Health {
                 true
             }
             Circuit::Open { .. } | Circuit::HalfOpen { .. } => false,
+        }
+    }
+
+    /// Gives back a half-open probe slot taken by [`Health::admit`] for a
+    /// request that was never sent: the probe is due again now.
+    pub fn abandon_probe(&mut self, now: DateTime<Utc>) {
+        if let Circuit::HalfOpen { cooldown } = self.circuit {
+            self.circuit = Circuit::Open {
+                until: now,
+                cooldown,
+            };
         }
     }
 

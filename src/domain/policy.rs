@@ -97,6 +97,6 @@ impl RetryPolicy {
     pub fn backoff(&self, retry: u32, unit: f64) -> Duration {
         let ceiling = (self.base.as_secs_f64() * 2f64.powi(retry.saturating_sub(1).min(30) as i32))
             .min(self.cap.as_secs_f64());
-        Duration::from_secs_f64((ceiling * unit.clamp(0.0, 1.0)).max(0.01))
+        Duration::try_from_secs_f64((ceiling * unit.clamp(0.0, 1.0)).max(0.01)).unwrap_or(self.cap)
     }
 }

@@ -15,7 +15,10 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::{Config, Transport};
+use crate::dispatch::budget::BudgetState;
+use crate::dispatch::decide::{self, Action, Answer, Attempt, Candidate, CurrentPlan, Observed};
 use crate::dispatch::limits::RateLimits;
+use crate::dispatch::reliability::{self, Outcome, Usage};
 use crate::domain::job::{self, JobContext, LineError, RouteKey};
 use crate::domain::pricing::{ModelId, ProviderId};
 use crate::plan::{self, Decision, JobGroup, PlanSettings, ProviderCapacity, Quotas};
@@ -257,19 +260,21 @@ struct SimJob<'a> {
     cost: f64,
 }
 
-/// The deterministic "random" draw of attempt `n` of a job: [0, 1).
+/// The deterministic draw of attempt `n` of a job, in [0, 1): the same
+/// function the daemon draws its jitter from, keyed by the job's custom_id.
 fn draw(custom_id: &str, attempt: u32) -> f64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in custom_id.bytes().chain(attempt.to_le_bytes()) {
+    for b in custom_id.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    (h >> 11) as f64 / (1u64 << 53) as f64
+    reliability::unit_draw(h, attempt)
 }
 
-/// How often the planner policy re-plans at the latest, and at most.
+/// How often the planner policy re-plans at the latest, and at most on
+/// events: the daemon's own timings.
 const REPLAN_EVERY: chrono::Duration = chrono::Duration::seconds(60);
-const MAX_ATTEMPTS: u32 = 5;
+const REPLAN_AT_MOST: chrono::Duration = chrono::Duration::milliseconds(500);
 
 /// Runs `workload` under `policy` from `start` in virtual time.
 pub fn run(
@@ -280,7 +285,6 @@ pub fn run(
 ) -> Result<(Summary, Vec<TraceLine>), String> {
     let catalog = &config.catalog;
     let providers = sim_providers(config);
-    let capacity = capacities(config);
     let fixed: Option<ProviderId> = match policy {
         Policy::Fixed(name) => Some(
             catalog
@@ -305,19 +309,33 @@ pub fn run(
         })
         .collect();
     let mut limits = RateLimits::for_catalog(catalog, start.timestamp_millis());
+    // The daemon's own observations, planner capacities and dispatch step.
+    let initial_latency: Vec<Duration> = config
+        .transports
+        .iter()
+        .map(Transport::typical_latency)
+        .collect();
+    let mut observed = Observed::new(
+        &initial_latency,
+        BudgetState::new(config.budgets.clone(), start, |_, _| 0.0),
+    );
+    let retry_policy = config.daemon.retry;
     let mut next_arrival = 0usize;
     // Queued jobs by (route key, deadline, index): a group's most urgent first.
     let mut queued: BTreeSet<(String, i64, usize)> = BTreeSet::new();
+    // Jobs waiting for a retry: (due at, index).
+    let mut retrying: BinaryHeap<Reverse<(i64, usize)>> = BinaryHeap::new();
+    // Requests in flight: (answer at, index), and what each was charged.
     let mut completions: BinaryHeap<Reverse<(i64, usize)>> = BinaryHeap::new();
-    let mut quotas = Quotas::default();
-    let mut groups: Vec<plan::PlannedGroup> = Vec::new();
+    let mut attempts_in_flight: BTreeMap<usize, Attempt> = BTreeMap::new();
+    let mut current = CurrentPlan::default();
     let mut planned_at: Option<DateTime<Utc>> = None;
-    let mut arrivals_since_plan = false;
+    let mut replan = false;
     let mut retries = 0usize;
     let mut now = start;
     loop {
         let now_ms = now.timestamp_millis();
-        // Arrivals and completions due now.
+        // Arrivals, retries and completions due now.
         while next_arrival < jobs.len() && jobs[next_arrival].w.submit_at <= now {
             let j = &mut jobs[next_arrival];
             j.state = State::Queued;
@@ -327,7 +345,15 @@ pub fn run(
                 next_arrival,
             ));
             next_arrival += 1;
-            arrivals_since_plan = true;
+            replan = true;
+        }
+        while let Some(&Reverse((t, i))) = retrying.peek() {
+            if t > now_ms {
+                break;
+            }
+            retrying.pop();
+            let j = &jobs[i];
+            queued.insert((j.w.route_key.clone(), j.w.deadline.timestamp_millis(), i));
         }
         while let Some(&Reverse((t, i))) = completions.peek() {
             if t > now_ms {
@@ -337,40 +363,86 @@ pub fn run(
             let j = &mut jobs[i];
             let model = j.model.expect("a running job has a model");
             let provider = catalog.models[model].provider;
+            let dispatched = j.dispatched_at.expect("dispatched");
+            // A simulated failure is an HTTP 500, classified as the daemon does.
             let failed = draw(&j.w.custom_id, j.attempts) < providers[provider].failure_rate;
-            limits.release(
-                provider,
-                model,
-                j.w.input_tokens + j.w.expected_output_tokens,
-                Some(j.w.input_tokens + if failed { 0 } else { j.w.output_tokens }),
-                now_ms,
-            );
-            if failed && j.attempts < MAX_ATTEMPTS {
-                retries += 1;
-                j.state = State::Queued;
-                queued.insert((j.w.route_key.clone(), j.w.deadline.timestamp_millis(), i));
-                arrivals_since_plan = true;
-            } else if failed {
-                j.state = State::Failed;
-                j.completed_at = Some(now);
+            let outcome = if failed {
+                Outcome::HttpError {
+                    status: 500,
+                    request_id: None,
+                    body: r#"{"error":{"message":"simulated failure","type":"server_error"}}"#
+                        .into(),
+                    signals: Default::default(),
+                }
             } else {
-                j.state = State::Succeeded;
-                j.completed_at = Some(now);
-                let dispatched = j.dispatched_at.expect("dispatched");
-                j.cost = catalog.cost_at(model, dispatched, j.w.input_tokens, j.w.output_tokens);
+                Outcome::Success {
+                    status: 200,
+                    request_id: None,
+                    body: String::new(),
+                    usage: Usage {
+                        input_tokens: j.w.input_tokens,
+                        output_tokens: j.w.output_tokens,
+                    },
+                    signals: Default::default(),
+                }
+            };
+            let verdict = reliability::classify(&outcome);
+            let billed = if failed {
+                0.0
+            } else {
+                catalog.cost_at(model, dispatched, j.w.input_tokens, j.w.output_tokens)
+            };
+            let retry_at = reliability::next_attempt(
+                &verdict,
+                j.attempts,
+                &retry_policy,
+                j.w.deadline,
+                now,
+                draw(&j.w.custom_id, j.attempts.wrapping_add(1 << 16)),
+            );
+            let answer = Answer {
+                verdict,
+                signals: Default::default(),
+                usage: (!failed).then_some((j.w.input_tokens, j.w.output_tokens)),
+                billed,
+                latency: (now - dispatched).to_std().unwrap_or_default(),
+                retry_at,
+            };
+            let attempt = attempts_in_flight.remove(&i).expect("charged at start");
+            if decide::settle(&mut limits, &mut observed, &attempt, &answer, now) {
+                planned_at = None;
+            }
+            match (failed, retry_at) {
+                (false, _) => {
+                    j.state = State::Succeeded;
+                    j.completed_at = Some(now);
+                    j.cost = billed;
+                }
+                (true, Some(at)) => {
+                    retries += 1;
+                    j.state = State::Queued;
+                    retrying.push(Reverse((at.timestamp_millis(), i)));
+                    replan = true;
+                }
+                (true, None) => {
+                    j.state = State::Failed;
+                    j.completed_at = Some(now);
+                }
             }
         }
-        // Queued jobs past their deadline expire (the daemon does the same).
-        // (unless the config says to run them anyway).
-        let overdue: Vec<(String, i64, usize)> = queued
-            .iter()
-            .filter(|(_, d, _)| *d <= now_ms && !config.daemon.run_after_deadline)
-            .cloned()
-            .collect();
-        for key in overdue {
-            queued.remove(&key);
-            jobs[key.2].state = State::Expired;
-            jobs[key.2].completed_at = Some(now);
+        // Queued jobs past their deadline expire (the daemon does the same),
+        // unless the config says to run them anyway.
+        if !config.daemon.run_after_deadline {
+            let overdue: Vec<(String, i64, usize)> = queued
+                .iter()
+                .filter(|(_, d, _)| *d <= now_ms)
+                .cloned()
+                .collect();
+            for key in overdue {
+                queued.remove(&key);
+                jobs[key.2].state = State::Expired;
+                jobs[key.2].completed_at = Some(now);
+            }
         }
 
         let mut dispatch =
@@ -394,17 +466,24 @@ pub fn run(
 
         // Decide.
         let mut wait_ms: Option<i64> = None;
+        let mut step_next: Option<DateTime<Utc>> = None;
+        let mut more = false;
         match policy {
             Policy::Planner => {
+                let retry_due = observed.next_retry.is_some_and(|t| t <= now);
+                if retry_due {
+                    observed.next_retry = None;
+                }
                 let stale = match planned_at {
                     None => true,
-                    Some(at) => now - at >= REPLAN_EVERY || quotas.until.is_some_and(|u| now >= u),
+                    Some(at) => {
+                        retry_due
+                            || now - at >= REPLAN_EVERY
+                            || current.quotas.until.is_some_and(|u| now >= u)
+                            || (replan && now - at >= REPLAN_AT_MOST)
+                    }
                 };
-                if stale
-                    || (arrivals_since_plan
-                        && planned_at.is_some_and(|at| now - at >= chrono::Duration::seconds(1)))
-                    || (arrivals_since_plan && quotas.entries.iter().all(|e| e.2 == 0))
-                {
+                if stale {
                     let buckets = plan::bucket_jobs(queued.iter().map(|(key, deadline, i)| {
                         (
                             key.as_str(),
@@ -413,48 +492,97 @@ pub fn run(
                             jobs[*i].w.expected_output_tokens,
                         )
                     }));
+                    let capacity = observed.capacities(catalog, now);
                     let q = plan::plan_queue(
                         &buckets,
                         catalog,
                         &capacity,
                         now,
                         settings,
-                        |_| 1.0,
+                        |key| observed.output_scale(key),
                         |_| None,
                     );
-                    quotas = Quotas::from_plan(&q.plan, &q.job_groups(), catalog, &capacity);
-                    groups = q.groups;
+                    let quotas = Quotas::from_plan(&q.plan, &q.job_groups(), catalog, &capacity);
+                    current = CurrentPlan {
+                        groups: q.groups,
+                        quotas,
+                    };
                     planned_at = Some(now);
-                    arrivals_since_plan = false;
+                    replan = false;
                 }
-                for e in 0..quotas.entries.len() {
-                    let (g, model, remaining) = quotas.entries[e];
-                    if remaining == 0 {
-                        continue;
-                    }
-                    let provider = catalog.models[model].provider;
-                    let group = &groups[g];
-                    let members: Vec<usize> = queued
-                        .range(
-                            (group.route_key.clone(), group.deadline_from, 0)
-                                ..(group.route_key.clone(), group.deadline_to, 0),
-                        )
-                        .map(|k| k.2)
-                        .take(remaining as usize)
-                        .collect();
-                    if members.len() < remaining as usize {
-                        quotas.entries[e].2 = members.len() as u64;
-                    }
-                    for i in members {
-                        let tokens = jobs[i].w.input_tokens + jobs[i].w.expected_output_tokens;
-                        if !limits.try_acquire(provider, model, tokens, now_ms) {
-                            if let Some(w) = limits.ready_in_ms(provider, model, tokens, now_ms) {
-                                wait_ms = Some(wait_ms.map_or(w, |x: i64| x.min(w)));
-                            }
-                            break;
+                let wanted = current.wanted();
+                let due: Vec<Vec<Candidate>> = current
+                    .groups
+                    .iter()
+                    .zip(&wanted)
+                    .map(|(group, &n)| {
+                        queued
+                            .range(
+                                (group.route_key.clone(), group.deadline_from, 0)
+                                    ..(group.route_key.clone(), group.deadline_to, 0),
+                            )
+                            .take(n)
+                            .map(|&(_, deadline_ms, i)| Candidate {
+                                id: i as i64,
+                                est_input_tokens: jobs[i].w.input_tokens,
+                                est_output_tokens: jobs[i].w.expected_output_tokens,
+                                deadline_ms,
+                                max_cost_usd: jobs[i].w.max_cost_usd,
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let step = decide::step(decide::StepInput {
+                    catalog,
+                    plan: &mut current,
+                    due,
+                    limits: &mut limits,
+                    observed: &mut observed,
+                    safety_margin: settings.safety_margin,
+                    now,
+                });
+                if step.replan {
+                    planned_at = None;
+                }
+                more = step.more;
+                step_next = step.next;
+                for action in step.actions {
+                    match action {
+                        Action::Start {
+                            job,
+                            group,
+                            model,
+                            tokens,
+                            cost,
+                            ..
+                        } => {
+                            let i = job as usize;
+                            attempts_in_flight.insert(
+                                i,
+                                Attempt {
+                                    job,
+                                    provider: catalog.models[model].provider,
+                                    model: Some(model),
+                                    route_key: current.groups[group].route_key.clone(),
+                                    tokens,
+                                    cost,
+                                    est_input_tokens: jobs[i].w.input_tokens,
+                                    est_output_tokens: jobs[i].w.expected_output_tokens,
+                                },
+                            );
+                            dispatch(i, model, &mut jobs, &mut queued);
                         }
-                        quotas.take(g, model);
-                        dispatch(i, model, &mut jobs, &mut queued);
+                        Action::Fail { job, .. } => {
+                            let i = job as usize;
+                            let k = (
+                                jobs[i].w.route_key.clone(),
+                                jobs[i].w.deadline.timestamp_millis(),
+                                i,
+                            );
+                            queued.remove(&k);
+                            jobs[i].state = State::Failed;
+                            jobs[i].completed_at = Some(now);
+                        }
                     }
                 }
             }
@@ -512,7 +640,23 @@ pub fn run(
                         },
                     );
                     match decision {
-                        Decision::Send { model, .. } => dispatch(i, model, &mut jobs, &mut queued),
+                        Decision::Send { model, .. } => {
+                            // Only the provider's limiter was charged (above).
+                            attempts_in_flight.insert(
+                                i,
+                                Attempt {
+                                    job: i as i64,
+                                    provider: catalog.models[model].provider,
+                                    model: None,
+                                    route_key: w.route_key.clone(),
+                                    tokens,
+                                    cost: 0.0,
+                                    est_input_tokens: w.input_tokens,
+                                    est_output_tokens: w.expected_output_tokens,
+                                },
+                            );
+                            dispatch(i, model, &mut jobs, &mut queued)
+                        }
                         Decision::Wait => {}
                         Decision::TooExpensive { .. } => {
                             let k = (w.route_key.clone(), w.deadline.timestamp_millis(), i);
@@ -534,7 +678,16 @@ pub fn run(
         if let Some(&Reverse((t, _))) = completions.peek() {
             consider(t);
         }
+        if let Some(&Reverse((t, _))) = retrying.peek() {
+            consider(t);
+        }
         if !queued.is_empty() {
+            if more {
+                consider(now_ms + 1);
+            }
+            if let Some(t) = step_next {
+                consider(t.timestamp_millis());
+            }
             if let Some(w) = wait_ms {
                 consider(now_ms + w.max(1));
             }
@@ -542,7 +695,7 @@ pub fn run(
                 consider(d);
             }
             if *policy == Policy::Planner {
-                if let Some(u) = quotas.until {
+                if let Some(u) = current.quotas.until {
                     consider(u.timestamp_millis());
                 }
                 if let Some(at) = planned_at {

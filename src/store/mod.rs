@@ -33,6 +33,9 @@ pub enum QueueError {
     Setup { path: String, message: String },
     #[error("reading the source: {0}")]
     Read(#[from] std::io::Error),
+    /// A fault injected by a test (see [`crate::faults`]).
+    #[error("injected fault: {0}")]
+    Injected(&'static str),
 }
 
 pub type Result<T> = std::result::Result<T, QueueError>;
@@ -632,6 +635,15 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    /// The earliest deadline of a queued job (Unix ms), if any is queued.
+    pub fn earliest_queued_deadline(&self) -> Result<Option<i64>> {
+        Ok(self.conn().query_row(
+            "SELECT MIN(deadline) FROM jobs WHERE state = 'queued'",
+            [],
+            |r| r.get(0),
+        )?)
+    }
+
     /// Re-queues running jobs whose lease has expired, or that belong to
     /// another instance (the caller holds the instance lock, so such an owner
     /// is dead). The attempt stays counted.
@@ -641,6 +653,17 @@ impl Store {
              WHERE state = 'running' AND (lease_until <= ?1 OR lease_owner IS NOT ?2)",
             params![now_ms, owner],
         )?)
+    }
+
+    /// Returns one running job of this owner to the queue (its request task
+    /// died without an answer). The attempt stays counted. Returns false if
+    /// the job was no longer this owner's running job.
+    pub fn requeue_running(&self, job_id: i64, owner: &str) -> Result<bool> {
+        Ok(self.conn().execute(
+            "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until = NULL
+             WHERE id = ?1 AND state = 'running' AND lease_owner = ?2",
+            params![job_id, owner],
+        )? == 1)
     }
 
     /// Returns this owner's running jobs to the queue (graceful shutdown).

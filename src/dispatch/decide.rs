@@ -1,0 +1,542 @@
+//! The dispatch step, pure: given the plan's quotas for its first slot, the
+//! queued jobs of each planned group, the rate limits, budgets, provider
+//! health and what has been observed, decide what starts now, on which
+//! model, what fails without being sent, and when to look again.
+//!
+//! The daemon's loop ([`super::Dispatcher`]) and the simulator
+//! ([`crate::simulate`]) both call [`step`] and then [`settle`] when an
+//! attempt ends, and apply the returned actions to their queue (SQLite or a
+//! virtual one), so the simulator's costs are the daemon's. Nothing here
+//! reads the clock: `now` is an argument.
+//!
+//! Every capacity [`step`] takes for a start (a rate-limiter slot and
+//! tokens, a budget charge, a half-open probe) is given back by exactly one
+//! of [`settle`] (the attempt ended), [`settle_lost`] (its task died) or
+//! [`undo_start`] (the start was never recorded).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::dispatch::budget::BudgetState;
+use crate::dispatch::limits::RateLimits;
+use crate::dispatch::reliability::{Health, Signals, Verdict};
+use crate::domain::pricing::{Catalog, ModelId, ProviderId};
+use crate::plan::{PlannedGroup, ProviderCapacity, Quotas};
+
+/// How many jobs of one group one step starts at most.
+pub const BATCH: usize = 256;
+
+/// How long to wait when nothing else is due.
+pub const IDLE: Duration = Duration::from_secs(1);
+
+/// Exponentially weighted moving average.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ewma {
+    pub value: f64,
+    weight: f64,
+}
+
+impl Ewma {
+    pub fn new(value: f64) -> Ewma {
+        Ewma {
+            value,
+            weight: 0.05,
+        }
+    }
+
+    pub fn observe(&mut self, x: f64) {
+        if x.is_finite() {
+            self.value += self.weight * (x - self.value);
+        }
+    }
+}
+
+/// What the dispatcher has learned about providers and routes. Parallel to
+/// `catalog.providers` (except `output_ratio`, by route key).
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub latency_s: Vec<Ewma>,
+    pub success: Vec<Ewma>,
+    /// Provider-reported input tokens ÷ our estimate, per provider.
+    pub input_ratio: Vec<Ewma>,
+    /// Actual output tokens ÷ expected, per route key (model class).
+    pub output_ratio: HashMap<String, Ewma>,
+    /// Pauses, circuit breakers, disabled providers.
+    pub health: Vec<Health>,
+    /// The earliest time a retried job becomes due again: re-plan then.
+    pub next_retry: Option<DateTime<Utc>>,
+    /// Spend against the budgets in their current periods.
+    pub budget: BudgetState,
+}
+
+impl Observed {
+    /// Nothing observed yet: the configured latencies, full success.
+    pub fn new(initial_latency: &[Duration], budget: BudgetState) -> Observed {
+        let n = initial_latency.len();
+        Observed {
+            latency_s: initial_latency
+                .iter()
+                .map(|l| Ewma::new(l.as_secs_f64()))
+                .collect(),
+            success: vec![Ewma::new(1.0); n],
+            input_ratio: vec![Ewma::new(1.0); n],
+            output_ratio: HashMap::new(),
+            health: vec![Health::default(); n],
+            next_retry: None,
+            budget,
+        }
+    }
+
+    /// The planner's view of each provider now: configured limits, observed
+    /// latency, success rate and token ratio, and no capacity while it is
+    /// out of health or out of budget.
+    pub fn capacities(&self, catalog: &Catalog, now: DateTime<Utc>) -> Vec<ProviderCapacity> {
+        catalog
+            .providers
+            .iter()
+            .enumerate()
+            .map(|(p, info)| ProviderCapacity {
+                latency: Duration::from_secs_f64(self.latency_s[p].value.clamp(0.001, 86_400.0)),
+                success_rate: self.success[p].value,
+                input_token_ratio: self.input_ratio[p].value.clamp(0.25, 4.0),
+                unavailable_until: {
+                    let health = self.health[p].plan_excluded_until(now);
+                    let budget = (self.budget.remaining(p) <= 1e-9)
+                        .then(|| self.budget.renews_at(p, 1e-9, now));
+                    health.max(budget)
+                },
+                ..ProviderCapacity::from_limits(&info.limits, Duration::ZERO, 0.0)
+            })
+            .collect()
+    }
+
+    /// Output tokens ÷ expected for a route, bounded.
+    pub fn output_scale(&self, route_key: &str) -> f64 {
+        self.output_ratio
+            .get(route_key)
+            .map_or(1.0, |e| e.value.clamp(0.05, 4.0))
+    }
+
+    /// The tokens to charge the rate limiter for a job: its estimate,
+    /// calibrated by what this provider and route have actually reported.
+    pub fn charge(&self, provider: ProviderId, route_key: &str, input: u64, output: u64) -> u64 {
+        let tokens = input as f64 * self.input_ratio[provider].value.clamp(0.25, 4.0)
+            + output as f64 * self.output_scale(route_key);
+        // Bounded: a hostile estimate must not put a bucket ~1e19 in debt.
+        tokens.ceil().clamp(0.0, u32::MAX as f64) as u64
+    }
+}
+
+/// A queued job as the step sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub id: i64,
+    pub est_input_tokens: u64,
+    pub est_output_tokens: u64,
+    /// Unix milliseconds.
+    pub deadline_ms: i64,
+    pub max_cost_usd: Option<f64>,
+}
+
+/// The plan the step follows: its groups and the first slot's quotas.
+#[derive(Debug, Clone, Default)]
+pub struct CurrentPlan {
+    pub groups: Vec<PlannedGroup>,
+    pub quotas: Quotas,
+}
+
+impl CurrentPlan {
+    /// For each group, how many jobs its quotas still allow now (the number
+    /// of queued jobs the caller should read for it, at most [`BATCH`]).
+    pub fn wanted(&self) -> Vec<usize> {
+        let mut wanted = vec![0usize; self.groups.len()];
+        for &(g, _, n) in &self.quotas.entries {
+            wanted[g] = (wanted[g] + n as usize).min(BATCH);
+        }
+        wanted
+    }
+}
+
+/// What the step decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send job `job` to `model`. `tokens` and `cost` were charged to the
+    /// rate limits and the budget; `reference` prices the job's list cost.
+    Start {
+        job: i64,
+        group: usize,
+        model: ModelId,
+        reference: ModelId,
+        tokens: u64,
+        cost: f64,
+    },
+    /// Fail the queued job without sending it.
+    Fail {
+        job: i64,
+        code: &'static str,
+        message: String,
+    },
+}
+
+/// The step's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    pub actions: Vec<Action>,
+    /// A provider ran out of budget: plan again without it, now.
+    pub replan: bool,
+    /// Quota and capacity are left: call again right away (more jobs than
+    /// one batch were due).
+    pub more: bool,
+    /// When something becomes due if nothing else happens (a pause ends, a
+    /// rate limit frees up, a budget renews); `None`: only events.
+    pub next: Option<DateTime<Utc>>,
+}
+
+/// The inputs of one step. `due[g]` holds group `g`'s queued jobs, most
+/// urgent first, as many as [`CurrentPlan::wanted`] asked for; jobs are
+/// taken from the front, so a job is started at most once per step
+/// whichever model's quota takes it.
+pub struct StepInput<'a> {
+    pub catalog: &'a Catalog,
+    pub plan: &'a mut CurrentPlan,
+    pub due: Vec<Vec<Candidate>>,
+    pub limits: &'a mut RateLimits,
+    pub observed: &'a mut Observed,
+    /// The planner's safety margin before a deadline.
+    pub safety_margin: Duration,
+    pub now: DateTime<Utc>,
+}
+
+fn later(a: &mut Option<DateTime<Utc>>, t: DateTime<Utc>) {
+    *a = Some(a.map_or(t, |x| x.min(t)));
+}
+
+/// Decides what starts now. See the module documentation.
+pub fn step(input: StepInput<'_>) -> Step {
+    let StepInput {
+        catalog,
+        plan,
+        due,
+        limits,
+        observed,
+        safety_margin,
+        now,
+    } = input;
+    let now_ms = now.timestamp_millis();
+    let mut due: Vec<std::collections::VecDeque<Candidate>> =
+        due.into_iter().map(Into::into).collect();
+    due.resize_with(plan.groups.len(), Default::default);
+    let mut actions = Vec::new();
+    let mut next: Option<DateTime<Utc>> = None;
+    let mut blocked: HashSet<ProviderId> = HashSet::new();
+    let mut blocked_models: HashSet<ModelId> = HashSet::new();
+    let mut replan = false;
+    let margin = chrono::Duration::from_std(safety_margin).unwrap_or(chrono::Duration::zero());
+
+    for idx in 0..plan.quotas.entries.len() {
+        let (g, model, remaining) = plan.quotas.entries[idx];
+        let provider = catalog.models[model].provider;
+        if remaining == 0 || blocked.contains(&provider) || blocked_models.contains(&model) {
+            continue;
+        }
+        match observed.health[provider].available_from(now) {
+            Some(t) if t <= now => {}
+            until => {
+                // Paused, circuit open or disabled: the next plan moves its jobs.
+                blocked.insert(provider);
+                if let Some(t) = until {
+                    later(&mut next, t);
+                }
+                continue;
+            }
+        }
+        let group = &plan.groups[g];
+        let mut taken = 0u64;
+        while taken < remaining {
+            let Some(job) = due[g].front().cloned() else {
+                // Fewer queued jobs than planned: what is here is all there is.
+                plan.quotas.entries[idx].2 = plan.quotas.entries[idx].2.min(taken);
+                break;
+            };
+            let (input_t, output_t) = (job.est_input_tokens, job.est_output_tokens);
+            let cost_on = |m: ModelId| catalog.cost_at(m, now, input_t, output_t);
+            // The planned model is above the job's cap: the cheapest eligible
+            // model that fits the cap and can take it now, or fail only if
+            // no eligible model fits the cap at all.
+            let mut chosen = model;
+            if let Some(max) = job.max_cost_usd
+                && cost_on(model) > max
+            {
+                let mut fitting: Vec<(f64, ModelId)> = group
+                    .group
+                    .candidates
+                    .iter()
+                    .map(|&m| (cost_on(m), m))
+                    .filter(|&(c, _)| c <= max)
+                    .collect();
+                fitting.sort_by(|a, b| a.0.total_cmp(&b.0));
+                if fitting.is_empty() {
+                    due[g].pop_front();
+                    actions.push(Action::Fail {
+                        job: job.id,
+                        code: "max_cost_exceeded",
+                        message: format!(
+                            "every eligible model costs more than max_cost_usd ${max:.6} \
+                             (the planned {} an estimated ${:.6})",
+                            catalog.qualified_name(model),
+                            cost_on(model)
+                        ),
+                    });
+                    plan.quotas.take(g, model);
+                    taken += 1;
+                    continue;
+                }
+                let alternative = fitting.into_iter().map(|(_, m)| m).find(|&m| {
+                    let p = catalog.models[m].provider;
+                    !blocked.contains(&p)
+                        && !blocked_models.contains(&m)
+                        && observed.health[p].available_from(now) == Some(now)
+                        && observed.budget.fits(p, cost_on(m))
+                });
+                match alternative {
+                    Some(m) => chosen = m,
+                    None => {
+                        // It fits elsewhere, later: leave it queued for the
+                        // next plan, and let this quota serve the next job.
+                        due[g].pop_front();
+                        continue;
+                    }
+                }
+            }
+            let provider = catalog.models[chosen].provider;
+            let cost = cost_on(chosen);
+            if !observed.budget.fits(provider, cost) {
+                // Over budget here. If another eligible provider still has
+                // budget, re-plan (this one now counts as unavailable);
+                // otherwise wait for the earliest renewal, unless the
+                // deadline comes first.
+                let others_fit = group.group.candidates.iter().any(|&m| {
+                    let p = catalog.models[m].provider;
+                    p != provider && observed.budget.fits(p, cost_on(m))
+                });
+                if others_fit {
+                    blocked.insert(provider);
+                    replan = true;
+                    break;
+                }
+                let renews = group
+                    .group
+                    .candidates
+                    .iter()
+                    .map(|&m| {
+                        let p = catalog.models[m].provider;
+                        observed.budget.renews_at(p, cost_on(m), now)
+                    })
+                    .min()
+                    .unwrap_or(now);
+                if job.deadline_ms <= (renews + margin).timestamp_millis() {
+                    due[g].pop_front();
+                    actions.push(Action::Fail {
+                        job: job.id,
+                        code: "budget_exhausted",
+                        message: format!(
+                            "{}'s budget cannot pay the estimated ${cost:.6} before the deadline (it renews at {})",
+                            catalog.providers[provider].name,
+                            renews.to_rfc3339()
+                        ),
+                    });
+                    plan.quotas.take(g, model);
+                    taken += 1;
+                    continue;
+                }
+                blocked.insert(provider);
+                later(
+                    &mut next,
+                    renews.max(now + chrono::Duration::milliseconds(1)),
+                );
+                break;
+            }
+            if !observed.health[provider].admit(now) {
+                // A half-open circuit admits one probe at a time.
+                blocked.insert(provider);
+                break;
+            }
+            let tokens = observed.charge(provider, &group.route_key, input_t, output_t);
+            if !limits.try_acquire(provider, chosen, tokens, now_ms) {
+                observed.health[provider].abandon_probe(now);
+                // The provider's limits, or only this model's.
+                if limits.provider(provider).ready_in_ms(tokens, now_ms) == Some(0) {
+                    blocked_models.insert(chosen);
+                } else {
+                    blocked.insert(provider);
+                }
+                if let Some(wait) = limits.ready_in_ms(provider, chosen, tokens, now_ms) {
+                    later(&mut next, now + chrono::Duration::milliseconds(wait.max(1)));
+                }
+                if chosen == model {
+                    break;
+                }
+                // The alternative model is full: the job waits for the next plan.
+                due[g].pop_front();
+                continue;
+            }
+            due[g].pop_front();
+            plan.quotas.take(g, model);
+            taken += 1;
+            observed.budget.charge(provider, cost);
+            actions.push(Action::Start {
+                job: job.id,
+                group: g,
+                model: chosen,
+                reference: group.reference,
+                tokens,
+                cost,
+            });
+        }
+    }
+    if replan {
+        plan.quotas.until = Some(now);
+    }
+    let more = plan.quotas.entries.iter().any(|&(g, m, n)| {
+        n > 0
+            && !due[g].is_empty()
+            && !blocked.contains(&catalog.models[m].provider)
+            && !blocked_models.contains(&m)
+    });
+    Step {
+        actions,
+        replan,
+        more,
+        next,
+    }
+}
+
+/// An attempt in flight: what [`step`] charged for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attempt {
+    pub job: i64,
+    pub provider: ProviderId,
+    /// `None` if the model left the configuration meanwhile (a reload):
+    /// only the provider's limits apply.
+    pub model: Option<ModelId>,
+    pub route_key: String,
+    pub tokens: u64,
+    pub cost: f64,
+    pub est_input_tokens: u64,
+    pub est_output_tokens: u64,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub verdict: Verdict,
+    pub signals: Signals,
+    /// (input, output) tokens the provider reported.
+    pub usage: Option<(u64, u64)>,
+    /// What the attempt was billed.
+    pub billed: f64,
+    /// Time from send to answer (the provider call alone).
+    pub latency: Duration,
+    /// When the job becomes due again, if it was queued for a retry.
+    pub retry_at: Option<DateTime<Utc>>,
+}
+
+/// Books an ended attempt: rate-limit correction, budget correction, health,
+/// observations. Returns true if a provider's availability changed (re-plan).
+pub fn settle(
+    limits: &mut RateLimits,
+    observed: &mut Observed,
+    attempt: &Attempt,
+    answer: &Answer,
+    now: DateTime<Utc>,
+) -> bool {
+    let p = attempt.provider;
+    // The budget was charged the estimate; correct it to what was billed.
+    observed.budget.charge(p, answer.billed - attempt.cost);
+    let health = &mut observed.health[p];
+    let mut changed = health.record(&answer.verdict, now);
+    if let Some(pause) = answer
+        .signals
+        .pause()
+        .filter(|_| answer.verdict == Verdict::Succeeded)
+    {
+        // A success that leaves a limit at zero: wait for its reset.
+        changed |= health.pause(now, pause);
+    }
+    let actual = answer.usage.map(|(i, o)| i.saturating_add(o));
+    limits.release(
+        p,
+        attempt.model.unwrap_or(usize::MAX),
+        attempt.tokens,
+        actual,
+        now.timestamp_millis(),
+    );
+    observed.latency_s[p].observe(answer.latency.as_secs_f64());
+    if let Some(at) = answer.retry_at {
+        later(&mut observed.next_retry, at);
+    }
+    let succeeded = answer.verdict == Verdict::Succeeded;
+    observed.success[p].observe(if succeeded { 1.0 } else { 0.0 });
+    if let Some((input, output)) = answer.usage {
+        if attempt.est_input_tokens > 0 {
+            observed.input_ratio[p].observe(input as f64 / attempt.est_input_tokens as f64);
+        }
+        if attempt.est_output_tokens > 0 {
+            observed
+                .output_ratio
+                .entry(attempt.route_key.clone())
+                .or_insert_with(|| Ewma::new(1.0))
+                .observe(output as f64 / attempt.est_output_tokens as f64);
+        }
+    }
+    changed
+}
+
+/// Books an attempt whose task died without an answer (a panic): its slot
+/// and its budget charge are given back, and it counts as a failure of the
+/// provider (a half-open probe that never returned reopens the circuit).
+pub fn settle_lost(
+    limits: &mut RateLimits,
+    observed: &mut Observed,
+    attempt: &Attempt,
+    now: DateTime<Utc>,
+) -> bool {
+    let answer = Answer {
+        verdict: Verdict::Retry { pause: None },
+        signals: Signals::default(),
+        usage: None,
+        billed: 0.0,
+        latency: Duration::ZERO,
+        retry_at: None,
+    };
+    // Not a latency observation: keep the average.
+    let latency = observed.latency_s[attempt.provider];
+    let changed = settle(limits, observed, attempt, &answer, now);
+    observed.latency_s[attempt.provider] = latency;
+    changed
+}
+
+/// Gives back what [`step`] took for a start that was never recorded (the
+/// job was cancelled meanwhile, or the store refused the write).
+pub fn undo_start(
+    catalog: &Catalog,
+    limits: &mut RateLimits,
+    observed: &mut Observed,
+    action: &Action,
+    now: DateTime<Utc>,
+) {
+    if let Action::Start {
+        model,
+        tokens,
+        cost,
+        ..
+    } = action
+    {
+        let p = catalog.models[*model].provider;
+        limits.release(p, *model, *tokens, Some(0), now.timestamp_millis());
+        observed.budget.charge(p, -cost);
+        observed.health[p].abandon_probe(now);
+    }
+}
