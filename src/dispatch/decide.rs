@@ -540,3 +540,365 @@ pub fn undo_start(
         observed.health[p].abandon_probe(now);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The dispatch step on hand-written states: no store, no binary, no clock.
+    use super::*;
+    use crate::config::Config;
+    use crate::dispatch::reliability::{RetryPolicy, next_attempt};
+    use crate::plan::JobGroup;
+    use std::path::Path;
+
+    /// `cheap` (1.0/1.0 per Mtok, 2 concurrent, daily budget 1 µ$-ish when
+    /// asked) and `dear` (3.0/3.0), one class over both.
+    fn config(cheap_extra: &str) -> Config {
+        let text = format!(
+            r#"
+[[providers]]
+name = "cheap"
+kind = "simulated"
+concurrency = 2
+{cheap_extra}
+
+[[providers.models]]
+name = "c1"
+input_per_mtok = 1.0
+output_per_mtok = 1.0
+
+[[providers]]
+name = "dear"
+kind = "simulated"
+
+[[providers.models]]
+name = "d1"
+input_per_mtok = 3.0
+output_per_mtok = 3.0
+
+[classes]
+chat = ["cheap/c1", "dear/d1"]
+"#
+        );
+        Config::parse(&text, "test.toml", Path::new(".")).unwrap()
+    }
+
+    fn t0() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-11-24T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    fn job(id: i64, deadline: DateTime<Utc>, max_cost: Option<f64>) -> Candidate {
+        Candidate {
+            id,
+            est_input_tokens: 1000,
+            est_output_tokens: 1000,
+            deadline_ms: deadline.timestamp_millis(),
+            max_cost_usd: max_cost,
+        }
+    }
+
+    /// One group of the `chat` class with `quotas` (model, jobs).
+    fn plan_for(c: &Config, jobs: u64, quotas: &[(ModelId, u64)]) -> CurrentPlan {
+        let cheap = c.catalog.model_id("cheap/c1").unwrap();
+        let dear = c.catalog.model_id("dear/d1").unwrap();
+        CurrentPlan {
+            groups: vec![PlannedGroup {
+                route_key: "class:chat".into(),
+                deadline_from: 0,
+                deadline_to: i64::MAX,
+                reference: dear,
+                group: JobGroup {
+                    candidates: vec![cheap, dear],
+                    jobs,
+                    input_tokens: 1000 * jobs,
+                    output_tokens: 1000 * jobs,
+                    release: t0(),
+                    deadline: t0() + chrono::Duration::hours(1),
+                },
+            }],
+            quotas: Quotas {
+                entries: quotas.iter().map(|&(m, n)| (0, m, n)).collect(),
+                until: Some(t0() + chrono::Duration::minutes(15)),
+            },
+        }
+    }
+
+    struct World {
+        c: Config,
+        limits: RateLimits,
+        observed: Observed,
+    }
+
+    impl World {
+        fn new(c: Config) -> World {
+            let n = c.catalog.providers.len();
+            let budget = BudgetState::new(c.budgets.clone(), t0(), |_, _| 0.0);
+            World {
+                limits: RateLimits::for_catalog(&c.catalog, t0().timestamp_millis()),
+                observed: Observed::new(&vec![Duration::from_secs(1); n], budget),
+                c,
+            }
+        }
+
+        fn step(
+            &mut self,
+            plan: &mut CurrentPlan,
+            due: Vec<Candidate>,
+            now: DateTime<Utc>,
+        ) -> Step {
+            step(StepInput {
+                catalog: &self.c.catalog,
+                plan,
+                due: vec![due],
+                limits: &mut self.limits,
+                observed: &mut self.observed,
+                safety_margin: Duration::from_secs(60),
+                now,
+            })
+        }
+
+        fn model(&self, name: &str) -> ModelId {
+            self.c.catalog.model_id(name).unwrap()
+        }
+    }
+
+    fn started(s: &Step) -> Vec<(i64, ModelId)> {
+        s.actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Start { job, model, .. } => Some((*job, *model)),
+                Action::Fail { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_job_starts_once_even_when_two_models_have_quota_for_its_group() {
+        let mut w = World::new(config(""));
+        let (cheap, dear) = (w.model("cheap/c1"), w.model("dear/d1"));
+        let mut plan = plan_for(&w.c, 2, &[(cheap, 1), (dear, 1)]);
+        let deadline = t0() + chrono::Duration::hours(1);
+        let s = w.step(
+            &mut plan,
+            vec![job(1, deadline, None), job(2, deadline, None)],
+            t0(),
+        );
+        assert_eq!(started(&s), vec![(1, cheap), (2, dear)]);
+    }
+
+    #[test]
+    fn concurrency_binds_and_the_step_says_when_to_look_again_after_settle() {
+        let mut w = World::new(config(""));
+        let cheap = w.model("cheap/c1");
+        let mut plan = plan_for(&w.c, 3, &[(cheap, 3)]);
+        let d = t0() + chrono::Duration::hours(1);
+        let s = w.step(&mut plan, (1..=3).map(|i| job(i, d, None)).collect(), t0());
+        // concurrency = 2: the third waits for an answer (an event, no timer).
+        assert_eq!(started(&s).len(), 2);
+        assert_eq!(w.limits.provider(0).in_flight(), 2);
+        let Action::Start { tokens, cost, .. } = s.actions[0].clone() else {
+            panic!()
+        };
+        let attempt = Attempt {
+            job: 1,
+            provider: 0,
+            model: Some(cheap),
+            route_key: "class:chat".into(),
+            tokens,
+            cost,
+            est_input_tokens: 1000,
+            est_output_tokens: 1000,
+        };
+        let answer = Answer {
+            verdict: Verdict::Succeeded,
+            signals: Signals::default(),
+            usage: Some((1000, 500)),
+            billed: cost * 0.75,
+            latency: Duration::from_millis(800),
+            retry_at: None,
+        };
+        settle(&mut w.limits, &mut w.observed, &attempt, &answer, t0());
+        assert_eq!(w.limits.provider(0).in_flight(), 1);
+        let s = w.step(&mut plan, vec![job(3, d, None)], t0());
+        assert_eq!(started(&s), vec![(3, cheap)]);
+    }
+
+    #[test]
+    fn undo_start_and_settle_lost_give_every_slot_and_charge_back() {
+        let mut w = World::new(config("daily_budget_usd = 1.0"));
+        let cheap = w.model("cheap/c1");
+        let mut plan = plan_for(&w.c, 2, &[(cheap, 2)]);
+        let d = t0() + chrono::Duration::hours(1);
+        let before = w.observed.budget.remaining(0);
+        let s = w.step(&mut plan, vec![job(1, d, None), job(2, d, None)], t0());
+        assert_eq!(w.limits.provider(0).in_flight(), 2);
+        assert!(w.observed.budget.remaining(0) < before);
+        // The store refused the first start; the second's task panicked.
+        undo_start(
+            &w.c.catalog,
+            &mut w.limits,
+            &mut w.observed,
+            &s.actions[0],
+            t0(),
+        );
+        let Action::Start { tokens, cost, .. } = s.actions[1].clone() else {
+            panic!()
+        };
+        let lost = Attempt {
+            job: 2,
+            provider: 0,
+            model: Some(cheap),
+            route_key: "class:chat".into(),
+            tokens,
+            cost,
+            est_input_tokens: 1000,
+            est_output_tokens: 1000,
+        };
+        settle_lost(&mut w.limits, &mut w.observed, &lost, t0());
+        assert_eq!(w.limits.provider(0).in_flight(), 0);
+        assert!((w.observed.budget.remaining(0) - before).abs() < 1e-12);
+    }
+
+    #[test]
+    fn max_cost_takes_the_cheaper_eligible_model_instead_of_failing() {
+        let mut w = World::new(config(""));
+        let (cheap, dear) = (w.model("cheap/c1"), w.model("dear/d1"));
+        // Planned on the dear model (cheap one busy in the plan's view), but
+        // the job's cap only fits the cheap one: 2000 tokens × 1 $/Mtok.
+        let mut plan = plan_for(&w.c, 2, &[(dear, 2)]);
+        let d = t0() + chrono::Duration::hours(1);
+        let s = w.step(
+            &mut plan,
+            vec![job(1, d, Some(0.0025)), job(2, d, Some(0.001))],
+            t0(),
+        );
+        assert_eq!(started(&s), vec![(1, cheap)]);
+        // Nothing eligible fits 0.001: that one fails, naming the cap.
+        assert!(matches!(
+            &s.actions[1],
+            Action::Fail { job: 2, code: "max_cost_exceeded", message } if message.contains("0.001000")
+        ));
+    }
+
+    #[test]
+    fn a_paused_provider_starts_nothing_and_the_plan_sees_it_unavailable() {
+        let mut w = World::new(config(""));
+        let cheap = w.model("cheap/c1");
+        let until = t0() + chrono::Duration::seconds(30);
+        w.observed.health[0].pause(t0(), Duration::from_secs(30));
+        let mut plan = plan_for(&w.c, 1, &[(cheap, 1)]);
+        let d = t0() + chrono::Duration::hours(1);
+        let s = w.step(&mut plan, vec![job(1, d, None)], t0());
+        assert!(s.actions.is_empty());
+        assert_eq!(s.next, Some(until));
+        // The next plan gets no capacity there until the pause ends, so its
+        // jobs move to the other provider.
+        let caps = w.observed.capacities(&w.c.catalog, t0());
+        assert_eq!(caps[0].unavailable_until, Some(until));
+        assert_eq!(caps[1].unavailable_until, None);
+    }
+
+    #[test]
+    fn an_exhausted_budget_waits_for_renewal_or_fails_when_the_deadline_comes_first() {
+        // Only one provider in the class, with a tiny daily budget.
+        let text = r#"
+[[providers]]
+name = "solo"
+kind = "simulated"
+daily_budget_usd = 0.001
+
+[[providers.models]]
+name = "m"
+input_per_mtok = 1.0
+output_per_mtok = 1.0
+
+[classes]
+chat = ["solo/m"]
+"#;
+        let c = Config::parse(text, "t.toml", Path::new(".")).unwrap();
+        let m = c.catalog.model_id("solo/m").unwrap();
+        let mut w = World::new(c);
+        let mut plan = plan_for_single(m, 2);
+        let midnight = DateTime::parse_from_rfc3339("2026-11-25T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        // 0.002 $ each: over budget. Due after the renewal: wait for it.
+        let late = midnight + chrono::Duration::hours(2);
+        let s = w.step(&mut plan, vec![job(1, late, None)], t0());
+        assert!(s.actions.is_empty(), "{s:?}");
+        assert_eq!(s.next, Some(midnight));
+        // Due before it: fail now, with why.
+        let soon = t0() + chrono::Duration::hours(1);
+        let s = w.step(&mut plan, vec![job(2, soon, None)], t0());
+        assert!(matches!(
+            &s.actions[..],
+            [Action::Fail {
+                job: 2,
+                code: "budget_exhausted",
+                ..
+            }]
+        ));
+    }
+
+    fn plan_for_single(m: ModelId, jobs: u64) -> CurrentPlan {
+        CurrentPlan {
+            groups: vec![PlannedGroup {
+                route_key: "class:chat".into(),
+                deadline_from: 0,
+                deadline_to: i64::MAX,
+                reference: m,
+                group: JobGroup {
+                    candidates: vec![m],
+                    jobs,
+                    input_tokens: 1000 * jobs,
+                    output_tokens: 1000 * jobs,
+                    release: t0(),
+                    deadline: t0() + chrono::Duration::hours(1),
+                },
+            }],
+            quotas: Quotas {
+                entries: vec![(0, m, jobs)],
+                until: None,
+            },
+        }
+    }
+
+    #[test]
+    fn a_retry_waits_for_its_backoff_and_gives_up_at_the_deadline_or_the_last_attempt() {
+        let policy = RetryPolicy {
+            max_attempts: 3,
+            base: Duration::from_secs(10),
+            cap: Duration::from_secs(60),
+        };
+        let retry = Verdict::Retry { pause: None };
+        let deadline = t0() + chrono::Duration::hours(1);
+        // Full jitter: the first retry waits up to 10 s, the second up to 20 s.
+        let at = next_attempt(&retry, 1, &policy, deadline, t0(), 0.5).unwrap();
+        assert_eq!(at, t0() + chrono::Duration::seconds(5));
+        let at = next_attempt(&retry, 2, &policy, deadline, t0(), 0.5).unwrap();
+        assert_eq!(at, t0() + chrono::Duration::seconds(10));
+        // The provider's own pause wins over a shorter backoff.
+        let paused = Verdict::Retry {
+            pause: Some(Duration::from_secs(30)),
+        };
+        let at = next_attempt(&paused, 1, &policy, deadline, t0(), 0.5).unwrap();
+        assert_eq!(at, t0() + chrono::Duration::seconds(30));
+        // The last attempt, a backoff past the deadline, a permanent error.
+        assert_eq!(next_attempt(&retry, 3, &policy, deadline, t0(), 0.5), None);
+        let close = t0() + chrono::Duration::seconds(3);
+        assert_eq!(next_attempt(&retry, 1, &policy, close, t0(), 0.5), None);
+        assert_eq!(
+            next_attempt(&Verdict::FailJob, 1, &policy, deadline, t0(), 0.5),
+            None
+        );
+        // A provider that refused our key: straight back, for another one.
+        let disabled = Verdict::DisableProvider {
+            reason: "401".into(),
+        };
+        assert_eq!(
+            next_attempt(&disabled, 1, &policy, deadline, t0(), 0.5),
+            Some(t0())
+        );
+    }
+}

@@ -299,8 +299,7 @@ impl Dispatcher {
     /// have moved or removed them); `None` if its provider is gone.
     fn relocate(&self, provider: &str, model: &str, mut attempt: Attempt) -> Option<Attempt> {
         attempt.provider = self.catalog.provider_id(provider)?;
-        attempt.model =
-            (0..self.catalog.models.len()).find(|&m| self.catalog.qualified_name(m) == model);
+        attempt.model = self.catalog.model_id(model);
         Some(attempt)
     }
 

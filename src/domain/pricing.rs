@@ -298,6 +298,11 @@ impl Catalog {
         self.providers.iter().position(|p| p.name == name)
     }
 
+    /// The model called `provider/model`.
+    pub fn model_id(&self, qualified: &str) -> Option<ModelId> {
+        (0..self.models.len()).find(|&m| self.qualified_name(m) == qualified)
+    }
+
     /// `provider/model` for display.
     pub fn qualified_name(&self, model: ModelId) -> String {
         let m = &self.models[model];
