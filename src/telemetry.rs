@@ -6,8 +6,8 @@
 //! queue depth per class) are set from SQLite when a scrape asks for them.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -59,6 +59,20 @@ pub struct Telemetry {
     pub savings_usd: Family<ProviderLabel, UsdCounter>,
     /// The dispatcher's description of each provider's health.
     health: Mutex<BTreeMap<String, String>>,
+    /// The dispatcher's last plan, as it follows it.
+    plan: Mutex<Option<Arc<PublishedPlan>>>,
+}
+
+/// A plan the dispatcher made and follows: the queue's groups, the LP's
+/// allocations, and the catalog and provider capacities (observed latency,
+/// success rate, token ratio, health and budget) it was made with.
+#[derive(Debug)]
+pub struct PublishedPlan {
+    pub queue: crate::plan::QueuePlan,
+    pub catalog: Arc<crate::domain::pricing::Catalog>,
+    pub capacities: Vec<crate::plan::ProviderCapacity>,
+    /// Observed output tokens ÷ expected, by route key.
+    pub output_scale: std::collections::HashMap<String, f64>,
 }
 
 impl Default for Telemetry {
@@ -87,6 +101,7 @@ impl Telemetry {
             list_usd: Family::default(),
             savings_usd: Family::default(),
             health: Mutex::new(BTreeMap::new()),
+            plan: Mutex::new(None),
             registry: Registry::default(),
         };
         registry.register("jobs", "Jobs by state", t.jobs.clone());
@@ -164,6 +179,16 @@ impl Telemetry {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(provider.to_string(), description);
+    }
+
+    /// Publishes the plan the dispatcher now follows.
+    pub fn publish_plan(&self, plan: PublishedPlan) {
+        *self.plan.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(plan));
+    }
+
+    /// The dispatcher's last plan, if it has made one.
+    pub fn plan(&self) -> Option<Arc<PublishedPlan>> {
+        self.plan.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The dispatcher's last description of a provider's health, if any.

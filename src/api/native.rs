@@ -321,8 +321,8 @@ pub async fn get_job(State(s): State<S>, Path(id): Path<String>) -> ApiResult<Js
                 return Ok(None);
             };
             let plan = if d.job.state == JobState::Queued {
-                let p = objects::current_plan(s)?;
-                Some(objects::job_plan_json(&p, &s.catalog(), &d))
+                let (p, catalog) = objects::current_plan(s)?;
+                Some(objects::job_plan_json(&p, &catalog, &d))
             } else {
                 None
             };
@@ -400,8 +400,16 @@ pub async fn submission_errors(State(s): State<S>, Path(id): Path<String>) -> Ap
 pub async fn get_plan(State(s): State<S>) -> ApiResult<Json<Value>> {
     let v = s
         .db(|s| -> ApiResult<Value> {
-            let p = objects::current_plan(s)?;
-            Ok(objects::plan_json(&p, &s.catalog()))
+            let (p, catalog) = objects::current_plan(s)?;
+            let mut v = objects::plan_json(&p, &catalog);
+            if let Some(published) = s.telemetry.plan() {
+                v["source"] = "dispatcher".into();
+                v["providers"] =
+                    objects::capacities_json(&published.catalog, &published.capacities);
+            } else {
+                v["source"] = "configured".into();
+            }
+            Ok(v)
         })
         .await??;
     Ok(Json(v))

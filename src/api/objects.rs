@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
 use crate::domain::job::RouteKey;
+use crate::domain::pricing::Catalog;
 use crate::plan;
 use crate::results::{job_public_id, result_line};
 use crate::store::{
@@ -179,23 +180,50 @@ impl PlanCache {
     }
 }
 
-/// The current plan, as `nightshift plan` computes it (same pure functions).
-pub fn current_plan(state: &ApiState) -> crate::store::Result<Arc<PlanSnapshot>> {
+/// The plan the dispatcher follows (with its observed latencies, success
+/// rates, health and budgets), as it published it; if the queue changed
+/// since, the plan it makes next from the same inputs. Before its first plan
+/// (or with no dispatcher, as in API-only tests) the plan is computed here
+/// from the configured capacities, cached for a second.
+/// Returned with the catalog it was made with (a reload may have changed
+/// the one in force).
+pub fn current_plan(state: &ApiState) -> crate::store::Result<(Arc<PlanSnapshot>, Arc<Catalog>)> {
+    if let Some(p) = state.telemetry.plan() {
+        let buckets = state.store.queued_buckets()?;
+        let queued: u64 = buckets.iter().map(|b| b.jobs).sum();
+        let planned: u64 = p.queue.groups.iter().map(|g| g.group.jobs).sum();
+        if queued == planned {
+            return Ok((Arc::new(p.queue.clone()), p.catalog.clone()));
+        }
+        // Jobs arrived or finished since: the plan the dispatcher makes on
+        // its next pass, from its own inputs.
+        let q = plan::plan_queue(
+            &buckets,
+            &p.catalog,
+            &p.capacities,
+            Utc::now(),
+            &state.plan_settings,
+            |key| p.output_scale.get(key).copied().unwrap_or(1.0),
+            |_| None,
+        );
+        return Ok((Arc::new(q), p.catalog.clone()));
+    }
+    let catalog = state.catalog();
     if let Some((made, p)) = &*state.plan_cache.0.lock().unwrap_or_else(|e| e.into_inner())
         && made.elapsed() < PLAN_TTL
     {
-        return Ok(p.clone());
+        return Ok((p.clone(), catalog));
     }
     let snapshot = Arc::new(compute_plan(
         &state.store,
-        &state.catalog(),
+        &catalog,
         &state.capacities(),
         &state.plan_settings,
         Utc::now(),
     )?);
     *state.plan_cache.0.lock().unwrap_or_else(|e| e.into_inner()) =
         Some((Instant::now(), snapshot.clone()));
-    Ok(snapshot)
+    Ok((snapshot, catalog))
 }
 
 fn compute_plan(
@@ -220,6 +248,27 @@ fn compute_plan(
 fn provider_model(catalog: &crate::domain::pricing::Catalog, model: usize) -> (String, String) {
     let m = &catalog.models[model];
     (catalog.providers[m.provider].name.clone(), m.name.clone())
+}
+
+/// What the plan assumed of each provider: observed latency, success rate
+/// and token ratio, and until when it has no capacity (health or budget).
+pub fn capacities_json(catalog: &Catalog, capacities: &[plan::ProviderCapacity]) -> Value {
+    catalog
+        .providers
+        .iter()
+        .zip(capacities)
+        .map(|(p, c)| {
+            json!({
+                "provider": p.name,
+                "latency_s": c.latency.as_secs_f64(),
+                "success_rate": c.success_rate,
+                "input_token_ratio": c.input_token_ratio,
+                "unavailable_until": c.unavailable_until.map(|t| {
+                    if t == DateTime::<Utc>::MAX_UTC { Value::from("indefinitely") } else { rfc3339(t.timestamp_millis()) }
+                }),
+            })
+        })
+        .collect()
 }
 
 /// The whole plan: per (provider, model, slot), jobs and expected cost.

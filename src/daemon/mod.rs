@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, bail};
 use chrono::Utc;
 use notify::{EventKind, RecursiveMode, Watcher};
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::config::{Config, Transport};
@@ -108,7 +108,6 @@ pub async fn run(
     let catalog = Arc::new(config.catalog.clone());
     let wake = Arc::new(Notify::new());
     let finished = Arc::new(Notify::new());
-    let (stop_tx, stop_rx) = watch::channel(false);
 
     let initial_latency = config
         .transports
@@ -137,23 +136,30 @@ pub async fn run(
         wake: wake.clone(),
         finished: finished.clone(),
     };
-    let dispatch_task = tokio::spawn(dispatcher.run(stop_rx.clone(), d.shutdown_grace));
-    let outbox_task = tokio::spawn(outbox_loop(
-        store.clone(),
-        folders.clone(),
-        finished.clone(),
-        stop_rx.clone(),
-    ));
-    let ingest_task = tokio::spawn(ingest_loop(
-        store.clone(),
-        live_rx.clone(),
-        config.daemon.default_deadline,
-        config.daemon.rescan_interval,
-        folders.clone(),
-        wake.clone(),
-        stop_rx.clone(),
-    ));
 
+    // Components start in data-flow order and stop in reverse: the API and
+    // the inbox stop taking work, the dispatcher drains, the outbox writes
+    // what finished.
+    let mut components = Components::new();
+    components.start("outbox", {
+        let (store, folders, finished) = (store.clone(), folders.clone(), finished.clone());
+        move |stop| outbox_loop(store, folders, finished, stop)
+    });
+    let grace = d.shutdown_grace;
+    components.start("dispatcher", move |stop| dispatcher.run(stop, grace));
+    components.start("ingest", {
+        let (store, live, folders, wake) = (
+            store.clone(),
+            live_rx.clone(),
+            folders.clone(),
+            wake.clone(),
+        );
+        let (deadline, rescan) = (
+            config.daemon.default_deadline,
+            config.daemon.rescan_interval,
+        );
+        move |stop| ingest_loop(store, live, deadline, rescan, folders, wake, stop)
+    });
     // The local HTTP API: binding fails the start (a live socket, a bad address).
     let http = crate::api::Server::bind(
         &config,
@@ -163,49 +169,119 @@ pub async fn run(
         telemetry.clone(),
     )
     .await;
-    let http_task = match http {
-        Ok(server) => tokio::spawn(server.serve(stop_rx.clone())),
+    match http {
+        Ok(server) => components.start("http", move |stop| server.serve(stop)),
         Err(e) => {
-            let _ = stop_tx.send(true);
-            let _ = ingest_task.await;
-            let _ = dispatch_task.await;
-            let _ = outbox_task.await;
+            components.stop().await;
             return Err(e.context("starting the HTTP API"));
         }
-    };
-
+    }
     // Retention, WAL checkpoints and the midnight budget nudge, on a cron schedule.
-    let maintenance_task = tokio::spawn(crate::daemon::cron::run(
-        store.clone(),
-        d.into(),
-        wake.clone(),
-        stop_rx.clone(),
-    ));
-
+    components.start("maintenance", {
+        let (store, schedule, wake) = (store.clone(), d.into(), wake.clone());
+        move |stop| crate::daemon::cron::run(store, schedule, wake, stop)
+    });
     info!(inbox = %folders.inbox.display(), outbox = %folders.outbox.display(), "nightshift ready");
     crate::daemon::systemd::ready(&format!("serving; inbox {}", folders.inbox.display()));
-    let watchdog_task = tokio::spawn(crate::daemon::systemd::watchdog(stop_rx.clone()));
-    let reload_task = tokio::spawn(reload_on_sighup(
-        config.clone(),
-        config_path,
-        live_tx,
-        stop_rx.clone(),
-    ));
-    shutdown.await;
-    info!("shutting down");
+    components.start("watchdog", crate::daemon::systemd::watchdog);
+    components.start("reload", {
+        let running = config.clone();
+        move |stop| reload_on_sighup(running, config_path, live_tx, stop)
+    });
+
+    let failed = tokio::select! {
+        () = shutdown => None,
+        exited = components.exited() => Some(exited),
+    };
+    match &failed {
+        None => info!("shutting down"),
+        Some(name) => error!(
+            component = name,
+            "a component stopped unexpectedly; stopping the daemon"
+        ),
+    }
     crate::daemon::systemd::stopping();
-    let _ = stop_tx.send(true);
-    let _ = watchdog_task.await;
-    let _ = reload_task.await;
-    let _ = http_task.await;
-    let _ = ingest_task.await;
-    let _ = dispatch_task.await;
-    let _ = outbox_task.await;
-    let _ = maintenance_task.await;
+    components.stop().await;
     // Results that became final during the drain.
     write_ready_outboxes(&store, &folders).await;
-    info!("stopped");
-    Ok(())
+    match failed {
+        None => {
+            info!("stopped");
+            Ok(())
+        }
+        Some(name) => bail!("the {name} component stopped unexpectedly (see the log above)"),
+    }
+}
+
+/// The daemon's long-running components. Each runs until its stop signal;
+/// one that returns or panics before that is reported by [`Components::exited`],
+/// and the daemon then stops the rest and exits non-zero (systemd restarts
+/// it, and the watchdog, being one of them, stops pinging).
+struct Components {
+    running: Vec<(
+        &'static str,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    )>,
+    exited_tx: mpsc::UnboundedSender<&'static str>,
+    exited_rx: mpsc::UnboundedReceiver<&'static str>,
+}
+
+impl Components {
+    fn new() -> Components {
+        let (exited_tx, exited_rx) = mpsc::unbounded_channel();
+        Components {
+            running: Vec::new(),
+            exited_tx,
+            exited_rx,
+        }
+    }
+
+    /// Starts `component(stop)` as a task.
+    fn start<F, Fut>(&mut self, name: &'static str, component: F)
+    where
+        F: FnOnce(watch::Receiver<bool>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        use futures_util::FutureExt;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stop_seen = stop_rx.clone();
+        let fut = component(stop_rx);
+        let exited = self.exited_tx.clone();
+        let handle = tokio::spawn(async move {
+            let outcome = std::panic::AssertUnwindSafe(fut).catch_unwind().await;
+            if outcome.is_err() {
+                error!(component = name, "component panicked");
+            }
+            if !*stop_seen.borrow() {
+                let _ = exited.send(name);
+            }
+        });
+        self.running.push((name, stop_tx, handle));
+    }
+
+    /// The name of the first component that stopped without being asked.
+    async fn exited(&mut self) -> &'static str {
+        match self.exited_rx.recv().await {
+            Some(name) => name,
+            // Unreachable while `self` holds a sender; wait forever then.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops the components in the reverse order of their start, each
+    /// after the one started after it has finished.
+    async fn stop(self) {
+        for (name, stop, handle) in self.running.into_iter().rev() {
+            let _ = stop.send(true);
+            if let Err(e) = handle.await {
+                warn!(
+                    component = name,
+                    "component task failed while stopping: {e}"
+                );
+            }
+        }
+    }
 }
 
 /// On SIGHUP, reads the configuration file again. A valid one replaces the
@@ -223,6 +299,7 @@ async fn reload_on_sighup(
         Ok(s) => s,
         Err(e) => {
             warn!("cannot listen for SIGHUP (no configuration reload): {e}");
+            let _ = stop.wait_for(|s| *s).await;
             return;
         }
     };
@@ -400,6 +477,9 @@ async fn outbox_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
+        if crate::faults::fire("daemon.outbox_panic") {
+            panic!("injected fault: daemon.outbox_panic");
+        }
         write_ready_outboxes(&store, &folders).await;
         tokio::select! {
             _ = stop.changed() => return,

@@ -40,6 +40,9 @@ pub fn stopping() {
 /// runtime, so a wedged runtime stops the pings and systemd restarts us.
 pub async fn watchdog(mut stop: watch::Receiver<bool>) {
     let Some(interval) = sd_notify::watchdog_enabled() else {
+        // Not under a systemd watchdog: nothing to ping, but a component
+        // that ends early reads as a failure, so wait for the stop.
+        let _ = stop.wait_for(|s| *s).await;
         return;
     };
     let every = (interval / 2).max(Duration::from_millis(10));

@@ -713,11 +713,13 @@ impl Dispatcher {
         let now = Utc::now();
         let catalog = self.catalog.clone();
         let capacities = observed.capacities(&catalog, now);
+        let published_capacities = capacities.clone();
         let output_scale: HashMap<String, f64> = observed
             .output_ratio
             .keys()
             .map(|k| (k.clone(), observed.output_scale(k)))
             .collect();
+        let published_scale = output_scale.clone();
         let settings = self.plan_settings;
         let disabled: Vec<Option<String>> =
             observed.health.iter().map(|h| h.disabled.clone()).collect();
@@ -755,6 +757,13 @@ impl Dispatcher {
         })
         .await
         .expect("planner panicked");
+        self.telemetry
+            .publish_plan(crate::telemetry::PublishedPlan {
+                queue: q.clone(),
+                catalog: self.catalog.clone(),
+                capacities: published_capacities,
+                output_scale: published_scale,
+            });
         let crate::plan::QueuePlan {
             groups,
             plan,
