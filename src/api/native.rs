@@ -381,7 +381,7 @@ async fn submission_results(s: S, id: String, kind: FileKind) -> ApiResult<Respo
         .ok_or_else(|| ApiError::not_found("submission", &id))?;
     let stem = info.stem.clone();
     let body = super::result_files::streamed(s.store.clone(), move |store, w| {
-        super::result_files::write_results(store, info.id, &stem, kind, w)
+        crate::results::write_results(store, info.id, &stem, kind, w)
     });
     Ok(([(header::CONTENT_TYPE, "application/jsonl")], body).into_response())
 }

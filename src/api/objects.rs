@@ -11,9 +11,7 @@ use crate::domain::job::RouteKey;
 use crate::domain::pricing::Catalog;
 use crate::plan;
 use crate::results::{job_public_id, result_line};
-use crate::store::{
-    BatchRow, FileKind, FileRow, JobDetail, JobState, SourceCounts, SourceInfo, Store,
-};
+use crate::store::{BatchRow, FileRow, JobDetail, JobState, SourceCounts, SourceInfo, Store};
 
 use super::ApiState;
 
@@ -153,14 +151,6 @@ pub fn batch_json(b: &BatchRow, counts: Option<&SourceCounts>) -> Value {
         "request_counts": {"total": total, "completed": completed, "failed": failed},
         "metadata": metadata,
     })
-}
-
-/// File name of a batch's output or error file.
-pub fn batch_file_name(batch: i64, kind: FileKind) -> String {
-    match kind {
-        FileKind::Errors => format!("batch_{batch}_error.jsonl"),
-        _ => format!("batch_{batch}_output.jsonl"),
-    }
 }
 
 // ---- the plan -------------------------------------------------------------

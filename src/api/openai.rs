@@ -28,13 +28,12 @@ use serde_json::{Value, json};
 
 use super::error::{ApiError, ApiResult};
 use super::objects::{self, batch_json, file_json};
-use super::result_files::{Counter, streamed, write_results};
+use super::result_files::streamed;
 use super::{ApiState, S, parse_id, read_body};
 use crate::domain::job::{self, JobContext, LineError};
 use crate::domain::pricing::Endpoint;
-use crate::store::{
-    BatchClose, BatchRow, FileKind, LineOutcome, NewBatch, NewSource, Origin, QueueError,
-};
+use crate::results::write_results;
+use crate::store::{BatchRow, FileKind, LineOutcome, NewBatch, NewSource, Origin, QueueError};
 
 /// At most this many invalid lines are listed in a batch's `errors`; the
 /// error file has them all.
@@ -401,53 +400,11 @@ pub fn recover_validating(s: &ApiState) -> anyhow::Result<usize> {
     Ok(open.len())
 }
 
-/// Closes open batches whose jobs are all final: status, timestamps, and
-/// output and error files (their sizes counted from the database).
-fn refresh_batches(s: &ApiState) -> ApiResult<()> {
-    for done in s.store.done_batches()? {
-        let Some(info) = s.store.source_info(done.source_id)? else {
-            continue;
-        };
-        let mut sizes = [(FileKind::Output, 0u64), (FileKind::Errors, 0u64)];
-        for (kind, bytes) in &mut sizes {
-            let mut c = Counter::default();
-            write_results(&s.store, done.source_id, &info.stem, *kind, &mut c)
-                .map_err(ApiError::internal)?;
-            *bytes = c.0;
-        }
-        let file = |(kind, bytes): (FileKind, u64)| {
-            (bytes > 0).then(|| (objects::batch_file_name(done.id, kind), bytes))
-        };
-        let status = if done.status == "cancelling" {
-            "cancelled"
-        } else if done.any_expired {
-            "expired"
-        } else {
-            "completed"
-        };
-        s.store.close_batch(
-            done.id,
-            &BatchClose {
-                status,
-                at: done
-                    .last_completed_at
-                    .unwrap_or_else(|| Utc::now().timestamp_millis()),
-                output: file(sizes[0]),
-                errors: file(sizes[1]),
-            },
-        )?;
-    }
-    Ok(())
-}
-
 /// `GET /v1/batches/{id}`.
 pub async fn get_batch(State(s): State<S>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let n = parse_id(&id, "batch_").ok_or_else(|| ApiError::not_found("batch", &id))?;
     let out = s
-        .db(move |s| -> ApiResult<_> {
-            refresh_batches(s)?;
-            Ok(batch_view(s, n)?)
-        })
+        .db(move |s| -> ApiResult<_> { Ok(batch_view(s, n)?) })
         .await??;
     out.map(Json)
         .ok_or_else(|| ApiError::not_found("batch", &id))
@@ -498,7 +455,6 @@ pub async fn list_batches(
     };
     let data = s
         .db(move |s| -> ApiResult<Vec<Value>> {
-            refresh_batches(s)?;
             let rows = s.store.list_batches(after, limit + 1)?;
             rows.iter()
                 .map(|b| {
@@ -529,14 +485,16 @@ pub async fn cancel_batch(State(s): State<S>, Path(id): Path<String>) -> ApiResu
     let now_ms = Utc::now().timestamp_millis();
     let out = s
         .db(move |s| -> ApiResult<Option<Value>> {
-            refresh_batches(s)?;
             let Some(b) = s.store.batch(n)? else {
                 return Ok(None);
             };
             match b.status.as_str() {
                 "in_progress" | "finalizing" => {
                     s.store.cancel_batch(n, now_ms)?;
-                    refresh_batches(s)?;
+                    // The cancel finished every queued job: the batch may be
+                    // done now (a running one ends on the completion path).
+                    crate::results::close_finished_batches(&s.store)
+                        .map_err(|e| ApiError::internal(format!("{e:#}")))?;
                 }
                 "cancelling" | "cancelled" => {}
                 other => {

@@ -10,44 +10,7 @@ use std::sync::Arc;
 use axum::body::{Body, Bytes};
 use tokio::sync::mpsc;
 
-use crate::store::{FileKind, Store};
-
-/// Writes the lines of `kind` (output or errors) of a source to `w`. Jobs
-/// not final yet are skipped.
-pub fn write_results(
-    store: &Store,
-    source_id: i64,
-    stem: &str,
-    kind: FileKind,
-    w: &mut dyn Write,
-) -> io::Result<()> {
-    let want_output = kind == FileKind::Output;
-    crate::results::for_each_result_line(store, source_id, stem, |output, line| {
-        if output != want_output {
-            return Ok(());
-        }
-        serde_json::to_writer(&mut *w, line)?;
-        w.write_all(b"\n")
-    })
-    .map_err(|e| match e {
-        crate::store::ResultsError::Io(e) => e,
-        other => io::Error::other(other.to_string()),
-    })
-}
-
-/// Counts bytes written.
-#[derive(Default)]
-pub struct Counter(pub u64);
-
-impl Write for Counter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0 += buf.len() as u64;
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
+use crate::store::Store;
 
 /// A writer that sends 64 KiB pieces to an async body; fails once the
 /// client is gone, which stops the producer.

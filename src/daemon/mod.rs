@@ -495,6 +495,12 @@ async fn outbox_loop(
 async fn write_ready_outboxes(store: &Arc<Store>, folders: &Folders) {
     let outbox = folders.outbox.clone();
     let result = blocking(store, move |s| -> anyhow::Result<()> {
+        // API batches whose jobs are all final move to completed / expired /
+        // cancelled here, on the completion path, not when someone asks.
+        let closed = results::close_finished_batches(s)?;
+        if closed > 0 {
+            info!(batches = closed, "batches finished");
+        }
         for source in s.sources_ready_for_outbox()? {
             let (out, err) = results::write_outbox(s, &outbox, &source)?;
             s.mark_outbox_written(source.id, Utc::now().timestamp_millis())?;

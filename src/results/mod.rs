@@ -2,13 +2,15 @@
 //! nightshift knows), and the outbox files written once a source is final.
 
 use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Value, json};
 
-use crate::store::{FinishedJob, JobState, ResultsError, SourceRow, Store, StoredLineError};
+use crate::store::{
+    BatchClose, FileKind, FinishedJob, JobState, ResultsError, SourceRow, Store, StoredLineError,
+};
 
 /// Costs are exact in the database; results show them to a picomillionth
 /// of a dollar so that 9.15e-6 does not print as 9.149999999999999e-6.
@@ -152,4 +154,91 @@ pub fn write_outbox(
     }
     File::open(outbox)?.sync_all()?;
     Ok((out_path, err_path))
+}
+
+/// Writes the lines of `kind` (output or errors) of a source to `w`. Jobs
+/// not final yet are skipped.
+pub fn write_results(
+    store: &Store,
+    source_id: i64,
+    stem: &str,
+    kind: FileKind,
+    w: &mut dyn Write,
+) -> io::Result<()> {
+    let want_output = kind == FileKind::Output;
+    crate::results::for_each_result_line(store, source_id, stem, |output, line| {
+        if output != want_output {
+            return Ok(());
+        }
+        serde_json::to_writer(&mut *w, line)?;
+        w.write_all(b"\n")
+    })
+    .map_err(|e| match e {
+        crate::store::ResultsError::Io(e) => e,
+        other => io::Error::other(other.to_string()),
+    })
+}
+
+/// Counts bytes written.
+#[derive(Default)]
+pub struct Counter(pub u64);
+
+impl Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// File name of a batch's output or error file.
+pub fn batch_file_name(batch: i64, kind: FileKind) -> String {
+    match kind {
+        FileKind::Errors => format!("batch_{batch}_error.jsonl"),
+        _ => format!("batch_{batch}_output.jsonl"),
+    }
+}
+
+/// Closes open batches whose jobs are all final: status, timestamps, and
+/// output and error files (their sizes counted from the database). Runs on
+/// the dispatcher's completion path (the outbox component, woken when jobs
+/// finish), not on reads. Returns how many batches it closed.
+pub fn close_finished_batches(store: &Store) -> anyhow::Result<usize> {
+    let mut closed = 0;
+    for done in store.done_batches()? {
+        let Some(info) = store.source_info(done.source_id)? else {
+            continue;
+        };
+        let mut sizes = [(FileKind::Output, 0u64), (FileKind::Errors, 0u64)];
+        for (kind, bytes) in &mut sizes {
+            let mut c = Counter::default();
+            write_results(store, done.source_id, &info.stem, *kind, &mut c)?;
+            *bytes = c.0;
+        }
+        let file = |(kind, bytes): (FileKind, u64)| {
+            (bytes > 0).then(|| (batch_file_name(done.id, kind), bytes))
+        };
+        let status = if done.status == "cancelling" {
+            "cancelled"
+        } else if done.any_expired {
+            "expired"
+        } else {
+            "completed"
+        };
+        store.close_batch(
+            done.id,
+            &BatchClose {
+                status,
+                at: done
+                    .last_completed_at
+                    .unwrap_or_else(|| Utc::now().timestamp_millis()),
+                output: file(sizes[0]),
+                errors: file(sizes[1]),
+            },
+        )?;
+        closed += 1;
+    }
+    Ok(closed)
 }
