@@ -114,12 +114,7 @@ fn split_body(text: &str) -> ApiResult<Vec<(u64, &str)>> {
     if let Ok(one) = serde_json::from_str::<&RawValue>(text) {
         return Ok(vec![(1, one.get())]);
     }
-    Ok(text
-        .split('\n')
-        .enumerate()
-        .map(|(i, l)| (i as u64 + 1, l.trim_end_matches('\r')))
-        .filter(|(_, l)| !l.trim().is_empty())
-        .collect())
+    Ok(crate::ingest::jsonl::lines(text).collect())
 }
 
 type Validated = Result<Vec<(u64, NewJob)>, Vec<(u64, LineError)>>;

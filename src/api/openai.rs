@@ -338,28 +338,23 @@ fn validate_batch(s: &ApiState, batch: &BatchRow, existing: Option<i64>) -> ApiR
                         ),
                     };
                     let endpoint = batch.endpoint.as_str();
-                    let lines = text
-                        .split('\n')
-                        .enumerate()
-                        .map(|(i, l)| (i as u64 + 1, l.trim_end_matches('\r')))
-                        .filter(|(_, l)| !l.trim().is_empty())
-                        .map(|(line, l)| {
-                            let job = job::parse_line(l, &ctx).and_then(|j| {
-                                if j.endpoint.as_url() == endpoint {
-                                    Ok(j)
-                                } else {
-                                    Err(LineError {
-                                        custom_id: Some(j.custom_id.clone()),
-                                        field: Some("url".into()),
-                                        message: format!(
-                                            "'{}' does not match the batch's endpoint '{endpoint}'",
-                                            j.endpoint.as_url()
-                                        ),
-                                    })
-                                }
-                            });
-                            Ok(LineOutcome { line, job })
+                    let lines = crate::ingest::jsonl::lines(text).map(|(line, l)| {
+                        let job = job::parse_line(l, &ctx).and_then(|j| {
+                            if j.endpoint.as_url() == endpoint {
+                                Ok(j)
+                            } else {
+                                Err(LineError {
+                                    custom_id: Some(j.custom_id.clone()),
+                                    field: Some("url".into()),
+                                    message: format!(
+                                        "'{}' does not match the batch's endpoint '{endpoint}'",
+                                        j.endpoint.as_url()
+                                    ),
+                                })
+                            }
                         });
+                        Ok(LineOutcome { line, job })
+                    });
                     let name = s
                         .store
                         .file(batch.input_file_id)?

@@ -98,9 +98,7 @@ impl fmt::Display for Outcome {
 }
 
 fn rfc3339(ms: i64) -> String {
-    DateTime::<Utc>::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        .unwrap_or_else(|| ms.to_string())
+    crate::domain::units::rfc3339_ms(ms).unwrap_or_else(|| ms.to_string())
 }
 
 /// Runs retention (if on) and then a TRUNCATE checkpoint, now. Blocking.

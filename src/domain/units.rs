@@ -9,6 +9,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("'{s}' is not a duration like 90m, 12h or 2d ({e})"))
 }
 
+/// Unix milliseconds as RFC 3339 with milliseconds and `Z`: the one
+/// timestamp format of result lines, the API and the log. `None` out of range.
+pub fn rfc3339_ms(ms: i64) -> Option<String> {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+/// USD as shown everywhere: exact in the database, rounded to a picodollar
+/// on output so that 9.15e-6 does not print as 9.149999999999999e-6.
+pub fn round_usd(x: f64) -> f64 {
+    (x * 1e12).round() / 1e12
+}
+
 /// Checks a cron expression as the maintenance scheduler reads it (croner,
 /// seconds required, UTC), and that it fires at least once from `now`.
 pub fn check_cron(expr: &str, now: chrono::DateTime<chrono::Utc>) -> Result<(), String> {

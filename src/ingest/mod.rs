@@ -17,6 +17,8 @@ use std::time::{Duration, SystemTime};
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 
+pub mod jsonl;
+
 use crate::domain::job::{self, JobContext};
 use crate::domain::pricing::Catalog;
 use crate::store::{self, IngestSummary, LineOutcome, NewSource, Origin, Store};
@@ -233,10 +235,9 @@ impl<R: Read> Iterator for JobLines<'_, R> {
                 Ok(_) => {}
             }
             self.line_no += 1;
-            let line = self.buf.trim_end_matches(['\n', '\r']);
-            if line.trim().is_empty() {
+            let Some(line) = jsonl::content(&self.buf) else {
                 continue;
-            }
+            };
             return Some(Ok(LineOutcome {
                 line: self.line_no,
                 job: job::parse_line(line, self.ctx),

@@ -5,7 +5,7 @@ use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::Utc;
 use serde_json::{Value, json};
 
 use crate::store::{
@@ -15,15 +15,13 @@ use crate::store::{
 /// Costs are exact in the database; results show them to a picomillionth
 /// of a dollar so that 9.15e-6 does not print as 9.149999999999999e-6.
 pub fn usd(x: Option<f64>) -> Value {
-    x.map_or(Value::Null, |x| json!((x * 1e12).round() / 1e12))
+    x.map_or(Value::Null, |x| json!(crate::domain::units::round_usd(x)))
 }
 
 /// Unix ms as RFC 3339 with milliseconds and `Z`; null if absent.
 pub fn rfc3339(ms: Option<i64>) -> Value {
-    ms.and_then(DateTime::<Utc>::from_timestamp_millis)
-        .map_or(Value::Null, |t| {
-            Value::String(t.to_rfc3339_opts(SecondsFormat::Millis, true))
-        })
+    ms.and_then(crate::domain::units::rfc3339_ms)
+        .map_or(Value::Null, Value::String)
 }
 
 /// The result line id of a job (stable: derived from the job id).
