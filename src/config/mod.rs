@@ -79,7 +79,10 @@ pub enum Transport {
     /// An OpenAI-compatible HTTP API.
     OpenAi {
         base_url: String,
-        api_key: Secret,
+        /// Read from `key` by [`Config::resolve_keys`]; `None` until then
+        /// (parsing never reads a key, so `check-config` works without them).
+        api_key: Option<Secret>,
+        key: KeyRef,
         /// Where the key came from (`env OPENAI_API_KEY`, `file ...`), for display.
         key_source: String,
         /// Whole request, from connect to the last byte (default: `daemon.request_timeout`).
@@ -115,6 +118,54 @@ impl Transport {
         match self {
             Transport::Simulated { failure_rate, .. } => *failure_rate,
             Transport::OpenAi { .. } => 0.0,
+        }
+    }
+}
+
+/// Where a provider's API key is read from, and where the config says so
+/// (for a `file:line: field` error if it cannot be read).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyRef {
+    pub source: KeySource,
+    pub file: String,
+    pub line: Option<usize>,
+    pub field: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeySource {
+    /// An environment variable.
+    Env(String),
+    /// A file; a relative path resolves against `$CREDENTIALS_DIRECTORY`
+    /// (systemd's `LoadCredential=`) when it is set.
+    File(PathBuf),
+}
+
+impl KeyRef {
+    fn err(&self, message: String) -> ConfigError {
+        ConfigError {
+            file: self.file.clone(),
+            line: self.line,
+            field: self.field.clone(),
+            message,
+        }
+    }
+
+    /// Reads the key.
+    pub fn read(&self) -> Result<Secret, ConfigError> {
+        match &self.source {
+            KeySource::Env(var) => std::env::var(var)
+                .map(Secret::new)
+                .map_err(|_| self.err(format!("environment variable {var} is not set"))),
+            KeySource::File(path) => {
+                let full = match std::env::var_os("CREDENTIALS_DIRECTORY") {
+                    Some(dir) if path.is_relative() => Path::new(&dir).join(path),
+                    _ => path.clone(),
+                };
+                std::fs::read_to_string(&full)
+                    .map(|s| Secret::new(s.trim()))
+                    .map_err(|e| self.err(format!("cannot read {}: {e}", full.display())))
+            }
         }
     }
 }
@@ -208,6 +259,18 @@ impl Config {
             })?
         };
         Validator { file, text }.config(raw, base_dir)
+    }
+
+    /// Reads every provider's API key (environment or file). Parsing never
+    /// does, so that `check-config`, `plan` and the CLI client work where the
+    /// keys are not; the daemon calls this before it starts and on reload.
+    pub fn resolve_keys(&mut self) -> Result<(), ConfigError> {
+        for t in &mut self.transports {
+            if let Transport::OpenAi { api_key, key, .. } = t {
+                *api_key = Some(key.read()?);
+            }
+        }
+        Ok(())
     }
 
     /// Only the HTTP settings of a configuration file (or of the embedded
@@ -643,7 +706,7 @@ impl Validator<'_> {
                             "must start with http:// or https://",
                         ));
                     }
-                    let api_key = self.api_key(&p, pi)?;
+                    let key = self.api_key(&p, pi)?;
                     let opt = |v: &Option<Spanned<String>>, f: &str| {
                         v.as_ref()
                             .map(|v| {
@@ -654,7 +717,8 @@ impl Validator<'_> {
                     };
                     Transport::OpenAi {
                         base_url: url,
-                        api_key,
+                        api_key: None,
+                        key,
                         key_source: match (&p.api_key_env, &p.api_key_file) {
                             (Some(v), _) => format!("env {}", v.get_ref()),
                             (_, Some(f)) => format!("file {}", f.get_ref().display()),
@@ -966,35 +1030,25 @@ impl Validator<'_> {
         })
     }
 
-    fn api_key(&self, p: &RawProvider, pi: usize) -> Result<Secret, ConfigError> {
+    fn api_key(&self, p: &RawProvider, pi: usize) -> Result<KeyRef, ConfigError> {
         let field = |f: &str| format!("providers[{pi}].{f}");
+        let at = |span: Range<usize>, f: &str, source: KeySource| KeyRef {
+            source,
+            file: self.file.to_string(),
+            line: Some(line_of(self.text, span.start)),
+            field: field(f),
+        };
         match (&p.api_key_env, &p.api_key_file) {
-            (Some(var), None) => std::env::var(var.get_ref()).map(Secret::new).map_err(|_| {
-                self.err(
-                    Some(var.span()),
-                    field("api_key_env"),
-                    format!("environment variable {} is not set", var.get_ref()),
-                )
-            }),
-            (None, Some(path)) => {
-                // Relative paths resolve against $CREDENTIALS_DIRECTORY (systemd's
-                // LoadCredential=) when it is set.
-                let full = match std::env::var_os("CREDENTIALS_DIRECTORY") {
-                    Some(dir) if path.get_ref().is_relative() => {
-                        Path::new(&dir).join(path.get_ref())
-                    }
-                    _ => path.get_ref().clone(),
-                };
-                std::fs::read_to_string(&full)
-                    .map(|s| Secret::new(s.trim()))
-                    .map_err(|e| {
-                        self.err(
-                            Some(path.span()),
-                            field("api_key_file"),
-                            format!("cannot read {}: {e}", full.display()),
-                        )
-                    })
-            }
+            (Some(var), None) => Ok(at(
+                var.span(),
+                "api_key_env",
+                KeySource::Env(var.get_ref().clone()),
+            )),
+            (None, Some(path)) => Ok(at(
+                path.span(),
+                "api_key_file",
+                KeySource::File(path.get_ref().clone()),
+            )),
             (Some(var), Some(_)) => Err(self.err(
                 Some(var.span()),
                 field("api_key_env"),
@@ -1200,7 +1254,15 @@ mod tests {
         let text = "[[providers]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\n\
                     api_key_env = \"NIGHTSHIFT_TEST_SURELY_UNSET\"\n[[providers.models]]\nname = \"m\"\n\
                     input_per_mtok = 1.0\noutput_per_mtok = 2.0\n";
-        let e = Config::parse(text, "x.toml", Path::new(".")).unwrap_err();
+        // Parsing does not read keys; resolving them does, with the same error.
+        let mut c = Config::parse(text, "x.toml", Path::new(".")).unwrap();
+        let e = c.resolve_keys().unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("x.toml:5: providers[0].api_key_env: "),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("sk-"), "{e}");
         assert_eq!(
             (e.line, e.field.as_str()),
             (Some(5), "providers[0].api_key_env"),

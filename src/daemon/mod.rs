@@ -53,10 +53,12 @@ fn lock_state_dir(state_dir: &Path) -> anyhow::Result<InstanceLock> {
 /// `config_path` is where SIGHUP reloads the configuration from (`None`:
 /// the embedded default, which a reload leaves as it is).
 pub async fn run(
-    config: Config,
+    mut config: Config,
     config_path: Option<std::path::PathBuf>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // Parsing reads no API key; the daemon needs them all before it starts.
+    config.resolve_keys()?;
     let d = &config.daemon;
     fs::create_dir_all(&d.state_dir)
         .with_context(|| format!("creating state directory {}", d.state_dir.display()))?;
@@ -316,7 +318,11 @@ async fn reload_on_sighup(
         };
         let loaded = {
             let path = path.clone();
-            tokio::task::spawn_blocking(move || Config::load(&path)).await
+            tokio::task::spawn_blocking(move || {
+                let mut c = Config::load(&path)?;
+                c.resolve_keys().map(|()| c)
+            })
+            .await
         };
         match loaded {
             Ok(Ok(new)) => {

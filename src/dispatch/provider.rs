@@ -52,17 +52,21 @@ impl ProviderClient {
         name: &str,
         transport: &Transport,
         request_timeout: Duration,
-    ) -> reqwest::Result<ProviderClient> {
+    ) -> anyhow::Result<ProviderClient> {
         Ok(match transport {
             Transport::OpenAi {
                 base_url,
                 api_key,
+                key,
                 timeout,
                 connect_timeout,
                 ..
             } => ProviderClient::Http {
                 base_url: base_url.clone(),
-                api_key: api_key.clone(),
+                api_key: match api_key {
+                    Some(k) => k.clone(),
+                    None => key.read()?,
+                },
                 client: reqwest::Client::builder()
                     .use_rustls_tls()
                     .connect_timeout(
