@@ -278,8 +278,37 @@ impl Daemon {
         Daemon::spawn(dir, &["serve", "--config", path.to_str().unwrap()])
     }
 
+    /// [`Daemon::start`] with extra environment variables (e.g. `NIGHTSHIFT_FAULTS`).
+    pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Daemon {
+        let path = dir.join("nightshift.toml");
+        fs::write(&path, config).unwrap();
+        Daemon::spawn_with_env(dir, &["serve", "--config", path.to_str().unwrap()], env)
+    }
+
+    /// Waits (up to `timeout`) for the daemon to exit by itself.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("daemon running");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "the daemon did not exit within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Starts `nightshift` with `args`, working directory `dir`.
     pub fn spawn(dir: &Path, args: &[&str]) -> Daemon {
+        Daemon::spawn_with_env(dir, args, &[])
+    }
+
+    /// [`Daemon::spawn`] with extra environment variables.
+    pub fn spawn_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let n = LOG_COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let log = dir.join(format!("daemon-{n}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_nightshift"))
@@ -288,6 +317,7 @@ impl Daemon {
             .env(KEY_ENV, TEST_KEY)
             .env("RUST_LOG", "nightshift=debug")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
