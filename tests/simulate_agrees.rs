@@ -19,8 +19,9 @@ use common::*;
 
 const JOBS: usize = 60;
 
-/// `cheap` costs 1.0 until its window opens `window_in` after `t0`, then
-/// 0.5, and takes 30 requests a minute; `steady` costs 0.8, unlimited.
+/// `cheap` costs 0.7 until its window opens a minute after `t0`, then 0.35,
+/// and takes 30 requests a minute; `steady` costs 0.8, unlimited. So the
+/// plan fills cheap's rate limit and spills the rest onto steady.
 fn config(dir: &Path, t0: DateTime<Utc>) -> String {
     let opens = (t0 + chrono::Duration::seconds(60)).to_rfc3339();
     let closes = (t0 + chrono::Duration::hours(2)).to_rfc3339();
@@ -45,8 +46,8 @@ multiplier = 0.5
 
 [[providers.models]]
 name = "c"
-input_per_mtok = 1.0
-output_per_mtok = 1.0
+input_per_mtok = 0.7
+output_per_mtok = 0.7
 
 [[providers]]
 name = "steady"
@@ -122,6 +123,10 @@ async fn the_simulator_and_the_daemon_agree_on_jobs_per_provider_and_cost() {
     };
     let (sim, _) = simulate::run(&config, &workload, &Policy::Planner, &settings).unwrap();
 
+    eprintln!(
+        "daemon: {daemon_per:?} ${daemon_cost:.6}; simulator: {:?} ${:.6}",
+        sim.per_provider, sim.total_cost_usd
+    );
     assert_eq!((sim.succeeded, out.len()), (JOBS, JOBS), "{sim:?}");
     // The cheap window is worth using, and neither provider takes everything.
     assert!(

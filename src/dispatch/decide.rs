@@ -663,6 +663,20 @@ chat = ["cheap/c1", "dear/d1"]
         }
     }
 
+    /// What the step charged for a job of the test group on `model` (of provider 0).
+    fn attempt_on(job: i64, model: ModelId, tokens: u64, cost: f64) -> Attempt {
+        Attempt {
+            job,
+            provider: 0,
+            model: Some(model),
+            route_key: "class:chat".into(),
+            tokens,
+            cost,
+            est_input_tokens: 1000,
+            est_output_tokens: 1000,
+        }
+    }
+
     fn started(s: &Step) -> Vec<(i64, ModelId)> {
         s.actions
             .iter()
@@ -700,16 +714,7 @@ chat = ["cheap/c1", "dear/d1"]
         let Action::Start { tokens, cost, .. } = s.actions[0].clone() else {
             panic!()
         };
-        let attempt = Attempt {
-            job: 1,
-            provider: 0,
-            model: Some(cheap),
-            route_key: "class:chat".into(),
-            tokens,
-            cost,
-            est_input_tokens: 1000,
-            est_output_tokens: 1000,
-        };
+        let attempt = attempt_on(1, cheap, tokens, cost);
         let answer = Answer {
             verdict: Verdict::Succeeded,
             signals: Signals::default(),
@@ -745,16 +750,7 @@ chat = ["cheap/c1", "dear/d1"]
         let Action::Start { tokens, cost, .. } = s.actions[1].clone() else {
             panic!()
         };
-        let lost = Attempt {
-            job: 2,
-            provider: 0,
-            model: Some(cheap),
-            route_key: "class:chat".into(),
-            tokens,
-            cost,
-            est_input_tokens: 1000,
-            est_output_tokens: 1000,
-        };
+        let lost = attempt_on(2, cheap, tokens, cost);
         settle_lost(&mut w.limits, &mut w.observed, &lost, t0());
         assert_eq!(w.limits.provider(0).in_flight(), 0);
         assert!((w.observed.budget.remaining(0) - before).abs() < 1e-12);

@@ -198,6 +198,9 @@ impl Dispatcher {
                 _ = tokio::time::sleep_until(next) => {}
                 Some(done) = st.tasks.join_next_with_id() => {
                     st.replan = true;
+                    // A retried or returned job is queued again, maybe with
+                    // an earlier deadline than any queued before.
+                    st.earliest_deadline = None;
                     let mut changed = self.account(&mut st, done).await;
                     while let Some(done) = st.tasks.try_join_next_with_id() {
                         changed |= self.account(&mut st, done).await;
