@@ -1,14 +1,13 @@
 //! `GET /metrics` parses as Prometheus text (with a real parser) and counts
 //! what happened: jobs by state, requests by outcome, 429s, pauses, spend.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
 use serde_json::Value;
+
+use crate::common::*;
 
 fn value(
     samples: &[prometheus_parse::Sample],

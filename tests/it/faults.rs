@@ -4,14 +4,13 @@
 //! must end succeeded, or failed with the right reason, and the provider's
 //! pauses must be respected.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::{Value, json};
+
+use crate::common::*;
 
 const T: Duration = Duration::from_secs(60);
 

@@ -3,12 +3,11 @@
 //! download the output and error files), checked field by field against
 //! the design brief's result format.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
 use serde_json::{Value, json};
+
+use crate::common::*;
 
 /// What an SDK client does, over reqwest: base URL + bearer token.
 struct Sdk {

@@ -3,7 +3,6 @@
 //! the simulator (virtual time) ends with the same jobs per provider and
 //! the same total cost, within 5%.
 
-mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,7 +14,7 @@ use nightshift::plan::PlanSettings;
 use nightshift::simulate::{self, Policy};
 use serde_json::json;
 
-use common::*;
+use crate::common::*;
 
 const JOBS: usize = 60;
 

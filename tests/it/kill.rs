@@ -3,12 +3,10 @@
 //! exactly one final result, none is lost, and the duplicate provider calls
 //! are at most what was in flight at each kill.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// A small deterministic generator (xorshift), so the "random" kill moments
 /// are the same on every run.

@@ -1,8 +1,6 @@
 //! The sd_notify protocol as systemd sees it: the test owns the notify
 //! socket and watches READY=1, WATCHDOG=1 and STOPPING=1 arrive in order.
 
-mod common;
-
 use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -2,13 +2,11 @@
 //! flight — no job dropped, none sent twice — and refuses an invalid file,
 //! keeping the running configuration.
 
-mod common;
-
 use std::collections::HashMap;
 use std::fs;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const T: Duration = Duration::from_secs(60);
 

@@ -3,11 +3,9 @@
 //! the document names is answered by a handler of the real daemon (not the
 //! unknown-URL fallback).
 
-mod common;
-
 use std::collections::BTreeSet;
 
-use common::*;
+use crate::common::*;
 
 fn documented() -> BTreeSet<(String, String)> {
     let text =

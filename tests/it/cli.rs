@@ -1,13 +1,11 @@
 //! The command line: README's first command on the embedded default, and
 //! configuration errors that name file, line and field.
 
-mod common;
-
 use std::fs;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn nightshift(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_nightshift"))

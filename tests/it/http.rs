@@ -2,15 +2,14 @@
 //! real binary: submit, get, list with pagination, cancel; every error
 //! case; the token; the socket's mode; the CLI that uses it.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
 use nightshift::api::client::{CallError, Client};
 use serde_json::{Value, json};
+
+use crate::common::*;
 
 fn cheap(base_url: String) -> ProviderSpec<'static> {
     ProviderSpec {

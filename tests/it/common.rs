@@ -1,7 +1,6 @@
 //! The shared test harness: a loopback provider that speaks the OpenAI wire
 //! format, the real `nightshift` binary in a temporary directory, and
 //! condition waits with timeouts (never bare sleeps).
-#![allow(dead_code)]
 
 use std::fs;
 use std::net::SocketAddr;
@@ -13,9 +12,11 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use nightshift::api::client::{Client, Target};
+use nightshift::config::{Config, HttpSettings};
 use serde_json::{Value, json};
 
 /// The API key the test configs read from the environment.
@@ -26,6 +27,31 @@ pub const KEY_ENV: &str = "NIGHTSHIFT_TEST_API_KEY";
 pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let start = Instant::now();
     while !condition() {
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// [`wait_until`] for a condition that must itself await (a request): polls
+/// every 20 ms until it holds or `timeout` passes. Each poll is cut off at
+/// the deadline (plus one 20 ms tick), so a request that never gets an
+/// answer cannot hang the wait.
+pub async fn wait_until_async(
+    what: &str,
+    timeout: Duration,
+    mut condition: impl AsyncFnMut() -> bool,
+) {
+    let start = Instant::now();
+    loop {
+        let left = timeout.saturating_sub(start.elapsed());
+        if tokio::time::timeout(left + Duration::from_millis(20), condition())
+            .await
+            .unwrap_or(false)
+        {
+            return;
+        }
         if start.elapsed() > timeout {
             panic!("timed out after {timeout:?} waiting for: {what}");
         }
@@ -266,6 +292,9 @@ pub struct Daemon {
     child: Option<Child>,
     pub dir: PathBuf,
     pub log: PathBuf,
+    /// The API's socket and token file as the daemon's configuration puts
+    /// them (or why that configuration could not be read).
+    http: Result<HttpSettings, String>,
 }
 
 static LOG_COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -309,6 +338,7 @@ impl Daemon {
 
     /// [`Daemon::spawn`] with extra environment variables.
     pub fn spawn_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let http = http_settings(dir, args);
         let n = LOG_COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let log = dir.join(format!("daemon-{n}.log"));
         let child = Command::new(env!("CARGO_BIN_EXE_nightshift"))
@@ -326,6 +356,7 @@ impl Daemon {
             child: Some(child),
             dir: dir.to_path_buf(),
             log,
+            http,
         }
     }
 
@@ -468,23 +499,55 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
+/// The HTTP settings of `nightshift ARGS` run in `dir`, resolved as the
+/// daemon and its CLI resolve them: `--config FILE` (relative to `dir`) or
+/// the embedded default, whose relative paths are relative to `dir`.
+fn http_settings(dir: &Path, args: &[&str]) -> Result<HttpSettings, String> {
+    let config = args
+        .iter()
+        .position(|a| *a == "--config")
+        .map(|i| dir.join(args.get(i + 1).expect("--config takes a file")));
+    let mut http = Config::load_http(config.as_deref()).map_err(|e| e.to_string())?;
+    http.socket = dir.join(&http.socket);
+    http.token_file = dir.join(&http.token_file);
+    Ok(http)
+}
+
 impl Daemon {
-    /// Waits until the daemon logs that it is ready (its API is listening).
+    fn http(&self) -> &HttpSettings {
+        self.http.as_ref().unwrap_or_else(|e| {
+            panic!("the daemon's HTTP settings: {e}");
+        })
+    }
+
+    /// Waits until the daemon's API answers `GET /healthz` with 200 on its
+    /// Unix socket (where its configuration puts it). Until the socket is
+    /// bound, a connection failure just means "not yet". The daemon starts
+    /// serving once every listener (the TCP one too) is bound and logged.
     pub async fn wait_ready(&self) {
-        wait_until("the daemon to be ready", Duration::from_secs(30), || {
-            self.log_text().contains("nightshift ready")
+        let socket = self.socket();
+        let what = format!(
+            "the daemon's API to answer GET /healthz on {}",
+            socket.display()
+        );
+        wait_until_async(&what, Duration::from_secs(30), async || {
+            let client = Client::new(Target::Unix(socket.clone()));
+            matches!(
+                client.send(Method::GET, "/healthz", None, Bytes::new()).await,
+                Ok((status, _)) if status == StatusCode::OK
+            )
         })
         .await;
     }
 
-    /// The API socket of a daemon started with [`config_toml`]'s state dir.
+    /// The API socket, as the daemon's configuration places it.
     pub fn socket(&self) -> PathBuf {
-        self.dir.join("state/nightshift.sock")
+        self.http().socket.clone()
     }
 
     /// The bearer token file's content.
     pub fn token(&self) -> String {
-        fs::read_to_string(self.dir.join("state/api-token"))
+        fs::read_to_string(&self.http().token_file)
             .unwrap()
             .trim()
             .to_string()
@@ -508,9 +571,9 @@ impl Daemon {
     }
 
     /// A client of the API over the Unix socket, once ready.
-    pub async fn unix_client(&self) -> nightshift::api::client::Client {
+    pub async fn unix_client(&self) -> Client {
         self.wait_ready().await;
-        nightshift::api::client::Client::new(nightshift::api::client::Target::Unix(self.socket()))
+        Client::new(Target::Unix(self.socket()))
     }
 
     /// A base URL (`http://127.0.0.1:PORT`) and token for the TCP listener.

@@ -2,14 +2,13 @@
 //! SQLite file. `nightshift maintenance` purges what was delivered and the
 //! spend report does not move; the daemon runs the same on its schedule.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
 use serde_json::json;
+
+use crate::common::*;
 
 const T: Duration = Duration::from_secs(30);
 

@@ -1,13 +1,12 @@
 //! The planner in the real daemon: jobs wait for a cheaper hour when their
 //! deadline allows it, and run at once when it does not.
 
-mod common;
-
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use common::*;
 use serde_json::json;
+
+use crate::common::*;
 
 fn instant(v: &serde_json::Value) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(v.as_str().unwrap())

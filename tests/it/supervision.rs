@@ -4,11 +4,10 @@
 //! With `concurrency = 1`, one leaked slot would stop the provider for good,
 //! so "every job succeeds" is the assertion that nothing leaked.
 
-mod common;
 
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const T: Duration = Duration::from_secs(60);
 

@@ -1,14 +1,13 @@
 //! The watched folder, end to end: the real daemon binary, real inotify, a
 //! real SQLite file, and loopback providers speaking OpenAI's wire format.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::fs;
 use std::time::Duration;
 
-use common::*;
 use serde_json::{Value, json};
+
+use crate::common::*;
 
 const T: Duration = Duration::from_secs(30);
 

@@ -2,13 +2,12 @@
 //! provider; when every cap is reached, a job that cannot wait for the next
 //! period fails with `budget_exhausted`.
 
-mod common;
-
 use std::time::Duration;
 
 use chrono::{Timelike, Utc};
-use common::*;
 use serde_json::json;
+
+use crate::common::*;
 
 const T: Duration = Duration::from_secs(60);
 /// One job's actual cost at $1/M: 100 prompt + 10 completion tokens.

@@ -1,0 +1,21 @@
+//! nightshift's integration tests, in one binary: the real `nightshift`
+//! binary against a loopback provider, one module per area, sharing the
+//! harness in [`common`].
+
+mod common;
+
+mod budget;
+mod cli;
+mod faults;
+mod folder;
+mod http;
+mod http_openai;
+mod http_openapi;
+mod kill;
+mod maintenance;
+mod metrics;
+mod planner;
+mod reload;
+mod simulate_agrees;
+mod supervision;
+mod systemd;
