@@ -57,6 +57,10 @@ pub async fn run(
     config_path: Option<std::path::PathBuf>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // Poll the shutdown future once now: one that installs signal handlers
+    // on its first poll (the binary's does) has them before the API answers.
+    let mut shutdown = std::pin::pin!(shutdown);
+    let stopped_early = futures_util::FutureExt::now_or_never(&mut shutdown).is_some();
     // Parsing reads no API key; the daemon needs them all before it starts.
     config.resolve_keys()?;
     let d = &config.daemon;
@@ -191,9 +195,13 @@ pub async fn run(
         move |stop| reload_on_sighup(running, config_path, live_tx, stop)
     });
 
-    let failed = tokio::select! {
-        () = shutdown => None,
-        exited = components.exited() => Some(exited),
+    let failed = if stopped_early {
+        None
+    } else {
+        tokio::select! {
+            () = &mut shutdown => None,
+            exited = components.exited() => Some(exited),
+        }
     };
     match &failed {
         None => info!("shutting down"),

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -33,7 +33,7 @@ use crate::dispatch::provider::{ProviderClient, Request};
 use crate::domain::job::Options;
 use crate::domain::pricing::{Catalog, Endpoint, ModelId};
 use crate::plan::{self, PlanSettings, Quotas};
-use crate::store::{DueJob, Finish, QueueError, Start, Store};
+use crate::store::{DueJob, Finish, QueueError, Recorded, Start, Store};
 
 /// Re-plan at least this often (new observations, the clock moving on).
 const REPLAN_EVERY: Duration = Duration::from_secs(60);
@@ -117,6 +117,8 @@ struct Loop {
     in_flight: HashMap<tokio::task::Id, InFlight>,
     /// The global cap on requests in flight.
     slots: Arc<Semaphore>,
+    /// Where request tasks record their outcomes.
+    recorder: Recorder,
     next_recovery: Instant,
     /// The earliest deadline of a queued job, when known: nothing expires
     /// before it (a job queued since is an event that clears it).
@@ -151,6 +153,7 @@ impl Dispatcher {
             tasks: JoinSet::new(),
             in_flight: HashMap::new(),
             slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            recorder: Recorder::start(self.store.clone(), self.owner.clone()),
             next_recovery: Instant::now() + RECOVER_EVERY,
             earliest_deadline: None,
         };
@@ -511,8 +514,8 @@ impl Dispatcher {
                 store: self.store.clone(),
                 catalog: self.catalog.clone(),
                 client: self.clients[provider].clone(),
-                owner: self.owner.clone(),
                 retry: self.retry,
+                recorder: st.recorder.clone(),
             };
             let provider_name = self.catalog.providers[provider].name.clone();
             let model_name = self.catalog.qualified_name(model);
@@ -814,8 +817,63 @@ struct RequestContext {
     store: Arc<Store>,
     catalog: Arc<Catalog>,
     client: Arc<ProviderClient>,
-    owner: String,
     retry: RetryPolicy,
+    recorder: Recorder,
+}
+
+/// Records attempts' outcomes in batches: request tasks hand their result
+/// over and wait for it to be durable; one task commits whatever has
+/// accumulated in one transaction, so the store is not the limit at
+/// thousands of answers a second.
+#[derive(Clone)]
+struct Recorder {
+    tx: mpsc::UnboundedSender<(Recorded, oneshot::Sender<Result<bool, String>>)>,
+}
+
+/// The most outcomes one transaction records.
+const RECORD_BATCH: usize = 512;
+
+impl Recorder {
+    fn start(store: Arc<Store>, owner: String) -> Recorder {
+        let (tx, mut rx) =
+            mpsc::unbounded_channel::<(Recorded, oneshot::Sender<Result<bool, String>>)>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < RECORD_BATCH {
+                    match rx.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let (items, replies): (Vec<Recorded>, Vec<_>) = batch.into_iter().unzip();
+                let owner = owner.clone();
+                match blocking(&store, move |s| s.record_attempts(&owner, &items)).await {
+                    Ok(flags) => {
+                        for (reply, flag) in replies.into_iter().zip(flags) {
+                            let _ = reply.send(Ok(flag));
+                        }
+                    }
+                    Err(e) => {
+                        let message = e.to_string();
+                        for reply in replies {
+                            let _ = reply.send(Err(message.clone()));
+                        }
+                    }
+                }
+            }
+        });
+        Recorder { tx }
+    }
+
+    /// Records one outcome; true if the job was still this owner's.
+    async fn record(&self, r: Recorded) -> Result<bool, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send((r, tx))
+            .map_err(|_| "the recorder stopped".to_string())?;
+        rx.await.map_err(|_| "the recorder stopped".to_string())?
+    }
 }
 
 /// What a request task reports back to the loop.
@@ -944,17 +1002,15 @@ impl RequestContext {
         let status = finish.status_code;
         let billed = finish.cost_usd.unwrap_or(0.0);
         let succeeded = finish.succeeded;
-        let (id, owner) = (job.id, self.owner.clone());
-        let recorded = match retry_at {
-            Some(at) => {
-                let not_before = at.timestamp_millis();
-                blocking(&self.store, move |s| {
-                    s.retry_later(id, &owner, not_before, &finish)
-                })
-                .await
-            }
-            None => blocking(&self.store, move |s| s.finish(id, &owner, &finish)).await,
-        };
+        let id = job.id;
+        let recorded = self
+            .recorder
+            .record(Recorded {
+                job_id: id,
+                retry_at: retry_at.map(|t| t.timestamp_millis()),
+                finish,
+            })
+            .await;
         match recorded {
             Ok(true) => match retry_at {
                 Some(at) => {

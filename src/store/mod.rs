@@ -167,6 +167,67 @@ pub struct Finish {
     pub list_cost_usd: Option<f64>,
 }
 
+/// One attempt's outcome to record: final, or back to the queue until
+/// `retry_at` (Unix ms).
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub job_id: i64,
+    pub retry_at: Option<i64>,
+    pub finish: Finish,
+}
+
+fn finish_on(conn: &Connection, job_id: i64, owner: &str, f: &Finish) -> Result<bool> {
+    let n = conn
+        .prepare_cached(
+            "UPDATE jobs SET state = ?3, completed_at = ?4, status_code = ?5, request_id = ?6, response = ?7,
+                    error_code = ?8, error_message = ?9, input_tokens = ?10, output_tokens = ?11,
+                    cost_usd = ?12, list_cost_usd = ?13, lease_owner = NULL, lease_until = NULL
+             WHERE id = ?1 AND state = 'running' AND lease_owner = ?2",
+        )?
+        .execute(params![
+            job_id,
+            owner,
+            if f.succeeded { "succeeded" } else { "failed" },
+            f.completed_at,
+            f.status_code,
+            f.request_id,
+            f.response,
+            f.error_code,
+            f.error_message,
+            f.input_tokens.map(|x| x as i64),
+            f.output_tokens.map(|x| x as i64),
+            f.cost_usd,
+            f.list_cost_usd,
+        ])?;
+    Ok(n == 1)
+}
+
+fn retry_on(
+    conn: &Connection,
+    job_id: i64,
+    owner: &str,
+    not_before: i64,
+    last: &Finish,
+) -> Result<bool> {
+    let n = conn
+        .prepare_cached(
+            "UPDATE jobs SET state = 'queued', not_before = ?3, lease_owner = NULL, lease_until = NULL,
+                    status_code = ?4, request_id = ?5, response = ?6, error_code = ?7, error_message = ?8
+             WHERE id = ?1 AND state = 'running' AND lease_owner = ?2",
+        )?
+        .execute(params![
+            job_id,
+            owner,
+            not_before,
+            last.status_code,
+            last.request_id,
+            last.response,
+            last.error_code,
+            last.error_message
+        ])?;
+    Ok(n == 1)
+}
+
 /// A source whose jobs are all final and whose outbox files are not written yet.
 #[derive(Debug, Clone)]
 pub struct SourceRow {
@@ -549,28 +610,7 @@ impl Store {
     /// false (and changes nothing) if the job is no longer this owner's to
     /// finish: its lease was recovered and it may have finished elsewhere.
     pub fn finish(&self, job_id: i64, owner: &str, f: &Finish) -> Result<bool> {
-        let n = self.conn().execute(
-            "UPDATE jobs SET state = ?3, completed_at = ?4, status_code = ?5, request_id = ?6, response = ?7,
-                    error_code = ?8, error_message = ?9, input_tokens = ?10, output_tokens = ?11,
-                    cost_usd = ?12, list_cost_usd = ?13, lease_owner = NULL, lease_until = NULL
-             WHERE id = ?1 AND state = 'running' AND lease_owner = ?2",
-            params![
-                job_id,
-                owner,
-                if f.succeeded { "succeeded" } else { "failed" },
-                f.completed_at,
-                f.status_code,
-                f.request_id,
-                f.response,
-                f.error_code,
-                f.error_message,
-                f.input_tokens.map(|x| x as i64),
-                f.output_tokens.map(|x| x as i64),
-                f.cost_usd,
-                f.list_cost_usd,
-            ],
-        )?;
-        Ok(n == 1)
+        finish_on(&self.conn(), job_id, owner, f)
     }
 
     /// Returns a running job held by `owner` to the queue after a failed
@@ -583,22 +623,25 @@ impl Store {
         not_before: i64,
         last: &Finish,
     ) -> Result<bool> {
-        let n = self.conn().execute(
-            "UPDATE jobs SET state = 'queued', not_before = ?3, lease_owner = NULL, lease_until = NULL,
-                    status_code = ?4, request_id = ?5, response = ?6, error_code = ?7, error_message = ?8
-             WHERE id = ?1 AND state = 'running' AND lease_owner = ?2",
-            params![
-                job_id,
-                owner,
-                not_before,
-                last.status_code,
-                last.request_id,
-                last.response,
-                last.error_code,
-                last.error_message
-            ],
-        )?;
-        Ok(n == 1)
+        retry_on(&self.conn(), job_id, owner, not_before, last)
+    }
+
+    /// Records many attempts' outcomes in one transaction: each a final
+    /// result ([`Store::finish`]) or, with `retry_at`, a retry
+    /// ([`Store::retry_later`]). Returns, in order, whether each job was
+    /// still this owner's.
+    pub fn record_attempts(&self, owner: &str, attempts: &[Recorded]) -> Result<Vec<bool>> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut out = Vec::with_capacity(attempts.len());
+        for a in attempts {
+            out.push(match a.retry_at {
+                Some(at) => retry_on(&tx, a.job_id, owner, at, &a.finish)?,
+                None => finish_on(&tx, a.job_id, owner, &a.finish)?,
+            });
+        }
+        tx.commit()?;
+        Ok(out)
     }
 
     /// Counts an answer that came after the job's lease was recovered.

@@ -3,7 +3,6 @@
 //! the simulator (virtual time) ends with the same jobs per provider and
 //! the same total cost, within 5%.
 
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;

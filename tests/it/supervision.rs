@@ -4,7 +4,6 @@
 //! With `concurrency = 1`, one leaked slot would stop the provider for good,
 //! so "every job succeeds" is the assertion that nothing leaked.
 
-
 use std::time::{Duration, Instant};
 
 use crate::common::*;
