@@ -64,9 +64,8 @@ enum Command {
         #[arg(long, default_value_t = 48)]
         hours: u32,
     },
-    /// Show what the daemon intends to do with its queue: jobs and expected
-    /// cost per provider and hour, against dispatching everything now.
-    /// Spend and savings of finished jobs: actual cost against list cost.
+    /// Spend and savings of finished jobs: actual cost against list cost,
+    /// from the daemon's database.
     Report {
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -77,6 +76,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = ReportBy::Provider)]
         by: ReportBy,
     },
+    /// Show what the daemon intends to do with its queue: jobs and expected
+    /// cost per provider and hour, against dispatching everything now.
     Plan {
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -361,5 +362,51 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => info!("SIGTERM received"),
         _ = int.recv() => info!("SIGINT received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::{CommandFactory, Parser};
+
+    /// What `nightshift <args>` prints for --help (the binary itself is run
+    /// in tests/epipe.rs).
+    fn help(args: &[&str]) -> String {
+        let e = Cli::try_parse_from(std::iter::once("nightshift").chain(args.iter().copied()))
+            .err()
+            .expect("--help stops parsing");
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp, "{e}");
+        e.render().to_string()
+    }
+
+    #[test]
+    fn plan_and_report_help_each_describe_their_own_command() {
+        let plan = help(&["plan", "--help"]);
+        assert!(
+            plan.contains("what the daemon intends to do with its queue"),
+            "{plan}"
+        );
+        assert!(!plan.contains("Spend and savings"), "{plan}");
+        let report = help(&["report", "--help"]);
+        assert!(
+            report.contains("Spend and savings of finished jobs"),
+            "{report}"
+        );
+        assert!(!report.contains("intends to do"), "{report}");
+    }
+
+    #[test]
+    fn every_subcommand_has_help() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        for sub in cli.get_subcommands() {
+            assert!(
+                sub.get_about()
+                    .is_some_and(|a| !a.to_string().trim().is_empty()),
+                "`nightshift {}` has no help text",
+                sub.get_name()
+            );
+        }
     }
 }
