@@ -1,5 +1,6 @@
 //! The `nightshift` command: argument parsing and wiring only.
 
+use std::io::{ErrorKind, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -175,10 +176,30 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader has what it wanted (`nightshift jobs | head -1`).
+        Err(e) if e.is::<StdoutClosed>() => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("nightshift: {e:#}");
+            // Not eprintln!: it panics if stderr is closed too.
+            let _ = writeln!(std::io::stderr(), "nightshift: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Stdout is a pipe whose reader has gone (EPIPE): not a failure.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout is closed")]
+struct StdoutClosed;
+
+/// Writes a command's output to stdout: the one writer of every command
+/// (`print!` panics on a closed pipe). A closed pipe is [`StdoutClosed`],
+/// which `main` turns into a clean exit, as `cat` and `rg` do.
+fn emit(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("writing to stdout")),
     }
 }
 
@@ -212,16 +233,14 @@ where
         .build()
         .context("starting the async runtime")?;
     let out = runtime.block_on(f(&client))?;
-    print!("{out}");
-    Ok(())
+    emit(&out)
 }
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Token { config } => {
             let http = nightshift::config::Config::load_http(config.as_deref())?;
-            println!("{}", nightshift::cli::client::token(&http)?);
-            Ok(())
+            emit(&format!("{}\n", nightshift::cli::client::token(&http)?))
         }
         Command::Submit {
             config,
@@ -257,21 +276,18 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Cancel { config, id, json } => client_command(config.as_ref(), async |c| {
             nightshift::cli::client::cancel(c, &id, json).await
         }),
-        Command::DefaultConfig => {
-            print!("{EMBEDDED_DEFAULT}");
-            Ok(())
-        }
+        Command::DefaultConfig => emit(EMBEDDED_DEFAULT),
         Command::CheckConfig { file } => {
             let config = load(file.as_ref())?;
-            print!("{}", nightshift::cli::tables::effective_config(&config));
-            println!(
-                "\n# {}: OK ({} providers, {} models, {} classes)",
+            let mut out = nightshift::cli::tables::effective_config(&config);
+            out.push_str(&format!(
+                "\n# {}: OK ({} providers, {} models, {} classes)\n",
                 config.origin,
                 config.catalog.providers.len(),
                 config.catalog.models.len(),
                 config.catalog.classes.len()
-            );
-            Ok(())
+            ));
+            emit(&out)
         }
         Command::Prices { config, at, hours } => {
             let config = load(config.as_ref())?;
@@ -281,11 +297,11 @@ fn run(command: Command) -> anyhow::Result<()> {
                     .with_timezone(&chrono::Utc),
                 None => chrono::Utc::now(),
             };
-            print!(
-                "{}",
-                nightshift::cli::tables::prices_table(&config.catalog, at, hours)
-            );
-            Ok(())
+            emit(&nightshift::cli::tables::prices_table(
+                &config.catalog,
+                at,
+                hours,
+            ))
         }
         Command::Report { config, since, by } => {
             let config = load(config.as_ref())?;
@@ -294,21 +310,15 @@ fn run(command: Command) -> anyhow::Result<()> {
                 ReportBy::Class => nightshift::store::SpendBy::Class,
                 ReportBy::Day => nightshift::store::SpendBy::Day,
             };
-            print!(
-                "{}",
-                nightshift::cli::report(&config, since.as_deref(), by)?
-            );
-            Ok(())
+            emit(&nightshift::cli::report(&config, since.as_deref(), by)?)
         }
         Command::Maintenance { config } => {
             let config = load(config.as_ref())?;
-            print!("{}", nightshift::daemon::cron::command(&config)?);
-            Ok(())
+            emit(&nightshift::daemon::cron::command(&config)?)
         }
         Command::Plan { config } => {
             let config = load(config.as_ref())?;
-            print!("{}", nightshift::cli::plan(&config)?);
-            Ok(())
+            emit(&nightshift::cli::plan(&config)?)
         }
         Command::Simulate {
             config,
@@ -328,8 +338,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 trace,
                 json,
             };
-            print!("{}", nightshift::cli::simulate(&config, &args)?);
-            Ok(())
+            emit(&nightshift::cli::simulate(&config, &args)?)
         }
         Command::Serve { config: path } => {
             let config = load(path.as_ref())?;

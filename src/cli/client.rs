@@ -115,7 +115,8 @@ pub async fn submit(client: &Client, args: &SubmitArgs) -> anyhow::Result<String
         }
         return Ok(out);
     }
-    eprint!("{out}");
+    // Progress, not output; not eprint!, which panics if stderr is closed.
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), out.as_bytes());
     out.clear();
     let finals = wait_for(client, &subs).await?;
     let mut written = Vec::new();
