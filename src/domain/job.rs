@@ -198,6 +198,34 @@ pub fn eligible(
         }
     }
     if let Some(regions) = &options.regions {
+        // The known regions are those the configured providers declare.
+        let known = || {
+            let mut known: Vec<&str> = catalog
+                .providers
+                .iter()
+                .filter_map(|p| p.region.as_deref())
+                .collect();
+            known.sort_unstable();
+            known.dedup();
+            known
+        };
+        for r in regions {
+            if !catalog
+                .providers
+                .iter()
+                .any(|p| p.region.as_deref() == Some(r.as_str()))
+            {
+                let known = known();
+                return Err(err(
+                    "nightshift.regions",
+                    if known.is_empty() {
+                        format!("unknown region '{r}' (no provider declares a region)")
+                    } else {
+                        format!("unknown region '{r}' (known: {})", known.join(", "))
+                    },
+                ));
+            }
+        }
         candidates.models.retain(|&m| {
             catalog.providers[catalog.models[m].provider]
                 .region
@@ -617,6 +645,36 @@ mod tests {
         // The custom_id is kept for errors in other fields.
         let e = err(r#"{"custom_id":"keep","method":"GET"}"#);
         assert_eq!(e.custom_id.as_deref(), Some("keep"));
+    }
+
+    #[test]
+    fn unknown_regions_are_refused_by_name() {
+        let line = |regions: &str| {
+            format!(
+                r#"{{"custom_id":"r","method":"POST","url":"/v1/chat/completions","body":{{"model":"cheap-chat","messages":[{{"content":"hi"}}]}},"nightshift":{{"regions":{regions}}}}}"#
+            )
+        };
+        // One known region that serves the class does not let a typo through.
+        for regions in [r#"["us","mars"]"#, r#"["mars"]"#, r#"["EU"]"#] {
+            let e = err(&line(regions));
+            assert_eq!(e.custom_id.as_deref(), Some("r"), "{regions}: {e}");
+            assert_eq!(
+                e.field.as_deref(),
+                Some("nightshift.regions"),
+                "{regions}: {e}"
+            );
+            let bad = if regions.contains("EU") { "EU" } else { "mars" };
+            assert!(
+                e.message.contains(&format!("unknown region '{bad}'")),
+                "{regions}: {e}"
+            );
+            // The known regions are those the configured providers declare.
+            assert!(e.message.contains("cn, eu, us"), "{regions}: {e}");
+        }
+        // Known regions still narrow the candidates.
+        let c = Config::embedded_default();
+        let j = parse_line(&line(r#"["us","eu"]"#), &ctx(&c)).unwrap();
+        assert_eq!(j.custom_id, "r");
     }
 
     #[test]
