@@ -226,7 +226,7 @@ fn client_command<F>(config: Option<&PathBuf>, f: F) -> anyhow::Result<()>
 where
     F: AsyncFnOnce(&nightshift::api::client::Client) -> anyhow::Result<String>,
 {
-    let http = nightshift::config::Config::load_http(config.map(PathBuf::as_path))?;
+    let http = load(config)?.http;
     let client = nightshift::cli::client::client(&http);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -239,7 +239,7 @@ where
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Token { config } => {
-            let http = nightshift::config::Config::load_http(config.as_deref())?;
+            let http = load(config.as_ref())?.http;
             emit(&format!("{}\n", nightshift::cli::client::token(&http)?))
         }
         Command::Submit {

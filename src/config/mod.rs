@@ -273,61 +273,6 @@ impl Config {
         Ok(())
     }
 
-    /// Only the HTTP settings of a configuration file (or of the embedded
-    /// default), for the CLI client: it needs the socket and the token file,
-    /// not the providers, whose API keys a client's user may not have.
-    pub fn load_http(path: Option<&Path>) -> Result<HttpSettings, ConfigError> {
-        #[derive(Deserialize)]
-        struct ClientView {
-            #[serde(default)]
-            daemon: RawDaemon,
-            #[serde(default)]
-            http: RawHttp,
-        }
-        let (text, file, base) = match path {
-            None => (
-                EMBEDDED_DEFAULT.to_string(),
-                "<embedded default>".to_string(),
-                PathBuf::from("."),
-            ),
-            Some(p) => (
-                std::fs::read_to_string(p).map_err(|e| ConfigError {
-                    file: p.display().to_string(),
-                    line: None,
-                    field: "(file)".into(),
-                    message: format!("cannot read: {e}"),
-                })?,
-                p.display().to_string(),
-                p.parent().unwrap_or(Path::new(".")).to_path_buf(),
-            ),
-        };
-        let raw: ClientView = {
-            let de =
-                toml::Deserializer::parse(&text).map_err(|e| toml_error(&file, &text, &e, ""))?;
-            serde_path_to_error::deserialize(de).map_err(|e| {
-                let path = e.path().to_string();
-                toml_error(&file, &text, e.inner(), &path)
-            })?
-        };
-        let abs = |p: &Path| {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base.join(p)
-            }
-        };
-        let state_dir = abs(raw
-            .daemon
-            .state_dir
-            .as_deref()
-            .unwrap_or(Path::new("state")));
-        Validator {
-            file: &file,
-            text: &text,
-        }
-        .http(&raw.http, &state_dir, &abs)
-    }
-
     /// Whether every provider is simulated.
     pub fn all_simulated(&self) -> bool {
         self.transports

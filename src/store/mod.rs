@@ -1005,3 +1005,6 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
 pub fn bare_insert_statement() -> &'static str {
     INSERT_JOB
 }
+
+#[cfg(test)]
+mod tests;

@@ -17,9 +17,26 @@ const JOB_COST: f64 = 0.000_11;
 async fn away_from_midnight() {
     let now = Utc::now();
     let left = 86_400 - now.num_seconds_from_midnight() as u64;
-    if left < 300 {
+    // Waits out the renewal when it is closer than the default 10 min
+    // safety margin plus a minute (so a deadline before it can be planned).
+    if left < 660 {
         tokio::time::sleep(Duration::from_secs(left + 5)).await;
     }
+}
+
+/// An hour from now, or just before the next midnight UTC if that comes
+/// first: a budget that renews before the deadline would (rightly) make the
+/// planner wait for the renewal instead of spilling to the other provider.
+fn deadline_before_renewal() -> String {
+    let now = Utc::now();
+    let midnight = (now + chrono::Duration::days(1))
+        .date_naive()
+        .and_hms_opt(0, 0, 0)
+        .unwrap()
+        .and_utc();
+    (now + chrono::Duration::hours(1))
+        .min(midnight - chrono::Duration::seconds(1))
+        .to_rfc3339()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,7 +70,7 @@ async fn a_provider_over_its_budget_hands_its_jobs_to_another() {
                 &format!("j{i}"),
                 "chat",
                 &format!("job {i}"),
-                Some(json!({"deadline": "1h"})),
+                Some(json!({"deadline": deadline_before_renewal()})),
             )
         })
         .collect();

@@ -507,7 +507,10 @@ fn http_settings(dir: &Path, args: &[&str]) -> Result<HttpSettings, String> {
         .iter()
         .position(|a| *a == "--config")
         .map(|i| dir.join(args.get(i + 1).expect("--config takes a file")));
-    let mut http = Config::load_http(config.as_deref()).map_err(|e| e.to_string())?;
+    let mut http = match config {
+        Some(path) => Config::load(&path).map_err(|e| e.to_string())?.http,
+        None => Config::embedded_default().http,
+    };
     http.socket = dir.join(&http.socket);
     http.token_file = dir.join(&http.token_file);
     Ok(http)

@@ -105,3 +105,29 @@ fn plan_and_report_help_each_describe_their_own_command() {
     assert!(line("plan").contains("intends to do"), "{all}");
     assert!(line("report").contains("Spend and savings"), "{all}");
 }
+
+/// `nightshift jobs | head -1` against a running daemon: the listing goes
+/// through the same writer, into a pipe already closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_into_a_closed_pipe_exits_cleanly() {
+    use crate::common::*;
+    let dir = tempfile::tempdir().unwrap();
+    let provider = LoopbackProvider::start().await;
+    let spec = ProviderSpec {
+        name: "p",
+        base_url: provider.base_url(),
+        model: "m",
+        input_per_mtok: 1.0,
+        output_per_mtok: 1.0,
+        extra: "",
+    };
+    let daemon = Daemon::start(dir.path(), &config_toml(dir.path(), &[spec]));
+    daemon.wait_ready().await;
+    let lines: Vec<String> = (0..20)
+        .map(|i| chat_line(&format!("j{i}"), "chat", "hi", None))
+        .collect();
+    drop_file(&daemon.jobs(), "e.jsonl", &lines.join("\n"));
+    wait_for_outbox(&daemon.jobs(), "e", std::time::Duration::from_secs(60)).await;
+    let config = dir.path().join("nightshift.toml");
+    with_closed_stdout(&["jobs", "--config", config.to_str().unwrap()]);
+}

@@ -1,0 +1,193 @@
+//! The store's job state machine on a temporary database: queued → running
+//! (a lease) → succeeded | failed | queued again (retry, a dead task, an
+//! expired lease), and the owner check that keeps a recovered job's late
+//! answer from overwriting another attempt.
+
+use super::*;
+use chrono::{DateTime, Utc};
+
+use crate::config::Config;
+use crate::domain::job::{JobContext, parse_line};
+
+const OWNER: &str = "me";
+const T0: i64 = 1_800_000_000_000;
+
+/// A store holding `n` queued chat jobs (ids 1..=n), due an hour after T0,
+/// and their route key.
+fn store_with(n: usize) -> (tempfile::TempDir, Store, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("q.db")).unwrap();
+    let config = Config::embedded_default();
+    let ctx = JobContext {
+        catalog: &config.catalog,
+        now: DateTime::<Utc>::from_timestamp_millis(T0).unwrap(),
+        default_deadline: std::time::Duration::from_secs(3600),
+    };
+    let lines: Vec<String> = (1..=n)
+        .map(|i| {
+            format!(
+                r#"{{"custom_id":"j{i}","method":"POST","url":"/v1/chat/completions","body":{{"model":"cheap-chat","messages":[{{"role":"user","content":"hi"}}],"max_tokens":10}}}}"#
+            )
+        })
+        .collect();
+    let route = parse_line(&lines[0], &ctx).unwrap().route_key;
+    let outcomes = lines.iter().enumerate().map(|(i, l)| {
+        Ok(LineOutcome {
+            line: i as u64 + 1,
+            job: parse_line(l, &ctx),
+        })
+    });
+    let source = NewSource {
+        origin: Origin::Inbox,
+        name: "t.jsonl",
+        stem: "t",
+        sha256: Some("t"),
+        now_ms: T0,
+    };
+    store.ingest(&source, outcomes).unwrap();
+    (dir, store, route)
+}
+
+fn due(store: &Store, route: &str, now_ms: i64) -> Vec<i64> {
+    store
+        .queued_in_route(route, 0, i64::MAX, now_ms, 100)
+        .unwrap()
+        .into_iter()
+        .map(|j| j.id)
+        .collect()
+}
+
+fn start(store: &Store, ids: &[i64], lease_until: i64) -> Vec<i64> {
+    let starts: Vec<Start> = ids
+        .iter()
+        .map(|&job_id| Start {
+            job_id,
+            provider: "deepseek".into(),
+            provider_model: "deepseek-flash".into(),
+        })
+        .collect();
+    store
+        .start_attempts(&starts, T0, lease_until, OWNER)
+        .unwrap()
+}
+
+fn state(store: &Store, id: i64) -> (JobState, u32) {
+    let d = store.job_detail(id).unwrap().unwrap();
+    (d.job.state, d.job.attempts)
+}
+
+fn succeeded() -> Finish {
+    Finish {
+        succeeded: true,
+        completed_at: T0 + 1000,
+        status_code: Some(200),
+        response: Some("{}".into()),
+        input_tokens: Some(5),
+        output_tokens: Some(3),
+        cost_usd: Some(1e-6),
+        list_cost_usd: Some(2e-6),
+        ..Finish::default()
+    }
+}
+
+#[test]
+fn a_job_runs_under_its_owners_lease_and_only_that_owner_finishes_it() {
+    let (_d, store, route) = store_with(2);
+    assert_eq!(due(&store, &route, T0), vec![1, 2]);
+    assert_eq!(start(&store, &[1], T0 + 60_000), vec![1]);
+    // Running jobs are not due, and a second start of the same job is refused.
+    assert_eq!(due(&store, &route, T0), vec![2]);
+    assert_eq!(start(&store, &[1], T0 + 60_000), Vec::<i64>::new());
+    assert_eq!(state(&store, 1), (JobState::Running, 1));
+    // Another owner (a recovered lease) cannot finish it; its owner can.
+    assert!(!store.finish(1, "someone-else", &succeeded()).unwrap());
+    assert!(store.finish(1, OWNER, &succeeded()).unwrap());
+    assert_eq!(state(&store, 1), (JobState::Succeeded, 1));
+    assert!(
+        !store.finish(1, OWNER, &succeeded()).unwrap(),
+        "final is final"
+    );
+}
+
+#[test]
+fn a_retry_waits_until_not_before_and_keeps_its_attempt_count() {
+    let (_d, store, route) = store_with(1);
+    start(&store, &[1], T0 + 60_000);
+    let failed = Finish {
+        completed_at: T0 + 500,
+        status_code: Some(500),
+        ..Finish::default()
+    };
+    assert!(store.retry_later(1, OWNER, T0 + 10_000, &failed).unwrap());
+    assert_eq!(state(&store, 1), (JobState::Queued, 1));
+    assert!(due(&store, &route, T0 + 9_999).is_empty());
+    assert_eq!(due(&store, &route, T0 + 10_000), vec![1]);
+    start(&store, &[1], T0 + 60_000);
+    assert_eq!(state(&store, 1), (JobState::Running, 2));
+}
+
+#[test]
+fn a_dead_tasks_job_returns_at_once_and_an_expired_lease_on_recovery() {
+    let (_d, store, route) = store_with(3);
+    start(&store, &[1, 2, 3], T0 + 60_000);
+    // A request task panicked: its job goes straight back.
+    assert!(store.requeue_running(1, OWNER).unwrap());
+    assert!(
+        !store.requeue_running(1, OWNER).unwrap(),
+        "no longer running"
+    );
+    assert_eq!(state(&store, 1), (JobState::Queued, 1));
+    // Periodic recovery: only leases that have expired.
+    assert_eq!(store.recover_leases(T0 + 30_000, OWNER).unwrap(), 0);
+    assert_eq!(store.recover_leases(T0 + 60_000, OWNER).unwrap(), 2);
+    assert_eq!(due(&store, &route, T0 + 60_000), vec![1, 2, 3]);
+}
+
+#[test]
+fn outcomes_recorded_in_one_batch_are_each_checked_against_the_lease() {
+    let (_d, store, _route) = store_with(3);
+    start(&store, &[1, 2], T0 + 60_000);
+    let recorded = store
+        .record_attempts(
+            OWNER,
+            &[
+                Recorded {
+                    job_id: 1,
+                    retry_at: None,
+                    finish: succeeded(),
+                },
+                Recorded {
+                    job_id: 2,
+                    retry_at: Some(T0 + 5_000),
+                    finish: Finish::default(),
+                },
+                // Never started: not this owner's to record.
+                Recorded {
+                    job_id: 3,
+                    retry_at: None,
+                    finish: succeeded(),
+                },
+            ],
+        )
+        .unwrap();
+    assert_eq!(recorded, vec![true, true, false]);
+    assert_eq!(state(&store, 1).0, JobState::Succeeded);
+    assert_eq!(state(&store, 2).0, JobState::Queued);
+    assert_eq!(state(&store, 3).0, JobState::Queued);
+}
+
+#[test]
+fn overdue_queued_jobs_expire_and_running_ones_do_not() {
+    let (_d, store, _route) = store_with(2);
+    start(&store, &[1], T0 + 7_200_000);
+    assert_eq!(
+        store.earliest_queued_deadline().unwrap(),
+        Some(T0 + 3_600_000)
+    );
+    assert!(store.expire_overdue(T0 + 3_599_999).unwrap().is_empty());
+    let expired = store.expire_overdue(T0 + 3_600_000).unwrap();
+    assert_eq!(expired, vec![(2, "j2".to_string())]);
+    assert_eq!(state(&store, 1).0, JobState::Running);
+    assert_eq!(state(&store, 2).0, JobState::Expired);
+    assert_eq!(store.earliest_queued_deadline().unwrap(), None);
+}
