@@ -1,8 +1,9 @@
--- nightshift queue schema, version 1.
+-- nightshift queue schema, version 2.
 --
--- Applied by the daemon at start-up (src/queue/schema.rs embeds this file) when
--- `PRAGMA user_version` is below 1. Later versions append migrations there; this
--- file always describes the newest schema for a fresh database.
+-- Applied by `Store::open` (src/store/mod.rs embeds this file) to a new
+-- database (`PRAGMA user_version` 0). An older database is upgraded by the
+-- steps in `MIGRATIONS` there instead; this file always describes the newest
+-- schema, and a step's statements appear here verbatim.
 --
 -- Times are Unix milliseconds (UTC). Money is USD. Tokens are provider tokens.
 
@@ -87,6 +88,13 @@ CREATE TABLE IF NOT EXISTS jobs (
 -- a group's most urgent jobs. It covers the summary query (no table reads).
 CREATE INDEX IF NOT EXISTS jobs_route ON jobs (state, route_id, deadline, est_input_tokens, est_output_tokens);
 CREATE INDEX IF NOT EXISTS jobs_source_state ON jobs (source_id, state);
+-- Version 2. Expiry, each dispatch pass, reads only the overdue queued jobs
+-- (a range), however deep the queue. Only queued jobs are in it; `state`
+-- leads so the planner prefers it to jobs_route's (state=?) prefix.
+CREATE INDEX IF NOT EXISTS jobs_queued_deadline ON jobs (state, deadline) WHERE state = 'queued';
+-- Version 2. What was spent since a time (budgets, each pass) reads only the
+-- jobs finished since then, and no table rows: the index covers the sum.
+CREATE INDEX IF NOT EXISTS jobs_completed ON jobs (completed_at, provider, cost_usd, late_cost_usd) WHERE completed_at IS NOT NULL;
 
 -- Files of the OpenAI-compatible API (`/v1/files`). Uploaded batch input
 -- files keep their content here; a finished batch's output and error files

@@ -21,8 +21,17 @@ pub use api::*;
 pub mod maintenance;
 
 /// The newest schema version; `schema.sql` describes it.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;
 const SCHEMA_SQL: &str = include_str!("../../schema.sql");
+
+/// The upgrade steps of an existing database: `MIGRATIONS[i]` takes version
+/// `i + 1` to `i + 2`. A new database gets `schema.sql`, which includes every
+/// step verbatim (a test checks that both end with the same schema).
+const MIGRATIONS: &[&str] = &[
+    // 2: indexes for the per-pass expiry and spend queries.
+    "CREATE INDEX IF NOT EXISTS jobs_queued_deadline ON jobs (state, deadline) WHERE state = 'queued';
+     CREATE INDEX IF NOT EXISTS jobs_completed ON jobs (completed_at, provider, cost_usd, late_cost_usd) WHERE completed_at IS NOT NULL;",
+];
 
 /// Errors from the queue.
 #[derive(Debug, thiserror::Error)]
@@ -668,12 +677,7 @@ impl Store {
     /// Returns the expired jobs' ids and custom_ids.
     pub fn expire_overdue(&self, now_ms: i64) -> Result<Vec<(i64, String)>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "UPDATE jobs SET state = 'expired', completed_at = ?1, error_code = 'expired',
-                    error_message = 'the deadline passed before the job could be dispatched'
-             WHERE state = 'queued' AND deadline <= ?1
-             RETURNING id, custom_id",
-        )?;
+        let mut stmt = conn.prepare_cached(EXPIRE_OVERDUE)?;
         let rows = stmt.query_map([now_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
@@ -790,12 +794,7 @@ impl Store {
     /// on one provider or all. Runs on a read connection.
     pub fn spent_since(&self, provider: Option<&str>, since_ms: i64) -> Result<f64> {
         let conn = self.reader()?;
-        Ok(conn.query_row(
-            "SELECT COALESCE(SUM(COALESCE(cost_usd, 0) + late_cost_usd), 0) FROM jobs
-             WHERE completed_at >= ?1 AND (?2 IS NULL OR provider = ?2)",
-            params![since_ms, provider],
-            |r| r.get(0),
-        )?)
+        Ok(conn.query_row(SPENT_SINCE, params![since_ms, provider], |r| r.get(0))?)
     }
 
     /// Spend of finished jobs since `since_ms`, grouped by `by`: jobs, input
@@ -978,24 +977,52 @@ fn unique_stem(conn: &Connection, wanted: &str) -> rusqlite::Result<String> {
     unreachable!("the loop returns")
 }
 
-/// Applies `schema.sql` to a new database, and future migrations to old ones.
+/// [`Store::expire_overdue`]: a range on `jobs_queued_deadline`, so a pass
+/// reads only the overdue jobs, however deep the queue.
+const EXPIRE_OVERDUE: &str =
+    "UPDATE jobs SET state = 'expired', completed_at = ?1, error_code = 'expired',
+        error_message = 'the deadline passed before the job could be dispatched'
+     WHERE state = 'queued' AND deadline <= ?1
+     RETURNING id, custom_id";
+
+/// [`Store::spent_since`]: a range on `jobs_completed`, which covers it, so
+/// it reads only the jobs finished in the period.
+const SPENT_SINCE: &str = "SELECT COALESCE(SUM(COALESCE(cost_usd, 0) + late_cost_usd), 0) FROM jobs
+     WHERE completed_at >= ?1 AND (?2 IS NULL OR provider = ?2)";
+
+/// Applies `schema.sql` to a new database, and the [`MIGRATIONS`] it lacks
+/// to an older one, in one transaction.
 fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
-    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if version > SCHEMA_VERSION {
-        return Err(setup_err(
+    let newer = |version: i64| {
+        setup_err(
             path,
             format!(
                 "schema version {version} is newer than this nightshift understands ({SCHEMA_VERSION}); upgrade nightshift"
             ),
-        ));
+        )
+    };
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(newer(version));
+    }
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Another process may have upgraded it meanwhile.
+    let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(newer(version));
     }
     if version < 1 {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(SCHEMA_SQL)?;
-        tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-        tx.commit()?;
+    } else {
+        for step in &MIGRATIONS[(version - 1) as usize..] {
+            tx.execute_batch(step)?;
+        }
     }
-    // Later versions: `if version < 2 { ... ALTER TABLE ...; user_version = 2 }`.
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()?;
     Ok(())
 }
 
@@ -1008,3 +1035,102 @@ pub fn bare_insert_statement() -> &'static str {
 
 #[cfg(test)]
 mod tests;
+
+/// The schema and its query plans.
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+
+    /// `EXPLAIN QUERY PLAN` of `sql`, one line per step.
+    fn plan_of(conn: &Connection, sql: &str) -> String {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let nulls = std::iter::repeat_n(rusqlite::types::Null, stmt.parameter_count());
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .unwrap();
+        rows.join("\n")
+    }
+
+    /// Both per-pass statements seek an index range instead of scanning jobs.
+    fn assert_indexed(conn: &Connection) {
+        for (sql, index, range) in [
+            (EXPIRE_OVERDUE, "jobs_queued_deadline", "deadline<?"),
+            (SPENT_SINCE, "jobs_completed", "completed_at>?"),
+        ] {
+            let plan = plan_of(conn, sql);
+            // A range on the column compared, not every row of a state.
+            assert!(plan.contains(range), "{sql}\nplan:\n{plan}");
+            assert!(
+                plan.contains(&format!("USING INDEX {index}"))
+                    || plan.contains(&format!("USING COVERING INDEX {index}")),
+                "{sql}\nplan:\n{plan}"
+            );
+            assert!(!plan.contains("SCAN jobs"), "{sql}\nplan:\n{plan}");
+        }
+    }
+
+    fn schema_of(conn: &Connection) -> Vec<(String, String, Option<String>)> {
+        let mut stmt = conn
+            .prepare("SELECT type, name, sql FROM sqlite_master ORDER BY type, name")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn expire_overdue_and_spent_since_use_an_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("q.db")).unwrap();
+        assert_indexed(&store.conn());
+        // And they still do what they did.
+        assert_eq!(store.expire_overdue(i64::MAX).unwrap(), []);
+        assert_eq!(store.spent_since(None, 0).unwrap(), 0.0);
+        assert_eq!(store.spent_since(Some("openai"), 0).unwrap(), 0.0);
+    }
+
+    #[test]
+    fn a_version_1_database_is_upgraded_to_the_current_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = Store::open(&dir.path().join("fresh.db")).unwrap();
+        let fresh_schema = schema_of(&fresh.conn());
+
+        // Version 1 is version 2 without the two per-pass indexes.
+        let old = dir.path().join("old.db");
+        {
+            let store = Store::open(&old).unwrap();
+            let conn = store.conn();
+            conn.execute_batch(
+                "DROP INDEX jobs_queued_deadline; DROP INDEX jobs_completed; PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&old).unwrap();
+        let conn = store.conn();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert!(version > 1, "an upgrade from 1 to {version}");
+        assert_eq!(schema_of(&conn), fresh_schema);
+        assert_indexed(&conn);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        {
+            let store = Store::open(&path).unwrap();
+            store
+                .conn()
+                .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+                .unwrap();
+        }
+        let e = Store::open(&path).err().expect("a newer schema is refused");
+        assert!(e.to_string().contains("newer"), "{e}");
+    }
+}
