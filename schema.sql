@@ -1,4 +1,4 @@
--- nightshift queue schema, version 2.
+-- nightshift queue schema, version 3.
 --
 -- Applied by `Store::open` (src/store/mod.rs embeds this file) to a new
 -- database (`PRAGMA user_version` 0). An older database is upgraded by the
@@ -95,6 +95,9 @@ CREATE INDEX IF NOT EXISTS jobs_queued_deadline ON jobs (state, deadline) WHERE 
 -- Version 2. What was spent since a time (budgets, each pass) reads only the
 -- jobs finished since then, and no table rows: the index covers the sum.
 CREATE INDEX IF NOT EXISTS jobs_completed ON jobs (completed_at, provider, cost_usd, late_cost_usd) WHERE completed_at IS NOT NULL;
+-- Version 3. The dispatch order of a group's queued jobs: a pass reads the
+-- jobs it takes (LIMIT), not the whole group sorted, however deep the queue.
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (route_id, deadline, priority DESC, id) WHERE state = 'queued';
 
 -- Files of the OpenAI-compatible API (`/v1/files`). Uploaded batch input
 -- files keep their content here; a finished batch's output and error files

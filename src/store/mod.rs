@@ -27,10 +27,23 @@ const SCHEMA_SQL: &str = include_str!("../../schema.sql");
 /// The upgrade steps of an existing database: `MIGRATIONS[i]` takes version
 /// `i + 1` to `i + 2`. A new database gets `schema.sql`, which includes every
 /// step verbatim (a test checks that both end with the same schema).
+/// A group's queued jobs in dispatch order (most urgent first), read along
+/// `jobs_due` so that only the rows taken are read.
+const QUEUED_IN_ROUTE: &str =
+    "SELECT id, custom_id, endpoint, model, body, options, est_input_tokens, est_output_tokens,
+        submitted_at, deadline, attempts
+ FROM jobs INDEXED BY jobs_due
+ WHERE state = 'queued' AND route_id = (SELECT id FROM routes WHERE key = ?1)
+   AND deadline >= ?2 AND deadline < ?3 AND not_before <= ?5
+ ORDER BY deadline, priority DESC, id LIMIT ?4";
+
 const MIGRATIONS: &[&str] = &[
     // 2: indexes for the per-pass expiry and spend queries.
     "CREATE INDEX IF NOT EXISTS jobs_queued_deadline ON jobs (state, deadline) WHERE state = 'queued';
      CREATE INDEX IF NOT EXISTS jobs_completed ON jobs (completed_at, provider, cost_usd, late_cost_usd) WHERE completed_at IS NOT NULL;",
+    // 3: the dispatch order of a group's queued jobs, so a pass reads only the
+    // jobs it takes, not the whole group sorted.
+    "CREATE INDEX IF NOT EXISTS jobs_due ON jobs (route_id, deadline, priority DESC, id) WHERE state = 'queued';",
 ];
 
 /// Errors from the queue.
@@ -549,13 +562,7 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<DueJob>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "SELECT id, custom_id, endpoint, model, body, options, est_input_tokens, est_output_tokens,
-                    submitted_at, deadline, attempts
-             FROM jobs WHERE state = 'queued' AND route_id = (SELECT id FROM routes WHERE key = ?1)
-               AND deadline >= ?2 AND deadline < ?3 AND not_before <= ?5
-             ORDER BY deadline, priority DESC, id LIMIT ?4",
-        )?;
+        let mut stmt = conn.prepare_cached(QUEUED_IN_ROUTE)?;
         let rows = stmt.query_map(
             params![route_key, from, to, limit as i64, now_ms],
             due_from_row,
@@ -1069,6 +1076,11 @@ mod schema_tests {
             );
             assert!(!plan.contains("SCAN jobs"), "{sql}\nplan:\n{plan}");
         }
+        // A dispatch pass reads a group's jobs in index order: no sort of
+        // the whole group before the LIMIT.
+        let plan = plan_of(conn, QUEUED_IN_ROUTE);
+        assert!(plan.contains("USING INDEX jobs_due"), "plan:\n{plan}");
+        assert!(!plan.contains("TEMP B-TREE"), "plan:\n{plan}");
     }
 
     fn schema_of(conn: &Connection) -> Vec<(String, String, Option<String>)> {
@@ -1098,13 +1110,14 @@ mod schema_tests {
         let fresh = Store::open(&dir.path().join("fresh.db")).unwrap();
         let fresh_schema = schema_of(&fresh.conn());
 
-        // Version 1 is version 2 without the two per-pass indexes.
+        // Version 1 is the current schema without the per-pass indexes.
         let old = dir.path().join("old.db");
         {
             let store = Store::open(&old).unwrap();
             let conn = store.conn();
             conn.execute_batch(
-                "DROP INDEX jobs_queued_deadline; DROP INDEX jobs_completed; PRAGMA user_version = 1;",
+                "DROP INDEX jobs_queued_deadline; DROP INDEX jobs_completed; DROP INDEX jobs_due;
+                 PRAGMA user_version = 1;",
             )
             .unwrap();
         }
