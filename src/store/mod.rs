@@ -41,9 +41,11 @@ const MIGRATIONS: &[&str] = &[
     // 2: indexes for the per-pass expiry and spend queries.
     "CREATE INDEX IF NOT EXISTS jobs_queued_deadline ON jobs (state, deadline) WHERE state = 'queued';
      CREATE INDEX IF NOT EXISTS jobs_completed ON jobs (completed_at, provider, cost_usd, late_cost_usd) WHERE completed_at IS NOT NULL;",
-    // 3: the dispatch order of a group's queued jobs, so a pass reads only the
-    // jobs it takes, not the whole group sorted.
-    "CREATE INDEX IF NOT EXISTS jobs_due ON jobs (route_id, deadline, priority DESC, id) WHERE state = 'queued';",
+    // 3: one index of the queued jobs in dispatch order replaces jobs_route
+    // and jobs_queued_deadline (see schema.sql).
+    "DROP INDEX IF EXISTS jobs_route;
+     DROP INDEX IF EXISTS jobs_queued_deadline;
+     CREATE INDEX IF NOT EXISTS jobs_due ON jobs (route_id, deadline, priority DESC, id, est_input_tokens, est_output_tokens, state) WHERE state = 'queued';",
 ];
 
 /// Errors from the queue.
@@ -532,7 +534,7 @@ impl Store {
             "SELECT r.key, b.bucket, b.n, b.input, b.output, b.min_deadline
              FROM (SELECT route_id, deadline / ?1 AS bucket, COUNT(*) AS n, SUM(est_input_tokens) AS input,
                           SUM(est_output_tokens) AS output, MIN(deadline) AS min_deadline
-                   FROM jobs WHERE state = 'queued' GROUP BY route_id, deadline / ?1) AS b
+                   FROM jobs INDEXED BY jobs_due WHERE state = 'queued' GROUP BY route_id, deadline / ?1) AS b
              JOIN routes r ON r.id = b.route_id",
         )?;
         let bucket = crate::plan::BUCKET_MS;
@@ -984,12 +986,12 @@ fn unique_stem(conn: &Connection, wanted: &str) -> rusqlite::Result<String> {
     unreachable!("the loop returns")
 }
 
-/// [`Store::expire_overdue`]: a range on `jobs_queued_deadline`, so a pass
+/// [`Store::expire_overdue`]: a range on `jobs_due` per route, so a pass
 /// reads only the overdue jobs, however deep the queue.
 const EXPIRE_OVERDUE: &str =
     "UPDATE jobs SET state = 'expired', completed_at = ?1, error_code = 'expired',
         error_message = 'the deadline passed before the job could be dispatched'
-     WHERE state = 'queued' AND deadline <= ?1
+     WHERE state = 'queued' AND route_id IN (SELECT id FROM routes) AND deadline <= ?1
      RETURNING id, custom_id";
 
 /// [`Store::spent_since`]: a range on `jobs_completed`, which covers it, so
@@ -1063,7 +1065,7 @@ mod schema_tests {
     /// Both per-pass statements seek an index range instead of scanning jobs.
     fn assert_indexed(conn: &Connection) {
         for (sql, index, range) in [
-            (EXPIRE_OVERDUE, "jobs_queued_deadline", "deadline<?"),
+            (EXPIRE_OVERDUE, "jobs_due", "deadline<?"),
             (SPENT_SINCE, "jobs_completed", "completed_at>?"),
         ] {
             let plan = plan_of(conn, sql);
@@ -1110,13 +1112,14 @@ mod schema_tests {
         let fresh = Store::open(&dir.path().join("fresh.db")).unwrap();
         let fresh_schema = schema_of(&fresh.conn());
 
-        // Version 1 is the current schema without the per-pass indexes.
+        // Version 1: jobs_route instead of the per-pass indexes.
         let old = dir.path().join("old.db");
         {
             let store = Store::open(&old).unwrap();
             let conn = store.conn();
             conn.execute_batch(
-                "DROP INDEX jobs_queued_deadline; DROP INDEX jobs_completed; DROP INDEX jobs_due;
+                "DROP INDEX jobs_completed; DROP INDEX jobs_due;
+                 CREATE INDEX jobs_route ON jobs (state, route_id, deadline, est_input_tokens, est_output_tokens);
                  PRAGMA user_version = 1;",
             )
             .unwrap();
