@@ -225,9 +225,14 @@ pub fn step(input: StepInput<'_>) -> Step {
         now,
     } = input;
     let now_ms = now.timestamp_millis();
+    // A group that returned fewer jobs than asked has no more queued now;
+    // one that returned all it was asked for may have more (the read is
+    // capped at BATCH): its quota stays for the next step.
+    let wanted = plan.wanted();
     let mut due: Vec<std::collections::VecDeque<Candidate>> =
         due.into_iter().map(Into::into).collect();
     due.resize_with(plan.groups.len(), Default::default);
+    let all_read: Vec<bool> = due.iter().zip(&wanted).map(|(d, &w)| d.len() < w).collect();
     let mut actions = Vec::new();
     let mut next: Option<DateTime<Utc>> = None;
     let mut blocked: HashSet<ProviderId> = HashSet::new();
@@ -256,8 +261,11 @@ pub fn step(input: StepInput<'_>) -> Step {
         let mut taken = 0u64;
         while taken < remaining {
             let Some(job) = due[g].front().cloned() else {
-                // Fewer queued jobs than planned: what is here is all there is.
-                plan.quotas.entries[idx].2 = plan.quotas.entries[idx].2.min(taken);
+                if all_read[g] {
+                    // Fewer queued jobs than planned, and all of them taken:
+                    // nothing more of this quota can start now.
+                    plan.quotas.entries[idx].2 = 0;
+                }
                 break;
             };
             let (input_t, output_t) = (job.est_input_tokens, job.est_output_tokens);
@@ -401,7 +409,7 @@ pub fn step(input: StepInput<'_>) -> Step {
     }
     let more = plan.quotas.entries.iter().any(|&(g, m, n)| {
         n > 0
-            && !due[g].is_empty()
+            && (!due[g].is_empty() || !all_read[g])
             && !blocked.contains(&catalog.models[m].provider)
             && !blocked_models.contains(&m)
     });
@@ -699,6 +707,27 @@ chat = ["cheap/c1", "dear/d1"]
             t0(),
         );
         assert_eq!(started(&s), vec![(1, cheap), (2, dear)]);
+    }
+
+    #[test]
+    fn a_quota_larger_than_one_read_keeps_its_remainder_for_the_next_step() {
+        let mut w = World::new(config(""));
+        let dear = w.model("dear/d1");
+        let mut plan = plan_for(&w.c, 300, &[(dear, 300)]);
+        assert_eq!(plan.wanted(), vec![BATCH]);
+        let d = t0() + chrono::Duration::hours(1);
+        let read: Vec<Candidate> = (1..=BATCH as i64).map(|i| job(i, d, None)).collect();
+        let s = w.step(&mut plan, read, t0());
+        assert_eq!(started(&s).len(), BATCH);
+        // The read was capped, not the queue: the rest of the quota stays.
+        assert_eq!(plan.quotas.entries[0].2, 300 - BATCH as u64);
+        assert!(s.more);
+        // A read that comes back short means the group is empty: the quota
+        // shrinks to what was taken.
+        let s = w.step(&mut plan, vec![job(1000, d, None)], t0());
+        assert_eq!(started(&s).len(), 1);
+        assert_eq!(plan.quotas.entries[0].2, 0);
+        assert!(!s.more);
     }
 
     #[test]
