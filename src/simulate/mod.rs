@@ -330,6 +330,11 @@ pub fn run(
     let mut attempts_in_flight: BTreeMap<usize, Attempt> = BTreeMap::new();
     let mut current = CurrentPlan::default();
     let mut planned_at: Option<DateTime<Utc>> = None;
+    // Re-plan (throttled as in the daemon) on arrivals and retries; an
+    // answer re-plans only if it changed a provider's availability. The
+    // daemon also re-plans, throttled, after every answer: with the queue
+    // unchanged that plan is the same, and it would cost the simulator a
+    // plan per half second of virtual time.
     let mut replan = false;
     let mut retries = 0usize;
     let mut now = start;
