@@ -201,9 +201,6 @@ impl Dispatcher {
                 _ = tokio::time::sleep_until(next) => {}
                 Some(done) = st.tasks.join_next_with_id() => {
                     st.replan = true;
-                    // A retried or returned job is queued again, maybe with
-                    // an earlier deadline than any queued before.
-                    st.earliest_deadline = None;
                     let mut changed = self.account(&mut st, done).await;
                     while let Some(done) = st.tasks.try_join_next_with_id() {
                         changed |= self.account(&mut st, done).await;
@@ -257,6 +254,12 @@ impl Dispatcher {
         match done {
             Ok((id, d)) => {
                 st.in_flight.remove(&id);
+                if d.answer.retry_at.is_some() {
+                    // Queued again, maybe with an earlier deadline than any
+                    // queued job: check expiry on the next pass. (A final
+                    // answer adds no queued job, so it costs the pass nothing.)
+                    st.earliest_deadline = None;
+                }
                 let Some(attempt) = self.relocate(&d.provider_name, &d.model_name, d.attempt)
                 else {
                     return false;
@@ -276,6 +279,7 @@ impl Dispatcher {
                 let Some(lost) = st.in_flight.remove(&e.id()) else {
                     return false;
                 };
+                st.earliest_deadline = None;
                 if e.is_panic() {
                     warn!(job = lost.attempt.job, provider = %lost.provider_name,
                           "a request task panicked; its job returns to the queue");
@@ -473,7 +477,8 @@ impl Dispatcher {
                 return Err(e);
             }
         };
-        info!(dispatched = started.len(), "dispatch batch");
+        // Thousands a second under load: debug, not info.
+        debug!(dispatched = started.len(), "dispatch batch");
         for action in starts {
             let Action::Start {
                 job: id,
