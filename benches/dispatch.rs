@@ -9,8 +9,11 @@
 //! rustls, 64 requests in flight, keep-alive) sends a fixed number of
 //! requests to that server alone; requests/s is what the provider side
 //! allows on this machine. Then, for each queue depth, one JSONL file of N
-//! jobs is put in a fresh daemon's inbox before the daemon starts. The
-//! window runs from the server's first request to its Nth; jobs/s is N over
+//! jobs is ingested into a fresh state directory by the daemon's own
+//! `ingest::ingest_file` (so the queue holds all N, and the file's outbox is
+//! due, before the daemon starts: ingest time is the ingest benchmark's,
+//! not this one's), and the daemon is started on it. The window runs from
+//! the server's first request to its Nth; jobs/s is N over
 //! that window, and CPU ms/job is the daemon's CPU time (utime + stime from
 //! /proc/<pid>/stat, all threads) over the same window, divided by N. Both
 //! are taken by the server as it counts requests. Afterwards the daemon is
@@ -35,6 +38,9 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
+use nightshift::config::Config;
+use nightshift::ingest::{self, Folders};
+use nightshift::store::Store;
 use serde_json::{Value, json};
 
 /// Requests in flight: the provider's `concurrency` and the ceiling client's.
@@ -231,9 +237,9 @@ chat = ["loopback/m"]
     )
 }
 
-/// Writes N jobs as one file into `jobs/inbox/` (atomically: written
-/// elsewhere, then renamed in).
-fn queue_jobs(dir: &Path, n: u64) {
+/// Writes N jobs as one file into `jobs/inbox/` and queues them as the
+/// daemon's folder ingest would (the file ends in `processed/`).
+fn queue_jobs(dir: &Path, config: &str, n: u64) {
     let mut text = String::with_capacity(n as usize * 260);
     for i in 0..n {
         let line = json!({"custom_id": format!("j{i}"), "method": "POST", "url": "/v1/chat/completions",
@@ -244,9 +250,26 @@ fn queue_jobs(dir: &Path, n: u64) {
     }
     let inbox = dir.join("jobs/inbox");
     std::fs::create_dir_all(&inbox).unwrap();
-    let part = dir.join("jobs/backlog.part");
-    std::fs::write(&part, text).unwrap();
-    std::fs::rename(&part, inbox.join("backlog.jsonl")).unwrap();
+    let path = inbox.join("backlog.jsonl");
+    std::fs::write(&path, text).unwrap();
+    let config = Config::parse(config, "bench.toml", dir).unwrap();
+    let folders = Folders::new(&config.daemon.jobs_dir);
+    folders.create().unwrap();
+    std::fs::create_dir_all(&config.daemon.state_dir).unwrap();
+    let store = Store::open(&config.daemon.database).unwrap();
+    let outcome = ingest::ingest_file(
+        &store,
+        &config.catalog,
+        config.daemon.default_deadline,
+        &folders,
+        &path,
+        chrono::Utc::now(),
+    )
+    .unwrap();
+    assert!(
+        matches!(outcome, ingest::FileOutcome::Ingested { ref summary, .. } if summary.queued == n),
+        "the backlog was not queued whole"
+    );
 }
 
 /// SIGTERM, then up to 30 s for the daemon to exit (SIGKILL after that).
@@ -279,16 +302,14 @@ fn count_lines(path: &Path) -> Option<usize> {
 /// One table row, or why the depth was given up.
 fn depth(seen: &Shared, base_url: &str, n: u64, ticks_per_s: f64, ceiling: f64) -> String {
     let dir = tempfile::tempdir().unwrap();
-    queue_jobs(dir.path(), n);
+    let config = config(dir.path(), base_url);
+    queue_jobs(dir.path(), &config, n);
     // The pid is known only after the spawn; the server reads the daemon's
     // CPU time from the pid it holds, which is set right after the spawn,
-    // long before the daemon has ingested the file and sent its first request.
+    // long before the daemon has opened its queue and sent its first request.
     reset(seen, n, 0);
-    let mut child = support::spawn_daemon(
-        dir.path(),
-        &config(dir.path(), base_url),
-        &[("NIGHTSHIFT_BENCH_KEY", "sk-bench")],
-    );
+    let mut child =
+        support::spawn_daemon(dir.path(), &config, &[("NIGHTSHIFT_BENCH_KEY", "sk-bench")]);
     let pid = child.id();
     {
         let mut s = seen.lock().unwrap();

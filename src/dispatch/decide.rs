@@ -148,12 +148,32 @@ pub struct CurrentPlan {
 }
 
 impl CurrentPlan {
-    /// For each group, how many jobs its quotas still allow now (the number
-    /// of queued jobs the caller should read for it, at most [`BATCH`]).
-    pub fn wanted(&self) -> Vec<usize> {
+    /// For each group, how many queued jobs the caller should read for the
+    /// next [`step`]: what its quotas still allow, no more than their models
+    /// could start now (free concurrency slots, whole requests in the rpm
+    /// and rpd buckets; none on a paused provider), and at most [`BATCH`].
+    /// Reading more would only read job bodies the step cannot start: with
+    /// every slot taken, a pass after one answer reads one job, not 256.
+    pub fn wanted(
+        &self,
+        catalog: &Catalog,
+        limits: &mut RateLimits,
+        observed: &Observed,
+        now: DateTime<Utc>,
+    ) -> Vec<usize> {
+        let now_ms = now.timestamp_millis();
         let mut wanted = vec![0usize; self.groups.len()];
-        for &(g, _, n) in &self.quotas.entries {
-            wanted[g] = (wanted[g] + n as usize).min(BATCH);
+        for &(g, model, n) in &self.quotas.entries {
+            let provider = catalog.models[model].provider;
+            let open = observed.health[provider]
+                .available_from(now)
+                .is_some_and(|t| t <= now);
+            let startable = if open {
+                limits.startable_now(provider, model, now_ms) as usize
+            } else {
+                0
+            };
+            wanted[g] = (wanted[g] + (n as usize).min(startable)).min(BATCH);
         }
         wanted
     }
@@ -195,12 +215,14 @@ pub struct Step {
 }
 
 /// The inputs of one step. `due[g]` holds group `g`'s queued jobs, most
-/// urgent first, as many as [`CurrentPlan::wanted`] asked for; jobs are
-/// taken from the front, so a job is started at most once per step
-/// whichever model's quota takes it.
+/// urgent first, as many as `wanted[g]` asked for, where `wanted` is what
+/// [`CurrentPlan::wanted`] returned for this plan, these limits and this
+/// `now`. Jobs are taken from the front, so a job is started at most once
+/// per step whichever model's quota takes it.
 pub struct StepInput<'a> {
     pub catalog: &'a Catalog,
     pub plan: &'a mut CurrentPlan,
+    pub wanted: Vec<usize>,
     pub due: Vec<Vec<Candidate>>,
     pub limits: &'a mut RateLimits,
     pub observed: &'a mut Observed,
@@ -218,6 +240,7 @@ pub fn step(input: StepInput<'_>) -> Step {
     let StepInput {
         catalog,
         plan,
+        wanted,
         due,
         limits,
         observed,
@@ -227,8 +250,7 @@ pub fn step(input: StepInput<'_>) -> Step {
     let now_ms = now.timestamp_millis();
     // A group that returned fewer jobs than asked has no more queued now;
     // one that returned all it was asked for may have more (the read is
-    // capped at BATCH): its quota stays for the next step.
-    let wanted = plan.wanted();
+    // capped): its quota stays for the next step.
     let mut due: Vec<std::collections::VecDeque<Candidate>> =
         due.into_iter().map(Into::into).collect();
     due.resize_with(plan.groups.len(), Default::default);
@@ -256,6 +278,15 @@ pub fn step(input: StepInput<'_>) -> Step {
                 }
                 continue;
             }
+        }
+        if limits.startable_now(provider, model, now_ms) == 0 {
+            // Full (so `wanted` read nothing for it): look again when a
+            // request fits, or when an answer frees a slot.
+            blocked_models.insert(model);
+            if let Some(wait) = limits.ready_in_ms(provider, model, 1, now_ms) {
+                later(&mut next, now + chrono::Duration::milliseconds(wait.max(1)));
+            }
+            continue;
         }
         let group = &plan.groups[g];
         let mut taken = 0u64;
@@ -655,9 +686,11 @@ chat = ["cheap/c1", "dear/d1"]
             due: Vec<Candidate>,
             now: DateTime<Utc>,
         ) -> Step {
+            let wanted = plan.wanted(&self.c.catalog, &mut self.limits, &self.observed, now);
             step(StepInput {
                 catalog: &self.c.catalog,
                 plan,
+                wanted,
                 due: vec![due],
                 limits: &mut self.limits,
                 observed: &mut self.observed,
@@ -710,11 +743,40 @@ chat = ["cheap/c1", "dear/d1"]
     }
 
     #[test]
+    fn a_full_provider_reads_no_jobs_and_waits_for_an_answer() {
+        let mut w = World::new(config(""));
+        let cheap = w.model("cheap/c1");
+        let mut plan = plan_for(&w.c, 5, &[(cheap, 5)]);
+        // cheap has concurrency = 2: only two of the five are read.
+        assert_eq!(
+            plan.wanted(&w.c.catalog, &mut w.limits, &w.observed, t0()),
+            vec![2]
+        );
+        let d = t0() + chrono::Duration::hours(1);
+        let s = w.step(&mut plan, vec![job(1, d, None), job(2, d, None)], t0());
+        assert_eq!(started(&s), vec![(1, cheap), (2, cheap)]);
+        // Both slots taken: nothing to read, no busy loop, no timer (an
+        // answer frees a slot), and the rest of the quota is kept.
+        assert_eq!(
+            plan.wanted(&w.c.catalog, &mut w.limits, &w.observed, t0()),
+            vec![0]
+        );
+        let s = w.step(&mut plan, vec![], t0());
+        assert!(s.actions.is_empty());
+        assert!(!s.more, "a full provider must not be polled");
+        assert_eq!(s.next, None);
+        assert_eq!(plan.quotas.entries[0].2, 3);
+    }
+
+    #[test]
     fn a_quota_larger_than_one_read_keeps_its_remainder_for_the_next_step() {
         let mut w = World::new(config(""));
         let dear = w.model("dear/d1");
         let mut plan = plan_for(&w.c, 300, &[(dear, 300)]);
-        assert_eq!(plan.wanted(), vec![BATCH]);
+        assert_eq!(
+            plan.wanted(&w.c.catalog, &mut w.limits, &w.observed, t0()),
+            vec![BATCH]
+        );
         let d = t0() + chrono::Duration::hours(1);
         let read: Vec<Candidate> = (1..=BATCH as i64).map(|i| job(i, d, None)).collect();
         let s = w.step(&mut plan, read, t0());

@@ -77,6 +77,17 @@ impl Bucket {
         }
     }
 
+    /// How many requests of `units` each could be taken now, one after
+    /// another (at most `u32::MAX`).
+    pub fn whole_now(&mut self, units: f64, now_ms: i64) -> u32 {
+        self.refill(now_ms);
+        let unit = self.needed(units).max(1e-9);
+        if self.level + 1e-9 < unit {
+            return 0;
+        }
+        ((self.level + 1e-9) / unit).floor().min(u32::MAX as f64) as u32
+    }
+
     /// Takes `units` (may leave the bucket in debt).
     pub fn take(&mut self, units: f64, now_ms: i64) {
         self.refill(now_ms);
@@ -143,6 +154,24 @@ impl ProviderLimiter {
             .as_mut()
             .map_or(0, |b| b.ready_in_ms(1.0, now_ms));
         Some(r.max(t).max(d))
+    }
+
+    /// At most how many requests may start now: free concurrency slots and
+    /// whole requests in the rpm and rpd buckets. Tokens are not counted (they
+    /// differ per request), so this is an upper bound, for sizing reads.
+    pub fn startable_now(&mut self, now_ms: i64) -> u32 {
+        let free = self
+            .concurrency
+            .map_or(u32::MAX, |c| c.saturating_sub(self.in_flight));
+        let r = self
+            .requests
+            .as_mut()
+            .map_or(u32::MAX, |b| b.whole_now(1.0, now_ms));
+        let d = self
+            .daily
+            .as_mut()
+            .map_or(u32::MAX, |b| b.whole_now(1.0, now_ms));
+        free.min(r).min(d)
     }
 
     /// Takes capacity for a request if the limits allow it now.
@@ -240,6 +269,16 @@ impl RateLimits {
         Some(p.max(m))
     }
 
+    /// At most how many requests to `model` on `provider` may start now
+    /// (see [`ProviderLimiter::startable_now`]).
+    pub fn startable_now(&mut self, provider: ProviderId, model: ModelId, now_ms: i64) -> u32 {
+        let p = self.providers[provider].startable_now(now_ms);
+        match self.model(model) {
+            Some(l) => p.min(l.startable_now(now_ms)),
+            None => p,
+        }
+    }
+
     /// Takes capacity on both the provider and the model, if both allow it now.
     pub fn try_acquire(
         &mut self,
@@ -277,6 +316,43 @@ impl RateLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn startable_now_counts_free_slots_and_whole_requests() {
+        let limits = Limits {
+            rpm: Some(600),
+            concurrency: Some(4),
+            ..Limits::default()
+        };
+        let mut p = ProviderLimiter::with_pacing(&limits, 0, 1.0);
+        // A one-second burst of 10 requests, but only 4 slots.
+        assert_eq!(p.startable_now(0), 4);
+        for _ in 0..3 {
+            assert!(p.try_acquire(1, 0));
+        }
+        assert_eq!(p.startable_now(0), 1);
+        for _ in 0..3 {
+            p.release(1, Some(1), 0);
+        }
+        // 3 of the 10 requests are used; the slots are free again.
+        assert_eq!(p.startable_now(0), 4);
+        let mut rpm_only = ProviderLimiter::with_pacing(
+            &Limits {
+                rpm: Some(600),
+                ..Limits::default()
+            },
+            0,
+            1.0,
+        );
+        for _ in 0..8 {
+            assert!(rpm_only.try_acquire(1, 0));
+            rpm_only.release(1, Some(1), 0);
+        }
+        assert_eq!(rpm_only.startable_now(0), 2);
+        assert_eq!(rpm_only.startable_now(100), 3);
+        let mut unlimited = ProviderLimiter::with_pacing(&Limits::default(), 0, 1.0);
+        assert_eq!(unlimited.startable_now(0), u32::MAX);
+    }
 
     #[test]
     fn rpm_bucket_allows_one_second_burst_then_paces() {

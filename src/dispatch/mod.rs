@@ -375,7 +375,9 @@ impl Dispatcher {
         };
 
         // The queued jobs each planned group may start now, in one read.
-        let wanted = cur.plan.wanted();
+        let wanted = cur
+            .plan
+            .wanted(&self.catalog, &mut st.limits, &st.observed, now);
         let reads: Vec<(usize, String, i64, i64, usize)> = wanted
             .iter()
             .enumerate()
@@ -407,6 +409,7 @@ impl Dispatcher {
         let step = decide::step(decide::StepInput {
             catalog: &self.catalog,
             plan: &mut cur.plan,
+            wanted,
             due,
             limits: &mut st.limits,
             observed: &mut st.observed,

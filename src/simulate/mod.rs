@@ -515,7 +515,7 @@ pub fn run(
                     planned_at = Some(now);
                     replan = false;
                 }
-                let wanted = current.wanted();
+                let wanted = current.wanted(catalog, &mut limits, &observed, now);
                 let due: Vec<Vec<Candidate>> = current
                     .groups
                     .iter()
@@ -540,6 +540,7 @@ pub fn run(
                 let step = decide::step(decide::StepInput {
                     catalog,
                     plan: &mut current,
+                    wanted,
                     due,
                     limits: &mut limits,
                     observed: &mut observed,

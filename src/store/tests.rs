@@ -191,3 +191,66 @@ fn overdue_queued_jobs_expire_and_running_ones_do_not() {
     assert_eq!(state(&store, 2).0, JobState::Expired);
     assert_eq!(store.earliest_queued_deadline().unwrap(), None);
 }
+
+#[test]
+fn the_queue_summary_matches_the_planners_buckets() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("q.db")).unwrap();
+    let config = Config::embedded_default();
+    let ctx = JobContext {
+        catalog: &config.catalog,
+        now: DateTime::<Utc>::from_timestamp_millis(T0).unwrap(),
+        default_deadline: std::time::Duration::from_secs(3600),
+    };
+    // Two routes; deadlines that share a bucket, straddle its end, and sit
+    // buckets apart; lines of different sizes.
+    let mut lines = Vec::new();
+    for (i, (class, deadline)) in [
+        ("cheap-chat", "1h"),
+        ("cheap-chat", "1h1m"),
+        ("cheap-chat", "1h14m"),
+        ("cheap-chat", "1h16m"),
+        ("cheap-chat", "5h"),
+        ("budget-chat", "1h1m"),
+        ("budget-chat", "1h"),
+        ("budget-chat", "1h"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let text = "word ".repeat(1 + 40 * i);
+        lines.push(format!(
+            r#"{{"custom_id":"j{i}","method":"POST","url":"/v1/chat/completions","body":{{"model":"{class}","messages":[{{"role":"user","content":"{text}"}}],"max_tokens":{}}},"nightshift":{{"deadline":"{deadline}"}}}}"#,
+            10 + i
+        ));
+    }
+    let jobs: Vec<_> = lines.iter().map(|l| parse_line(l, &ctx).unwrap()).collect();
+    let outcomes = lines.iter().enumerate().map(|(i, l)| {
+        Ok(LineOutcome {
+            line: i as u64 + 1,
+            job: parse_line(l, &ctx),
+        })
+    });
+    let source = NewSource {
+        origin: Origin::Inbox,
+        name: "t.jsonl",
+        stem: "t",
+        sha256: Some("t"),
+        now_ms: T0,
+    };
+    store.ingest(&source, outcomes).unwrap();
+    let key = |b: &crate::plan::QueuedBucket| (b.route_key.clone(), b.deadline_from);
+    let mut got = store.queued_buckets().unwrap();
+    got.sort_by_key(key);
+    let mut want = crate::plan::bucket_jobs(jobs.iter().map(|j| {
+        (
+            j.route_key.as_str(),
+            j.deadline.timestamp_millis(),
+            j.estimate.input,
+            j.estimate.output,
+        )
+    }));
+    want.sort_by_key(key);
+    assert_eq!(got, want);
+    assert!(got.len() >= 4, "{got:?}");
+}
