@@ -424,7 +424,7 @@ impl Store {
                     ]) {
                         Ok(_) => {
                             queued += 1;
-                            tracing::debug!(job = tx.last_insert_rowid(), custom_id = %job.custom_id, "job queued");
+                            tracing::debug!(job = tx.last_insert_rowid(), custom_id = %crate::domain::units::escaped(&job.custom_id), "job queued");
                             continue;
                         }
                         Err(rusqlite::Error::SqliteFailure(e, _))
