@@ -14,11 +14,12 @@ use anyhow::{Context, bail};
 use chrono::Utc;
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{Notify, mpsc, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, Transport};
 use crate::dispatch::provider::ProviderClient;
 use crate::dispatch::{Dispatcher, blocking};
+use crate::domain::units::{escaped, escaped_os};
 use crate::ingest::{self, CompletedWrites, FileOutcome, Folders};
 use crate::results;
 use crate::store::Store;
@@ -404,16 +405,26 @@ async fn ingest_loop(
         }
     };
     let mut next_scan = rescan_interval;
+    let logged = Arc::new(std::sync::Mutex::new(InboxLog::default()));
     loop {
         // The catalog in force now (a reload applies from the next file on).
-        let (store, catalog, folders2, completed2) = (
+        let (store, catalog, folders2, completed2, logged2) = (
             store.clone(),
             live.borrow().catalog.clone(),
             folders.clone(),
             completed.clone(),
+            logged.clone(),
         );
         let scan = tokio::task::spawn_blocking(move || {
-            scan_inbox(&store, &catalog, default_deadline, &folders2, &completed2)
+            let mut logged = logged2.lock().unwrap_or_else(|e| e.into_inner());
+            scan_inbox(
+                &store,
+                &catalog,
+                default_deadline,
+                &folders2,
+                &completed2,
+                &mut logged,
+            )
         })
         .await;
         match scan {
@@ -441,6 +452,15 @@ async fn ingest_loop(
     }
 }
 
+/// What the ingest loop already logged: a problem that lasts (an entry that
+/// cannot be moved out of the inbox, an inbox that cannot be listed) is
+/// logged once, not on every scan.
+#[derive(Default)]
+struct InboxLog {
+    entries: ingest::LogOnce<std::ffi::OsString>,
+    listing: ingest::LogOnce<()>,
+}
+
 /// Ingests every ready inbox file. Returns the jobs queued and whether some
 /// file was left to settle.
 fn scan_inbox(
@@ -449,35 +469,67 @@ fn scan_inbox(
     default_deadline: Duration,
     folders: &Folders,
     completed: &CompletedWrites,
+    logged: &mut InboxLog,
 ) -> (u64, bool) {
     let (files, unsettled) = match ingest::ready_files(&folders.inbox, completed, SystemTime::now())
     {
-        Ok(x) => x,
+        Ok(x) => {
+            logged.listing.forget(&());
+            x
+        }
         Err(e) => {
-            warn!("cannot list {}: {e}", folders.inbox.display());
+            if logged.listing.first((), &e.to_string()) {
+                warn!(inbox = %escaped_os(folders.inbox.as_os_str()), "cannot list the inbox (retried on every scan, logged once): {e}");
+            }
             return (0, false);
         }
     };
+    // An entry no longer in the inbox is forgotten: if it comes back, a
+    // problem with it is news again.
+    logged
+        .entries
+        .retain(|name| fs::symlink_metadata(folders.inbox.join(name)).is_ok());
     let mut queued = 0;
     for path in files {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        match ingest::ingest_file(store, catalog, default_deadline, folders, &path, Utc::now()) {
+        let os_name = path.file_name().unwrap_or_default().to_os_string();
+        let name = escaped_os(&os_name).to_string();
+        let outcome =
+            ingest::ingest_file(store, catalog, default_deadline, folders, &path, Utc::now());
+        if outcome.is_ok() {
+            logged.entries.forget(&os_name);
+        }
+        let moved = |p: &Path| escaped_os(p.as_os_str()).to_string();
+        match outcome {
             Ok(FileOutcome::Ingested { summary, moved_to }) => {
                 queued += summary.queued;
-                info!(file = %name, queued = summary.queued, invalid = summary.invalid, outbox_stem = %summary.stem,
-                      moved_to = %moved_to.display(), "ingested job file");
+                info!(file = %name, queued = summary.queued, invalid = summary.invalid, outbox_stem = %escaped(&summary.stem),
+                      moved_to = %moved(&moved_to), "ingested job file");
             }
             Ok(FileOutcome::Duplicate { previous, moved_to }) => {
-                info!(file = %name, previous = %previous, moved_to = %moved_to.display(),
+                info!(file = %name, previous = %escaped(&previous), moved_to = %moved(&moved_to),
                       "same content was ingested before; not queued again");
             }
-            Ok(FileOutcome::Rejected { reason, moved_to }) => {
-                warn!(file = %name, moved_to = %moved_to.display(), "rejected job file: {reason}");
+            Ok(FileOutcome::Rejected {
+                reason,
+                moved_to,
+                note_error,
+            }) => {
+                warn!(file = %name, moved_to = %moved(&moved_to), "rejected job file: {reason}");
+                if let Some(e) = note_error {
+                    error!(file = %name, "could not write the rejection note: {e}");
+                }
             }
-            Err(e) => error!("ingest failed, file left in the inbox for the next scan: {e}"),
+            Ok(FileOutcome::Gone) => {
+                debug!(file = %name, "gone from the inbox before it was read");
+            }
+            Err(e) => {
+                let problem = e.to_string();
+                if logged.entries.first(os_name, &problem) {
+                    error!(file = %name, "ingest failed; the file stays in the inbox and is retried on every scan (logged once): {problem}");
+                } else {
+                    debug!(file = %name, "ingest failed again: {problem}");
+                }
+            }
         }
     }
     (queued, unsettled)
