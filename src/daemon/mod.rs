@@ -214,7 +214,7 @@ pub async fn run(
     crate::daemon::systemd::stopping();
     components.stop().await;
     // Results that became final during the drain.
-    write_ready_outboxes(&store, &folders).await;
+    write_ready_outboxes(&store, &folders, OutboxLog::default()).await;
     match failed {
         None => {
             info!("stopped");
@@ -542,11 +542,12 @@ async fn outbox_loop(
     finished: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut logged = OutboxLog::default();
     loop {
         if crate::faults::fire("daemon.outbox_panic") {
             panic!("injected fault: daemon.outbox_panic");
         }
-        write_ready_outboxes(&store, &folders).await;
+        logged = write_ready_outboxes(&store, &folders, logged).await;
         tokio::select! {
             _ = stop.changed() => return,
             _ = finished.notified() => {
@@ -558,24 +559,79 @@ async fn outbox_loop(
     }
 }
 
-async fn write_ready_outboxes(store: &Arc<Store>, folders: &Folders) {
+/// What the outbox writer already logged: a source whose outbox cannot be
+/// written is retried on every pass and logged once (per problem).
+#[derive(Default)]
+struct OutboxLog {
+    sources: ingest::LogOnce<i64>,
+    batches: ingest::LogOnce<()>,
+    listing: ingest::LogOnce<()>,
+}
+
+/// Writes the outbox of every finished source, each on its own: one that
+/// fails (a name the file system refuses, a full disk) is logged with its
+/// source named and retried on the next pass, and blocks no other.
+async fn write_ready_outboxes(
+    store: &Arc<Store>,
+    folders: &Folders,
+    logged: OutboxLog,
+) -> OutboxLog {
     let outbox = folders.outbox.clone();
-    let result = blocking(store, move |s| -> anyhow::Result<()> {
+    blocking(store, move |s| {
+        let mut logged = logged;
         // API batches whose jobs are all final move to completed / expired /
         // cancelled here, on the completion path, not when someone asks.
-        let closed = results::close_finished_batches(s)?;
-        if closed > 0 {
-            info!(batches = closed, "batches finished");
+        match results::close_finished_batches(s) {
+            Ok(closed) => {
+                logged.batches.forget(&());
+                if closed > 0 {
+                    info!(batches = closed, "batches finished");
+                }
+            }
+            Err(e) => {
+                if logged.batches.first((), &format!("{e:#}")) {
+                    error!("closing finished batches failed (retried on every pass, logged once): {e:#}");
+                }
+            }
         }
-        for source in s.sources_ready_for_outbox()? {
-            let (out, err) = results::write_outbox(s, &outbox, &source)?;
-            s.mark_outbox_written(source.id, Utc::now().timestamp_millis())?;
-            info!(source = %source.name, output = %out.display(), errors = %err.display(), "results written");
+        let sources = match s.sources_ready_for_outbox() {
+            Ok(sources) => {
+                logged.listing.forget(&());
+                sources
+            }
+            Err(e) => {
+                if logged.listing.first((), &e.to_string()) {
+                    error!("listing the finished sources failed (retried on every pass, logged once): {e}");
+                }
+                return logged;
+            }
+        };
+        for source in sources {
+            let written = results::write_outbox(s, &outbox, &source)
+                .map_err(anyhow::Error::from)
+                .and_then(|paths| {
+                    s.mark_outbox_written(source.id, Utc::now().timestamp_millis())?;
+                    Ok(paths)
+                });
+            match written {
+                Ok((out, err)) => {
+                    if logged.sources.forget(&source.id) {
+                        info!(source = %escaped(&source.name), "outbox written after earlier failures");
+                    }
+                    info!(source = %escaped(&source.name), output = %escaped_os(out.as_os_str()),
+                          errors = %escaped_os(err.as_os_str()), "results written");
+                }
+                Err(e) => {
+                    if logged.sources.first(source.id, &format!("{e:#}")) {
+                        error!(source = %escaped(&source.name), stem = %escaped(&source.stem),
+                               "writing this file's outbox failed (retried on every pass, logged once; other files are not held up): {e:#}");
+                    } else {
+                        debug!(source = %escaped(&source.name), "writing this file's outbox failed again: {e:#}");
+                    }
+                }
+            }
         }
-        Ok(())
+        logged
     })
-    .await;
-    if let Err(e) = result {
-        error!("writing outbox files failed (will retry): {e:#}");
-    }
+    .await
 }
