@@ -50,6 +50,29 @@ fn lock_state_dir(state_dir: &Path) -> anyhow::Result<InstanceLock> {
     }
 }
 
+/// Creates the state directory (database, instance lock, API token, the
+/// default socket) owner-only, 0700, whatever the umask. One that exists
+/// keeps its mode (it may be shared on purpose), with a warning if others
+/// may enter it; the database in it is 0600 either way ([`Store::open`]).
+fn create_state_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent)?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        // The umask can only take bits away; set them all the same.
+        Ok(()) => fs::set_permissions(dir, fs::Permissions::from_mode(0o700)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {
+            let mode = fs::metadata(dir)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                warn!(state_dir = %escaped_os(dir.as_os_str()), "the state directory has mode {mode:03o}: others may enter it (the database in it is 0600); chmod 700 it unless it is shared on purpose");
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Runs the daemon until `shutdown` resolves, then stops gracefully.
 /// `config_path` is where SIGHUP reloads the configuration from (`None`:
 /// the embedded default, which a reload leaves as it is).
@@ -65,7 +88,7 @@ pub async fn run(
     // Parsing reads no API key; the daemon needs them all before it starts.
     config.resolve_keys()?;
     let d = &config.daemon;
-    fs::create_dir_all(&d.state_dir)
+    create_state_dir(&d.state_dir)
         .with_context(|| format!("creating state directory {}", d.state_dir.display()))?;
     let _lock = lock_state_dir(&d.state_dir)?;
     let folders = Folders::new(&d.jobs_dir);
