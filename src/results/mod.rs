@@ -3,6 +3,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use chrono::Utc;
@@ -189,7 +190,12 @@ pub fn write_outbox(
             file.sync_all()?;
             fs::rename(tmp, path)?;
         }
-        File::open(outbox)?.sync_all()?;
+        // O_DIRECTORY: whatever took the folder's place (a FIFO) cannot block.
+        File::options()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(outbox)?
+            .sync_all()?;
         Ok::<_, ResultsError>(())
     })();
     if written.is_err() {
