@@ -14,11 +14,12 @@ use anyhow::{Context, bail};
 use chrono::Utc;
 use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{Notify, mpsc, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, Transport};
 use crate::dispatch::provider::ProviderClient;
 use crate::dispatch::{Dispatcher, blocking};
+use crate::domain::units::{escaped, escaped_os};
 use crate::ingest::{self, CompletedWrites, FileOutcome, Folders};
 use crate::results;
 use crate::store::Store;
@@ -49,6 +50,29 @@ fn lock_state_dir(state_dir: &Path) -> anyhow::Result<InstanceLock> {
     }
 }
 
+/// Creates the state directory (database, instance lock, API token, the
+/// default socket) owner-only, 0700, whatever the umask. One that exists
+/// keeps its mode (it may be shared on purpose), with a warning if others
+/// may enter it; the database in it is 0600 either way ([`Store::open`]).
+fn create_state_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(parent)?;
+    }
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        // The umask can only take bits away; set them all the same.
+        Ok(()) => fs::set_permissions(dir, fs::Permissions::from_mode(0o700)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {
+            let mode = fs::metadata(dir)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                warn!(state_dir = %escaped_os(dir.as_os_str()), "the state directory has mode {mode:03o}: others may enter it (the database in it is 0600); chmod 700 it unless it is shared on purpose");
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Runs the daemon until `shutdown` resolves, then stops gracefully.
 /// `config_path` is where SIGHUP reloads the configuration from (`None`:
 /// the embedded default, which a reload leaves as it is).
@@ -64,7 +88,7 @@ pub async fn run(
     // Parsing reads no API key; the daemon needs them all before it starts.
     config.resolve_keys()?;
     let d = &config.daemon;
-    fs::create_dir_all(&d.state_dir)
+    create_state_dir(&d.state_dir)
         .with_context(|| format!("creating state directory {}", d.state_dir.display()))?;
     let _lock = lock_state_dir(&d.state_dir)?;
     let folders = Folders::new(&d.jobs_dir);
@@ -213,7 +237,7 @@ pub async fn run(
     crate::daemon::systemd::stopping();
     components.stop().await;
     // Results that became final during the drain.
-    write_ready_outboxes(&store, &folders).await;
+    write_ready_outboxes(&store, &folders, OutboxLog::default()).await;
     match failed {
         None => {
             info!("stopped");
@@ -404,16 +428,26 @@ async fn ingest_loop(
         }
     };
     let mut next_scan = rescan_interval;
+    let logged = Arc::new(std::sync::Mutex::new(InboxLog::default()));
     loop {
         // The catalog in force now (a reload applies from the next file on).
-        let (store, catalog, folders2, completed2) = (
+        let (store, catalog, folders2, completed2, logged2) = (
             store.clone(),
             live.borrow().catalog.clone(),
             folders.clone(),
             completed.clone(),
+            logged.clone(),
         );
         let scan = tokio::task::spawn_blocking(move || {
-            scan_inbox(&store, &catalog, default_deadline, &folders2, &completed2)
+            let mut logged = logged2.lock().unwrap_or_else(|e| e.into_inner());
+            scan_inbox(
+                &store,
+                &catalog,
+                default_deadline,
+                &folders2,
+                &completed2,
+                &mut logged,
+            )
         })
         .await;
         match scan {
@@ -441,6 +475,15 @@ async fn ingest_loop(
     }
 }
 
+/// What the ingest loop already logged: a problem that lasts (an entry that
+/// cannot be moved out of the inbox, an inbox that cannot be listed) is
+/// logged once, not on every scan.
+#[derive(Default)]
+struct InboxLog {
+    entries: ingest::LogOnce<std::ffi::OsString>,
+    listing: ingest::LogOnce<()>,
+}
+
 /// Ingests every ready inbox file. Returns the jobs queued and whether some
 /// file was left to settle.
 fn scan_inbox(
@@ -449,35 +492,67 @@ fn scan_inbox(
     default_deadline: Duration,
     folders: &Folders,
     completed: &CompletedWrites,
+    logged: &mut InboxLog,
 ) -> (u64, bool) {
     let (files, unsettled) = match ingest::ready_files(&folders.inbox, completed, SystemTime::now())
     {
-        Ok(x) => x,
+        Ok(x) => {
+            logged.listing.forget(&());
+            x
+        }
         Err(e) => {
-            warn!("cannot list {}: {e}", folders.inbox.display());
+            if logged.listing.first((), &e.to_string()) {
+                warn!(inbox = %escaped_os(folders.inbox.as_os_str()), "cannot list the inbox (retried on every scan, logged once): {e}");
+            }
             return (0, false);
         }
     };
+    // An entry no longer in the inbox is forgotten: if it comes back, a
+    // problem with it is news again.
+    logged
+        .entries
+        .retain(|name| fs::symlink_metadata(folders.inbox.join(name)).is_ok());
     let mut queued = 0;
     for path in files {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        match ingest::ingest_file(store, catalog, default_deadline, folders, &path, Utc::now()) {
+        let os_name = path.file_name().unwrap_or_default().to_os_string();
+        let name = escaped_os(&os_name).to_string();
+        let outcome =
+            ingest::ingest_file(store, catalog, default_deadline, folders, &path, Utc::now());
+        if outcome.is_ok() {
+            logged.entries.forget(&os_name);
+        }
+        let moved = |p: &Path| escaped_os(p.as_os_str()).to_string();
+        match outcome {
             Ok(FileOutcome::Ingested { summary, moved_to }) => {
                 queued += summary.queued;
-                info!(file = %name, queued = summary.queued, invalid = summary.invalid, outbox_stem = %summary.stem,
-                      moved_to = %moved_to.display(), "ingested job file");
+                info!(file = %name, queued = summary.queued, invalid = summary.invalid, outbox_stem = %escaped(&summary.stem),
+                      moved_to = %moved(&moved_to), "ingested job file");
             }
             Ok(FileOutcome::Duplicate { previous, moved_to }) => {
-                info!(file = %name, previous = %previous, moved_to = %moved_to.display(),
+                info!(file = %name, previous = %escaped(&previous), moved_to = %moved(&moved_to),
                       "same content was ingested before; not queued again");
             }
-            Ok(FileOutcome::Rejected { reason, moved_to }) => {
-                warn!(file = %name, moved_to = %moved_to.display(), "rejected job file: {reason}");
+            Ok(FileOutcome::Rejected {
+                reason,
+                moved_to,
+                note_error,
+            }) => {
+                warn!(file = %name, moved_to = %moved(&moved_to), "rejected job file: {reason}");
+                if let Some(e) = note_error {
+                    error!(file = %name, "could not write the rejection note: {e}");
+                }
             }
-            Err(e) => error!("ingest failed, file left in the inbox for the next scan: {e}"),
+            Ok(FileOutcome::Gone) => {
+                debug!(file = %name, "gone from the inbox before it was read");
+            }
+            Err(e) => {
+                let problem = e.to_string();
+                if logged.entries.first(os_name, &problem) {
+                    error!(file = %name, "ingest failed; the file stays in the inbox and is retried on every scan (logged once): {problem}");
+                } else {
+                    debug!(file = %name, "ingest failed again: {problem}");
+                }
+            }
         }
     }
     (queued, unsettled)
@@ -490,11 +565,12 @@ async fn outbox_loop(
     finished: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut logged = OutboxLog::default();
     loop {
         if crate::faults::fire("daemon.outbox_panic") {
             panic!("injected fault: daemon.outbox_panic");
         }
-        write_ready_outboxes(&store, &folders).await;
+        logged = write_ready_outboxes(&store, &folders, logged).await;
         tokio::select! {
             _ = stop.changed() => return,
             _ = finished.notified() => {
@@ -506,24 +582,79 @@ async fn outbox_loop(
     }
 }
 
-async fn write_ready_outboxes(store: &Arc<Store>, folders: &Folders) {
+/// What the outbox writer already logged: a source whose outbox cannot be
+/// written is retried on every pass and logged once (per problem).
+#[derive(Default)]
+struct OutboxLog {
+    sources: ingest::LogOnce<i64>,
+    batches: ingest::LogOnce<()>,
+    listing: ingest::LogOnce<()>,
+}
+
+/// Writes the outbox of every finished source, each on its own: one that
+/// fails (a name the file system refuses, a full disk) is logged with its
+/// source named and retried on the next pass, and blocks no other.
+async fn write_ready_outboxes(
+    store: &Arc<Store>,
+    folders: &Folders,
+    logged: OutboxLog,
+) -> OutboxLog {
     let outbox = folders.outbox.clone();
-    let result = blocking(store, move |s| -> anyhow::Result<()> {
+    blocking(store, move |s| {
+        let mut logged = logged;
         // API batches whose jobs are all final move to completed / expired /
         // cancelled here, on the completion path, not when someone asks.
-        let closed = results::close_finished_batches(s)?;
-        if closed > 0 {
-            info!(batches = closed, "batches finished");
+        match results::close_finished_batches(s) {
+            Ok(closed) => {
+                logged.batches.forget(&());
+                if closed > 0 {
+                    info!(batches = closed, "batches finished");
+                }
+            }
+            Err(e) => {
+                if logged.batches.first((), &format!("{e:#}")) {
+                    error!("closing finished batches failed (retried on every pass, logged once): {e:#}");
+                }
+            }
         }
-        for source in s.sources_ready_for_outbox()? {
-            let (out, err) = results::write_outbox(s, &outbox, &source)?;
-            s.mark_outbox_written(source.id, Utc::now().timestamp_millis())?;
-            info!(source = %source.name, output = %out.display(), errors = %err.display(), "results written");
+        let sources = match s.sources_ready_for_outbox() {
+            Ok(sources) => {
+                logged.listing.forget(&());
+                sources
+            }
+            Err(e) => {
+                if logged.listing.first((), &e.to_string()) {
+                    error!("listing the finished sources failed (retried on every pass, logged once): {e}");
+                }
+                return logged;
+            }
+        };
+        for source in sources {
+            let written = results::write_outbox(s, &outbox, &source)
+                .map_err(anyhow::Error::from)
+                .and_then(|paths| {
+                    s.mark_outbox_written(source.id, Utc::now().timestamp_millis())?;
+                    Ok(paths)
+                });
+            match written {
+                Ok((out, err)) => {
+                    if logged.sources.forget(&source.id) {
+                        info!(source = %escaped(&source.name), "outbox written after earlier failures");
+                    }
+                    info!(source = %escaped(&source.name), output = %escaped_os(out.as_os_str()),
+                          errors = %escaped_os(err.as_os_str()), "results written");
+                }
+                Err(e) => {
+                    if logged.sources.first(source.id, &format!("{e:#}")) {
+                        error!(source = %escaped(&source.name), stem = %escaped(&source.stem),
+                               "writing this file's outbox failed (retried on every pass, logged once; other files are not held up): {e:#}");
+                    } else {
+                        debug!(source = %escaped(&source.name), "writing this file's outbox failed again: {e:#}");
+                    }
+                }
+            }
         }
-        Ok(())
+        logged
     })
-    .await;
-    if let Err(e) = result {
-        error!("writing outbox files failed (will retry): {e:#}");
-    }
+    .await
 }

@@ -268,7 +268,7 @@ impl Dispatcher {
                     decide::settle(&mut st.limits, &mut st.observed, &attempt, &d.answer, now);
                 if changed {
                     let name = &self.catalog.providers[attempt.provider].name;
-                    warn!(provider = %name, health = %st.observed.health[attempt.provider].describe(now),
+                    warn!(provider = %name, health = %crate::domain::units::escaped(&st.observed.health[attempt.provider].describe(now)),
                           "provider availability changed; re-planning");
                 }
                 self.record_metrics(&attempt, &d.answer, d.list_cost, d.status, &st.observed);
@@ -328,7 +328,7 @@ impl Dispatcher {
             st.earliest_deadline = earliest;
             if !expired.is_empty() {
                 for (id, custom_id) in &expired {
-                    debug!(job = id, %custom_id, "job expired");
+                    debug!(job = id, custom_id = %crate::domain::units::escaped(custom_id), "job expired");
                 }
                 info!(
                     expired = expired.len(),
@@ -506,7 +506,7 @@ impl Dispatcher {
                 continue;
             };
             let provider = self.catalog.models[model].provider;
-            debug!(job = id, custom_id = %job.custom_id, provider = %self.catalog.providers[provider].name,
+            debug!(job = id, custom_id = %crate::domain::units::escaped(&job.custom_id), provider = %self.catalog.providers[provider].name,
                    model = %self.catalog.models[model].name, estimated_cost = cost, "job running");
             let attempt = Attempt {
                 job: id,
@@ -965,7 +965,7 @@ impl RequestContext {
                 body,
                 signals,
             } => {
-                warn!(job = job.id, custom_id = %job.custom_id, %provider, status, attempts, ?verdict,
+                warn!(job = job.id, custom_id = %crate::domain::units::escaped(&job.custom_id), %provider, status, attempts, ?verdict,
                       "provider answered with an error");
                 let finish = Finish {
                     succeeded: false,
@@ -978,8 +978,8 @@ impl RequestContext {
                 (finish, None, signals)
             }
             Outcome::NoAnswer { code, message } => {
-                warn!(job = job.id, custom_id = %job.custom_id, %provider, code, attempts, ?verdict,
-                      "request failed: {message}");
+                warn!(job = job.id, custom_id = %crate::domain::units::escaped(&job.custom_id), %provider, code, attempts, ?verdict,
+                      "request failed: {}", crate::domain::units::escaped(&message));
                 let finish = Finish {
                     succeeded: false,
                     completed_at,

@@ -3,13 +3,15 @@
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use chrono::Utc;
 use serde_json::{Value, json};
 
 use crate::store::{
-    BatchClose, FileKind, FinishedJob, JobState, ResultsError, SourceRow, Store, StoredLineError,
+    BatchClose, DoneBatch, FileKind, FinishedJob, JobState, ResultsError, SourceRow, Store,
+    StoredLineError,
 };
 
 /// Costs are exact in the database; results show them to a picomillionth
@@ -128,30 +130,80 @@ pub fn outbox_paths(outbox: &Path, stem: &str) -> (PathBuf, PathBuf) {
     )
 }
 
+/// The temporary names a source's outbox files are written under before
+/// the rename: short and bounded whatever the source's name (a name near
+/// the file system's limit must not make them too long), hidden, and
+/// distinct per source.
+pub fn outbox_temp_paths(outbox: &Path, source_id: i64) -> (PathBuf, PathBuf) {
+    (
+        outbox.join(format!(".nightshift-{source_id}.output.tmp")),
+        outbox.join(format!(".nightshift-{source_id}.errors.tmp")),
+    )
+}
+
+/// A new file at `path`, replacing whatever was there: a leftover of an
+/// interrupted write is removed, and a link someone left there is removed,
+/// not followed (`create_new`).
+fn create_fresh(path: &Path) -> io::Result<File> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    File::options().write(true).create_new(true).open(path)
+}
+
 /// Writes `<stem>.output.jsonl` and `<stem>.errors.jsonl` for a finished
 /// source, each atomically (temp file, fsync, rename), then fsyncs the folder.
+/// Fails, writing nothing, if the final names cannot exist (longer than
+/// [`crate::ingest::NAME_MAX`]: ingest rejects such names, a source from an
+/// older version may still have one).
 pub fn write_outbox(
     store: &Store,
     outbox: &Path,
     source: &SourceRow,
 ) -> Result<(PathBuf, PathBuf), ResultsError> {
     let (out_path, err_path) = outbox_paths(outbox, &source.stem);
-    let out_tmp = outbox.join(format!(".{}.output.jsonl.tmp", source.stem));
-    let err_tmp = outbox.join(format!(".{}.errors.jsonl.tmp", source.stem));
-    let mut out = BufWriter::new(File::create(&out_tmp)?);
-    let mut err = BufWriter::new(File::create(&err_tmp)?);
-    for_each_result_line(store, source.id, &source.stem, |output, line| {
-        let w = if output { &mut out } else { &mut err };
-        serde_json::to_writer(&mut *w, line)?;
-        w.write_all(b"\n")
-    })?;
-    for (w, tmp, path) in [(out, &out_tmp, &out_path), (err, &err_tmp, &err_path)] {
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        fs::rename(tmp, path)?;
+    for p in [&out_path, &err_path] {
+        let len = p.file_name().map_or(0, |n| n.len());
+        if len > crate::ingest::NAME_MAX {
+            return Err(ResultsError::Io(io::Error::new(
+                io::ErrorKind::InvalidFilename,
+                format!(
+                    "its outbox file names would be {len} bytes long, more than the file \
+                     system's {} (the results stay in the database)",
+                    crate::ingest::NAME_MAX
+                ),
+            )));
+        }
     }
-    File::open(outbox)?.sync_all()?;
-    Ok((out_path, err_path))
+    let (out_tmp, err_tmp) = outbox_temp_paths(outbox, source.id);
+    let written = (|| {
+        let mut out = BufWriter::new(create_fresh(&out_tmp)?);
+        let mut err = BufWriter::new(create_fresh(&err_tmp)?);
+        for_each_result_line(store, source.id, &source.stem, |output, line| {
+            let w = if output { &mut out } else { &mut err };
+            serde_json::to_writer(&mut *w, line)?;
+            w.write_all(b"\n")
+        })?;
+        for (w, tmp, path) in [(out, &out_tmp, &out_path), (err, &err_tmp, &err_path)] {
+            let file = w.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
+            fs::rename(tmp, path)?;
+        }
+        // O_DIRECTORY: whatever took the folder's place (a FIFO) cannot block.
+        File::options()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(outbox)?
+            .sync_all()?;
+        Ok::<_, ResultsError>(())
+    })();
+    if written.is_err() {
+        // Nothing half-written is left behind (a retry starts afresh anyway).
+        let _ = fs::remove_file(&out_tmp);
+        let _ = fs::remove_file(&err_tmp);
+    }
+    written.map(|()| (out_path, err_path))
 }
 
 /// Writes the lines of `kind` (output or errors) of a source to `w`. Jobs
@@ -203,40 +255,59 @@ pub fn batch_file_name(batch: i64, kind: FileKind) -> String {
 /// output and error files (their sizes counted from the database). Runs on
 /// the dispatcher's completion path (the outbox component, woken when jobs
 /// finish), not on reads. Returns how many batches it closed.
+/// A batch that fails to close does not hold up the others: they are
+/// closed, then the first failure is returned (the batch is retried on the
+/// next pass).
 pub fn close_finished_batches(store: &Store) -> anyhow::Result<usize> {
     let mut closed = 0;
+    let mut first_failure = None;
     for done in store.done_batches()? {
-        let Some(info) = store.source_info(done.source_id)? else {
-            continue;
-        };
-        let mut sizes = [(FileKind::Output, 0u64), (FileKind::Errors, 0u64)];
-        for (kind, bytes) in &mut sizes {
-            let mut c = Counter::default();
-            write_results(store, done.source_id, &info.stem, *kind, &mut c)?;
-            *bytes = c.0;
+        let id = done.id;
+        match close_batch(store, done) {
+            Ok(true) => closed += 1,
+            Ok(false) => {}
+            Err(e) => {
+                first_failure.get_or_insert(e.context(format!("closing batch {id}")));
+            }
         }
-        let file = |(kind, bytes): (FileKind, u64)| {
-            (bytes > 0).then(|| (batch_file_name(done.id, kind), bytes))
-        };
-        let status = if done.status == "cancelling" {
-            "cancelled"
-        } else if done.any_expired {
-            "expired"
-        } else {
-            "completed"
-        };
-        store.close_batch(
-            done.id,
-            &BatchClose {
-                status,
-                at: done
-                    .last_completed_at
-                    .unwrap_or_else(|| Utc::now().timestamp_millis()),
-                output: file(sizes[0]),
-                errors: file(sizes[1]),
-            },
-        )?;
-        closed += 1;
     }
-    Ok(closed)
+    match first_failure {
+        None => Ok(closed),
+        Some(e) => Err(e),
+    }
+}
+
+/// [`close_finished_batches`] for one batch; whether it was closed.
+fn close_batch(store: &Store, done: DoneBatch) -> anyhow::Result<bool> {
+    let Some(info) = store.source_info(done.source_id)? else {
+        return Ok(false);
+    };
+    let mut sizes = [(FileKind::Output, 0u64), (FileKind::Errors, 0u64)];
+    for (kind, bytes) in &mut sizes {
+        let mut c = Counter::default();
+        write_results(store, done.source_id, &info.stem, *kind, &mut c)?;
+        *bytes = c.0;
+    }
+    let file = |(kind, bytes): (FileKind, u64)| {
+        (bytes > 0).then(|| (batch_file_name(done.id, kind), bytes))
+    };
+    let status = if done.status == "cancelling" {
+        "cancelled"
+    } else if done.any_expired {
+        "expired"
+    } else {
+        "completed"
+    };
+    store.close_batch(
+        done.id,
+        &BatchClose {
+            status,
+            at: done
+                .last_completed_at
+                .unwrap_or_else(|| Utc::now().timestamp_millis()),
+            output: file(sizes[0]),
+            errors: file(sizes[1]),
+        },
+    )?;
+    Ok(true)
 }

@@ -310,6 +310,8 @@ impl Store {
     /// Opens (creating if needed) the database at `path`, asserts its pragmas
     /// and migrates it to [`SCHEMA_VERSION`].
     pub fn open(path: &Path) -> Result<Store> {
+        owner_only(path)
+            .map_err(|e| setup_err(path, format!("making it owner-only (0600): {e}")))?;
         let mut conn = Connection::open(path)?;
         let mode: String =
             conn.pragma_update_and_check(None, "journal_mode", "wal", |r| r.get(0))?;
@@ -424,7 +426,7 @@ impl Store {
                     ]) {
                         Ok(_) => {
                             queued += 1;
-                            tracing::debug!(job = tx.last_insert_rowid(), custom_id = %job.custom_id, "job queued");
+                            tracing::debug!(job = tx.last_insert_rowid(), custom_id = %crate::domain::units::escaped(&job.custom_id), "job queued");
                             continue;
                         }
                         Err(rusqlite::Error::SqliteFailure(e, _))
@@ -993,6 +995,34 @@ impl<'c> RouteIds<'c> {
         self.cache.insert(key.to_string(), id);
         Ok(id)
     }
+}
+
+/// The database file and its `-wal` and `-shm` companions are owner-only
+/// (0600) whatever the umask: the file is created so before SQLite opens it
+/// (SQLite gives the companions the mode of the database file), and ones an
+/// earlier version left readable by others are tightened.
+fn owner_only(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    let mut wal = path.as_os_str().to_os_string();
+    wal.push("-wal");
+    let mut shm = path.as_os_str().to_os_string();
+    shm.push("-shm");
+    for p in [path, Path::new(&wal), Path::new(&shm)] {
+        match std::fs::metadata(p) {
+            Ok(m) if m.permissions().mode() & 0o777 != 0o600 => {
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))?;
+            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn unique_stem(conn: &Connection, wanted: &str) -> rusqlite::Result<String> {
