@@ -87,6 +87,8 @@ pub struct SubmitQuery {
 /// The jobs of a body: a JSON array, one JSON object, or JSONL; with their
 /// 1-based line (array: element) numbers.
 fn split_body(text: &str) -> ApiResult<Vec<(u64, &str)>> {
+    // A byte order mark (editors on Windows write one) is not content.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let t = text.trim_start();
     if t.is_empty() {
         return Err(ApiError::bad_request(
@@ -577,6 +579,15 @@ mod tests {
         assert_eq!(
             split_body("{\"a\":1}\n\n{\"b\":2}\r\n").unwrap(),
             vec![(1, "{\"a\":1}"), (3, "{\"b\":2}")]
+        );
+        // A byte order mark before an array, an object or JSONL.
+        assert_eq!(
+            split_body("\u{feff}[{\"a\":1}]").unwrap(),
+            vec![(1, "{\"a\":1}")]
+        );
+        assert_eq!(
+            split_body("\u{feff}{\"a\": 1}").unwrap(),
+            vec![(1, "{\"a\": 1}")]
         );
         assert_eq!(split_body("  ").unwrap_err().code, Some("empty_body"));
         assert_eq!(split_body("[1,").unwrap_err().code, Some("invalid_json"));
