@@ -79,9 +79,20 @@ enum Command {
     },
     /// Show what the daemon intends to do with its queue: jobs and expected
     /// cost per provider and hour, against dispatching everything now.
+    ///
+    /// While the daemon runs, this is the plan its dispatcher follows (with
+    /// the latencies, success rates and availability it has observed), read
+    /// over its socket. Otherwise, or with --offline, the queue is planned
+    /// from the database with the configured limits.
     Plan {
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Plan from the database even if the daemon is running.
+        #[arg(long)]
+        offline: bool,
+        /// The daemon's plan as JSON (GET /v1/plan); not with --offline.
+        #[arg(long, conflicts_with = "offline")]
+        json: bool,
     },
     /// Run a workload in virtual time against simulated providers and compare
     /// policies on cost and deadline misses.
@@ -316,9 +327,36 @@ fn run(command: Command) -> anyhow::Result<()> {
             let config = load(config.as_ref())?;
             emit(&nightshift::daemon::cron::command(&config)?)
         }
-        Command::Plan { config } => {
+        Command::Plan {
+            config,
+            offline,
+            json,
+        } => {
             let config = load(config.as_ref())?;
-            emit(&nightshift::cli::plan(&config)?)
+            if !offline {
+                let client = nightshift::cli::client::client(&config.http);
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting the async runtime")?;
+                if let Some(out) =
+                    runtime.block_on(nightshift::cli::client::daemon_plan(&client, json))?
+                {
+                    return emit(&out);
+                }
+                if json {
+                    anyhow::bail!(
+                        "no daemon answers on {}; --json shows the daemon's plan (use --offline for one from the database)",
+                        config.http.socket.display()
+                    );
+                }
+            }
+            let note = if offline {
+                "(offline: planned from the database with the configured limits)\n"
+            } else {
+                "(the daemon is not running: planned from the database with the configured limits)\n"
+            };
+            emit(&format!("{note}{}", nightshift::cli::plan(&config)?))
         }
         Command::Simulate {
             config,

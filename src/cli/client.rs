@@ -338,6 +338,21 @@ pub async fn status(client: &Client, json: bool) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// `nightshift plan` while the daemon runs: the plan its dispatcher
+/// follows. `Ok(None)` if no daemon answers on the socket.
+pub async fn daemon_plan(client: &Client, json: bool) -> anyhow::Result<Option<String>> {
+    let plan = match client.get("/v1/plan").await {
+        Ok(plan) => plan,
+        Err(CallError::Connect { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Some(if json {
+        format!("{}\n", serde_json::to_string_pretty(&plan)?)
+    } else {
+        crate::cli::tables::plan_table_json(&plan)
+    }))
+}
+
 /// `nightshift cancel ID`: a job (`job_N`) or a batch (`batch_N`).
 pub async fn cancel(client: &Client, id: &str, json: bool) -> anyhow::Result<String> {
     let path = if id.starts_with("batch_") {

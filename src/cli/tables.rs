@@ -150,6 +150,103 @@ pub fn plan_table(plan: &Plan, groups: &[JobGroup], catalog: &Catalog) -> String
     out
 }
 
+/// The daemon's published plan (`GET /v1/plan`), as [`plan_table`] prints
+/// an offline one, followed by what the plan assumed of each provider.
+pub fn plan_table_json(v: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    let source = match v["source"].as_str() {
+        Some("dispatcher") => "the dispatcher's own plan",
+        Some("configured") => "no dispatcher plan yet: computed from the configured limits",
+        _ => "from the daemon",
+    };
+    let _ = writeln!(
+        out,
+        "{} queued jobs in {} groups, planned at {} ({}; {source})\n",
+        v["queued_jobs"].as_u64().unwrap_or(0),
+        v["groups"].as_u64().unwrap_or(0),
+        v["planned_at"].as_str().unwrap_or("?"),
+        v["method"].as_str().unwrap_or("?"),
+    );
+    let mut cells: BTreeMap<(String, DateTime<Utc>), (f64, f64)> = BTreeMap::new();
+    for a in v["allocations"].as_array().into_iter().flatten() {
+        let Some(start) = a["start"]
+            .as_str()
+            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+        else {
+            continue;
+        };
+        let provider = a["provider"].as_str().unwrap_or("?").to_string();
+        let e = cells
+            .entry((provider, hour_floor(start.with_timezone(&Utc))))
+            .or_default();
+        e.0 += f(&a["jobs"]);
+        e.1 += f(&a["expected_cost_usd"]);
+    }
+    let _ = writeln!(
+        out,
+        "  {:<14} {:<18} {:>10} {:>14}",
+        "provider", "hour (UTC)", "jobs", "expected USD"
+    );
+    for ((provider, hour), (jobs, cost)) in &cells {
+        let _ = writeln!(
+            out,
+            "  {provider:<14} {:<18} {jobs:>10.0} {cost:>14.6}",
+            hour.format("%a %d %H:00")
+        );
+    }
+    let overflow = f(&v["overflow_jobs"]);
+    if overflow > 0.0 {
+        let _ = writeln!(
+            out,
+            "  {:<14} {:<18} {overflow:>10.0}",
+            "(no capacity)", "now, fastest"
+        );
+    }
+    let (expected, now) = (f(&v["expected_cost_usd"]), f(&v["dispatch_now_cost_usd"]));
+    let saving = now - expected;
+    let pct = if now > 0.0 { 100.0 * saving / now } else { 0.0 };
+    let _ = writeln!(
+        out,
+        "\n  expected cost of the plan       {expected:>14.6} USD"
+    );
+    let _ = writeln!(out, "  dispatching everything now     {now:>14.6} USD");
+    let _ = writeln!(
+        out,
+        "  saving                         {saving:>14.6} USD ({pct:.1}%)"
+    );
+    if let Some(providers) = v["providers"].as_array().filter(|p| !p.is_empty()) {
+        let _ = writeln!(
+            out,
+            "\n  {:<14} {:>10} {:>13} {:>12}  available",
+            "assumed", "latency s", "success rate", "input ratio"
+        );
+        for p in providers {
+            let until = match &p["unavailable_until"] {
+                serde_json::Value::String(s) => format!("from {s}"),
+                _ => "now".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "  {:<14} {:>10.3} {:>13.3} {:>12.3}  {until}",
+                p["provider"].as_str().unwrap_or("?"),
+                f(&p["latency_s"]),
+                f(&p["success_rate"]),
+                f(&p["input_token_ratio"]),
+            );
+        }
+    }
+    for u in v["unroutable"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "  not routable in this config: {}: {}",
+            u["route"].as_str().unwrap_or("?"),
+            u["reason"].as_str().unwrap_or("?")
+        );
+    }
+    out
+}
+
 /// The effective configuration, as `nightshift check-config` prints it:
 /// every default filled in, API keys shown only by where they come from.
 pub fn effective_config(config: &crate::config::Config) -> String {

@@ -171,3 +171,51 @@ async fn report_spend_and_savings_match_the_sum_over_results() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_shows_the_running_dispatchers_plan_and_falls_back_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::spawn(dir.path(), &["serve"]);
+    daemon.wait_ready().await;
+    let plan_json = || {
+        let out = nightshift(dir.path(), &["plan", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    // The dispatcher publishes its plan once it has made one.
+    wait_until(
+        "the dispatcher's plan over the socket",
+        Duration::from_secs(20),
+        || plan_json()["source"] == "dispatcher",
+    )
+    .await;
+    // The same object as the API's (a re-plan between the two reads may
+    // differ: read again until both come from one plan).
+    let client = daemon.unix_client().await;
+    wait_until_async(
+        "the CLI and the API to show one plan",
+        Duration::from_secs(20),
+        async || {
+            let api = client.get("/v1/plan").await.unwrap();
+            let cli = plan_json();
+            cli["planned_at"] == api["planned_at"] && cli["providers"] == api["providers"]
+        },
+    )
+    .await;
+    let text = nightshift(dir.path(), &["plan"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("the dispatcher's own plan"), "{text}");
+    assert!(text.contains("latency s"), "{text}");
+    daemon.terminate().await;
+    let text = nightshift(dir.path(), &["plan"]);
+    assert!(text.status.success());
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("the daemon is not running"), "{text}");
+    let json = nightshift(dir.path(), &["plan", "--json"]);
+    assert!(!json.status.success());
+    assert!(String::from_utf8_lossy(&json.stderr).contains("--offline"));
+}
