@@ -290,6 +290,9 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 fn toml_error(file: &str, text: &str, e: &toml::de::Error, path: &str) -> ConfigError {
+    // A `Spanned` value adds a private field to serde's path; the user wrote none.
+    let path = path.replace(".$__serde_spanned_private_value", "");
+    let path = path.as_str();
     ConfigError {
         file: file.to_string(),
         line: e.span().map(|s| line_of(text, s.start)),
@@ -1242,6 +1245,10 @@ mod tests {
         assert!(Config::parse(&text, "x.toml", Path::new(".")).is_ok());
 
         let text = format!("[http]\ntcp = \"localhost\"\n{providers}");
+        let e = Config::parse(&text, "x.toml", Path::new(".")).unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (Some(2), "http.tcp"), "{e}");
+        // A value of the wrong type names the key as written.
+        let text = format!("[http]\ntcp = 8088\n{providers}");
         let e = Config::parse(&text, "x.toml", Path::new(".")).unwrap_err();
         assert_eq!((e.line, e.field.as_str()), (Some(2), "http.tcp"), "{e}");
         let text = format!("[http]\nmax_upload = \"lots\"\n{providers}");
