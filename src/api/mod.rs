@@ -21,6 +21,7 @@ mod native;
 mod objects;
 mod openai;
 mod result_files;
+mod serve;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -279,6 +280,9 @@ pub struct Server {
     state: S,
     unix: listen::BoundSocket,
     tcp: Option<(tokio::net::TcpListener, String)>,
+    limits: serve::ConnectionLimits,
+    /// How long requests in progress may take to finish once stopped.
+    grace: Duration,
 }
 
 impl Server {
@@ -309,38 +313,58 @@ impl Server {
             None => None,
             Some(addr) => {
                 let token = listen::ensure_token(&config.http.token_file)?;
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("binding the HTTP API to {addr}: {e}"))?;
+                let listener = listen::bind_tcp(addr)?;
                 let bound = listener.local_addr()?;
                 info!(tcp = %bound, token_file = %config.http.token_file.display(),
                       "HTTP API listening on TCP (bearer token required)");
                 Some((listener, token))
             }
         };
-        Ok(Server { state, unix, tcp })
+        let mut limits = serve::ConnectionLimits::new(&config.http);
+        let listeners = 1 + usize::from(tcp.is_some());
+        let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+        let cap = serve::connection_cap(limits.max_connections, listeners, soft);
+        if cap < limits.max_connections {
+            warn!(
+                http.max_connections = limits.max_connections,
+                cap,
+                rlimit_nofile = soft,
+                "http.max_connections lowered so that the listeners leave descriptors to the rest of the daemon"
+            );
+            limits.max_connections = cap;
+        }
+        Ok(Server {
+            state,
+            unix,
+            tcp,
+            limits,
+            grace: config.daemon.shutdown_grace,
+        })
     }
 
     /// Serves until `stop` turns true, then stops accepting, lets requests
-    /// in progress finish, and removes the socket file.
+    /// in progress finish (for up to `daemon.shutdown_grace`), and removes
+    /// the socket file. Each listener has its own connection cap and
+    /// timeouts (see [`serve`]).
     pub async fn serve(self, stop: watch::Receiver<bool>) {
-        let stopped = |mut stop: watch::Receiver<bool>| async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        let unix_app = router(self.state.clone());
         let listen::BoundSocket { listener, path } = self.unix;
-        let unix = tokio::spawn(
-            axum::serve(listener, unix_app)
-                .with_graceful_shutdown(stopped(stop.clone()))
-                .into_future(),
-        );
+        let unix = tokio::spawn(serve::serve(
+            listener,
+            "unix",
+            router(self.state.clone()),
+            self.limits,
+            self.grace,
+            stop.clone(),
+        ));
         let tcp = self.tcp.map(|(listener, token)| {
-            let app = router_with_token(self.state.clone(), token);
-            tokio::spawn(
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped(stop.clone()))
-                    .into_future(),
-            )
+            tokio::spawn(serve::serve(
+                listener,
+                "tcp",
+                router_with_token(self.state.clone(), token),
+                self.limits,
+                self.grace,
+                stop.clone(),
+            ))
         });
         if let Err(e) = unix.await {
             warn!("HTTP API (Unix socket) stopped: {e}");
