@@ -213,6 +213,13 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The token of an `Authorization: Bearer <token>` value. The scheme is
+/// case-insensitive (RFC 7235 section 2.1): `bearer` and `BEARER` too.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 async fn require_token(State(token): State<Arc<Token>>, req: Request, next: Next) -> Response {
     // Liveness checks need no secret and learn nothing.
     if req.uri().path() == "/healthz" {
@@ -222,8 +229,7 @@ async fn require_token(State(token): State<Arc<Token>>, req: Request, next: Next
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(bearer_token);
     match given {
         None => ApiError::unauthorized(
             "missing bearer token: send 'Authorization: Bearer <token>' (`nightshift token` prints it)",
@@ -265,14 +271,15 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: u64, setting: &str) -
         })
 }
 
-/// Parses `prefix<number>` ids (`job_12`, `file-3`, `batch_7`); a bare
-/// number is accepted too.
+/// Parses an id as the API writes it: exactly `prefix` and a positive
+/// decimal number (`job_12`, `file-3`, `batch_7`). Nothing else names the
+/// same object: no bare number, sign, leading zero or space.
 fn parse_id(s: &str, prefix: &str) -> Option<i64> {
-    s.strip_prefix(prefix)
-        .unwrap_or(s)
-        .parse::<i64>()
-        .ok()
-        .filter(|&n| n > 0)
+    let digits = s.strip_prefix(prefix)?;
+    let canonical = !digits.is_empty()
+        && !digits.starts_with('0')
+        && digits.bytes().all(|b| b.is_ascii_digit());
+    canonical.then(|| digits.parse::<i64>().ok()).flatten()
 }
 
 /// The listeners, bound and ready to serve.
@@ -375,5 +382,47 @@ impl Server {
             warn!("HTTP API (TCP) stopped: {e}");
         }
         let _ = std::fs::remove_file(&path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_exactly_the_prefix_and_a_canonical_positive_number() {
+        assert_eq!(parse_id("job_1", "job_"), Some(1));
+        assert_eq!(parse_id("job_1234567", "job_"), Some(1_234_567));
+        assert_eq!(parse_id("file-3", "file-"), Some(3));
+        for bad in [
+            "job_+1",
+            "job_-1",
+            "job_01",
+            "job_0",
+            "job_",
+            " job_1",
+            "job_1 ",
+            "job_ 1",
+            "1",
+            "+1",
+            "JOB_1",
+            "batch_1",
+            "job_1x",
+            "job_1.0",
+            "job_١",
+            "job_99999999999999999999",
+        ] {
+            assert_eq!(parse_id(bad, "job_"), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer ns-1", "bearer ns-1", "BEARER ns-1", "bEaReR  ns-1 "] {
+            assert_eq!(bearer_token(v), Some("ns-1"), "{v:?}");
+        }
+        for v in ["Basic ns-1", "Bearerns-1", "ns-1", "", "Bearer"] {
+            assert_eq!(bearer_token(v), None, "{v:?}");
+        }
     }
 }
