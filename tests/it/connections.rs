@@ -1,8 +1,8 @@
 //! Hostile connections to the API: idle ones by the thousand, half a
-//! header, a body promised and never sent. Each listener holds a bounded
-//! number of connections, each for a bounded time, so the Unix socket, the
-//! inbox and the API keep working; and the small parsing rules (the bearer
-//! scheme, ids) are exact.
+//! header, a body promised and never sent, answers never read. Each
+//! listener holds a bounded number of connections, each for a bounded
+//! time, so the Unix socket, the inbox and the API keep working; and the
+//! small parsing rules (the bearer scheme, ids) are exact.
 
 use std::os::unix::fs::FileTypeExt;
 use std::time::{Duration, Instant};
@@ -433,4 +433,44 @@ async fn the_bearer_scheme_is_case_insensitive_and_ids_are_exact() {
             "{path}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_answers_is_closed_after_idle_timeout() {
+    let provider = LoopbackProvider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &api_config_toml(
+            dir.path(),
+            &[alpha(provider.base_url())],
+            "header_timeout = \"1s\"\nidle_timeout = \"2s\"",
+        ),
+    );
+    let addr = daemon.tcp_addr().await;
+    // No token: pipelined requests, each answered 401, none of the answers
+    // read. Once the socket buffers are full the daemon's writes wait; a
+    // request is always in flight, so only a deadline on the wait ends it.
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (_unread, mut writer) = stream.into_split();
+    let requests = b"GET /v1/jobs HTTP/1.1\r\nHost: nightshift\r\n\r\n".repeat(1000);
+    let refused = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Err(e) = writer.write_all(&requests).await {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("a client that reads nothing must not hold its connection");
+    assert!(
+        matches!(
+            refused.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        "{refused}"
+    );
+    // The socket still serves.
+    let client = daemon.unix_client().await;
+    assert_eq!(client.get("/v1/jobs").await.unwrap()["data"], json!([]));
 }
