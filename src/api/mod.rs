@@ -12,7 +12,8 @@
 //! [`crate::store::Store`] (every write one transaction, and a 2xx only after
 //! it commits), planning is [`crate::plan`]. [`ROUTES`] lists what the
 //! router serves; `docs/openapi.json` describes the same routes (a test
-//! keeps them in step).
+//! keeps them in step). `serve` owns the connections: how many each
+//! listener holds, and how long a client may be idle or slow.
 
 pub mod client;
 mod error;
