@@ -353,7 +353,7 @@ impl Server {
     /// Serves until `stop` turns true, then stops accepting, lets requests
     /// in progress finish (for up to `daemon.shutdown_grace`), and removes
     /// the socket file. Each listener has its own connection cap and
-    /// timeouts (see [`serve`]).
+    /// timeouts (see `api/serve.rs`).
     pub async fn serve(self, stop: watch::Receiver<bool>) {
         let listen::BoundSocket { listener, path } = self.unix;
         let unix = tokio::spawn(serve::serve(
