@@ -165,6 +165,20 @@ impl ApiError {
         }
     }
 
+    /// 408 for a request body that did not arrive in time.
+    pub fn request_timeout(limit: std::time::Duration) -> ApiError {
+        ApiError {
+            code: Some("request_timeout"),
+            ..ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} (the limit is http.body_timeout)",
+                    humantime::format_duration(limit)
+                ),
+            )
+        }
+    }
+
     /// 401 for a missing or wrong bearer token.
     pub fn unauthorized(message: impl Into<String>) -> ApiError {
         ApiError {

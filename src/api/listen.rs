@@ -12,6 +12,13 @@ use anyhow::{Context, bail};
 /// The longest path a Unix socket address holds (`sun_path`, with its NUL).
 const SUN_PATH_MAX: usize = 107;
 
+/// The kernel's accept queue of each listener (capped by
+/// `net.core.somaxconn`): connections beyond `http.max_connections` wait
+/// there, costing the daemon no descriptor. The usual 128 overflows in a
+/// burst, and a TCP client whose handshake the kernel then drops may never
+/// hear of it.
+pub const ACCEPT_BACKLOG: u32 = 1024;
+
 /// A bound Unix socket and its path.
 pub struct BoundSocket {
     pub listener: tokio::net::UnixListener,
@@ -60,7 +67,11 @@ pub fn bind_unix(path: &Path) -> anyhow::Result<BoundSocket> {
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let _ = fs::remove_file(&tmp);
-    let listener = tokio::net::UnixListener::bind(&tmp)
+    let listener = tokio::net::UnixSocket::new_stream()
+        .and_then(|socket| {
+            socket.bind(&tmp)?;
+            socket.listen(ACCEPT_BACKLOG)
+        })
         .with_context(|| format!("binding the Unix socket {}", tmp.display()))?;
     let placed = fs::set_permissions(&tmp, fs::Permissions::from_mode(0o660))
         .and_then(|()| fs::rename(&tmp, path));
@@ -72,6 +83,23 @@ pub fn bind_unix(path: &Path) -> anyhow::Result<BoundSocket> {
         listener,
         path: path.to_path_buf(),
     })
+}
+
+/// Binds the TCP listener at `addr` with [`ACCEPT_BACKLOG`].
+pub fn bind_tcp(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    };
+    socket
+        .and_then(|socket| {
+            // As std and tokio do: a restart rebinds at once, past TIME_WAIT.
+            socket.set_reuseaddr(true)?;
+            socket.bind(addr)?;
+            socket.listen(ACCEPT_BACKLOG)
+        })
+        .with_context(|| format!("binding the HTTP API to {addr}"))
 }
 
 /// Reads the token at `path`, creating it (mode 0600, 32 random bytes as

@@ -12,7 +12,8 @@
 //! [`crate::store::Store`] (every write one transaction, and a 2xx only after
 //! it commits), planning is [`crate::plan`]. [`ROUTES`] lists what the
 //! router serves; `docs/openapi.json` describes the same routes (a test
-//! keeps them in step).
+//! keeps them in step). `serve` owns the connections: how many each
+//! listener holds, and how long a client may be idle or slow.
 
 pub mod client;
 mod error;
@@ -21,6 +22,7 @@ mod native;
 mod objects;
 mod openai;
 mod result_files;
+mod serve;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -212,6 +214,13 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The token of an `Authorization: Bearer <token>` value. The scheme is
+/// case-insensitive (RFC 7235 section 2.1): `bearer` and `BEARER` too.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 async fn require_token(State(token): State<Arc<Token>>, req: Request, next: Next) -> Response {
     // Liveness checks need no secret and learn nothing.
     if req.uri().path() == "/healthz" {
@@ -221,8 +230,7 @@ async fn require_token(State(token): State<Arc<Token>>, req: Request, next: Next
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(bearer_token);
     match given {
         None => ApiError::unauthorized(
             "missing bearer token: send 'Authorization: Bearer <token>' (`nightshift token` prints it)",
@@ -264,14 +272,15 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: u64, setting: &str) -
         })
 }
 
-/// Parses `prefix<number>` ids (`job_12`, `file-3`, `batch_7`); a bare
-/// number is accepted too.
+/// Parses an id as the API writes it: exactly `prefix` and a positive
+/// decimal number (`job_12`, `file-3`, `batch_7`). Nothing else names the
+/// same object: no bare number, sign, leading zero or space.
 fn parse_id(s: &str, prefix: &str) -> Option<i64> {
-    s.strip_prefix(prefix)
-        .unwrap_or(s)
-        .parse::<i64>()
-        .ok()
-        .filter(|&n| n > 0)
+    let digits = s.strip_prefix(prefix)?;
+    let canonical = !digits.is_empty()
+        && !digits.starts_with('0')
+        && digits.bytes().all(|b| b.is_ascii_digit());
+    canonical.then(|| digits.parse::<i64>().ok()).flatten()
 }
 
 /// The listeners, bound and ready to serve.
@@ -279,6 +288,9 @@ pub struct Server {
     state: S,
     unix: listen::BoundSocket,
     tcp: Option<(tokio::net::TcpListener, String)>,
+    limits: serve::ConnectionLimits,
+    /// How long requests in progress may take to finish once stopped.
+    grace: Duration,
 }
 
 impl Server {
@@ -309,38 +321,58 @@ impl Server {
             None => None,
             Some(addr) => {
                 let token = listen::ensure_token(&config.http.token_file)?;
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("binding the HTTP API to {addr}: {e}"))?;
+                let listener = listen::bind_tcp(addr)?;
                 let bound = listener.local_addr()?;
                 info!(tcp = %bound, token_file = %config.http.token_file.display(),
                       "HTTP API listening on TCP (bearer token required)");
                 Some((listener, token))
             }
         };
-        Ok(Server { state, unix, tcp })
+        let mut limits = serve::ConnectionLimits::new(&config.http);
+        let listeners = 1 + usize::from(tcp.is_some());
+        let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+        let cap = serve::connection_cap(limits.max_connections, listeners, soft);
+        if cap < limits.max_connections {
+            warn!(
+                http.max_connections = limits.max_connections,
+                cap,
+                rlimit_nofile = soft,
+                "http.max_connections lowered so that the listeners leave descriptors to the rest of the daemon"
+            );
+            limits.max_connections = cap;
+        }
+        Ok(Server {
+            state,
+            unix,
+            tcp,
+            limits,
+            grace: config.daemon.shutdown_grace,
+        })
     }
 
     /// Serves until `stop` turns true, then stops accepting, lets requests
-    /// in progress finish, and removes the socket file.
+    /// in progress finish (for up to `daemon.shutdown_grace`), and removes
+    /// the socket file. Each listener has its own connection cap and
+    /// timeouts (see `api/serve.rs`).
     pub async fn serve(self, stop: watch::Receiver<bool>) {
-        let stopped = |mut stop: watch::Receiver<bool>| async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        let unix_app = router(self.state.clone());
         let listen::BoundSocket { listener, path } = self.unix;
-        let unix = tokio::spawn(
-            axum::serve(listener, unix_app)
-                .with_graceful_shutdown(stopped(stop.clone()))
-                .into_future(),
-        );
+        let unix = tokio::spawn(serve::serve(
+            listener,
+            "unix",
+            router(self.state.clone()),
+            self.limits,
+            self.grace,
+            stop.clone(),
+        ));
         let tcp = self.tcp.map(|(listener, token)| {
-            let app = router_with_token(self.state.clone(), token);
-            tokio::spawn(
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped(stop.clone()))
-                    .into_future(),
-            )
+            tokio::spawn(serve::serve(
+                listener,
+                "tcp",
+                router_with_token(self.state.clone(), token),
+                self.limits,
+                self.grace,
+                stop.clone(),
+            ))
         });
         if let Err(e) = unix.await {
             warn!("HTTP API (Unix socket) stopped: {e}");
@@ -351,5 +383,47 @@ impl Server {
             warn!("HTTP API (TCP) stopped: {e}");
         }
         let _ = std::fs::remove_file(&path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_exactly_the_prefix_and_a_canonical_positive_number() {
+        assert_eq!(parse_id("job_1", "job_"), Some(1));
+        assert_eq!(parse_id("job_1234567", "job_"), Some(1_234_567));
+        assert_eq!(parse_id("file-3", "file-"), Some(3));
+        for bad in [
+            "job_+1",
+            "job_-1",
+            "job_01",
+            "job_0",
+            "job_",
+            " job_1",
+            "job_1 ",
+            "job_ 1",
+            "1",
+            "+1",
+            "JOB_1",
+            "batch_1",
+            "job_1x",
+            "job_1.0",
+            "job_١",
+            "job_99999999999999999999",
+        ] {
+            assert_eq!(parse_id(bad, "job_"), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for v in ["Bearer ns-1", "bearer ns-1", "BEARER ns-1", "bEaReR  ns-1 "] {
+            assert_eq!(bearer_token(v), Some("ns-1"), "{v:?}");
+        }
+        for v in ["Basic ns-1", "Bearerns-1", "ns-1", "", "Bearer"] {
+            assert_eq!(bearer_token(v), None, "{v:?}");
+        }
     }
 }

@@ -309,6 +309,14 @@ pub fn effective_config(config: &crate::config::Config) -> String {
         h.max_body,
         h.max_upload
     );
+    for (k, v) in [
+        ("header_timeout", h.header_timeout),
+        ("body_timeout", h.body_timeout),
+        ("idle_timeout", h.idle_timeout),
+    ] {
+        let _ = writeln!(out, "{k} = \"{}\"", humantime::format_duration(v));
+    }
+    let _ = writeln!(out, "max_connections = {}", h.max_connections);
     for (p, t) in config.catalog.providers.iter().zip(&config.transports) {
         let _ = writeln!(out, "\n[[providers]]\nname = {:?}", p.name);
         match t {

@@ -213,7 +213,27 @@ pub struct HttpSettings {
     pub max_body: u64,
     /// Largest upload to `/v1/files` in bytes.
     pub max_upload: u64,
+    /// A request's head (request line and headers) must be complete this
+    /// long after its first byte arrives, or the connection is closed.
+    pub header_timeout: Duration,
+    /// A request's body must be complete this long after its head, or the
+    /// request is answered 408 and the connection closed.
+    pub body_timeout: Duration,
+    /// A connection with no request in flight and none begun is closed
+    /// after this long (from its accept, or from its last response).
+    pub idle_timeout: Duration,
+    /// Connections each listener (the socket; TCP) serves at once. More
+    /// wait in the kernel's accept queue until one closes.
+    pub max_connections: usize,
 }
+
+/// `[http]` bounds: a timeout shorter than this cuts off honest clients on
+/// a busy machine, and one longer lets idle clients hold descriptors for
+/// hours.
+pub const HTTP_TIMEOUT_MIN: Duration = Duration::from_millis(100);
+pub const HTTP_TIMEOUT_MAX: Duration = Duration::from_secs(3600);
+/// `http.max_connections` at most this (each connection is a descriptor).
+pub const HTTP_MAX_CONNECTIONS: i64 = 65_536;
 
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -290,6 +310,9 @@ fn line_of(text: &str, offset: usize) -> usize {
 }
 
 fn toml_error(file: &str, text: &str, e: &toml::de::Error, path: &str) -> ConfigError {
+    // A `Spanned` value adds a private field to serde's path; the user wrote none.
+    let path = path.replace(".$__serde_spanned_private_value", "");
+    let path = path.as_str();
     ConfigError {
         file: file.to_string(),
         line: e.span().map(|s| line_of(text, s.start)),
@@ -349,6 +372,10 @@ struct RawHttp {
     token_file: Option<PathBuf>,
     max_body: Option<Spanned<String>>,
     max_upload: Option<Spanned<String>>,
+    header_timeout: Option<Spanned<String>>,
+    body_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    max_connections: Option<Spanned<i64>>,
 }
 
 /// Global spending caps (USD).
@@ -957,6 +984,22 @@ impl Validator<'_> {
                 Err(m) => Err(self.err(Some(v.span()), field, m)),
             },
         };
+        let timeout = |v: &Option<Spanned<String>>, field: &str, default_secs: u64| match v {
+            None => Ok(Duration::from_secs(default_secs)),
+            Some(v) => match parse_duration(v.get_ref()) {
+                Ok(d) if (HTTP_TIMEOUT_MIN..=HTTP_TIMEOUT_MAX).contains(&d) => Ok(d),
+                Ok(_) => Err(self.err(
+                    Some(v.span()),
+                    field,
+                    format!(
+                        "must be between {} and {}",
+                        humantime::format_duration(HTTP_TIMEOUT_MIN),
+                        humantime::format_duration(HTTP_TIMEOUT_MAX)
+                    ),
+                )),
+                Err(m) => Err(self.err(Some(v.span()), field, m)),
+            },
+        };
         Ok(HttpSettings {
             socket: h
                 .socket
@@ -972,6 +1015,22 @@ impl Validator<'_> {
                 .unwrap_or_else(|| state_dir.join("api-token")),
             max_body: size(&h.max_body, "http.max_body", 10_000_000)?,
             max_upload: size(&h.max_upload, "http.max_upload", 100_000_000)?,
+            header_timeout: timeout(&h.header_timeout, "http.header_timeout", 10)?,
+            body_timeout: timeout(&h.body_timeout, "http.body_timeout", 60)?,
+            idle_timeout: timeout(&h.idle_timeout, "http.idle_timeout", 60)?,
+            max_connections: match &h.max_connections {
+                None => 256,
+                Some(v) if (1..=HTTP_MAX_CONNECTIONS).contains(v.get_ref()) => {
+                    *v.get_ref() as usize
+                }
+                Some(v) => {
+                    return Err(self.err(
+                        Some(v.span()),
+                        "http.max_connections",
+                        format!("must be between 1 and {HTTP_MAX_CONNECTIONS}"),
+                    ));
+                }
+            },
         })
     }
 
@@ -1244,6 +1303,10 @@ mod tests {
         let text = format!("[http]\ntcp = \"localhost\"\n{providers}");
         let e = Config::parse(&text, "x.toml", Path::new(".")).unwrap_err();
         assert_eq!((e.line, e.field.as_str()), (Some(2), "http.tcp"), "{e}");
+        // A value of the wrong type names the key as written.
+        let text = format!("[http]\ntcp = 8088\n{providers}");
+        let e = Config::parse(&text, "x.toml", Path::new(".")).unwrap_err();
+        assert_eq!((e.line, e.field.as_str()), (Some(2), "http.tcp"), "{e}");
         let text = format!("[http]\nmax_upload = \"lots\"\n{providers}");
         let e = Config::parse(&text, "x.toml", Path::new(".")).unwrap_err();
         assert_eq!(
@@ -1251,6 +1314,72 @@ mod tests {
             (Some(2), "http.max_upload"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn http_connection_limits_default_and_are_bounded_with_file_line_and_field() {
+        let c = Config::embedded_default();
+        assert_eq!(
+            (
+                c.http.header_timeout,
+                c.http.body_timeout,
+                c.http.idle_timeout,
+                c.http.max_connections
+            ),
+            (
+                Duration::from_secs(10),
+                Duration::from_secs(60),
+                Duration::from_secs(60),
+                256
+            )
+        );
+        let providers = "[[providers]]\nname = \"a\"\nkind = \"simulated\"\n[[providers.models]]\nname = \"m\"\n\
+                         input_per_mtok = 1.0\noutput_per_mtok = 2.0\n";
+        let parse = |http: &str| {
+            Config::parse(
+                &format!("[http]\n{http}\n{providers}"),
+                "x.toml",
+                Path::new("."),
+            )
+        };
+        let c = parse(
+            "header_timeout = \"2s\"\nbody_timeout = \"100ms\"\nidle_timeout = \"1h\"\nmax_connections = 1",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.http.header_timeout,
+                c.http.body_timeout,
+                c.http.idle_timeout,
+                c.http.max_connections
+            ),
+            (
+                Duration::from_secs(2),
+                Duration::from_millis(100),
+                Duration::from_secs(3600),
+                1
+            )
+        );
+        for (line, field) in [
+            ("header_timeout = \"0s\"", "http.header_timeout"),
+            ("body_timeout = \"99ms\"", "http.body_timeout"),
+            ("idle_timeout = \"61m\"", "http.idle_timeout"),
+            ("idle_timeout = \"forever\"", "http.idle_timeout"),
+            ("max_connections = 0", "http.max_connections"),
+            ("max_connections = -5", "http.max_connections"),
+            ("max_connections = 65537", "http.max_connections"),
+        ] {
+            let e = parse(&format!("socket = \"s.sock\"\n{line}")).unwrap_err();
+            assert_eq!((e.line, e.field.as_str()), (Some(3), field), "{line}: {e}");
+            assert!(
+                e.to_string().starts_with(&format!("x.toml:3: {field}: ")),
+                "{e}"
+            );
+        }
+        let e = parse("header_timeout = \"0s\"").unwrap_err();
+        assert!(e.message.contains("between 100ms and 1h"), "{e}");
+        let e = parse("max_connections = \"many\"").unwrap_err();
+        assert_eq!(e.field, "http.max_connections", "{e}");
     }
 
     #[test]

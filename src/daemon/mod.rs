@@ -2,6 +2,7 @@
 //! outbox writer together, and stops them in order on shutdown.
 
 pub mod cron;
+pub mod fds;
 pub mod systemd;
 
 use std::fs::{self, File};
@@ -87,6 +88,7 @@ pub async fn run(
     let stopped_early = futures_util::FutureExt::now_or_never(&mut shutdown).is_some();
     // Parsing reads no API key; the daemon needs them all before it starts.
     config.resolve_keys()?;
+    fds::raise_nofile_limit();
     let d = &config.daemon;
     create_state_dir(&d.state_dir)
         .with_context(|| format!("creating state directory {}", d.state_dir.display()))?;

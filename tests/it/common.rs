@@ -338,10 +338,46 @@ impl Daemon {
 
     /// [`Daemon::spawn`] with extra environment variables.
     pub fn spawn_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn_command(dir, args, env, |_| {})
+    }
+
+    /// [`Daemon::start`] with the descriptor limit (`RLIMIT_NOFILE`, soft
+    /// and hard) at `limit` from before the daemon runs, so that raising
+    /// its soft limit to the hard one gains it nothing.
+    pub fn start_with_fd_limit(dir: &Path, config: &str, limit: u64) -> Daemon {
+        use std::os::unix::process::CommandExt;
+        let path = dir.join("nightshift.toml");
+        fs::write(&path, config).unwrap();
+        let args = ["serve", "--config", path.to_str().unwrap()];
+        Daemon::spawn_command(dir, &args, &[], |command| {
+            let nofile = rustix::process::Rlimit {
+                current: Some(limit),
+                maximum: Some(limit),
+            };
+            // SAFETY: the closure only makes one system call (setrlimit),
+            // which is async-signal-safe, and allocates nothing.
+            unsafe {
+                command.pre_exec(move || {
+                    rustix::process::setrlimit(rustix::process::Resource::Nofile, nofile)
+                        .map_err(std::io::Error::from)
+                });
+            }
+        })
+    }
+
+    /// Starts `nightshift ARGS` in `dir` with `env`, after `customize` has
+    /// adjusted the command.
+    fn spawn_command(
+        dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        customize: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let http = http_settings(dir, args);
         let n = LOG_COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let log = dir.join(format!("daemon-{n}.log"));
-        let child = Command::new(env!("CARGO_BIN_EXE_nightshift"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nightshift"));
+        command
             .args(args)
             .current_dir(dir)
             .env(KEY_ENV, TEST_KEY)
@@ -349,9 +385,9 @@ impl Daemon {
             .env("NO_COLOR", "1")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+            .stderr(fs::File::create(&log).unwrap());
+        customize(&mut command);
+        let child = command.spawn().unwrap();
         Daemon {
             child: Some(child),
             dir: dir.to_path_buf(),
@@ -362,6 +398,11 @@ impl Daemon {
 
     pub fn jobs(&self) -> PathBuf {
         self.dir.join("jobs")
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
     }
 
     pub fn log_text(&self) -> String {

@@ -6,6 +6,7 @@ mod common;
 
 mod budget;
 mod cli;
+mod connections;
 mod epipe;
 mod faults;
 mod folder;
