@@ -287,6 +287,7 @@ pub fn effective_config(config: &crate::config::Config) -> String {
     let _ = writeln!(out, "retention = \"{}\"", off_or(d.retention));
     let _ = writeln!(out, "maintenance = {:?}", d.maintenance);
     let _ = writeln!(out, "checkpoint_every = \"{}\"", off_or(d.checkpoint_every));
+    let _ = writeln!(out, "max_in_flight = {}", d.max_in_flight);
     let h = &config.http;
     let _ = writeln!(
         out,

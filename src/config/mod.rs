@@ -196,7 +196,13 @@ pub struct DaemonSettings {
     /// How often a PASSIVE WAL checkpoint runs; `None` (`"off"`): only
     /// SQLite's automatic ones.
     pub checkpoint_every: Option<Duration>,
+    /// Requests in flight at most, over all providers (each is a socket):
+    /// the cap that holds when providers set no `concurrency` of their own.
+    pub max_in_flight: u32,
 }
+
+/// `daemon.max_in_flight` at most this.
+pub const MAX_IN_FLIGHT_LIMIT: i64 = 65_536;
 
 /// The local HTTP API: where it listens and how much it accepts.
 #[derive(Debug, Clone, PartialEq)]
@@ -360,6 +366,7 @@ struct RawDaemon {
     retention: Option<Spanned<String>>,
     maintenance: Option<Spanned<String>>,
     checkpoint_every: Option<Spanned<String>>,
+    max_in_flight: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -596,6 +603,17 @@ impl Validator<'_> {
                 Duration::from_secs(600),
                 Duration::from_secs(1),
             )?,
+            max_in_flight: match &d.max_in_flight {
+                None => 1024,
+                Some(v) if (1..=MAX_IN_FLIGHT_LIMIT).contains(v.get_ref()) => *v.get_ref() as u32,
+                Some(v) => {
+                    return Err(self.err(
+                        Some(v.span()),
+                        "daemon.max_in_flight",
+                        format!("{} is not between 1 and {MAX_IN_FLIGHT_LIMIT}", v.get_ref()),
+                    ));
+                }
+            },
         };
         let http = self.http(&raw.http, &daemon.state_dir, &abs)?;
         if daemon.rescan_interval.is_zero() {

@@ -161,6 +161,7 @@ pub async fn run(
         telemetry: telemetry.clone(),
         live: Some(live_rx.clone()),
         request_timeout: d.request_timeout,
+        max_in_flight: d.max_in_flight,
         plan_settings: crate::plan::PlanSettings {
             safety_margin: d.safety_margin,
             ..Default::default()

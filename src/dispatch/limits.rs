@@ -212,12 +212,16 @@ impl ProviderLimiter {
     }
 }
 
-/// Limit state of every provider, indexed like the catalog.
+/// Limit state of every provider, indexed like the catalog, and the cap on
+/// requests in flight over all of them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RateLimits {
     pub providers: Vec<ProviderLimiter>,
     /// Parallel to the catalog's models: limits a provider sets per model.
     pub models: Vec<Option<ProviderLimiter>>,
+    /// Requests in flight at most, over all providers (`None`: no cap).
+    cap: Option<u32>,
+    in_flight: u32,
 }
 
 impl RateLimits {
@@ -229,7 +233,40 @@ impl RateLimits {
                 .map(|l| ProviderLimiter::new(&l, now_ms))
                 .collect(),
             models: Vec::new(),
+            cap: None,
+            in_flight: 0,
         }
+    }
+
+    /// At most `cap` requests in flight over all providers: a provider that
+    /// sets no concurrency limit cannot open sockets without bound.
+    pub fn with_cap(self, cap: u32) -> RateLimits {
+        RateLimits {
+            cap: Some(cap),
+            ..self
+        }
+    }
+
+    /// Requests in flight over all providers.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight
+    }
+
+    /// Takes over the total in flight of the limits this one replaces (a
+    /// reload); [`RateLimits::release_gone`] ends those whose provider left.
+    pub fn carry_in_flight(&mut self, n: u32) {
+        self.in_flight = n;
+    }
+
+    /// Ends a request whose provider is no longer configured: only the
+    /// total in flight counts it still.
+    pub fn release_gone(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
+
+    fn cap_free(&self) -> u32 {
+        self.cap
+            .map_or(u32::MAX, |c| c.saturating_sub(self.in_flight))
     }
 
     /// Every provider's limits and every model's that has its own.
@@ -261,6 +298,9 @@ impl RateLimits {
         tokens: u64,
         now_ms: i64,
     ) -> Option<i64> {
+        if self.cap_free() == 0 {
+            return None;
+        }
         let p = self.providers[provider].ready_in_ms(tokens, now_ms)?;
         let m = match self.model(model) {
             Some(l) => l.ready_in_ms(tokens, now_ms)?,
@@ -272,7 +312,9 @@ impl RateLimits {
     /// At most how many requests to `model` on `provider` may start now
     /// (see [`ProviderLimiter::startable_now`]).
     pub fn startable_now(&mut self, provider: ProviderId, model: ModelId, now_ms: i64) -> u32 {
-        let p = self.providers[provider].startable_now(now_ms);
+        let p = self.providers[provider]
+            .startable_now(now_ms)
+            .min(self.cap_free());
         match self.model(model) {
             Some(l) => p.min(l.startable_now(now_ms)),
             None => p,
@@ -294,6 +336,9 @@ impl RateLimits {
         if let Some(l) = self.model(model) {
             l.try_acquire(tokens, now_ms);
         }
+        if ok {
+            self.in_flight += 1;
+        }
         ok
     }
 
@@ -306,6 +351,7 @@ impl RateLimits {
         actual: Option<u64>,
         now_ms: i64,
     ) {
+        self.in_flight = self.in_flight.saturating_sub(1);
         self.providers[provider].release(estimated, actual, now_ms);
         if let Some(l) = self.model(model) {
             l.release(estimated, actual, now_ms);
@@ -504,6 +550,28 @@ mod tests {
         );
         l.release(0, 0, 1, Some(1), 0);
         assert!(l.try_acquire(0, 0, 1, 0));
+    }
+
+    #[test]
+    fn the_global_cap_holds_over_providers_without_limits() {
+        let mut l = RateLimits::new([Limits::default(), Limits::default()], 0).with_cap(3);
+        assert_eq!(l.startable_now(0, usize::MAX, 0), 3);
+        assert!(l.try_acquire(0, usize::MAX, 1, 0));
+        assert!(l.try_acquire(1, usize::MAX, 1, 0));
+        assert!(l.try_acquire(1, usize::MAX, 1, 0));
+        assert!(!l.try_acquire(0, usize::MAX, 1, 0), "3 in flight over both");
+        assert_eq!(l.startable_now(0, usize::MAX, 0), 0);
+        // Full: an answer frees it, not time.
+        assert_eq!(l.ready_in_ms(0, usize::MAX, 1, 0), None);
+        l.release(1, usize::MAX, 1, Some(1), 0);
+        assert_eq!(l.in_flight(), 2);
+        assert!(l.try_acquire(0, usize::MAX, 1, 0));
+        // A reload carries the total; a request of a removed provider ends.
+        let mut after = RateLimits::new([Limits::default()], 0).with_cap(3);
+        after.carry_in_flight(l.in_flight());
+        assert!(!after.try_acquire(0, usize::MAX, 1, 0));
+        after.release_gone();
+        assert!(after.try_acquire(0, usize::MAX, 1, 0));
     }
 
     #[test]

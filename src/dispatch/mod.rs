@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -41,9 +41,6 @@ const REPLAN_EVERY: Duration = Duration::from_secs(60);
 const REPLAN_AT_MOST: Duration = Duration::from_millis(500);
 /// How often leases of jobs whose request task is gone are recovered.
 const RECOVER_EVERY: Duration = Duration::from_secs(30);
-/// Requests in flight at most, over all providers: the cap when providers
-/// set no concurrency limit of their own.
-pub const MAX_IN_FLIGHT: usize = 4096;
 
 /// Shared handles the dispatcher works with.
 pub struct Dispatcher {
@@ -70,6 +67,8 @@ pub struct Dispatcher {
     pub live: Option<crate::config::live::LiveRx>,
     /// For building provider clients on a reload.
     pub request_timeout: Duration,
+    /// Requests in flight at most, over all providers (`daemon.max_in_flight`).
+    pub max_in_flight: u32,
     /// Notified when jobs arrive (ingest) to re-plan and dispatch at once.
     pub wake: Arc<Notify>,
     /// Notified when jobs become final, for the outbox writer.
@@ -116,7 +115,6 @@ struct Loop {
     tasks: JoinSet<Done>,
     in_flight: HashMap<tokio::task::Id, InFlight>,
     /// The global cap on requests in flight.
-    slots: Arc<Semaphore>,
     /// Where request tasks record their outcomes.
     recorder: Recorder,
     next_recovery: Instant,
@@ -146,13 +144,13 @@ impl Dispatcher {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>, grace: Duration) {
         let now = Utc::now();
         let mut st = Loop {
-            limits: RateLimits::for_catalog(&self.catalog, now.timestamp_millis()),
+            limits: RateLimits::for_catalog(&self.catalog, now.timestamp_millis())
+                .with_cap(self.max_in_flight),
             observed: Observed::new(&self.initial_latency, self.load_budgets().await),
             current: None,
             replan: true,
             tasks: JoinSet::new(),
             in_flight: HashMap::new(),
-            slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             recorder: Recorder::start(self.store.clone(), self.owner.clone()),
             next_recovery: Instant::now() + RECOVER_EVERY,
             earliest_deadline: None,
@@ -262,6 +260,7 @@ impl Dispatcher {
                 }
                 let Some(attempt) = self.relocate(&d.provider_name, &d.model_name, d.attempt)
                 else {
+                    st.limits.release_gone();
                     return false;
                 };
                 let changed =
@@ -298,6 +297,7 @@ impl Dispatcher {
                 let Some(attempt) =
                     self.relocate(&lost.provider_name, &lost.model_name, lost.attempt)
                 else {
+                    st.limits.release_gone();
                     return false;
                 };
                 decide::settle_lost(&mut st.limits, &mut st.observed, &attempt, now)
@@ -527,11 +527,9 @@ impl Dispatcher {
             };
             let provider_name = self.catalog.providers[provider].name.clone();
             let model_name = self.catalog.qualified_name(model);
-            let slots = st.slots.clone();
             let task_attempt = attempt.clone();
             let (pn, mn) = (provider_name.clone(), model_name.clone());
             let handle = st.tasks.spawn(async move {
-                let _slot = slots.acquire_owned().await;
                 if crate::faults::fire("dispatch.request_panic") {
                     panic!("injected fault: dispatch.request_panic");
                 }
@@ -576,7 +574,9 @@ impl Dispatcher {
         let now = Utc::now();
         let old = std::mem::replace(&mut self.catalog, live.catalog.clone());
         let old_index = |name: &str| old.provider_id(name);
-        let mut new_limits = RateLimits::for_catalog(&self.catalog, now.timestamp_millis());
+        let mut new_limits = RateLimits::for_catalog(&self.catalog, now.timestamp_millis())
+            .with_cap(self.max_in_flight);
+        new_limits.carry_in_flight(st.limits.in_flight());
         let n = self.catalog.providers.len();
         let (limits, observed) = (&mut st.limits, &mut st.observed);
         let mut fresh = Observed {

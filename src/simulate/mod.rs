@@ -308,7 +308,8 @@ pub fn run(
             cost: 0.0,
         })
         .collect();
-    let mut limits = RateLimits::for_catalog(catalog, start.timestamp_millis());
+    let mut limits = RateLimits::for_catalog(catalog, start.timestamp_millis())
+        .with_cap(config.daemon.max_in_flight);
     // The daemon's own observations, planner capacities and dispatch step.
     let initial_latency: Vec<Duration> = config
         .transports
@@ -634,10 +635,11 @@ pub fn run(
                             if exhausted.contains(&p) {
                                 return false;
                             }
-                            let lim = limits.provider(p);
-                            let ok = lim.try_acquire(tokens, now_ms);
+                            // The provider's limits and the global cap (no
+                            // model's: model id MAX has none).
+                            let ok = limits.try_acquire(p, usize::MAX, tokens, now_ms);
                             if !ok {
-                                if let Some(w) = lim.ready_in_ms(tokens, now_ms) {
+                                if let Some(w) = limits.ready_in_ms(p, usize::MAX, tokens, now_ms) {
                                     wait_ms = Some(wait_ms.map_or(w, |x: i64| x.min(w)));
                                 }
                                 exhausted.insert(p);
