@@ -352,7 +352,8 @@ fn toml_error(file: &str, text: &str, e: &toml::de::Error, path: &str) -> Config
         field: if path.is_empty() || path == "." {
             "(document)".into()
         } else {
-            path.to_string()
+            // A `Spanned` value's inner field is serde_spanned's, not the user's.
+            path.replace(".$__serde_spanned_private_value", "")
         },
         message: e.message().trim().to_string(),
     }
@@ -411,8 +412,8 @@ struct RawHttp {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawBudget {
-    daily_usd: Option<f64>,
-    monthly_usd: Option<f64>,
+    daily_usd: Option<Spanned<f64>>,
+    monthly_usd: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -1048,7 +1049,16 @@ impl Validator<'_> {
             ),
         ] {
             if let Some(cap) = cap {
-                self.number(cap, None, f, 0.0, bounds::MAX_BUDGET_USD, "a number of USD")?;
+                let span = cap.span();
+                let cap = *cap.get_ref();
+                self.number(
+                    cap,
+                    Some(span),
+                    f,
+                    0.0,
+                    bounds::MAX_BUDGET_USD,
+                    "a number of USD",
+                )?;
                 budgets.push(crate::domain::policy::Budget {
                     provider: None,
                     period,
@@ -1366,6 +1376,14 @@ mod tests {
         let e = Config::parse(text, "x.toml", Path::new(".")).unwrap_err();
         assert_eq!(e.line, Some(4), "{e}");
         assert!(e.field.contains("providers[0].rpm"), "{e}");
+
+        let text = "[daemon]\ndefault_deadline = 5\n";
+        let e = Config::parse(text, "x.toml", Path::new(".")).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (Some(2), "daemon.default_deadline"),
+            "{e}"
+        );
 
         let text = "[[providers]]\nname = \"a\"\nkind = \"simulated\"\nbogus = 1\n";
         let e = Config::parse(text, "x.toml", Path::new(".")).unwrap_err();
@@ -1823,7 +1841,11 @@ mod tests {
         }
         let text = format!("[budget]\ndaily_usd = inf\n{providers}");
         let e = Config::parse(&text, "x.toml", Path::new(".")).unwrap_err();
-        assert_eq!(e.field, "budget.daily_usd", "{e}");
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (Some(2), "budget.daily_usd"),
+            "{e}"
+        );
     }
 
     #[test]

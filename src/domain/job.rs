@@ -1160,6 +1160,28 @@ mod tests {
         assert!(e.message.contains("nested more than 128 levels"), "{e}");
         let e = err(&nested(100_000));
         assert!(e.message.contains("nested more than 128 levels"), "{e}");
+        // Objects, on both parse paths (the error path tracks the field path).
+        for levels in [126, 127, 200] {
+            let line = chat(
+                &format!(
+                    r#","x":{}1{}"#,
+                    "{\"a\":".repeat(levels),
+                    "}".repeat(levels)
+                ),
+                "",
+            );
+            let out = parse_line(&line, &ctx(&c));
+            assert_eq!(out.is_ok(), levels == 126, "{levels}: {out:?}");
+            let line = chat(
+                &format!(
+                    r#","x":{}1e400{}"#,
+                    "{\"a\":".repeat(levels.min(126)),
+                    "}".repeat(levels.min(126))
+                ),
+                "",
+            );
+            assert!(parse_line(&line, &ctx(&c)).is_err());
+        }
         // Inside a message, too.
         let deep = format!(
             r#"{{"custom_id":"h","method":"POST","url":"/v1/chat/completions","body":{{"model":"cheap-chat","messages":[{{"content":{}"a"{}}}]}}}}"#,
