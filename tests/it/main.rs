@@ -9,6 +9,7 @@ mod cli;
 mod epipe;
 mod faults;
 mod folder;
+mod hostile_values;
 mod http;
 mod http_openai;
 mod http_openapi;
