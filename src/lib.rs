@@ -31,6 +31,8 @@ pub mod daemon;
 pub mod dispatch;
 pub mod domain;
 pub mod faults;
+#[cfg(test)]
+mod fuzz_tests;
 pub mod ingest;
 pub mod plan;
 pub mod results;

@@ -291,6 +291,9 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::CheckConfig { file } => {
             let config = load(file.as_ref())?;
             let mut out = nightshift::cli::tables::effective_config(&config);
+            for w in config.warnings() {
+                out.push_str(&format!("\n# warning: {w}"));
+            }
             out.push_str(&format!(
                 "\n# {}: OK ({} providers, {} models, {} classes)\n",
                 config.origin,

@@ -30,6 +30,7 @@ use super::error::{ApiError, ApiResult};
 use super::objects::{self, batch_json, file_json};
 use super::result_files::streamed;
 use super::{ApiState, S, parse_id, read_body};
+use crate::domain::bounds;
 use crate::domain::job::{self, JobContext, LineError};
 use crate::domain::pricing::Endpoint;
 use crate::results::write_results;
@@ -205,7 +206,6 @@ pub async fn create_batch(
     let window = crate::domain::units::parse_duration(&req.completion_window)
         .ok()
         .filter(|w| !w.is_zero())
-        .and_then(|w| chrono::Duration::from_std(w).ok())
         .ok_or_else(|| {
             ApiError::bad_request(
                 format!(
@@ -216,9 +216,23 @@ pub async fn create_batch(
                 "invalid_value",
             )
         })?;
+    if window > bounds::MAX_DEADLINE {
+        return Err(ApiError::bad_request(
+            format!(
+                "completion_window '{}' is longer than the limit of {}",
+                req.completion_window,
+                bounds::show(bounds::MAX_DEADLINE)
+            ),
+            Some("completion_window"),
+            "invalid_value",
+        ));
+    }
     let metadata = match &req.metadata {
         None | Some(Value::Null) => None,
-        Some(m @ Value::Object(_)) => Some(m.to_string()),
+        Some(Value::Object(m)) => {
+            check_metadata(m)?;
+            Some(Value::Object(m.clone()).to_string())
+        }
         Some(_) => {
             return Err(ApiError::bad_request(
                 "metadata must be an object of string keys and values",
@@ -245,7 +259,7 @@ pub async fn create_batch(
                 ));
             }
             let now_ms = now.timestamp_millis();
-            let expires_at = (now + window).timestamp_millis();
+            let expires_at = bounds::add(now, window).timestamp_millis();
             let id = s.store.create_batch(&NewBatch {
                 input_file_id: f.id,
                 endpoint: &req.endpoint,
@@ -268,6 +282,37 @@ pub async fn create_batch(
     })?;
     s.queue_changed();
     Ok(Json(out))
+}
+
+/// OpenAI's limits on batch metadata: at most 16 pairs, keys of at most 64
+/// characters, string values of at most 512.
+fn check_metadata(m: &serde_json::Map<String, Value>) -> ApiResult<()> {
+    let bad = |message: String| {
+        Err(ApiError::bad_request(
+            message,
+            Some("metadata"),
+            "invalid_value",
+        ))
+    };
+    if m.len() > 16 {
+        return bad(format!(
+            "metadata has {} pairs, above the limit of 16",
+            m.len()
+        ));
+    }
+    for (k, v) in m {
+        if k.chars().count() > 64 {
+            return bad("metadata keys are at most 64 characters".into());
+        }
+        match v {
+            Value::String(v) if v.chars().count() <= 512 => {}
+            Value::String(_) => {
+                return bad(format!("metadata value of '{k}' is above 512 characters"));
+            }
+            _ => return bad(format!("metadata value of '{k}' is not a string")),
+        }
+    }
+    Ok(())
 }
 
 /// A batch's JSON, its counts read now.

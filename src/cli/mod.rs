@@ -73,7 +73,9 @@ pub fn report(
                         "--since '{s}' is neither an RFC 3339 timestamp nor a duration like 7d"
                     )
                 })?;
-                Utc::now().timestamp_millis() - d.as_millis() as i64
+                Utc::now()
+                    .timestamp_millis()
+                    .saturating_sub(crate::domain::bounds::millis(d))
             }
         },
     };

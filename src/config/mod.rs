@@ -17,11 +17,12 @@ use chrono_tz::Tz;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::domain::bounds;
 use crate::domain::pricing::{
     ALL_DAYS, Catalog, DailyRange, Endpoint, Limits, Model, Price, PriceWindow, ProviderInfo,
     WindowEffect, weekday_set,
 };
-use crate::domain::units::parse_duration;
+use crate::domain::units::{parse_duration, parse_duration_within};
 
 /// The configuration compiled into the binary.
 pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
@@ -107,7 +108,10 @@ impl Transport {
                 latency,
                 ms_per_output_token,
                 ..
-            } => *latency + Duration::from_secs_f64(ms_per_output_token * 100.0 / 1000.0),
+            } => latency.saturating_add(
+                Duration::try_from_secs_f64(ms_per_output_token * 100.0 / 1000.0)
+                    .unwrap_or_default(),
+            ),
             Transport::OpenAi { .. } => Duration::from_secs(2),
         }
     }
@@ -151,20 +155,60 @@ impl KeyRef {
         }
     }
 
-    /// Reads the key.
+    /// The key file's path as it is read: a relative one under
+    /// `$CREDENTIALS_DIRECTORY` when that is set.
+    fn file_path(path: &Path) -> PathBuf {
+        match std::env::var_os("CREDENTIALS_DIRECTORY") {
+            Some(dir) if path.is_relative() => Path::new(&dir).join(path),
+            _ => path.to_path_buf(),
+        }
+    }
+
+    /// A warning if the key is in a file that its group or others may read
+    /// (never its content); `None` for keys in the environment.
+    pub fn loose_permissions(&self) -> Option<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let KeySource::File(path) = &self.source else {
+            return None;
+        };
+        let full = KeyRef::file_path(path);
+        let mode = std::fs::metadata(&full).ok()?.permissions().mode() & 0o777;
+        (mode & 0o077 != 0).then(|| {
+            format!(
+                "{}:{}: {}: the API key file {} has mode {mode:o}: its group or others can read \
+                 it; chmod 600 it",
+                self.file,
+                self.line.unwrap_or(0),
+                self.field,
+                full.display()
+            )
+        })
+    }
+
+    /// Reads the key. A key file others can read is warned about, once per
+    /// file and process.
     pub fn read(&self) -> Result<Secret, ConfigError> {
         match &self.source {
             KeySource::Env(var) => std::env::var(var)
                 .map(Secret::new)
                 .map_err(|_| self.err(format!("environment variable {var} is not set"))),
             KeySource::File(path) => {
-                let full = match std::env::var_os("CREDENTIALS_DIRECTORY") {
-                    Some(dir) if path.is_relative() => Path::new(&dir).join(path),
-                    _ => path.clone(),
-                };
-                std::fs::read_to_string(&full)
+                let full = KeyRef::file_path(path);
+                let key = std::fs::read_to_string(&full)
                     .map(|s| Secret::new(s.trim()))
-                    .map_err(|e| self.err(format!("cannot read {}: {e}", full.display())))
+                    .map_err(|e| self.err(format!("cannot read {}: {e}", full.display())))?;
+                if let Some(warning) = self.loose_permissions() {
+                    static WARNED: std::sync::Mutex<BTreeSet<PathBuf>> =
+                        std::sync::Mutex::new(BTreeSet::new());
+                    let first = WARNED
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(full.clone());
+                    if first {
+                        tracing::warn!("{warning}");
+                    }
+                }
+                Ok(key)
             }
         }
     }
@@ -299,6 +343,18 @@ impl Config {
         Ok(())
     }
 
+    /// What is accepted but unsafe: key files others can read. For
+    /// `check-config`; the daemon logs the same when it reads the keys.
+    pub fn warnings(&self) -> Vec<String> {
+        self.transports
+            .iter()
+            .filter_map(|t| match t {
+                Transport::OpenAi { key, .. } => key.loose_permissions(),
+                Transport::Simulated { .. } => None,
+            })
+            .collect()
+    }
+
     /// Whether every provider is simulated.
     pub fn all_simulated(&self) -> bool {
         self.transports
@@ -325,7 +381,8 @@ fn toml_error(file: &str, text: &str, e: &toml::de::Error, path: &str) -> Config
         field: if path.is_empty() || path == "." {
             "(document)".into()
         } else {
-            path.to_string()
+            // A `Spanned` value's inner field is serde_spanned's, not the user's.
+            path.replace(".$__serde_spanned_private_value", "")
         },
         message: e.message().trim().to_string(),
     }
@@ -360,7 +417,7 @@ struct RawDaemon {
     shutdown_grace: Option<Spanned<String>>,
     safety_margin: Option<Spanned<String>>,
     after_deadline: Option<Spanned<String>>,
-    max_attempts: Option<u32>,
+    max_attempts: Option<Spanned<u32>>,
     retry_base: Option<Spanned<String>>,
     retry_max: Option<Spanned<String>>,
     retention: Option<Spanned<String>>,
@@ -389,8 +446,8 @@ struct RawHttp {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawBudget {
-    daily_usd: Option<f64>,
-    monthly_usd: Option<f64>,
+    daily_usd: Option<Spanned<f64>>,
+    monthly_usd: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -486,29 +543,97 @@ impl Validator<'_> {
         }
     }
 
+    /// A duration of at most [`bounds::MAX_CONFIG_DURATION`].
     fn duration(
         &self,
         value: &Option<Spanned<String>>,
         field: &str,
         default: Duration,
     ) -> Result<Duration, ConfigError> {
+        self.duration_within(value, field, default, bounds::MAX_CONFIG_DURATION)
+    }
+
+    /// A duration of at most `max`.
+    fn duration_within(
+        &self,
+        value: &Option<Spanned<String>>,
+        field: &str,
+        default: Duration,
+        max: Duration,
+    ) -> Result<Duration, ConfigError> {
         match value {
             None => Ok(default),
-            Some(v) => parse_duration(v.get_ref()).map_err(|m| self.err(Some(v.span()), field, m)),
+            Some(v) => parse_duration_within(v.get_ref(), max)
+                .map_err(|m| self.err(Some(v.span()), field, m)),
         }
     }
 
-    /// A duration of at least `min`, or `"off"` (`None`).
+    /// A duration above zero and at most `max`.
+    fn positive_duration(
+        &self,
+        value: &Option<Spanned<String>>,
+        field: &str,
+        default: Duration,
+        max: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match self.duration_within(value, field, default, max)? {
+            d if d.is_zero() => {
+                Err(self.err(value.as_ref().map(|v| v.span()), field, "must be positive"))
+            }
+            d => Ok(d),
+        }
+    }
+
+    /// A number from outside that must be finite and in `[min, max]`.
+    fn number(
+        &self,
+        v: f64,
+        span: Option<Range<usize>>,
+        field: impl Into<String>,
+        min: f64,
+        max: f64,
+        what: &str,
+    ) -> Result<f64, ConfigError> {
+        if v.is_finite() && v >= min && v <= max {
+            Ok(v)
+        } else {
+            Err(self.err(
+                span,
+                field,
+                format!("{v} is not {what} from {min} to {max}"),
+            ))
+        }
+    }
+
+    /// An optional limit: positive (omit it for no limit) and at most `max`.
+    fn limit(
+        &self,
+        v: Option<u64>,
+        span: Option<Range<usize>>,
+        field: impl Into<String>,
+        max: u64,
+    ) -> Result<(), ConfigError> {
+        match v {
+            Some(0) => Err(self.err(span, field, "must be positive (omit it for no limit)")),
+            Some(v) if v > max => {
+                Err(self.err(span, field, format!("{v} is above the limit of {max}")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A duration of at least `min` and at most `max`, or `"off"` (`None`).
     fn duration_or_off(
         &self,
         value: &Option<Spanned<String>>,
         field: &str,
         default: Duration,
         min: Duration,
+        max: Duration,
     ) -> Result<Option<Duration>, ConfigError> {
         match value {
             Some(v) if v.get_ref().trim() == "off" => Ok(None),
-            Some(v) => match self.duration(value, field, default)? {
+            Some(v) => match self.duration_within(value, field, default, max)? {
                 d if d < min => Err(self.err(
                     Some(v.span()),
                     field,
@@ -541,20 +666,22 @@ impl Validator<'_> {
                 .map(abs)
                 .unwrap_or_else(|| state_dir.join("nightshift.db")),
             state_dir,
-            default_deadline: self.duration(
+            default_deadline: self.positive_duration(
                 &d.default_deadline,
                 "daemon.default_deadline",
                 Duration::from_secs(86_400),
+                bounds::MAX_DEADLINE,
             )?,
             rescan_interval: self.duration(
                 &d.rescan_interval,
                 "daemon.rescan_interval",
                 Duration::from_secs(10),
             )?,
-            request_timeout: self.duration(
+            request_timeout: self.positive_duration(
                 &d.request_timeout,
                 "daemon.request_timeout",
                 Duration::from_secs(120),
+                bounds::MAX_CONFIG_DURATION,
             )?,
             shutdown_grace: self.duration(
                 &d.shutdown_grace,
@@ -578,7 +705,20 @@ impl Validator<'_> {
                 }
             },
             retry: crate::domain::policy::RetryPolicy {
-                max_attempts: d.max_attempts.unwrap_or(8).max(1),
+                max_attempts: match &d.max_attempts {
+                    Some(n) if u64::from(*n.get_ref()) > bounds::MAX_ATTEMPTS => {
+                        return Err(self.err(
+                            Some(n.span()),
+                            "daemon.max_attempts",
+                            format!(
+                                "{} is above the limit of {}",
+                                n.get_ref(),
+                                bounds::MAX_ATTEMPTS
+                            ),
+                        ));
+                    }
+                    n => n.as_ref().map_or(8, |n| *n.get_ref()).max(1),
+                },
                 base: self.duration(&d.retry_base, "daemon.retry_base", Duration::from_secs(1))?,
                 cap: self.duration(&d.retry_max, "daemon.retry_max", Duration::from_secs(300))?,
             },
@@ -587,6 +727,7 @@ impl Validator<'_> {
                 "daemon.retention",
                 Duration::from_secs(30 * 86_400),
                 Duration::from_secs(1),
+                bounds::MAX_RETENTION,
             )?,
             maintenance: match &d.maintenance {
                 None => DEFAULT_MAINTENANCE.to_string(),
@@ -602,6 +743,7 @@ impl Validator<'_> {
                 "daemon.checkpoint_every",
                 Duration::from_secs(600),
                 Duration::from_secs(1),
+                bounds::MAX_CONFIG_DURATION,
             )?,
             max_in_flight: match &d.max_in_flight {
                 None => 1024,
@@ -658,26 +800,25 @@ impl Validator<'_> {
                     "must be between 0.0 and 0.9",
                 ));
             }
-            if !(p.markup.is_finite() && p.markup >= 0.0) {
-                return Err(self.err(
-                    Some(p.name.span()),
-                    field("markup"),
-                    "must be a non-negative number",
-                ));
-            }
-            for (v, f) in [
-                (p.rpm.map(u64::from), "rpm"),
-                (p.tpm, "tpm"),
-                (p.rpd.map(u64::from), "rpd"),
-                (p.concurrency.map(u64::from), "concurrency"),
+            self.number(
+                p.markup,
+                Some(p.name.span()),
+                field("markup"),
+                0.0,
+                bounds::MAX_MARKUP,
+                "a markup",
+            )?;
+            for (v, f, max) in [
+                (p.rpm.map(u64::from), "rpm", bounds::MAX_RPM),
+                (p.tpm, "tpm", bounds::MAX_TPM),
+                (p.rpd.map(u64::from), "rpd", bounds::MAX_RPD),
+                (
+                    p.concurrency.map(u64::from),
+                    "concurrency",
+                    bounds::MAX_CONCURRENCY,
+                ),
             ] {
-                if v == Some(0) {
-                    return Err(self.err(
-                        Some(p.name.span()),
-                        field(f),
-                        "must be positive (omit it for no limit)",
-                    ));
-                }
+                self.limit(v, Some(p.name.span()), field(f), max)?;
             }
             let transport = match p.kind.get_ref().as_str() {
                 "openai" => {
@@ -699,9 +840,13 @@ impl Validator<'_> {
                     let key = self.api_key(&p, pi)?;
                     let opt = |v: &Option<Spanned<String>>, f: &str| {
                         v.as_ref()
-                            .map(|v| {
-                                parse_duration(v.get_ref())
-                                    .map_err(|m| self.err(Some(v.span()), field(f), m))
+                            .map(|_| {
+                                self.positive_duration(
+                                    v,
+                                    &field(f),
+                                    Duration::ZERO,
+                                    bounds::MAX_CONFIG_DURATION,
+                                )
                             })
                             .transpose()
                     };
@@ -724,7 +869,14 @@ impl Validator<'_> {
                         &field("latency"),
                         Duration::from_millis(150),
                     )?,
-                    ms_per_output_token: p.ms_per_output_token.unwrap_or(1.0).max(0.0),
+                    ms_per_output_token: self.number(
+                        p.ms_per_output_token.unwrap_or(1.0),
+                        Some(p.name.span()),
+                        field("ms_per_output_token"),
+                        0.0,
+                        bounds::MAX_MS_PER_OUTPUT_TOKEN,
+                        "a number of milliseconds",
+                    )?,
                     failure_rate: if (0.0..=1.0).contains(&p.failure_rate) {
                         p.failure_rate
                     } else {
@@ -761,13 +913,14 @@ impl Validator<'_> {
                 ),
             ] {
                 if let Some(cap) = cap {
-                    if !(cap.is_finite() && cap >= 0.0) {
-                        return Err(self.err(
-                            Some(p.name.span()),
-                            field(f),
-                            "must be a non-negative number of USD",
-                        ));
-                    }
+                    self.number(
+                        cap,
+                        Some(p.name.span()),
+                        field(f),
+                        0.0,
+                        bounds::MAX_BUDGET_USD,
+                        "a number of USD",
+                    )?;
                     budgets.push(crate::domain::policy::Budget {
                         provider: Some(provider_id),
                         period,
@@ -818,13 +971,14 @@ impl Validator<'_> {
                     (m.input_per_mtok, "input_per_mtok"),
                     (m.output_per_mtok, "output_per_mtok"),
                 ] {
-                    if !(v.is_finite() && v >= 0.0) {
-                        return Err(self.err(
-                            Some(m.name.span()),
-                            mfield(f),
-                            "must be a non-negative number",
-                        ));
-                    }
+                    self.number(
+                        v,
+                        Some(m.name.span()),
+                        mfield(f),
+                        0.0,
+                        bounds::MAX_PRICE_PER_MTOK,
+                        "a price in USD per million tokens",
+                    )?;
                 }
                 let endpoints = match &m.endpoints {
                     None => [Endpoint::ChatCompletions].into_iter().collect(),
@@ -860,19 +1014,17 @@ impl Validator<'_> {
                         || m.rpd.is_some()
                         || m.concurrency.is_some()
                     {
-                        for (v, f) in [
-                            (m.rpm.map(u64::from), "rpm"),
-                            (m.tpm, "tpm"),
-                            (m.rpd.map(u64::from), "rpd"),
-                            (m.concurrency.map(u64::from), "concurrency"),
+                        for (v, f, max) in [
+                            (m.rpm.map(u64::from), "rpm", bounds::MAX_RPM),
+                            (m.tpm, "tpm", bounds::MAX_TPM),
+                            (m.rpd.map(u64::from), "rpd", bounds::MAX_RPD),
+                            (
+                                m.concurrency.map(u64::from),
+                                "concurrency",
+                                bounds::MAX_CONCURRENCY,
+                            ),
                         ] {
-                            if v == Some(0) {
-                                return Err(self.err(
-                                    Some(m.name.span()),
-                                    mfield(f),
-                                    "must be positive (omit it for no limit)",
-                                ));
-                            }
+                            self.limit(v, Some(m.name.span()), mfield(f), max)?;
                         }
                         Some(Limits {
                             rpm: m.rpm,
@@ -942,9 +1094,16 @@ impl Validator<'_> {
             ),
         ] {
             if let Some(cap) = cap {
-                if !(cap.is_finite() && cap >= 0.0) {
-                    return Err(self.err(None, f, "must be a non-negative number of USD"));
-                }
+                let span = cap.span();
+                let cap = *cap.get_ref();
+                self.number(
+                    cap,
+                    Some(span),
+                    f,
+                    0.0,
+                    bounds::MAX_BUDGET_USD,
+                    "a number of USD",
+                )?;
                 budgets.push(crate::domain::policy::Budget {
                     provider: None,
                     period,
@@ -998,6 +1157,14 @@ impl Validator<'_> {
             None => Ok(default),
             Some(v) => match parse_size(v.get_ref()) {
                 Ok(0) => Err(self.err(Some(v.span()), field, "must be positive")),
+                Ok(n) if n > bounds::MAX_HTTP_BODY => Err(self.err(
+                    Some(v.span()),
+                    field,
+                    format!(
+                        "{n} bytes is above the limit of {} bytes (512MiB)",
+                        bounds::MAX_HTTP_BODY
+                    ),
+                )),
                 Ok(n) => Ok(n),
                 Err(m) => Err(self.err(Some(v.span()), field, m)),
             },
@@ -1061,6 +1228,14 @@ impl Validator<'_> {
             field: field(f),
         };
         match (&p.api_key_env, &p.api_key_file) {
+            (Some(var), None) if !is_env_name(var.get_ref()) => Err(self.err(
+                Some(var.span()),
+                field("api_key_env"),
+                // Never the value: it may be the key itself, pasted here.
+                "is not the name of an environment variable (letters, digits and '_', not \
+                 starting with a digit); if it is the key itself, put the key in that \
+                 variable's value or in api_key_file, and its name here",
+            )),
             (Some(var), None) => Ok(at(
                 var.span(),
                 "api_key_env",
@@ -1086,9 +1261,14 @@ impl Validator<'_> {
 
     fn window(&self, w: &RawWindow, field: &str) -> Result<PriceWindow, ConfigError> {
         let f = |x: &str| format!("{field}.{x}");
+        let price = |v: f64| v.is_finite() && (0.0..=bounds::MAX_PRICE_PER_MTOK).contains(&v);
         let effect = match (w.multiplier, w.input_per_mtok, w.output_per_mtok) {
-            (Some(m), None, None) if m.is_finite() && m >= 0.0 => WindowEffect::Multiplier(m),
-            (None, Some(i), Some(o)) if i >= 0.0 && o >= 0.0 => WindowEffect::Prices(Price {
+            (Some(m), None, None)
+                if m.is_finite() && (0.0..=bounds::MAX_MULTIPLIER).contains(&m) =>
+            {
+                WindowEffect::Multiplier(m)
+            }
+            (None, Some(i), Some(o)) if price(i) && price(o) => WindowEffect::Prices(Price {
                 input_per_mtok: i,
                 output_per_mtok: o,
             }),
@@ -1096,7 +1276,12 @@ impl Validator<'_> {
                 return Err(self.err(
                     Some(w.name.span()),
                     f("multiplier"),
-                    "a window needs either a non-negative multiplier, or input_per_mtok and output_per_mtok",
+                    format!(
+                        "a window needs either a multiplier from 0 to {}, or input_per_mtok and \
+                         output_per_mtok from 0 to {}",
+                        bounds::MAX_MULTIPLIER,
+                        bounds::MAX_PRICE_PER_MTOK
+                    ),
                 ));
             }
         };
@@ -1192,6 +1377,16 @@ impl Validator<'_> {
     }
 }
 
+/// Whether `s` can name an environment variable as shells write them.
+fn is_env_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && s.len() <= 256
+}
+
 /// Parses `HH:MM-HH:MM` (end may be `24:00`; end before start crosses midnight).
 fn parse_range(s: &str) -> Result<DailyRange, String> {
     let bad = || format!("'{s}' is not a HH:MM-HH:MM range");
@@ -1258,6 +1453,14 @@ mod tests {
         let e = Config::parse(text, "x.toml", Path::new(".")).unwrap_err();
         assert_eq!(e.line, Some(4), "{e}");
         assert!(e.field.contains("providers[0].rpm"), "{e}");
+
+        let text = "[daemon]\ndefault_deadline = 5\n";
+        let e = Config::parse(text, "x.toml", Path::new(".")).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (Some(2), "daemon.default_deadline"),
+            "{e}"
+        );
 
         let text = "[[providers]]\nname = \"a\"\nkind = \"simulated\"\nbogus = 1\n";
         let e = Config::parse(text, "x.toml", Path::new(".")).unwrap_err();
@@ -1466,6 +1669,392 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    const ONE_PROVIDER: &str = "[[providers]]\nname = \"a\"\nkind = \"simulated\"\n";
+    const ONE_MODEL: &str =
+        "[[providers.models]]\nname = \"m\"\ninput_per_mtok = 1.0\noutput_per_mtok = 2.0\n";
+
+    #[test]
+    fn every_number_and_duration_is_bounded_with_file_line_and_field() {
+        // (daemon lines, provider lines, model lines, field, message, line)
+        let cases: &[(&str, &str, &str, &str, &str, usize)] = &[
+            (
+                "default_deadline = \"100000000y\"",
+                "",
+                "",
+                "daemon.default_deadline",
+                "longer than the limit of 365d",
+                2,
+            ),
+            (
+                "default_deadline = \"0s\"",
+                "",
+                "",
+                "daemon.default_deadline",
+                "must be positive",
+                2,
+            ),
+            (
+                "safety_margin = \"100000000y\"",
+                "",
+                "",
+                "daemon.safety_margin",
+                "longer than the limit of 365d",
+                2,
+            ),
+            (
+                "request_timeout = \"100000000y\"",
+                "",
+                "",
+                "daemon.request_timeout",
+                "longer than the limit",
+                2,
+            ),
+            (
+                "request_timeout = \"0s\"",
+                "",
+                "",
+                "daemon.request_timeout",
+                "must be positive",
+                2,
+            ),
+            (
+                "shutdown_grace = \"1000y\"",
+                "",
+                "",
+                "daemon.shutdown_grace",
+                "longer than the limit",
+                2,
+            ),
+            (
+                "rescan_interval = \"1000y\"",
+                "",
+                "",
+                "daemon.rescan_interval",
+                "longer than the limit",
+                2,
+            ),
+            (
+                "retry_base = \"1000y\"",
+                "",
+                "",
+                "daemon.retry_base",
+                "longer than the limit",
+                2,
+            ),
+            (
+                "retry_max = \"1000y\"",
+                "",
+                "",
+                "daemon.retry_max",
+                "longer than the limit",
+                2,
+            ),
+            (
+                "retention = \"1000y\"",
+                "",
+                "",
+                "daemon.retention",
+                "longer than the limit of 3650d",
+                2,
+            ),
+            (
+                "checkpoint_every = \"1000y\"",
+                "",
+                "",
+                "daemon.checkpoint_every",
+                "longer than the limit",
+                2,
+            ),
+            (
+                "default_deadline = \"99999999999999999999999y\"",
+                "",
+                "",
+                "daemon.default_deadline",
+                "not a duration",
+                2,
+            ),
+            (
+                "max_attempts = 4000000000",
+                "",
+                "",
+                "daemon.max_attempts",
+                "above the limit of 1000",
+                2,
+            ),
+            (
+                "",
+                "ms_per_output_token = inf",
+                "",
+                "providers[0].ms_per_output_token",
+                "inf is not",
+                4,
+            ),
+            (
+                "",
+                "ms_per_output_token = nan",
+                "",
+                "providers[0].ms_per_output_token",
+                "NaN is not",
+                4,
+            ),
+            (
+                "",
+                "ms_per_output_token = -1.0",
+                "",
+                "providers[0].ms_per_output_token",
+                "-1 is not",
+                4,
+            ),
+            (
+                "",
+                "ms_per_output_token = 1e300",
+                "",
+                "providers[0].ms_per_output_token",
+                "from 0 to 10000",
+                4,
+            ),
+            (
+                "",
+                "latency = \"100000000y\"",
+                "",
+                "providers[0].latency",
+                "longer than the limit",
+                6,
+            ),
+            (
+                "",
+                "failure_rate = nan",
+                "",
+                "providers[0].failure_rate",
+                "between 0.0 and 1.0",
+                4,
+            ),
+            (
+                "",
+                "markup = inf",
+                "",
+                "providers[0].markup",
+                "inf is not a markup",
+                4,
+            ),
+            (
+                "",
+                "markup = 1e9",
+                "",
+                "providers[0].markup",
+                "from 0 to 100",
+                4,
+            ),
+            (
+                "",
+                "reserve = nan",
+                "",
+                "providers[0].reserve",
+                "between 0.0 and 0.9",
+                4,
+            ),
+            (
+                "",
+                "tpm = 18446744073709551615",
+                "",
+                "providers[0].tpm",
+                "above the limit of 1000000000000",
+                4,
+            ),
+            (
+                "",
+                "concurrency = 4000000000",
+                "",
+                "providers[0].concurrency",
+                "above the limit of 1000000",
+                4,
+            ),
+            (
+                "",
+                "rpm = 4000000000",
+                "",
+                "providers[0].rpm",
+                "above the limit of 1000000000",
+                4,
+            ),
+            (
+                "",
+                "daily_budget_usd = inf",
+                "",
+                "providers[0].daily_budget_usd",
+                "inf is not a number of USD",
+                4,
+            ),
+            (
+                "",
+                "monthly_budget_usd = -1.0",
+                "",
+                "providers[0].monthly_budget_usd",
+                "not a number of USD",
+                4,
+            ),
+            (
+                "",
+                "",
+                "input_per_mtok = inf",
+                "providers[0].models[0].input_per_mtok",
+                "inf is not a price",
+                8,
+            ),
+            (
+                "",
+                "",
+                "output_per_mtok = 1e300",
+                "providers[0].models[0].output_per_mtok",
+                "from 0 to 100000",
+                8,
+            ),
+            (
+                "",
+                "",
+                "tpm = 18446744073709551615",
+                "providers[0].models[0].tpm",
+                "above the limit",
+                8,
+            ),
+            (
+                "",
+                "",
+                "concurrency = 0",
+                "providers[0].models[0].concurrency",
+                "must be positive",
+                8,
+            ),
+        ];
+        for (daemon, provider, model, field, says, line) in cases {
+            let model_lines = if model.is_empty() {
+                ONE_MODEL.to_string()
+            } else {
+                // Replace the key the case sets, keep the others.
+                let key = model.split(" =").next().unwrap();
+                let kept: Vec<&str> = ONE_MODEL
+                    .lines()
+                    .filter(|l| !l.starts_with(&format!("{key} =")))
+                    .collect();
+                format!("{}\n{model}\n", kept.join("\n"))
+            };
+            let text = format!("[daemon]\n{daemon}\n{ONE_PROVIDER}{provider}\n{model_lines}");
+            let e = Config::parse(&text, "x.toml", Path::new("."))
+                .map(|_| ())
+                .expect_err(&text);
+            assert_eq!(e.field, *field, "{text}\n{e}");
+            assert!(e.message.contains(says), "{text}\n{e}");
+            assert_eq!(e.line, Some(*line), "{text}\n{e}");
+        }
+        // The limits themselves are accepted.
+        let text = format!(
+            "[daemon]\ndefault_deadline = \"365d\"\nsafety_margin = \"365d\"\nretention = \"3650d\"\n\
+             {ONE_PROVIDER}ms_per_output_token = 10000.0\nmarkup = 100.0\ntpm = 1000000000000\n{ONE_MODEL}"
+        );
+        Config::parse(&text, "x.toml", Path::new(".")).unwrap();
+    }
+
+    #[test]
+    fn http_sizes_and_window_prices_are_bounded() {
+        let providers = format!("{ONE_PROVIDER}{ONE_MODEL}");
+        let text = format!("[http]\nmax_upload = \"1000GB\"\n{providers}");
+        let e = Config::parse(&text, "x.toml", Path::new(".")).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (Some(2), "http.max_upload"),
+            "{e}"
+        );
+        assert!(e.message.contains("above the limit"), "{e}");
+        let text = format!("[http]\nmax_body = \"99999999999999999999\"\n{providers}");
+        let e = Config::parse(&text, "x.toml", Path::new(".")).unwrap_err();
+        assert_eq!(e.field, "http.max_body", "{e}");
+        for window in [
+            "multiplier = inf",
+            "multiplier = 1e9",
+            "input_per_mtok = inf\noutput_per_mtok = 1.0",
+            "input_per_mtok = 1.0\noutput_per_mtok = nan",
+        ] {
+            let text = format!(
+                "{ONE_PROVIDER}[[providers.price_windows]]\nname = \"w\"\n{window}\n{ONE_MODEL}"
+            );
+            let e = Config::parse(&text, "x.toml", Path::new(".")).unwrap_err();
+            assert_eq!(
+                e.field, "providers[0].price_windows[0].multiplier",
+                "{window}: {e}"
+            );
+            assert_eq!(e.line, Some(5), "{window}: {e}");
+        }
+        let text = format!("[budget]\ndaily_usd = inf\n{providers}");
+        let e = Config::parse(&text, "x.toml", Path::new(".")).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (Some(2), "budget.daily_usd"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_key_pasted_into_api_key_env_is_not_echoed() {
+        let openai = |key_line: &str| {
+            format!(
+                "[[providers]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\n\
+                 {key_line}\n{ONE_MODEL}"
+            )
+        };
+        for value in ["sk-proj-AbC123xyz", "1ABC", "", "MY KEY", "sk_live=1"] {
+            let text = openai(&format!("api_key_env = \"{value}\""));
+            let e = Config::parse(&text, "x.toml", Path::new(".")).unwrap_err();
+            assert_eq!(
+                (e.line, e.field.as_str()),
+                (Some(5), "providers[0].api_key_env"),
+                "{e}"
+            );
+            assert!(
+                e.message
+                    .contains("not the name of an environment variable"),
+                "{e}"
+            );
+            if !value.is_empty() {
+                assert!(!e.to_string().contains(value), "{e}");
+            }
+        }
+        let c = Config::parse(
+            &openai("api_key_env = \"OPENAI_API_KEY_2\""),
+            "x.toml",
+            Path::new("."),
+        );
+        assert!(c.is_ok(), "{c:?}");
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_is_warned_about_without_its_content() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "sk-secret-value\n").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let text = format!(
+            "[[providers]]\nname = \"a\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\n\
+             api_key_file = \"{}\"\n{ONE_MODEL}",
+            key.display()
+        );
+        let mut c = Config::parse(&text, "x.toml", Path::new(".")).unwrap();
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains(&key.display().to_string()) && w[0].contains("644"),
+            "{w:?}"
+        );
+        assert!(
+            w[0].starts_with("x.toml:5: providers[0].api_key_file: "),
+            "{w:?}"
+        );
+        assert!(!w[0].contains("sk-secret"), "{w:?}");
+        c.resolve_keys().unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(c.warnings().is_empty());
     }
 
     #[test]

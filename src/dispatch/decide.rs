@@ -375,7 +375,12 @@ pub fn step(input: StepInput<'_>) -> Step {
                     })
                     .min()
                     .unwrap_or(now);
-                if job.deadline_ms <= (renews + margin).timestamp_millis() {
+                if job.deadline_ms
+                    <= renews
+                        .checked_add_signed(margin)
+                        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+                        .timestamp_millis()
+                {
                     due[g].pop_front();
                     actions.push(Action::Fail {
                         job: job.id,

@@ -20,11 +20,16 @@ use crate::domain::pricing::{Limits, ModelId, ProviderId};
 pub const PACING: f64 = 0.99;
 
 /// A refilling bucket: `capacity` units, refilled at `per_ms` per millisecond.
+/// Its debt is bounded: `level` never goes below `floor`, one period's
+/// allowance (a minute, a day) below zero. A request bigger than that
+/// could not have been accepted by the provider anyway, and an estimate
+/// that large must not block the provider for longer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bucket {
     capacity: f64,
     per_ms: f64,
     level: f64,
+    floor: f64,
     last_ms: i64,
 }
 
@@ -37,6 +42,7 @@ impl Bucket {
             capacity,
             per_ms: limit / 86_400_000.0,
             level: capacity,
+            floor: -capacity,
             last_ms: now_ms,
         }
     }
@@ -48,6 +54,7 @@ impl Bucket {
             capacity,
             per_ms: limit / 60_000.0,
             level: capacity,
+            floor: -limit.max(1.0),
             last_ms: now_ms,
         }
     }
@@ -91,13 +98,13 @@ impl Bucket {
     /// Takes `units` (may leave the bucket in debt).
     pub fn take(&mut self, units: f64, now_ms: i64) {
         self.refill(now_ms);
-        self.level -= units;
+        self.level = (self.level - units).max(self.floor);
     }
 
     /// Corrects an earlier charge by `delta` units (negative refunds).
     pub fn adjust(&mut self, delta: f64, now_ms: i64) {
         self.refill(now_ms);
-        self.level = (self.level - delta).min(self.capacity);
+        self.level = (self.level - delta).clamp(self.floor, self.capacity);
     }
 }
 
@@ -481,6 +488,26 @@ mod tests {
         );
         assert!(p.try_acquire(500, 0)); // bucket of 10 → debt of 490
         assert_eq!(p.ready_in_ms(500, 0), Some(50_000));
+    }
+
+    #[test]
+    fn a_huge_request_leaves_at_most_a_minute_of_debt() {
+        let mut p = ProviderLimiter::with_pacing(
+            &Limits {
+                tpm: Some(600),
+                ..Limits::default()
+            },
+            0,
+            1.0,
+        );
+        assert!(p.try_acquire(u64::MAX, 0));
+        // 600 tokens of debt (a minute), then the bucket of 10 refills: 61 s.
+        assert_eq!(p.ready_in_ms(10, 0), Some(61_000));
+        p.release(u64::MAX, Some(u64::MAX), 0);
+        assert_eq!(p.ready_in_ms(10, 0), Some(61_000));
+        // Refunds still work.
+        p.release(u64::MAX, Some(0), 0);
+        assert_eq!(p.ready_in_ms(10, 0), Some(0));
     }
 
     #[test]

@@ -12,8 +12,8 @@ use serde_json::{Map, Value, json};
 
 use crate::config::{Secret, Transport};
 use crate::dispatch::reliability::{Outcome, Signals, Usage, parse_signals};
-use crate::domain::estimate;
 use crate::domain::pricing::Endpoint;
+use crate::domain::{bounds, estimate};
 
 /// Upper bound on a provider response body we keep.
 const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
@@ -154,12 +154,24 @@ struct UsageFields {
     completion_tokens: u64,
 }
 
-/// Reads `usage` from an OpenAI-format response body.
+/// Reads `usage` from an OpenAI-format response body. Counts above
+/// [`bounds::MAX_REPORTED_TOKENS`] are capped (and logged): what a provider
+/// reports is summed into the accounting, which must not overflow.
 pub fn parse_usage(body: &str) -> Option<Usage> {
     let u: UsageBody = serde_json::from_str(body).ok()?;
+    let cap = |n: u64, field: &str| {
+        if n > bounds::MAX_REPORTED_TOKENS {
+            tracing::warn!(
+                reported = n,
+                limit = bounds::MAX_REPORTED_TOKENS,
+                "provider reported an implausible usage.{field}; capped"
+            );
+        }
+        n.min(bounds::MAX_REPORTED_TOKENS)
+    };
     Some(Usage {
-        input_tokens: u.usage.prompt_tokens,
-        output_tokens: u.usage.completion_tokens,
+        input_tokens: cap(u.usage.prompt_tokens, "prompt_tokens"),
+        output_tokens: cap(u.usage.completion_tokens, "completion_tokens"),
     })
 }
 
@@ -367,8 +379,10 @@ async fn simulate(
     body: &Map<String, Value>,
 ) -> Outcome {
     let (response, usage) = simulated_response(provider, req, body);
-    let extra = Duration::from_secs_f64(ms_per_output_token * usage.output_tokens as f64 / 1000.0);
-    tokio::time::sleep(latency + extra).await;
+    let extra =
+        Duration::try_from_secs_f64(ms_per_output_token * usage.output_tokens as f64 / 1000.0)
+            .unwrap_or(bounds::MAX_CONFIG_DURATION);
+    tokio::time::sleep(latency.saturating_add(extra)).await;
     Outcome::Success {
         status: 200,
         request_id: Some(format!(
@@ -422,5 +436,15 @@ mod tests {
             })
         );
         assert_eq!(parse_usage("{\"choices\":[]}"), None);
+        // A hostile count is capped; one beyond u64 is no usage at all.
+        let body = r#"{"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":5}}"#;
+        assert_eq!(
+            parse_usage(body),
+            Some(Usage {
+                input_tokens: bounds::MAX_REPORTED_TOKENS,
+                output_tokens: 5
+            })
+        );
+        assert_eq!(parse_usage(r#"{"usage":{"prompt_tokens":1e400}}"#), None);
     }
 }

@@ -9,6 +9,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+use crate::domain::bounds::{self, MAX_PROVIDER_WAIT, secs_within};
+
 /// Tokens the provider reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
@@ -71,21 +73,20 @@ impl Signals {
 /// Reads rate-limit and retry headers: OpenAI's `x-ratelimit-*` (Go-style
 /// durations), Anthropic's `anthropic-ratelimit-*` (RFC 3339 instants) and
 /// `retry-after-ms` / `retry-after`. `get` returns a header's value.
+///
+/// Every wait is at most [`MAX_PROVIDER_WAIT`]: a header asking for longer
+/// (`retry-after: 1e20`) is not believed and is treated as absent, like an
+/// unreadable one. No header value can panic.
 pub fn parse_signals<'a>(get: impl Fn(&str) -> Option<&'a str>, now: DateTime<Utc>) -> Signals {
     let num = |name: &str| get(name).and_then(|v| v.trim().parse::<u64>().ok());
     let until = |name: &str| {
         get(name)
             .and_then(|v| DateTime::parse_from_rfc3339(v.trim()).ok())
-            .map(|t| {
-                (t.with_timezone(&Utc) - now)
-                    .to_std()
-                    .unwrap_or(Duration::ZERO)
-            })
+            .and_then(|t| wait_until(t.with_timezone(&Utc), now))
     };
     let retry_after = get("retry-after-ms")
         .and_then(|v| v.trim().parse::<f64>().ok())
-        .filter(|ms| ms.is_finite() && *ms >= 0.0)
-        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+        .and_then(|ms| secs_within(ms / 1000.0, MAX_PROVIDER_WAIT))
         .or_else(|| get("retry-after").and_then(|v| parse_retry_after(v, now)));
     Signals {
         retry_after,
@@ -106,22 +107,29 @@ pub fn parse_signals<'a>(get: impl Fn(&str) -> Option<&'a str>, now: DateTime<Ut
     }
 }
 
-/// `Retry-After`: delay-seconds (possibly fractional) or an HTTP date.
+/// The wait from `now` until `t` (zero if `t` has passed), if it is at most
+/// [`MAX_PROVIDER_WAIT`].
+fn wait_until(t: DateTime<Utc>, now: DateTime<Utc>) -> Option<Duration> {
+    let d = (t - now).to_std().unwrap_or(Duration::ZERO);
+    (d <= MAX_PROVIDER_WAIT).then_some(d)
+}
+
+/// `Retry-After`: delay-seconds (possibly fractional) or an HTTP date; at
+/// most [`MAX_PROVIDER_WAIT`], else `None`.
 pub fn parse_retry_after(v: &str, now: DateTime<Utc>) -> Option<Duration> {
     let v = v.trim();
     if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return secs_within(secs, MAX_PROVIDER_WAIT);
     }
-    DateTime::parse_from_rfc2822(v).ok().map(|t| {
-        (t.with_timezone(&Utc) - now)
-            .to_std()
-            .unwrap_or(Duration::ZERO)
-    })
+    DateTime::parse_from_rfc2822(v)
+        .ok()
+        .and_then(|t| wait_until(t.with_timezone(&Utc), now))
 }
 
 /// Go's `time.Duration` text as OpenAI sends it: `1s`, `6m0s`, `12ms`,
 /// `2m59.56s`, `1h2m3s`, `500us`. Hand-written: no crate parses this dialect
 /// (humantime rejects fractions and concatenated units like `6m0s.5`).
+/// At most [`MAX_PROVIDER_WAIT`], else `None`.
 pub fn parse_go_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     if s.is_empty() {
@@ -156,7 +164,7 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
         total += value * scale;
         rest = &rest[unit_len..];
     }
-    Some(Duration::from_secs_f64(total))
+    secs_within(total, MAX_PROVIDER_WAIT)
 }
 
 /// OpenAI's 429 bodies say "Please try again in 3.89s" (or "in 120ms").
@@ -266,7 +274,10 @@ pub fn next_attempt(
     let at = match verdict {
         Verdict::Retry { pause } => {
             let jitter = policy.backoff(attempts, draw);
-            let wait = pause.map_or(jitter, |p| p.max(jitter.min(Duration::from_secs(1))));
+            let wait = pause.map_or(jitter, |p| {
+                p.min(MAX_PROVIDER_WAIT)
+                    .max(jitter.min(Duration::from_secs(1)))
+            });
             now.checked_add_signed(chrono::Duration::from_std(wait).ok()?)?
         }
         Verdict::DisableProvider { .. } => now,
@@ -339,7 +350,7 @@ impl Health {
         match self.circuit {
             Circuit::Open { until, .. } => t = t.max(until),
             // One probe is out; nothing else until it returns (soon).
-            Circuit::HalfOpen { .. } => t = t.max(now + chrono::Duration::seconds(1)),
+            Circuit::HalfOpen { .. } => t = t.max(bounds::add(now, Duration::from_secs(1))),
             Circuit::Closed => {}
         }
         Some(t)
@@ -408,13 +419,13 @@ impl Health {
             Verdict::DisableProvider { reason } => self.disabled = Some(reason.clone()),
             Verdict::Retry { pause } => {
                 if let Some(p) = pause {
-                    let until = now + chrono::Duration::from_std(*p).unwrap_or_default();
+                    let until = bounds::add(now, (*p).min(MAX_PROVIDER_WAIT));
                     self.paused_until = Some(self.paused_until.map_or(until, |u| u.max(until)));
                 } else {
                     // Only failures the provider did not announce count towards the breaker.
                     self.consecutive_failures += 1;
                     let reopen = |cooldown: Duration| Circuit::Open {
-                        until: now + chrono::Duration::from_std(cooldown).unwrap_or_default(),
+                        until: bounds::add(now, cooldown),
                         cooldown,
                     };
                     self.circuit = match self.circuit {
@@ -436,7 +447,7 @@ impl Health {
     /// Pauses the provider for `d` (a limit at zero until its reset).
     /// Returns true if that extends the current pause.
     pub fn pause(&mut self, now: DateTime<Utc>, d: Duration) -> bool {
-        let until = now + chrono::Duration::from_std(d).unwrap_or_default();
+        let until = bounds::add(now, d.min(MAX_PROVIDER_WAIT));
         if self.paused_until.is_some_and(|p| p >= until) {
             return false;
         }
@@ -481,6 +492,111 @@ mod tests {
         assert_eq!(parse_go_duration("0"), Some(Duration::ZERO));
         assert_eq!(parse_go_duration("soon"), None);
         assert_eq!(parse_go_duration("5x"), None);
+        assert_eq!(parse_go_duration("24h"), Some(MAX_PROVIDER_WAIT));
+    }
+
+    #[test]
+    fn huge_provider_values_are_ignored_never_panic() {
+        let now = at("2026-11-24T12:00:00Z");
+        let h = |pairs: &[(&str, &str)]| {
+            parse_signals(
+                |n| pairs.iter().find(|(k, _)| *k == n).map(|(_, v)| *v),
+                now,
+            )
+        };
+        for v in [
+            "1e20",
+            "1e400",
+            "inf",
+            "NaN",
+            "-5",
+            "86401",
+            "99999999999999999999",
+        ] {
+            assert_eq!(h(&[("retry-after", v)]).retry_after, None, "{v}");
+        }
+        for v in ["1e23", "inf", "-1", "86400001"] {
+            assert_eq!(h(&[("retry-after-ms", v)]).retry_after, None, "{v}");
+        }
+        // A bad retry-after-ms falls back to retry-after.
+        assert_eq!(
+            h(&[("retry-after-ms", "1e23"), ("retry-after", "2")]).retry_after,
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            h(&[("retry-after", "Fri, 31 Dec 9999 23:59:59 GMT")]).retry_after,
+            None
+        );
+        for v in [
+            "1e23s",
+            "100000000000000000000000s",
+            "99999999999999999999h",
+            "25h",
+            "1.7976931348623157e308s",
+            &"9".repeat(400),
+            &format!("{}s", "9".repeat(400)),
+        ] {
+            let s = h(&[
+                ("x-ratelimit-remaining-requests", "0"),
+                ("x-ratelimit-reset-requests", v),
+                ("x-ratelimit-remaining-tokens", "0"),
+                ("x-ratelimit-reset-tokens", v),
+            ]);
+            assert_eq!(
+                (s.reset_requests, s.reset_tokens, s.pause()),
+                (None, None, None),
+                "{v}"
+            );
+        }
+        let s = h(&[
+            ("anthropic-ratelimit-requests-remaining", "0"),
+            ("anthropic-ratelimit-requests-reset", "9999-12-31T23:59:59Z"),
+        ]);
+        assert_eq!(s.pause(), None);
+        for message in [
+            "Please try again in 99999999999999999999s.",
+            "Please try again in 1e23s.",
+            "Please try again in 25h.",
+        ] {
+            let body = openai_error_body(message);
+            assert_eq!(
+                classify(&http(429, &body)),
+                Verdict::Retry {
+                    pause: Some(Duration::from_secs(1))
+                },
+                "{message}"
+            );
+        }
+        // Whatever reaches the circuit breaker cannot overflow a time.
+        let mut health = Health::default();
+        health.record(
+            &Verdict::Retry {
+                pause: Some(Duration::MAX),
+            },
+            now,
+        );
+        assert_eq!(health.paused_until, Some(now + chrono::Duration::days(1)));
+        assert!(Health::default().pause(DateTime::<Utc>::MAX_UTC, Duration::MAX));
+        let policy = RetryPolicy::default();
+        let far = DateTime::<Utc>::MAX_UTC;
+        assert!(
+            next_attempt(
+                &Verdict::Retry {
+                    pause: Some(Duration::MAX)
+                },
+                1,
+                &policy,
+                far,
+                now,
+                0.5
+            )
+            .is_some()
+        );
+    }
+
+    fn openai_error_body(message: &str) -> String {
+        serde_json::json!({"error": {"message": message, "type": "requests", "code": "rate_limit_exceeded"}})
+            .to_string()
     }
 
     #[test]

@@ -21,10 +21,11 @@ pub struct TokenEstimate {
 }
 
 /// Estimated input tokens of `text_bytes` bytes of text in `messages` chat messages.
+/// Saturating: the caller bounds the result ([`super::bounds::MAX_INPUT_TOKENS`]).
 pub fn input_tokens(text_bytes: usize, messages: usize) -> u64 {
-    text_bytes.div_ceil(BYTES_PER_TOKEN) as u64
-        + TOKENS_PER_MESSAGE * messages as u64
-        + if messages > 0 { 3 } else { 0 }
+    (text_bytes.div_ceil(BYTES_PER_TOKEN) as u64)
+        .saturating_add(TOKENS_PER_MESSAGE.saturating_mul(messages as u64))
+        .saturating_add(if messages > 0 { 3 } else { 0 })
 }
 
 /// Expected output tokens of a chat request with the given `max_tokens`:
@@ -34,6 +35,12 @@ pub fn expected_output_tokens(max_tokens: Option<u64>) -> u64 {
         Some(cap) => (cap / 2).max(1),
         None => DEFAULT_OUTPUT_TOKENS,
     }
+}
+
+/// Expected output tokens of a chat request asking for `n` choices (each
+/// is generated, and billed, separately). Saturating.
+pub fn expected_output_tokens_n(max_tokens: Option<u64>, n: u64) -> u64 {
+    expected_output_tokens(max_tokens).saturating_mul(n.max(1))
 }
 
 #[cfg(test)]
@@ -49,5 +56,8 @@ mod tests {
         assert_eq!(expected_output_tokens(Some(64)), 32);
         assert_eq!(expected_output_tokens(Some(1)), 1);
         assert_eq!(expected_output_tokens(None), DEFAULT_OUTPUT_TOKENS);
+        assert_eq!(expected_output_tokens_n(Some(64), 3), 96);
+        assert_eq!(expected_output_tokens_n(Some(u64::MAX), u64::MAX), u64::MAX);
+        assert_eq!(input_tokens(usize::MAX, usize::MAX), u64::MAX);
     }
 }

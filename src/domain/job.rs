@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
+use crate::domain::bounds;
 use crate::domain::estimate::{self, TokenEstimate};
 use crate::domain::pricing::{Candidates, Catalog, Endpoint, ResolveError};
 
@@ -264,23 +265,286 @@ struct IdOnly<'a> {
     custom_id: Option<Cow<'a, str>>,
 }
 
-#[derive(Deserialize)]
+/// The fields of a request body nightshift reads. Everything else is
+/// [`Checked`]: read as a provider's JSON parser reads it, then dropped.
+#[derive(Default)]
 struct BodyPeek<'a> {
-    #[serde(borrow)]
     model: Option<Cow<'a, str>>,
     max_tokens: Option<u64>,
     max_completion_tokens: Option<u64>,
+    n: Option<u64>,
     messages: Option<Vec<MessagePeek>>,
     input: Option<TextLen>,
 }
 
-#[derive(Deserialize)]
+/// The keys of a body that nightshift reads.
+enum BodyField {
+    Model,
+    MaxTokens,
+    MaxCompletionTokens,
+    N,
+    Messages,
+    Input,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for BodyField {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<BodyField, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = BodyField;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<BodyField, E> {
+                Ok(match s {
+                    "model" => BodyField::Model,
+                    "max_tokens" => BodyField::MaxTokens,
+                    "max_completion_tokens" => BodyField::MaxCompletionTokens,
+                    "n" => BodyField::N,
+                    "messages" => BodyField::Messages,
+                    "input" => BodyField::Input,
+                    _ => BodyField::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+/// Sets a field once: a second occurrence is an error, as with derived
+/// `Deserialize` (providers would take one of them, silently).
+fn once<T, E: de::Error>(
+    slot: &mut Option<T>,
+    value: Option<T>,
+    name: &'static str,
+) -> Result<(), E> {
+    if slot.is_some() {
+        return Err(E::duplicate_field(name));
+    }
+    *slot = value;
+    Ok(())
+}
+
+impl<'de> Deserialize<'de> for BodyPeek<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<BodyPeek<'de>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = BodyPeek<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<BodyPeek<'de>, A::Error> {
+                let mut b = BodyPeek::default();
+                while let Some(key) = map.next_key::<BodyField>()? {
+                    match key {
+                        BodyField::Model => once(
+                            &mut b.model,
+                            map.next_value::<Option<Text<'de>>>()?.map(|t| t.0),
+                            "model",
+                        )?,
+                        BodyField::MaxTokens => once(
+                            &mut b.max_tokens,
+                            map.next_value::<Option<Count<1, { bounds::MAX_OUTPUT_TOKENS }>>>()?
+                                .map(|c| c.0),
+                            "max_tokens",
+                        )?,
+                        BodyField::MaxCompletionTokens => once(
+                            &mut b.max_completion_tokens,
+                            map.next_value::<Option<Count<1, { bounds::MAX_OUTPUT_TOKENS }>>>()?
+                                .map(|c| c.0),
+                            "max_completion_tokens",
+                        )?,
+                        BodyField::N => once(
+                            &mut b.n,
+                            map.next_value::<Option<Count<1, { bounds::MAX_CHOICES }>>>()?
+                                .map(|c| c.0),
+                            "n",
+                        )?,
+                        BodyField::Messages => {
+                            once(&mut b.messages, map.next_value()?, "messages")?
+                        }
+                        BodyField::Input => once(&mut b.input, map.next_value()?, "input")?,
+                        BodyField::Other => {
+                            map.next_value::<Checked>()?;
+                        }
+                    }
+                }
+                Ok(b)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A string, borrowed from the line when it has no escapes.
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Text<'de>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(s.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// A whole number from `MIN` to `MAX`; out of range is an error that says
+/// the value and the limit, before any arithmetic sees it.
+struct Count<const MIN: u64, const MAX: u64>(u64);
+
+impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Count<MIN, MAX> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<const MIN: u64, const MAX: u64>;
+        impl<const MIN: u64, const MAX: u64> Visitor<'_> for V<MIN, MAX> {
+            type Value = Count<MIN, MAX>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                write!(f, "an integer from {MIN} to {MAX}")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Count<MIN, MAX>, E> {
+                if v < MIN {
+                    Err(E::custom(format!("{v} is below the minimum of {MIN}")))
+                } else if v > MAX {
+                    Err(E::custom(format!("{v} is above the limit of {MAX}")))
+                } else {
+                    Ok(Count(v))
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Count<MIN, MAX>, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::custom(format!("{v} is below the minimum of {MIN}"))),
+                }
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Count<MIN, MAX>, E> {
+                // An integer too large for u64 arrives as a float.
+                if v.fract() == 0.0 && v > MAX as f64 {
+                    Err(E::custom(format!("{v} is above the limit of {MAX}")))
+                } else {
+                    Err(E::invalid_type(de::Unexpected::Float(v), &self))
+                }
+            }
+        }
+        d.deserialize_u64(V::<MIN, MAX>)
+    }
+}
+
+/// Any JSON value, read as a provider's parser will read it and dropped:
+/// strings are decoded (a lone surrogate or a raw control character is an
+/// error), numbers must fit a 64-bit float (`1e400` is an error), and
+/// nesting is limited by serde_json's recursion limit (127 levels below the
+/// body's root, so 128 counting the line: [`bounds::MAX_JSON_DEPTH`]).
+/// `IgnoredAny` would skip all of that, and the job would be acknowledged
+/// only to fail at dispatch.
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Checked, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Checked;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Checked, E> {
+                if v.is_finite() {
+                    Ok(Checked)
+                } else {
+                    Err(E::custom("number out of range"))
+                }
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Checked, E> {
+                Ok(Checked)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+                while seq.next_element::<Checked>()?.is_some() {}
+                Ok(Checked)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+                while map.next_key::<Checked>()?.is_some() {
+                    map.next_value::<Checked>()?;
+                }
+                Ok(Checked)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A chat message: its `content` is counted, the rest [`Checked`].
 struct MessagePeek {
     content: Option<TextLen>,
 }
 
+impl<'de> Deserialize<'de> for MessagePeek {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<MessagePeek, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = MessagePeek;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a message object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<MessagePeek, A::Error> {
+                let mut content = None;
+                while let Some(is_content) = map.next_key_seed(KeyIs("content"))? {
+                    if is_content {
+                        once(&mut content, map.next_value()?, "content")?;
+                    } else {
+                        map.next_value::<Checked>()?;
+                    }
+                }
+                Ok(MessagePeek { content })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// Whether a map key is the given name, read without allocating.
+struct KeyIs(&'static str);
+
+impl<'de> de::DeserializeSeed<'de> for KeyIs {
+    type Value = bool;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        struct V(&'static str);
+        impl Visitor<'_> for V {
+            type Value = bool;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<bool, E> {
+                Ok(s == self.0)
+            }
+        }
+        d.deserialize_identifier(V(self.0))
+    }
+}
+
 /// The number of bytes of text in a JSON value: a string's length, the sum
 /// over an array, a content part's `text`; anything else counts as a token.
+/// Saturating: the estimate it feeds is bounded.
 struct TextLen(usize);
 
 impl<'de> Deserialize<'de> for TextLen {
@@ -300,7 +564,8 @@ impl<'de> Deserialize<'de> for TextLen {
             fn visit_i64<E: de::Error>(self, _: i64) -> Result<TextLen, E> {
                 Ok(TextLen(4))
             }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<TextLen, E> {
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<TextLen, E> {
+                Checked::visit_number(v)?;
                 Ok(TextLen(4))
             }
             fn visit_bool<E: de::Error>(self, _: bool) -> Result<TextLen, E> {
@@ -310,19 +575,19 @@ impl<'de> Deserialize<'de> for TextLen {
                 Ok(TextLen(0))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TextLen, A::Error> {
-                let mut n = 0;
+                let mut n: usize = 0;
                 while let Some(TextLen(x)) = seq.next_element()? {
-                    n += x;
+                    n = n.saturating_add(x);
                 }
                 Ok(TextLen(n))
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TextLen, A::Error> {
-                let mut n = 0;
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    if key == "text" {
-                        n += map.next_value::<TextLen>()?.0;
+                let mut n: usize = 0;
+                while let Some(is_text) = map.next_key_seed(KeyIs("text"))? {
+                    if is_text {
+                        n = n.saturating_add(map.next_value::<TextLen>()?.0);
                     } else {
-                        map.next_value::<IgnoredAny>()?;
+                        map.next_value::<Checked>()?;
                     }
                 }
                 Ok(TextLen(n))
@@ -330,6 +595,58 @@ impl<'de> Deserialize<'de> for TextLen {
         }
         d.deserialize_any(V)
     }
+}
+
+impl Checked {
+    /// serde_json never hands a non-finite float to a visitor (it refuses
+    /// `1e400` itself); this keeps that true for any deserializer.
+    fn visit_number<E: de::Error>(v: f64) -> Result<(), E> {
+        if v.is_finite() {
+            Ok(())
+        } else {
+            Err(E::custom("number out of range"))
+        }
+    }
+}
+
+/// Reads a body: the fields nightshift needs, everything else checked.
+/// On an error, `(field, message)`; the path is tracked only then (a second
+/// parse), so the common case allocates nothing for it.
+fn parse_body(body: &str) -> Result<BodyPeek<'_>, (String, String)> {
+    if !body.trim_start().starts_with('{') {
+        return Err(("body".into(), "must be a JSON object".into()));
+    }
+    if let Ok(peek) = serde_json::from_str::<BodyPeek>(body) {
+        return Ok(peek);
+    }
+    let de = &mut serde_json::Deserializer::from_str(body);
+    let e = match serde_path_to_error::deserialize::<_, BodyPeek>(de) {
+        Ok(peek) => return Ok(peek),
+        Err(e) => e,
+    };
+    let path = e.path().to_string();
+    let message = without_position(&e.into_inner().to_string());
+    let field = if path == "." {
+        "body".to_string()
+    } else {
+        format!("body.{path}")
+    };
+    if message.starts_with("recursion limit exceeded") {
+        return Err((
+            "body".into(),
+            format!(
+                "nested more than {} levels deep (the job line is level 1); providers refuse such JSON",
+                bounds::MAX_JSON_DEPTH
+            ),
+        ));
+    }
+    if message.starts_with("number out of range") {
+        return Err((
+            field,
+            "a number beyond the range of a 64-bit float; providers refuse it".into(),
+        ));
+    }
+    Err((field, message))
 }
 
 /// Drops serde_json's "at line 1 column N" from errors about a nested
@@ -355,6 +672,17 @@ fn strip_position(msg: &str) -> String {
 
 /// Parses and validates one job line.
 pub fn parse_line(line: &str, ctx: &JobContext) -> Result<NewJob, LineError> {
+    if line.len() > bounds::MAX_LINE_BYTES {
+        return Err(LineError {
+            custom_id: None,
+            field: None,
+            message: format!(
+                "the line is {} bytes long, above the limit of {} bytes",
+                line.len(),
+                bounds::MAX_LINE_BYTES
+            ),
+        });
+    }
     let raw: RawLine = {
         let de = &mut serde_json::Deserializer::from_str(line);
         match serde_path_to_error::deserialize(de) {
@@ -391,6 +719,17 @@ pub fn parse_line(line: &str, ctx: &JobContext) -> Result<NewJob, LineError> {
         message,
     };
     let id = match raw.custom_id.as_deref() {
+        Some(id) if id.len() > bounds::MAX_CUSTOM_ID_BYTES => {
+            return Err(LineError {
+                custom_id: None, // not repeated: it is too long
+                field: Some("custom_id".into()),
+                message: format!(
+                    "is {} bytes long, above the limit of {} bytes",
+                    id.len(),
+                    bounds::MAX_CUSTOM_ID_BYTES
+                ),
+            });
+        }
         Some(id) if !id.is_empty() => id.to_owned(),
         Some(_) => return Err(fail("custom_id", "must not be empty".into())),
         None => return Err(fail("custom_id", "required".into())),
@@ -417,13 +756,7 @@ pub fn parse_line(line: &str, ctx: &JobContext) -> Result<NewJob, LineError> {
         None => return Err(fail("url", "required".into())),
     };
     let body = raw.body.ok_or_else(|| fail("body", "required".into()))?;
-    let peek: BodyPeek = serde_json::from_str(body.get()).map_err(|e| {
-        if body.get().trim_start().starts_with('{') {
-            fail("body", without_position(&e.to_string()))
-        } else {
-            fail("body", "must be a JSON object".into())
-        }
-    })?;
+    let peek = parse_body(body.get()).map_err(|(field, message)| fail(&field, message))?;
     let model = match peek.model {
         Some(m) if !m.is_empty() => m.into_owned(),
         _ => return Err(fail("body.model", "required".into())),
@@ -441,19 +774,24 @@ pub fn parse_line(line: &str, ctx: &JobContext) -> Result<NewJob, LineError> {
                 .map(|m| m.content.as_ref().map_or(0, |c| c.0))
                 .sum();
             let cap = peek.max_completion_tokens.or(peek.max_tokens);
+            let input = estimate::input_tokens(text, messages.len());
+            if input > bounds::MAX_INPUT_TOKENS {
+                return Err(fail("body.messages", too_many_input_tokens(input)));
+            }
             TokenEstimate {
-                input: estimate::input_tokens(text, messages.len()),
-                output: estimate::expected_output_tokens(cap),
+                input,
+                output: estimate::expected_output_tokens_n(cap, peek.n.unwrap_or(1)),
             }
         }
         Endpoint::Embeddings => {
             let input = peek
                 .input
                 .ok_or_else(|| fail("body.input", "required".into()))?;
-            TokenEstimate {
-                input: estimate::input_tokens(input.0, 0).max(1),
-                output: 0,
+            let input = estimate::input_tokens(input.0, 0).max(1);
+            if input > bounds::MAX_INPUT_TOKENS {
+                return Err(fail("body.input", too_many_input_tokens(input)));
             }
+            TokenEstimate { input, output: 0 }
         }
     };
     let options = match raw.nightshift {
@@ -464,9 +802,19 @@ pub fn parse_line(line: &str, ctx: &JobContext) -> Result<NewJob, LineError> {
         None => Options::default(),
     };
     let deadline = match &options.deadline {
-        None => ctx.now + ctx.default_deadline,
+        None => bounds::add(ctx.now, ctx.default_deadline),
         Some(d) => parse_deadline(d, ctx.now).map_err(|m| fail("nightshift.deadline", m))?,
     };
+    if deadline > bounds::add(ctx.now, bounds::MAX_DEADLINE) {
+        return Err(fail(
+            "nightshift.deadline",
+            format!(
+                "{} is more than {} after the submission time",
+                deadline.to_rfc3339(),
+                bounds::show(bounds::MAX_DEADLINE)
+            ),
+        ));
+    }
     if deadline <= ctx.now {
         return Err(fail(
             "nightshift.deadline",
@@ -478,11 +826,22 @@ pub fn parse_line(line: &str, ctx: &JobContext) -> Result<NewJob, LineError> {
         ));
     }
     if let Some(max) = options.max_cost_usd
-        && !(max.is_finite() && max > 0.0)
+        && !(max.is_finite() && max > 0.0 && max <= bounds::MAX_JOB_COST_USD)
     {
         return Err(fail(
             "nightshift.max_cost_usd",
-            "must be a positive number".into(),
+            format!(
+                "{max} is not a positive number of USD up to the limit of {}",
+                bounds::MAX_JOB_COST_USD
+            ),
+        ));
+    }
+    if let Some(p) = options.priority
+        && p.unsigned_abs() > bounds::MAX_PRIORITY as u64
+    {
+        return Err(fail(
+            "nightshift.priority",
+            format!("{p} is outside the range -{0} to {0}", bounds::MAX_PRIORITY),
         ));
     }
     eligible(ctx.catalog, &model, endpoint, &options).map_err(|e| LineError {
@@ -503,18 +862,37 @@ pub fn parse_line(line: &str, ctx: &JobContext) -> Result<NewJob, LineError> {
     })
 }
 
-/// Parses a deadline: an RFC 3339 timestamp, or a duration after `now`.
+fn too_many_input_tokens(n: u64) -> String {
+    format!(
+        "about {n} input tokens (estimated), above the limit of {}",
+        bounds::MAX_INPUT_TOKENS
+    )
+}
+
+/// Parses a deadline: an RFC 3339 timestamp, or a duration after `now`; at
+/// most [`bounds::MAX_DEADLINE`] after `now` either way.
 pub fn parse_deadline(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+    let latest = bounds::add(now, bounds::MAX_DEADLINE);
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
-        return Ok(t.with_timezone(&Utc));
+        let t = t.with_timezone(&Utc);
+        if t > latest {
+            return Err(format!(
+                "'{s}' is more than {} after the submission time (the limit)",
+                bounds::show(bounds::MAX_DEADLINE)
+            ));
+        }
+        return Ok(t);
     }
     let d = crate::domain::units::parse_duration(s).map_err(|_| {
         format!("'{s}' is neither an RFC 3339 timestamp nor a duration like 90m, 12h or 2d")
     })?;
-    chrono::Duration::from_std(d)
-        .ok()
-        .and_then(|d| now.checked_add_signed(d))
-        .ok_or_else(|| format!("'{s}' is too far away"))
+    if d > bounds::MAX_DEADLINE {
+        return Err(format!(
+            "'{s}' is longer than the limit of {}",
+            bounds::show(bounds::MAX_DEADLINE)
+        ));
+    }
+    Ok(bounds::add(now, d))
 }
 
 #[cfg(test)]
@@ -645,6 +1023,205 @@ mod tests {
         // The custom_id is kept for errors in other fields.
         let e = err(r#"{"custom_id":"keep","method":"GET"}"#);
         assert_eq!(e.custom_id.as_deref(), Some("keep"));
+    }
+
+    fn chat(body_extra: &str, nightshift: &str) -> String {
+        format!(
+            r#"{{"custom_id":"h","method":"POST","url":"/v1/chat/completions","body":{{"model":"cheap-chat","messages":[{{"role":"user","content":"hi"}}]{body_extra}}}{nightshift}}}"#
+        )
+    }
+
+    #[test]
+    fn numbers_from_outside_are_bounded_with_the_field_named() {
+        let cases: &[(String, &str, &str)] = &[
+            (
+                chat(r#","max_tokens":18446744073709551615"#, ""),
+                "body.max_tokens",
+                "18446744073709551615 is above the limit of 1000000",
+            ),
+            (
+                chat(r#","max_tokens":184467440737095516150"#, ""),
+                "body.max_tokens",
+                "is above the limit of 1000000",
+            ),
+            (
+                chat(r#","max_completion_tokens":1000001"#, ""),
+                "body.max_completion_tokens",
+                "1000001 is above the limit of 1000000",
+            ),
+            (
+                chat(r#","max_tokens":0"#, ""),
+                "body.max_tokens",
+                "0 is below the minimum of 1",
+            ),
+            (
+                chat(r#","max_tokens":-5"#, ""),
+                "body.max_tokens",
+                "-5 is below the minimum of 1",
+            ),
+            (
+                chat(r#","max_tokens":"x""#, ""),
+                "body.max_tokens",
+                r#"invalid type: string "x", expected an integer from 1 to 1000000"#,
+            ),
+            (
+                chat(r#","max_tokens":64.5"#, ""),
+                "body.max_tokens",
+                "invalid type: floating point `64.5`",
+            ),
+            (
+                chat(r#","n":129"#, ""),
+                "body.n",
+                "129 is above the limit of 128",
+            ),
+            (
+                chat(r#","temperature":1e400"#, ""),
+                "body.temperature",
+                "beyond the range of a 64-bit float",
+            ),
+            (
+                chat(r#","logit_bias":{"1":-1e999}"#, ""),
+                "body.logit_bias.1",
+                "beyond the range of a 64-bit float",
+            ),
+            (
+                chat(r#","stop":["\ud800"]"#, ""),
+                "body.stop[0]",
+                "hex escape",
+            ),
+            (
+                chat(r#","max_tokens":5,"max_tokens":6"#, ""),
+                "body",
+                "duplicate field `max_tokens`",
+            ),
+            (
+                chat("", r#","nightshift":{"deadline":"99999999d"}"#),
+                "nightshift.deadline",
+                "longer than the limit of 365d",
+            ),
+            (
+                chat("", r#","nightshift":{"deadline":"9999-12-31T00:00:00Z"}"#),
+                "nightshift.deadline",
+                "more than 365d after the submission time",
+            ),
+            (
+                chat(
+                    "",
+                    r#","nightshift":{"deadline":"100000000000000000000000y"}"#,
+                ),
+                "nightshift.deadline",
+                "neither an RFC 3339 timestamp nor a duration",
+            ),
+            (
+                chat("", r#","nightshift":{"priority":9223372036854775807}"#),
+                "nightshift.priority",
+                "outside the range -1000000000 to 1000000000",
+            ),
+            (
+                chat("", r#","nightshift":{"priority":1e400}"#),
+                "nightshift.priority",
+                "number out of range",
+            ),
+            (
+                chat("", r#","nightshift":{"max_cost_usd":1e300}"#),
+                "nightshift.max_cost_usd",
+                "up to the limit of 1000000",
+            ),
+        ];
+        for (line, field, needle) in cases {
+            let e = err(line);
+            assert_eq!(e.field.as_deref(), Some(*field), "{line}: {e}");
+            assert!(e.message.contains(needle), "{line}: {e}");
+            assert_eq!(e.custom_id.as_deref(), Some("h"), "{line}: {e}");
+        }
+        // The bounds themselves are accepted.
+        let c = Config::embedded_default();
+        let j = parse_line(&chat(r#","max_tokens":1000000,"n":128"#, ""), &ctx(&c)).unwrap();
+        assert_eq!(j.estimate.output, 500_000 * 128);
+        let j = parse_line(&chat("", r#","nightshift":{"deadline":"365d"}"#), &ctx(&c)).unwrap();
+        assert_eq!(j.deadline, ctx(&c).now + chrono::Duration::days(365));
+        let j = parse_line(&chat(r#","temperature":1e308,"x":[1e-400]"#, ""), &ctx(&c));
+        assert!(j.is_ok(), "{j:?}");
+    }
+
+    #[test]
+    fn sizes_and_nesting_are_bounded() {
+        // Nesting: the line is level 1, the body level 2; 128 in all is allowed.
+        let nested = |levels: usize| {
+            chat(
+                &format!(r#","x":{}1{}"#, "[".repeat(levels), "]".repeat(levels)),
+                "",
+            )
+        };
+        let c = Config::embedded_default();
+        assert!(parse_line(&nested(126), &ctx(&c)).is_ok());
+        let e = err(&nested(127));
+        assert_eq!(e.field.as_deref(), Some("body"), "{e}");
+        assert!(e.message.contains("nested more than 128 levels"), "{e}");
+        let e = err(&nested(100_000));
+        assert!(e.message.contains("nested more than 128 levels"), "{e}");
+        // Objects, on both parse paths (the error path tracks the field path).
+        for levels in [126, 127, 200] {
+            let line = chat(
+                &format!(
+                    r#","x":{}1{}"#,
+                    "{\"a\":".repeat(levels),
+                    "}".repeat(levels)
+                ),
+                "",
+            );
+            let out = parse_line(&line, &ctx(&c));
+            assert_eq!(out.is_ok(), levels == 126, "{levels}: {out:?}");
+            let line = chat(
+                &format!(
+                    r#","x":{}1e400{}"#,
+                    "{\"a\":".repeat(levels.min(126)),
+                    "}".repeat(levels.min(126))
+                ),
+                "",
+            );
+            assert!(parse_line(&line, &ctx(&c)).is_err());
+        }
+        // Inside a message, too.
+        let deep = format!(
+            r#"{{"custom_id":"h","method":"POST","url":"/v1/chat/completions","body":{{"model":"cheap-chat","messages":[{{"content":{}"a"{}}}]}}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert!(
+            err(&deep).message.contains("nested more than"),
+            "{}",
+            err(&deep)
+        );
+
+        // A prompt of ~50 MB: its estimate is above the limit, the field named.
+        let big = chat("", "").replace("\"hi\"", &format!("\"{}\"", "a".repeat(9_000_000)));
+        let e = err(&big);
+        assert_eq!(e.field.as_deref(), Some("body.messages"), "{e}");
+        assert!(e.message.contains("above the limit of 2000000"), "{e}");
+        let emb = format!(
+            r#"{{"custom_id":"e","method":"POST","url":"/v1/embeddings","body":{{"model":"embed","input":"{}"}}}}"#,
+            "a".repeat(9_000_000)
+        );
+        assert_eq!(err(&emb).field.as_deref(), Some("body.input"));
+
+        // A custom_id is bounded, and not repeated in the error.
+        let long = chat("", "").replace("\"h\"", &format!("\"{}\"", "i".repeat(600)));
+        let e = err(&long);
+        assert_eq!(e.field.as_deref(), Some("custom_id"), "{e}");
+        assert!(e.message.contains("600 bytes"), "{e}");
+        assert!(e.custom_id.is_none());
+    }
+
+    #[test]
+    fn huge_default_deadlines_saturate_instead_of_panicking() {
+        let c = Config::embedded_default();
+        let ctx = JobContext {
+            default_deadline: Duration::MAX,
+            ..ctx(&c)
+        };
+        let e = parse_line(&chat("", ""), &ctx).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("nightshift.deadline"), "{e}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! models, classes and prices ([`pricing`]), a job line and its options
 //! ([`job`]), and token estimates ([`estimate`]).
 
+pub mod bounds;
 pub mod estimate;
 pub mod job;
 pub mod policy;

@@ -9,6 +9,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("'{s}' is not a duration like 90m, 12h or 2d ({e})"))
 }
 
+/// [`parse_duration`], refusing anything longer than `max`.
+pub fn parse_duration_within(s: &str, max: Duration) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d > max {
+        return Err(format!(
+            "'{}' is longer than the limit of {}",
+            s.trim(),
+            crate::domain::bounds::show(max)
+        ));
+    }
+    Ok(d)
+}
+
 /// Unix milliseconds as RFC 3339 with milliseconds and `Z`: the one
 /// timestamp format of result lines, the API and the log. `None` out of range.
 pub fn rfc3339_ms(ms: i64) -> Option<String> {

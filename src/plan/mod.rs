@@ -47,6 +47,7 @@ use microlp::{ComparisonOp, OptimizationDirection, Problem};
 
 pub use route::{Decision, by_cost_at, route};
 
+use crate::domain::bounds;
 use crate::domain::pricing::{Catalog, ModelId, ProviderId};
 
 /// Jobs that are interchangeable for planning: same eligible models, released
@@ -266,9 +267,9 @@ fn to_chrono(d: Duration) -> chrono::Duration {
 impl PlanSettings {
     /// The slot length at `t`: fine near `now`, coarse later, far beyond.
     pub fn step_at(&self, now: DateTime<Utc>, t: DateTime<Utc>) -> Duration {
-        if t < now + to_chrono(self.fine_horizon) {
+        if t < bounds::add(now, self.fine_horizon) {
             self.fine_slot
-        } else if t < now + to_chrono(self.coarse_horizon) {
+        } else if t < bounds::add(now, self.coarse_horizon) {
             self.coarse_slot
         } else {
             self.far_slot
@@ -318,7 +319,7 @@ fn make_slots_with(
     let mut t = now;
     while t < end {
         let step = settings.step_at(now, t);
-        t = (align_down(t, step) + to_chrono(step)).min(end);
+        t = bounds::add(align_down(t, step), step).min(end);
         bounds.push(t);
     }
     let mut change = now;
@@ -353,9 +354,10 @@ fn usable(slot: &Slot, group: &JobGroup, settings: &PlanSettings, first_for_grou
     if slot.start < group.release && slot.end <= group.release {
         return false;
     }
-    let margin = to_chrono(settings.safety_margin);
-    slot.end + margin <= group.deadline
-        || (first_for_group && slot.start.max(group.release) + margin <= group.deadline)
+    // Saturating: no margin, deadline or slot can overflow a time.
+    let margin = settings.safety_margin;
+    bounds::add(slot.end, margin) <= group.deadline
+        || (first_for_group && bounds::add(slot.start.max(group.release), margin) <= group.deadline)
 }
 
 struct Option_ {
@@ -378,18 +380,18 @@ pub fn plan(
         .map(|g| g.deadline)
         .max()
         .unwrap_or(now)
-        .min(now + to_chrono(settings.max_horizon))
-        .max(now + to_chrono(settings.fine_slot));
+        .min(bounds::add(now, settings.max_horizon))
+        .max(bounds::add(now, settings.fine_slot));
     // Slot boundaries also fall where groups become usable or stop being
     // usable, so no capacity is lost to rounding a deadline to the grid.
     let margin = if settings.relaxed {
-        chrono::Duration::zero()
+        Duration::ZERO
     } else {
-        to_chrono(settings.safety_margin)
+        settings.safety_margin
     };
     let extra: Vec<DateTime<Utc>> = groups
         .iter()
-        .flat_map(|g| [g.release, g.deadline - margin])
+        .flat_map(|g| [g.release, bounds::sub(g.deadline, margin)])
         .filter(|&t| t > now && t < horizon_end)
         .collect();
     let slots = make_slots_with(catalog, now, horizon_end, settings, &extra);

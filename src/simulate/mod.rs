@@ -113,12 +113,19 @@ pub fn load_workload(
         let output_tokens = match value.remove("sim") {
             None => None,
             Some(Value::Object(sim)) => match sim.get("output_tokens") {
-                Some(v) => Some(v.as_u64().ok_or_else(|| {
-                    err(
-                        Some("sim.output_tokens"),
-                        "must be a non-negative integer".into(),
-                    )
-                })?),
+                Some(v) => Some(
+                    v.as_u64()
+                        .filter(|&n| n <= crate::domain::bounds::MAX_OUTPUT_TOKENS)
+                        .ok_or_else(|| {
+                            err(
+                                Some("sim.output_tokens"),
+                                format!(
+                                    "must be an integer from 0 to {}",
+                                    crate::domain::bounds::MAX_OUTPUT_TOKENS
+                                ),
+                            )
+                        })?,
+                ),
                 None => None,
             },
             Some(_) => return Err(err(Some("sim"), "must be an object".into())),
@@ -165,7 +172,10 @@ pub fn load_workload(
 pub fn parse_submit_at(s: &str, start: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
     if let Some(offset) = s.strip_prefix('+') {
         let d = crate::domain::units::parse_duration(offset)?;
-        return Ok(start + chrono::Duration::from_std(d).map_err(|e| e.to_string())?);
+        return chrono::Duration::from_std(d)
+            .ok()
+            .and_then(|d| start.checked_add_signed(d))
+            .ok_or_else(|| format!("'{s}' is too far after the start"));
     }
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
@@ -463,11 +473,16 @@ pub fn run(
                 j.model = Some(model);
                 j.dispatched_at = Some(now);
                 let p = &providers[catalog.models[model].provider];
-                let latency = p.latency
-                    + Duration::from_secs_f64(
+                let latency = p.latency.saturating_add(
+                    Duration::try_from_secs_f64(
                         p.ms_per_output_token * j.w.output_tokens as f64 / 1000.0,
-                    );
-                completions.push(Reverse((now_ms + latency.as_millis() as i64, i)));
+                    )
+                    .unwrap_or(Duration::MAX),
+                );
+                completions.push(Reverse((
+                    now_ms.saturating_add(crate::domain::bounds::millis(latency)),
+                    i,
+                )));
             };
 
         // Decide.

@@ -486,11 +486,12 @@ impl Store {
         let conn = self.reader()?;
         let since = chrono::Utc::now().timestamp_millis() - days * 86_400_000;
         let mut stmt = conn.prepare(
-            "SELECT provider, SUM(input_tokens), SUM(est_input_tokens) FROM jobs
+            "SELECT provider, TOTAL(input_tokens), TOTAL(est_input_tokens) FROM jobs
              WHERE state = 'succeeded' AND completed_at > ?1 GROUP BY provider",
         )?;
-        let ratio = |actual: Option<i64>, estimated: Option<i64>| match (actual, estimated) {
-            (Some(a), Some(e)) if e > 0 => Some(a as f64 / e as f64),
+        // TOTAL (a float) never overflows, whatever a row holds.
+        let ratio = |actual: Option<f64>, estimated: Option<f64>| match (actual, estimated) {
+            (Some(a), Some(e)) if e > 0.0 => Some(a / e),
             _ => None,
         };
         let inputs = stmt
@@ -501,7 +502,7 @@ impl Store {
             .filter_map(|(p, a, e)| Some((p?, ratio(a, e)?)))
             .collect();
         let mut stmt = conn.prepare(
-            "SELECT r.key, SUM(j.output_tokens), SUM(j.est_output_tokens) FROM jobs j JOIN routes r ON r.id = j.route_id
+            "SELECT r.key, TOTAL(j.output_tokens), TOTAL(j.est_output_tokens) FROM jobs j JOIN routes r ON r.id = j.route_id
              WHERE j.state = 'succeeded' AND j.completed_at > ?1 GROUP BY j.route_id",
         )?;
         let outputs = stmt
@@ -848,7 +849,7 @@ impl Store {
         };
         let conn = self.reader()?;
         let mut stmt = conn.prepare(&format!(
-            "SELECT {key}, COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0),
+            "SELECT {key}, COUNT(*), CAST(TOTAL(input_tokens) AS INTEGER), CAST(TOTAL(output_tokens) AS INTEGER),
                     COALESCE(SUM(cost_usd), 0), COALESCE(SUM(list_cost_usd), 0), COALESCE(SUM(late_cost_usd), 0)
              FROM jobs WHERE state = 'succeeded' AND completed_at >= ?1 GROUP BY 1 ORDER BY 1"
         ))?;

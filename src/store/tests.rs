@@ -254,3 +254,25 @@ fn the_queue_summary_matches_the_planners_buckets() {
     assert_eq!(got, want);
     assert!(got.len() >= 4, "{got:?}");
 }
+
+#[test]
+fn sums_over_rows_from_before_the_bounds_cannot_overflow() {
+    // Rows queued before estimates were bounded (issue 11): one at i64::MAX.
+    let (_dir, store, _route) = store_with(3);
+    store
+        .conn()
+        .execute(
+            "UPDATE jobs SET est_output_tokens = 9223372036854775807, est_input_tokens = 9223372036854775807 WHERE id <= 2",
+            [],
+        )
+        .unwrap();
+    let buckets = store.queued_buckets().unwrap();
+    assert_eq!(buckets.len(), 1);
+    assert_eq!(buckets[0].jobs, 3);
+    assert!(
+        buckets[0].output_tokens >= i64::MAX as u64,
+        "saturated, not an error"
+    );
+    store.learned_token_ratios(7).unwrap();
+    store.spend(0, SpendBy::Provider).unwrap();
+}

@@ -11,6 +11,7 @@ mod epipe;
 mod faults;
 mod folder;
 mod hostile_files;
+mod hostile_values;
 mod http;
 mod http_openai;
 mod http_openapi;
