@@ -661,8 +661,18 @@ fn check_config(
                     default_deadline: d.default_deadline,
                 },
             );
-            prop_assert!(job.is_ok(), "{text}\n{job:?}");
-            let job = job.unwrap();
+            // Accepted, unless the model's tpm cannot take even this small
+            // request (then it is refused at ingest, never left to stall).
+            let too_large = |e: &crate::domain::job::LineError| {
+                e.message.contains("tpm limit") && c.catalog.max_request_tokens(mi).is_some()
+            };
+            prop_assert!(
+                job.as_ref().map_or_else(too_large, |_| true),
+                "{text}\n{job:?}"
+            );
+            let Ok(job) = job else {
+                return Ok(());
+            };
             let group = crate::plan::JobGroup {
                 candidates: vec![mi],
                 jobs: 10,

@@ -301,33 +301,53 @@ pub fn step(input: StepInput<'_>) -> Step {
             };
             let (input_t, output_t) = (job.est_input_tokens, job.est_output_tokens);
             let cost_on = |m: ModelId| catalog.cost_at(m, now, input_t, output_t);
-            // The planned model is above the job's cap: the cheapest eligible
-            // model that fits the cap and can take it now, or fail only if
-            // no eligible model fits the cap at all.
+            let within_cap = |m: ModelId| job.max_cost_usd.is_none_or(|max| cost_on(m) <= max);
+            let size = input_t.saturating_add(output_t);
+            let suits = |m: ModelId| within_cap(m) && catalog.request_fits(m, size);
+            // The planned model does not suit this job (above its cap, or its
+            // tpm cannot take a request this large): the cheapest eligible
+            // model that suits it and can take it now, or fail only if no
+            // eligible model suits it at all.
             let mut chosen = model;
-            if let Some(max) = job.max_cost_usd
-                && cost_on(model) > max
-            {
+            if !suits(model) {
                 let mut fitting: Vec<(f64, ModelId)> = group
                     .group
                     .candidates
                     .iter()
                     .map(|&m| (cost_on(m), m))
-                    .filter(|&(c, _)| c <= max)
+                    .filter(|&(_, m)| suits(m))
                     .collect();
                 fitting.sort_by(|a, b| a.0.total_cmp(&b.0));
                 if fitting.is_empty() {
                     due[g].pop_front();
-                    actions.push(Action::Fail {
-                        job: job.id,
-                        code: "max_cost_exceeded",
-                        message: format!(
-                            "every eligible model costs more than max_cost_usd ${max:.6} \
-                             (the planned {} an estimated ${:.6})",
-                            catalog.qualified_name(model),
-                            cost_on(model)
-                        ),
-                    });
+                    let action = match job.max_cost_usd {
+                        Some(max) if !group.group.candidates.iter().any(|&m| within_cap(m)) => {
+                            Action::Fail {
+                                job: job.id,
+                                code: "max_cost_exceeded",
+                                message: format!(
+                                    "every eligible model costs more than max_cost_usd ${max:.6} \
+                                     (the planned {} an estimated ${:.6})",
+                                    catalog.qualified_name(model),
+                                    cost_on(model)
+                                ),
+                            }
+                        }
+                        _ => Action::Fail {
+                            job: job.id,
+                            code: "request_too_large",
+                            message: format!(
+                                "about {size} tokens is more than the tpm limit of every eligible \
+                                 model{} takes in one request",
+                                if job.max_cost_usd.is_some() {
+                                    " within max_cost_usd"
+                                } else {
+                                    ""
+                                }
+                            ),
+                        },
+                    };
+                    actions.push(action);
                     plan.quotas.take(g, model);
                     taken += 1;
                     continue;
@@ -871,6 +891,37 @@ chat = ["cheap/c1", "dear/d1"]
             &s.actions[1],
             Action::Fail { job: 2, code: "max_cost_exceeded", message } if message.contains("0.001000")
         ));
+    }
+
+    #[test]
+    fn a_request_too_large_for_the_planned_models_tpm_goes_where_it_fits() {
+        // cheap takes at most 1500 tokens a minute; jobs here are 2000.
+        let mut w = World::new(config("tpm = 1500"));
+        let (cheap, dear) = (w.model("cheap/c1"), w.model("dear/d1"));
+        let mut plan = plan_for(&w.c, 1, &[(cheap, 1)]);
+        let d = t0() + chrono::Duration::hours(1);
+        let s = w.step(&mut plan, vec![job(1, d, None)], t0());
+        assert_eq!(started(&s), vec![(1, dear)]);
+        assert_eq!(
+            w.limits.provider(0).in_flight(),
+            0,
+            "cheap's bucket untouched"
+        );
+        // Only cheap is within this cap, and it cannot take the request.
+        let mut plan = plan_for(&w.c, 1, &[(cheap, 1)]);
+        let s = w.step(&mut plan, vec![job(2, d, Some(0.0025))], t0());
+        assert!(
+            matches!(
+                &s.actions[..],
+                [Action::Fail {
+                    job: 2,
+                    code: "request_too_large",
+                    ..
+                }]
+            ),
+            "{:?}",
+            s.actions
+        );
     }
 
     #[test]

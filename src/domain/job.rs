@@ -844,10 +844,33 @@ pub fn parse_line(line: &str, ctx: &JobContext) -> Result<NewJob, LineError> {
             format!("{p} is outside the range -{0} to {0}", bounds::MAX_PRIORITY),
         ));
     }
-    eligible(ctx.catalog, &model, endpoint, &options).map_err(|e| LineError {
+    let candidates = eligible(ctx.catalog, &model, endpoint, &options).map_err(|e| LineError {
         custom_id: custom_id.clone(),
         ..e
     })?;
+    // A request above every eligible model's per-minute token limit could
+    // never be sent within the limits: refused now, not left to stall.
+    let tokens = estimate.input.saturating_add(estimate.output);
+    if !candidates
+        .models
+        .iter()
+        .any(|&m| ctx.catalog.request_fits(m, tokens))
+    {
+        let largest = candidates
+            .models
+            .iter()
+            .filter_map(|&m| ctx.catalog.max_request_tokens(m))
+            .max()
+            .unwrap_or(0);
+        return Err(fail(
+            "body",
+            format!(
+                "about {tokens} tokens (estimated input plus expected output) is more than \
+                 any eligible model's tpm limit takes in one request (the largest is {largest}); \
+                 it could never be sent within the limits: lower max_tokens or shorten the prompt"
+            ),
+        ));
+    }
     let route_key = RouteKey::new(endpoint, &model, &options).encode();
     Ok(NewJob {
         custom_id: id,
@@ -928,6 +951,53 @@ mod tests {
         assert!(j.estimate.input > 5);
         assert_eq!(j.deadline.to_rfc3339(), "2026-11-25T00:00:00+00:00");
         assert!(j.body.starts_with("{\"model\""));
+    }
+
+    #[test]
+    fn a_request_no_eligible_tpm_can_take_is_refused_and_one_that_fits_somewhere_is_not() {
+        let c = Config::parse(
+            r#"
+[[providers]]
+name = "small"
+kind = "simulated"
+tpm = 1000
+
+[[providers.models]]
+name = "s"
+input_per_mtok = 1.0
+output_per_mtok = 1.0
+
+[[providers]]
+name = "big"
+kind = "simulated"
+
+[[providers.models]]
+name = "b"
+input_per_mtok = 2.0
+output_per_mtok = 2.0
+tpm = 5000
+
+[classes]
+chat = ["small/s", "big/b"]
+"#,
+            "t.toml",
+            std::path::Path::new("."),
+        )
+        .unwrap();
+        let line = |model: &str, max_tokens: u64| {
+            format!(
+                r#"{{"custom_id":"x","method":"POST","url":"/v1/chat/completions","body":{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"max_tokens":{max_tokens}}}}}"#
+            )
+        };
+        // ~4000 expected tokens: only big/b takes them.
+        assert!(parse_line(&line("chat", 8000), &ctx(&c)).is_ok());
+        let e = parse_line(&line("small/s", 8000), &ctx(&c)).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("body"));
+        assert!(e.message.contains("tpm limit"), "{e}");
+        assert!(e.message.contains("the largest is 1000"), "{e}");
+        // Above every model's limit.
+        let e = parse_line(&line("chat", 20_000), &ctx(&c)).unwrap_err();
+        assert!(e.message.contains("the largest is 5000"), "{e}");
     }
 
     #[test]
@@ -1136,8 +1206,14 @@ mod tests {
         }
         // The bounds themselves are accepted.
         let c = Config::embedded_default();
-        let j = parse_line(&chat(r#","max_tokens":1000000,"n":128"#, ""), &ctx(&c)).unwrap();
-        assert_eq!(j.estimate.output, 500_000 * 128);
+        // (Each within its field's bound; together they must also fit an
+        // eligible model's tpm, 2M here, in one request.)
+        let j = parse_line(&chat(r#","max_tokens":1000000,"n":2"#, ""), &ctx(&c)).unwrap();
+        assert_eq!(j.estimate.output, 500_000 * 2);
+        let j = parse_line(&chat(r#","max_tokens":16,"n":128"#, ""), &ctx(&c)).unwrap();
+        assert_eq!(j.estimate.output, 8 * 128);
+        let e = parse_line(&chat(r#","max_tokens":1000000,"n":128"#, ""), &ctx(&c)).unwrap_err();
+        assert!(e.message.contains("tpm limit"), "{e}");
         let j = parse_line(&chat("", r#","nightshift":{"deadline":"365d"}"#), &ctx(&c)).unwrap();
         assert_eq!(j.deadline, ctx(&c).now + chrono::Duration::days(365));
         let j = parse_line(&chat(r#","temperature":1e308,"x":[1e-400]"#, ""), &ctx(&c));

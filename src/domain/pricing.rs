@@ -293,6 +293,25 @@ pub struct Candidates {
 }
 
 impl Catalog {
+    /// The most tokens one request to `model` may carry: its provider's and
+    /// its own `tpm` (a request above a per-minute token limit can never be
+    /// sent within it); `None` if neither sets one.
+    pub fn max_request_tokens(&self, model: ModelId) -> Option<u64> {
+        let m = &self.models[model];
+        let own = m.limits.and_then(|l| l.tpm);
+        let provider = self.providers[m.provider].limits.tpm;
+        match (own, provider) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether a request of `tokens` fits `model`'s token limits.
+    pub fn request_fits(&self, model: ModelId, tokens: u64) -> bool {
+        self.max_request_tokens(model)
+            .is_none_or(|max| tokens <= max)
+    }
+
     /// The provider called `name`.
     pub fn provider_id(&self, name: &str) -> Option<ProviderId> {
         self.providers.iter().position(|p| p.name == name)
