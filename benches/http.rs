@@ -15,7 +15,7 @@ use nightshift::api::client::{Client, Target};
 use nightshift::config::Config;
 use nightshift::domain::job::{self, JobContext};
 use nightshift::store::{LineOutcome, NewSource, Origin, Store};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 fn line(i: usize) -> String {
     format!(
@@ -65,16 +65,10 @@ async fn server(
     config.http.socket = dir.join("api.sock");
     config.http.max_body = 100_000_000;
     let store = Arc::new(Store::open(&config.daemon.database).unwrap());
-    let (_live_tx, live) = nightshift::config::live::channel(&config);
-    let s = nightshift::api::Server::bind(
-        &config,
-        store.clone(),
-        live,
-        Arc::new(Notify::new()),
-        Arc::default(),
-    )
-    .await
-    .unwrap();
+    let shared = nightshift::shared::Shared::fixed(store.clone(), &config);
+    let s = nightshift::api::Server::bind(&config, shared)
+        .await
+        .unwrap();
     let (tx, rx) = watch::channel(false);
     let task = tokio::spawn(s.serve(rx));
     (tx, task, store)

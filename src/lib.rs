@@ -20,6 +20,7 @@
 //! | results  | [`results`] | result lines and atomic outbox files | files |
 //! | api      | [`api`]    | HTTP API (native + OpenAI Batch) on a Unix socket and loopback TCP | sockets |
 //! |          | [`telemetry`] | Prometheus metrics and the dispatcher's live view | — |
+//! |          | [`shared`] | the one cloneable handle components hold: store, live config, telemetry, wake-ups | — |
 //! | daemon   | [`daemon`] | supervised components, inotify, SIGHUP; [`daemon::cron`] maintenance, [`daemon::systemd`] notifications | all |
 //! | offline  | [`simulate`] | virtual-time runs of the same planner and dispatch step; the lower bound | pure |
 //! | cli      | [`cli`]    | offline commands (`plan`, `simulate`, `report`, `prices`), tables, the client over the socket | files, socket |
@@ -36,6 +37,7 @@ mod fuzz_tests;
 pub mod ingest;
 pub mod plan;
 pub mod results;
+pub mod shared;
 pub mod simulate;
 pub mod store;
 pub mod telemetry;

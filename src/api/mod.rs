@@ -35,7 +35,7 @@ use axum::http::{HeaderMap, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub use error::{ApiError, ApiResult};
@@ -43,7 +43,7 @@ pub use error::{ApiError, ApiResult};
 use crate::config::Config;
 use crate::domain::pricing::Catalog;
 use crate::plan::{PlanSettings, ProviderCapacity};
-use crate::store::Store;
+use crate::shared::Shared;
 
 /// Every route the router serves: (method, path). `docs/openapi.json`
 /// must describe exactly these.
@@ -71,27 +71,22 @@ pub const ROUTES: &[(&str, &str)] = &[
 
 /// What the handlers share.
 pub struct ApiState {
-    pub store: Arc<Store>,
-    /// Providers, prices, classes: reloadable, so read through [`ApiState::catalog`].
-    live: crate::config::live::LiveRx,
+    /// The daemon's handle: the store, the reloadable configuration (read
+    /// through [`ApiState::catalog`]), telemetry, and the dispatcher's wake-up.
+    pub shared: Shared,
     /// The deadline of jobs that name none.
     pub default_deadline: Duration,
     pub plan_settings: PlanSettings,
     pub max_body: u64,
     pub max_upload: u64,
-    /// Notified when jobs are queued, so the dispatcher re-plans at once.
-    pub wake: Arc<Notify>,
     plan_cache: objects::PlanCache,
     submissions: AtomicU64,
-    /// Metrics and the dispatcher's live view of provider health.
-    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 impl ApiState {
-    pub fn new(config: &Config, store: Arc<Store>, wake: Arc<Notify>) -> Self {
+    pub fn new(config: &Config, shared: Shared) -> Self {
         ApiState {
-            store,
-            live: crate::config::live::channel(config).1,
+            shared,
             default_deadline: config.daemon.default_deadline,
             plan_settings: PlanSettings {
                 safety_margin: config.daemon.safety_margin,
@@ -99,32 +94,20 @@ impl ApiState {
             },
             max_body: config.http.max_body,
             max_upload: config.http.max_upload,
-            wake,
             plan_cache: objects::PlanCache::default(),
             submissions: AtomicU64::new(0),
-            telemetry: Arc::new(crate::telemetry::Telemetry::new()),
         }
-    }
-
-    /// Follows the daemon's reloadable configuration instead of a fixed one.
-    pub fn with_live(self, live: crate::config::live::LiveRx) -> Self {
-        ApiState { live, ..self }
     }
 
     /// The catalog in force now.
     pub fn catalog(&self) -> Arc<Catalog> {
-        self.live.borrow().catalog.clone()
+        self.shared.live.borrow().catalog.clone()
     }
 
     /// The planner's view of provider capacity (configured limits) now.
     pub fn capacities(&self) -> Vec<ProviderCapacity> {
-        let live = self.live.borrow();
+        let live = self.shared.live.borrow();
         crate::plan::configured_capacities(&live.catalog, &live.transports)
-    }
-
-    /// Shares the daemon's telemetry instead of a private one.
-    pub fn with_telemetry(self, telemetry: Arc<crate::telemetry::Telemetry>) -> Self {
-        ApiState { telemetry, ..self }
     }
 
     /// Runs a closure against the store off the async threads.
@@ -141,7 +124,7 @@ impl ApiState {
     /// New jobs are queued (or cancelled): plan again, and tell the dispatcher.
     fn queue_changed(&self) {
         self.plan_cache.invalidate();
-        self.wake.notify_one();
+        self.shared.wake.notify_one();
     }
 }
 
@@ -296,18 +279,8 @@ pub struct Server {
 impl Server {
     /// Binds the Unix socket (replacing a stale one) and the TCP address if
     /// configured, and finishes batches a crash left in `validating`.
-    pub async fn bind(
-        config: &Config,
-        store: Arc<Store>,
-        live: crate::config::live::LiveRx,
-        wake: Arc<Notify>,
-        telemetry: Arc<crate::telemetry::Telemetry>,
-    ) -> anyhow::Result<Server> {
-        let state = Arc::new(
-            ApiState::new(config, store, wake)
-                .with_live(live)
-                .with_telemetry(telemetry),
-        );
+    pub async fn bind(config: &Config, shared: Shared) -> anyhow::Result<Server> {
+        let state = Arc::new(ApiState::new(config, shared));
         let recovered = state
             .db(openai::recover_validating)
             .await

@@ -33,11 +33,11 @@ pub async fn metrics(State(s): State<S>) -> ApiResult<axum::response::Response> 
     use axum::response::IntoResponse;
     let (counts, by_route) = s
         .db(|s| -> Result<_, crate::store::QueueError> {
-            Ok((s.store.counts()?, s.store.queued_by_route()?))
+            Ok((s.shared.store.counts()?, s.shared.store.queued_by_route()?))
         })
         .await?
         .map_err(ApiError::internal)?;
-    let t = &s.telemetry;
+    let t = &s.shared.telemetry;
     for (state, n) in counts {
         t.jobs
             .get_or_create(&StateLabel {
@@ -211,8 +211,8 @@ pub async fn submit(
             let outcomes = jobs
                 .into_iter()
                 .map(|(line, job)| Ok(LineOutcome { line, job: Ok(job) }));
-            let summary = s.store.ingest(&source, outcomes)?;
-            let ids = s.store.job_ids_of(summary.source_id)?;
+            let summary = s.shared.store.ingest(&source, outcomes)?;
+            let ids = s.shared.store.job_ids_of(summary.source_id)?;
             Ok(json!({
                 "object": "submission",
                 "id": objects::submission_id(summary.source_id),
@@ -292,7 +292,11 @@ pub async fn list_jobs(
     };
     let limit = limit_param(q.limit.as_deref())?;
     let mut rows = s
-        .db(move |s| s.store.list_jobs(state, submission, after, limit + 1))
+        .db(move |s| {
+            s.shared
+                .store
+                .list_jobs(state, submission, after, limit + 1)
+        })
         .await??;
     let has_more = rows.len() > limit;
     rows.truncate(limit);
@@ -314,7 +318,7 @@ pub async fn get_job(State(s): State<S>, Path(id): Path<String>) -> ApiResult<Js
     let n = parse_id(&id, "job_").ok_or_else(|| ApiError::not_found("job", &id))?;
     let out = s
         .db(move |s| -> ApiResult<Option<Value>> {
-            let Some(d) = s.store.job_detail(n)? else {
+            let Some(d) = s.shared.store.job_detail(n)? else {
                 return Ok(None);
             };
             let plan = if d.job.state == JobState::Queued {
@@ -337,8 +341,8 @@ pub async fn cancel_job(State(s): State<S>, Path(id): Path<String>) -> ApiResult
     let now_ms = Utc::now().timestamp_millis();
     let (outcome, detail) = s
         .db(move |s| -> ApiResult<_> {
-            let outcome = s.store.cancel_job(n, now_ms)?;
-            Ok((outcome, s.store.job_detail(n)?))
+            let outcome = s.shared.store.cancel_job(n, now_ms)?;
+            Ok((outcome, s.shared.store.job_detail(n)?))
         })
         .await??;
     match outcome {
@@ -365,7 +369,7 @@ pub async fn cancel_job(State(s): State<S>, Path(id): Path<String>) -> ApiResult
 /// `GET /v1/submissions/{id}`: a submission's jobs by state.
 pub async fn get_submission(State(s): State<S>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let n = parse_id(&id, "sub_").ok_or_else(|| ApiError::not_found("submission", &id))?;
-    let info = s.db(move |s| s.store.source_info(n)).await??;
+    let info = s.db(move |s| s.shared.store.source_info(n)).await??;
     info.map(|i| Json(objects::submission_json(&i)))
         .ok_or_else(|| ApiError::not_found("submission", &id))
 }
@@ -373,11 +377,11 @@ pub async fn get_submission(State(s): State<S>, Path(id): Path<String>) -> ApiRe
 async fn submission_results(s: S, id: String, kind: FileKind) -> ApiResult<Response> {
     let n = parse_id(&id, "sub_").ok_or_else(|| ApiError::not_found("submission", &id))?;
     let info = s
-        .db(move |s| s.store.source_info(n))
+        .db(move |s| s.shared.store.source_info(n))
         .await??
         .ok_or_else(|| ApiError::not_found("submission", &id))?;
     let stem = info.stem.clone();
-    let body = super::result_files::streamed(s.store.clone(), move |store, w| {
+    let body = super::result_files::streamed(s.shared.store.clone(), move |store, w| {
         crate::results::write_results(store, info.id, &stem, kind, w)
     });
     Ok(([(header::CONTENT_TYPE, "application/jsonl")], body).into_response())
@@ -399,7 +403,7 @@ pub async fn get_plan(State(s): State<S>) -> ApiResult<Json<Value>> {
         .db(|s| -> ApiResult<Value> {
             let (p, catalog) = objects::current_plan(s)?;
             let mut v = objects::plan_json(&p, &catalog);
-            if let Some(published) = s.telemetry.plan() {
+            if let Some(published) = s.shared.telemetry.plan() {
                 v["source"] = "dispatcher".into();
                 v["providers"] =
                     objects::capacities_json(&published.catalog, &published.capacities);
@@ -420,7 +424,8 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
     let now = Utc::now();
     let recent = s
         .db(move |s| {
-            s.store
+            s.shared
+                .store
                 .recent_outcomes(now.timestamp_millis() - HEALTH_WINDOW_MS)
         })
         .await??;
@@ -477,7 +482,7 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
                 "health": {
                     "status": status,
                     // The dispatcher's live view: healthy, paused until, circuit open, disabled.
-                    "dispatcher": s.telemetry.health(&p.name),
+                    "dispatcher": s.shared.telemetry.health(&p.name),
                     "window_minutes": HEALTH_WINDOW_MS / 60_000,
                     "succeeded": r.succeeded,
                     "failed": r.failed,
@@ -498,7 +503,7 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
 
 /// `GET /v1/stats`: the queue by state and provider, spend and savings.
 pub async fn stats(State(s): State<S>) -> ApiResult<Json<Value>> {
-    let st = s.db(|s| s.store.queue_stats()).await??;
+    let st = s.db(|s| s.shared.store.queue_stats()).await??;
     let now = Utc::now();
     let mut by_state: BTreeMap<&str, u64> = JobState::ALL.iter().map(|x| (x.as_str(), 0)).collect();
     let mut providers: BTreeMap<String, BTreeMap<&str, Value>> = BTreeMap::new();

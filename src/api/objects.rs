@@ -178,8 +178,8 @@ impl PlanCache {
 /// Returned with the catalog it was made with (a reload may have changed
 /// the one in force).
 pub fn current_plan(state: &ApiState) -> crate::store::Result<(Arc<PlanSnapshot>, Arc<Catalog>)> {
-    if let Some(p) = state.telemetry.plan() {
-        let buckets = state.store.queued_buckets()?;
+    if let Some(p) = state.shared.telemetry.plan() {
+        let buckets = state.shared.store.queued_buckets()?;
         let queued: u64 = buckets.iter().map(|b| b.jobs).sum();
         let planned: u64 = p.queue.groups.iter().map(|g| g.group.jobs).sum();
         if queued == planned {
@@ -205,7 +205,7 @@ pub fn current_plan(state: &ApiState) -> crate::store::Result<(Arc<PlanSnapshot>
         return Ok((p.clone(), catalog));
     }
     let snapshot = Arc::new(compute_plan(
-        &state.store,
+        &state.shared.store,
         &catalog,
         &state.capacities(),
         &state.plan_settings,

@@ -109,7 +109,7 @@ pub async fn upload_file(State(s): State<S>, req: Request) -> ApiResult<Json<Val
     let (name, bytes) = file.ok_or_else(|| missing("file"))?;
     let now_ms = Utc::now().timestamp_millis();
     let row = s
-        .db(move |s| s.store.insert_file("batch", &name, &bytes, now_ms))
+        .db(move |s| s.shared.store.insert_file("batch", &name, &bytes, now_ms))
         .await??;
     Ok(Json(file_json(&row)))
 }
@@ -117,7 +117,7 @@ pub async fn upload_file(State(s): State<S>, req: Request) -> ApiResult<Json<Val
 /// `GET /v1/files/{id}`.
 pub async fn get_file(State(s): State<S>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let n = parse_id(&id, "file-").ok_or_else(|| ApiError::not_found("file", &id))?;
-    let row = s.db(move |s| s.store.file(n)).await??;
+    let row = s.db(move |s| s.shared.store.file(n)).await??;
     row.map(|f| Json(file_json(&f)))
         .ok_or_else(|| ApiError::not_found("file", &id))
 }
@@ -128,15 +128,15 @@ pub async fn file_content(State(s): State<S>, Path(id): Path<String>) -> ApiResu
     let n = parse_id(&id, "file-").ok_or_else(|| ApiError::not_found("file", &id))?;
     let found = s
         .db(move |s| -> ApiResult<_> {
-            let Some(f) = s.store.file(n)? else {
+            let Some(f) = s.shared.store.file(n)? else {
                 return Ok(None);
             };
             let source = match (f.kind, f.batch_id) {
                 (FileKind::Input, _) | (_, None) => None,
                 (_, Some(b)) => {
-                    let source_id = s.store.batch(b)?.and_then(|b| b.source_id);
+                    let source_id = s.shared.store.batch(b)?.and_then(|b| b.source_id);
                     match source_id {
-                        Some(sid) => s.store.source_info(sid)?.map(|i| (i.id, i.stem)),
+                        Some(sid) => s.shared.store.source_info(sid)?.map(|i| (i.id, i.stem)),
                         None => None,
                     }
                 }
@@ -148,7 +148,7 @@ pub async fn file_content(State(s): State<S>, Path(id): Path<String>) -> ApiResu
         return Err(ApiError::not_found("file", &id));
     };
     let body = match (f.kind, source) {
-        (FileKind::Input, _) => streamed(s.store.clone(), move |store, w| {
+        (FileKind::Input, _) => streamed(s.shared.store.clone(), move |store, w| {
             store
                 .file_content(f.id, 1 << 20, |piece| w.write_all(&piece))
                 .map_err(|e| match e {
@@ -156,7 +156,7 @@ pub async fn file_content(State(s): State<S>, Path(id): Path<String>) -> ApiResu
                     other => std::io::Error::other(other.to_string()),
                 })
         }),
-        (kind, Some((source_id, stem))) => streamed(s.store.clone(), move |store, w| {
+        (kind, Some((source_id, stem))) => streamed(s.shared.store.clone(), move |store, w| {
             write_results(store, source_id, &stem, kind, w)
         }),
         (_, None) => Body::empty(),
@@ -245,7 +245,7 @@ pub async fn create_batch(
     let now = Utc::now();
     let out = s
         .db(move |s| -> ApiResult<Option<Value>> {
-            let Some(f) = file.map(|n| s.store.file(n)).transpose()?.flatten() else {
+            let Some(f) = file.map(|n| s.shared.store.file(n)).transpose()?.flatten() else {
                 return Ok(None);
             };
             if f.kind != FileKind::Input || f.purpose != "batch" {
@@ -260,7 +260,7 @@ pub async fn create_batch(
             }
             let now_ms = now.timestamp_millis();
             let expires_at = bounds::add(now, window).timestamp_millis();
-            let id = s.store.create_batch(&NewBatch {
+            let id = s.shared.store.create_batch(&NewBatch {
                 input_file_id: f.id,
                 endpoint: &req.endpoint,
                 completion_window: &req.completion_window,
@@ -269,6 +269,7 @@ pub async fn create_batch(
                 expires_at,
             })?;
             let batch = s
+                .shared
                 .store
                 .batch(id)?
                 .ok_or_else(|| ApiError::internal("a batch vanished after its insert"))?;
@@ -317,12 +318,12 @@ fn check_metadata(m: &serde_json::Map<String, Value>) -> ApiResult<()> {
 
 /// A batch's JSON, its counts read now.
 fn batch_view(s: &ApiState, id: i64) -> crate::store::Result<Option<Value>> {
-    let Some(b) = s.store.batch(id)? else {
+    let Some(b) = s.shared.store.batch(id)? else {
         return Ok(None);
     };
     let counts = b
         .source_id
-        .map(|sid| s.store.batch_counts(sid))
+        .map(|sid| s.shared.store.batch_counts(sid))
         .transpose()?;
     Ok(Some(batch_json(&b, counts.as_ref())))
 }
@@ -336,7 +337,7 @@ fn validate_batch(s: &ApiState, batch: &BatchRow, existing: Option<i64>) -> ApiR
         Some(Value::Array(errors.into_iter().take(MAX_LISTED_ERRORS).collect()).to_string())
     };
     let stored_errors = |source_id: i64| -> ApiResult<Vec<Value>> {
-        Ok(s.store
+        Ok(s.shared.store
             .line_errors_of(source_id)?
             .into_iter()
             .map(|e| {
@@ -350,12 +351,13 @@ fn validate_batch(s: &ApiState, batch: &BatchRow, existing: Option<i64>) -> ApiR
     };
     let (source_id, failed, errors) = match existing {
         Some(sid) => {
-            let counts = s.store.batch_counts(sid)?;
+            let counts = s.shared.store.batch_counts(sid)?;
             (Some(sid), counts.jobs() == 0, listed(stored_errors(sid)?))
         }
         None => {
             let mut content = Vec::new();
-            s.store
+            s.shared
+                .store
                 .file_content(batch.input_file_id, 1 << 20, |piece| {
                     content.extend_from_slice(&piece);
                     Ok(())
@@ -401,11 +403,12 @@ fn validate_batch(s: &ApiState, batch: &BatchRow, existing: Option<i64>) -> ApiR
                         Ok(LineOutcome { line, job })
                     });
                     let name = s
+                        .shared
                         .store
                         .file(batch.input_file_id)?
                         .map_or_else(|| "batch.jsonl".to_string(), |f| f.filename);
                     let stem = format!("batch_{}", batch.id);
-                    let summary = s.store.ingest_batch(
+                    let summary = s.shared.store.ingest_batch(
                         batch.id,
                         &NewSource {
                             origin: Origin::Upload,
@@ -426,14 +429,15 @@ fn validate_batch(s: &ApiState, batch: &BatchRow, existing: Option<i64>) -> ApiR
             }
         }
     };
-    s.store
+    s.shared
+        .store
         .start_batch(batch.id, source_id, failed, errors.as_deref(), now_ms)?;
     Ok(())
 }
 
 /// Finishes the batches a crash left in `validating`. Returns how many.
 pub fn recover_validating(s: &ApiState) -> anyhow::Result<usize> {
-    let open = s.store.validating_batches()?;
+    let open = s.shared.store.validating_batches()?;
     for (batch, source) in &open {
         validate_batch(s, batch, *source).map_err(|e| anyhow::anyhow!("{}", e.message))?;
     }
@@ -495,12 +499,12 @@ pub async fn list_batches(
     };
     let data = s
         .db(move |s| -> ApiResult<Vec<Value>> {
-            let rows = s.store.list_batches(after, limit + 1)?;
+            let rows = s.shared.store.list_batches(after, limit + 1)?;
             rows.iter()
                 .map(|b| {
                     let counts = b
                         .source_id
-                        .map(|sid| s.store.batch_counts(sid))
+                        .map(|sid| s.shared.store.batch_counts(sid))
                         .transpose()?;
                     Ok(batch_json(b, counts.as_ref()))
                 })
@@ -525,15 +529,15 @@ pub async fn cancel_batch(State(s): State<S>, Path(id): Path<String>) -> ApiResu
     let now_ms = Utc::now().timestamp_millis();
     let out = s
         .db(move |s| -> ApiResult<Option<Value>> {
-            let Some(b) = s.store.batch(n)? else {
+            let Some(b) = s.shared.store.batch(n)? else {
                 return Ok(None);
             };
             match b.status.as_str() {
                 "in_progress" | "finalizing" => {
-                    s.store.cancel_batch(n, now_ms)?;
+                    s.shared.store.cancel_batch(n, now_ms)?;
                     // The cancel finished every queued job: the batch may be
                     // done now (a running one ends on the completion path).
-                    crate::results::close_finished_batches(&s.store)
+                    crate::results::close_finished_batches(&s.shared.store)
                         .map_err(|e| ApiError::internal(format!("{e:#}")))?;
                 }
                 "cancelling" | "cancelled" => {}

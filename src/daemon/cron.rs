@@ -201,11 +201,11 @@ pub fn nudge_job(expr: &str, wake: Arc<Notify>) -> anyhow::Result<Job> {
 /// Runs the maintenance schedule until `stop` turns true. A run still in
 /// progress then stops at its next transaction and is waited for.
 pub async fn run(
-    store: Arc<Store>,
+    shared: crate::shared::Shared,
     schedule: Schedule,
-    wake: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let crate::shared::Shared { store, wake, .. } = shared;
     // The scheduler starts a job on time even if its previous run (or the
     // other job) is still going: `busy` is held by whatever touches the
     // database, so checkpoints and maintenance take turns.
@@ -398,7 +398,9 @@ mod tests {
             maintenance: "* * * * * *".into(),
             checkpoint_every: Some(Duration::from_secs(1)),
         };
-        let task = tokio::spawn(run(store, schedule, Arc::new(Notify::new()), stop_rx));
+        let shared =
+            crate::shared::Shared::fixed(store, &crate::config::Config::embedded_default());
+        let task = tokio::spawn(run(shared, schedule, stop_rx));
         stop_tx.send(true).unwrap();
         tokio::time::timeout(Duration::from_secs(10), task)
             .await

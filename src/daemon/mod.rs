@@ -23,6 +23,7 @@ use crate::dispatch::{Dispatcher, blocking};
 use crate::domain::units::{escaped, escaped_os};
 use crate::ingest::{self, CompletedWrites, FileOutcome, Folders};
 use crate::results;
+use crate::shared::Shared;
 use crate::store::Store;
 
 /// Holds the state directory's instance lock for the daemon's lifetime:
@@ -138,18 +139,16 @@ pub async fn run(
     }
 
     let catalog = Arc::new(config.catalog.clone());
-    let wake = Arc::new(Notify::new());
-    let finished = Arc::new(Notify::new());
 
     let initial_latency = config
         .transports
         .iter()
         .map(crate::config::Transport::typical_latency)
         .collect();
-    let telemetry = Arc::new(crate::telemetry::Telemetry::new());
     let (live_tx, live_rx) = crate::config::live::channel(&config);
+    let shared = Shared::new(store.clone(), live_rx);
     let dispatcher = Dispatcher {
-        store: store.clone(),
+        shared: shared.clone(),
         catalog: catalog.clone(),
         clients,
         initial_latency,
@@ -158,16 +157,12 @@ pub async fn run(
         run_after_deadline: d.run_after_deadline,
         retry: d.retry,
         budgets: config.budgets.clone(),
-        telemetry: telemetry.clone(),
-        live: Some(live_rx.clone()),
         request_timeout: d.request_timeout,
         max_in_flight: d.max_in_flight,
         plan_settings: crate::plan::PlanSettings {
             safety_margin: d.safety_margin,
             ..Default::default()
         },
-        wake: wake.clone(),
-        finished: finished.clone(),
     };
 
     // Components start in data-flow order and stop in reverse: the API and
@@ -175,33 +170,21 @@ pub async fn run(
     // what finished.
     let mut components = Components::new();
     components.start("outbox", {
-        let (store, folders, finished) = (store.clone(), folders.clone(), finished.clone());
-        move |stop| outbox_loop(store, folders, finished, stop)
+        let (shared, folders) = (shared.clone(), folders.clone());
+        move |stop| outbox_loop(shared, folders, stop)
     });
     let grace = d.shutdown_grace;
     components.start("dispatcher", move |stop| dispatcher.run(stop, grace));
     components.start("ingest", {
-        let (store, live, folders, wake) = (
-            store.clone(),
-            live_rx.clone(),
-            folders.clone(),
-            wake.clone(),
-        );
+        let (shared, folders) = (shared.clone(), folders.clone());
         let (deadline, rescan) = (
             config.daemon.default_deadline,
             config.daemon.rescan_interval,
         );
-        move |stop| ingest_loop(store, live, deadline, rescan, folders, wake, stop)
+        move |stop| ingest_loop(shared, deadline, rescan, folders, stop)
     });
     // The local HTTP API: binding fails the start (a live socket, a bad address).
-    let http = crate::api::Server::bind(
-        &config,
-        store.clone(),
-        live_rx.clone(),
-        wake.clone(),
-        telemetry.clone(),
-    )
-    .await;
+    let http = crate::api::Server::bind(&config, shared.clone()).await;
     match http {
         Ok(server) => components.start("http", move |stop| server.serve(stop)),
         Err(e) => {
@@ -211,8 +194,8 @@ pub async fn run(
     }
     // Retention, WAL checkpoints and the midnight budget nudge, on a cron schedule.
     components.start("maintenance", {
-        let (store, schedule, wake) = (store.clone(), d.into(), wake.clone());
-        move |stop| crate::daemon::cron::run(store, schedule, wake, stop)
+        let (shared, schedule) = (shared.clone(), d.into());
+        move |stop| crate::daemon::cron::run(shared, schedule, stop)
     });
     info!(inbox = %folders.inbox.display(), outbox = %folders.outbox.display(), "nightshift ready");
     crate::daemon::systemd::ready(&format!("serving; inbox {}", folders.inbox.display()));
@@ -382,14 +365,15 @@ async fn reload_on_sighup(
 
 /// Watches the inbox (inotify) and rescans it periodically as a fallback.
 async fn ingest_loop(
-    store: Arc<Store>,
-    live: crate::config::live::LiveRx,
+    shared: Shared,
     default_deadline: Duration,
     rescan_interval: Duration,
     folders: Folders,
-    wake: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let Shared {
+        store, live, wake, ..
+    } = shared;
     let changed = Arc::new(Notify::new());
     let completed = CompletedWrites::default();
     let watcher = {
@@ -562,12 +546,10 @@ fn scan_inbox(
 }
 
 /// Writes outbox files for every finished source, whenever jobs finish.
-async fn outbox_loop(
-    store: Arc<Store>,
-    folders: Folders,
-    finished: Arc<Notify>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn outbox_loop(shared: Shared, folders: Folders, mut stop: watch::Receiver<bool>) {
+    let Shared {
+        store, finished, ..
+    } = shared;
     let mut logged = OutboxLog::default();
     loop {
         if crate::faults::fire("daemon.outbox_panic") {

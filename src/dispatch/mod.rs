@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -33,6 +33,7 @@ use crate::dispatch::provider::{ProviderClient, Request};
 use crate::domain::job::Options;
 use crate::domain::pricing::{Catalog, Endpoint, ModelId};
 use crate::plan::{self, PlanSettings, Quotas};
+use crate::shared::Shared;
 use crate::store::{DueJob, Finish, QueueError, Recorded, Start, Store};
 
 /// Re-plan at least this often (new observations, the clock moving on).
@@ -44,7 +45,10 @@ const RECOVER_EVERY: Duration = Duration::from_secs(30);
 
 /// Shared handles the dispatcher works with.
 pub struct Dispatcher {
-    pub store: Arc<Store>,
+    /// The daemon's handle: the store, the reloadable configuration
+    /// (SIGHUP), telemetry, `wake` (jobs arrived: look again now) and
+    /// `finished` (jobs became final: the outbox writes).
+    pub shared: Shared,
     pub catalog: Arc<Catalog>,
     /// Parallel to `catalog.providers`.
     pub clients: Vec<Arc<ProviderClient>>,
@@ -61,18 +65,10 @@ pub struct Dispatcher {
     pub retry: RetryPolicy,
     /// Spending caps.
     pub budgets: Vec<crate::dispatch::budget::Budget>,
-    /// Metrics and the live provider health, for the HTTP API.
-    pub telemetry: Arc<crate::telemetry::Telemetry>,
-    /// The reloadable configuration (SIGHUP); `None` = fixed.
-    pub live: Option<crate::config::live::LiveRx>,
     /// For building provider clients on a reload.
     pub request_timeout: Duration,
     /// Requests in flight at most, over all providers (`daemon.max_in_flight`).
     pub max_in_flight: u32,
-    /// Notified when jobs arrive (ingest) to re-plan and dispatch at once.
-    pub wake: Arc<Notify>,
-    /// Notified when jobs become final, for the outbox writer.
-    pub finished: Arc<Notify>,
 }
 
 /// The current plan, and when and how fast it was made.
@@ -151,12 +147,12 @@ impl Dispatcher {
             replan: true,
             tasks: JoinSet::new(),
             in_flight: HashMap::new(),
-            recorder: Recorder::start(self.store.clone(), self.owner.clone()),
+            recorder: Recorder::start(self.shared.store.clone(), self.owner.clone()),
             next_recovery: Instant::now() + RECOVER_EVERY,
             earliest_deadline: None,
         };
         // Start from what finished jobs taught earlier runs.
-        match blocking(&self.store, |s| s.learned_token_ratios(7)).await {
+        match blocking(&self.shared.store, |s| s.learned_token_ratios(7)).await {
             Ok((inputs, outputs)) => {
                 for (provider, ratio) in inputs {
                     if let Some(p) = self.catalog.provider_id(&provider) {
@@ -175,11 +171,7 @@ impl Dispatcher {
             self.publish_health(p, &st.observed);
         }
         loop {
-            if self
-                .live
-                .as_mut()
-                .is_some_and(|rx| rx.has_changed().unwrap_or(false))
-            {
+            if self.shared.live.has_changed().unwrap_or(false) {
                 self.apply_reload(&mut st).await;
                 st.current = None;
             }
@@ -192,7 +184,7 @@ impl Dispatcher {
             };
             tokio::select! {
                 _ = shutdown.changed() => break,
-                _ = self.wake.notified() => {
+                _ = self.shared.wake.notified() => {
                     st.replan = true;
                     st.earliest_deadline = None;
                 }
@@ -232,12 +224,12 @@ impl Dispatcher {
             }
         }
         let owner = self.owner.clone();
-        match blocking(&self.store, move |s| s.release_running(&owner)).await {
+        match blocking(&self.shared.store, move |s| s.release_running(&owner)).await {
             Ok(0) => {}
             Ok(n) => info!(released = n, "returned unfinished jobs to the queue"),
             Err(e) => warn!("could not release running jobs (their leases will expire): {e}"),
         }
-        self.finished.notify_one();
+        self.shared.finished.notify_one();
     }
 
     /// Books a request task that ended: its answer, or (it panicked) its
@@ -271,7 +263,7 @@ impl Dispatcher {
                           "provider availability changed; re-planning");
                 }
                 self.record_metrics(&attempt, &d.answer, d.list_cost, d.status, &st.observed);
-                self.finished.notify_one();
+                self.shared.finished.notify_one();
                 changed
             }
             Err(e) => {
@@ -285,7 +277,7 @@ impl Dispatcher {
                 }
                 let job = lost.attempt.job;
                 let owner = self.owner.clone();
-                match blocking(&self.store, move |s| s.requeue_running(job, &owner)).await {
+                match blocking(&self.shared.store, move |s| s.requeue_running(job, &owner)).await {
                     Ok(_) => {}
                     Err(err) => {
                         warn!(
@@ -320,7 +312,7 @@ impl Dispatcher {
         let now = Utc::now();
         let now_ms = now.timestamp_millis();
         if !self.run_after_deadline && st.earliest_deadline.is_none_or(|d| d <= now_ms) {
-            let (expired, earliest) = blocking(&self.store, move |s| {
+            let (expired, earliest) = blocking(&self.shared.store, move |s| {
                 let expired = s.expire_overdue(now_ms)?;
                 Ok::<_, QueueError>((expired, s.earliest_queued_deadline()?))
             })
@@ -334,7 +326,7 @@ impl Dispatcher {
                     expired = expired.len(),
                     "jobs passed their deadline before dispatch"
                 );
-                self.finished.notify_one();
+                self.shared.finished.notify_one();
             }
         }
         if Instant::now() >= st.next_recovery {
@@ -342,7 +334,10 @@ impl Dispatcher {
             // lease: once the lease expires, the job is queued again.
             st.next_recovery = Instant::now() + RECOVER_EVERY;
             let owner = self.owner.clone();
-            let n = blocking(&self.store, move |s| s.recover_leases(now_ms, &owner)).await?;
+            let n = blocking(&self.shared.store, move |s| {
+                s.recover_leases(now_ms, &owner)
+            })
+            .await?;
             if n > 0 {
                 warn!(recovered = n, "re-queued running jobs whose lease expired");
                 st.replan = true;
@@ -393,7 +388,7 @@ impl Dispatcher {
                 )
             })
             .collect();
-        let fetched = blocking(&self.store, move |s| {
+        let fetched = blocking(&self.shared.store, move |s| {
             reads
                 .into_iter()
                 .map(|(g, key, from, to, n)| Ok((g, s.queued_in_route(&key, from, to, now_ms, n)?)))
@@ -429,7 +424,7 @@ impl Dispatcher {
             .partition(|a| matches!(a, Action::Start { .. }));
         if !failures.is_empty() {
             let n = failures.len();
-            blocking(&self.store, move |s| {
+            blocking(&self.shared.store, move |s| {
                 for a in failures {
                     if let Action::Fail { job, code, message } = a {
                         s.fail_queued(job, now_ms, code, &message)?;
@@ -442,7 +437,7 @@ impl Dispatcher {
                 failed = n,
                 "jobs failed without dispatch (max_cost_usd or budget)"
             );
-            self.finished.notify_one();
+            self.shared.finished.notify_one();
         }
         if starts.is_empty() {
             return Ok(next);
@@ -463,7 +458,7 @@ impl Dispatcher {
             .collect();
         let lease_until = now_ms + self.lease.as_millis() as i64;
         let owner = self.owner.clone();
-        let started = blocking(&self.store, move |s| {
+        let started = blocking(&self.shared.store, move |s| {
             if crate::faults::fire("dispatch.start_attempts") {
                 return Err(QueueError::Injected("dispatch.start_attempts"));
             }
@@ -519,7 +514,7 @@ impl Dispatcher {
                 est_output_tokens: job.est_output_tokens,
             };
             let ctx = RequestContext {
-                store: self.store.clone(),
+                store: self.shared.store.clone(),
                 catalog: self.catalog.clone(),
                 client: self.clients[provider].clone(),
                 retry: self.retry,
@@ -559,8 +554,7 @@ impl Dispatcher {
     /// what was learned and the limits' in-flight counts carry over by
     /// provider name. Requests in flight finish on their old clients.
     async fn apply_reload(&mut self, st: &mut Loop) {
-        let Some(rx) = self.live.as_mut() else { return };
-        let live = rx.borrow_and_update().clone();
+        let live = self.shared.live.borrow_and_update().clone();
         let mut clients = Vec::new();
         for (p, t) in live.catalog.providers.iter().zip(&live.transports) {
             match ProviderClient::new(&p.name, t, self.request_timeout) {
@@ -638,7 +632,7 @@ impl Dispatcher {
         observed: &Observed,
     ) {
         use crate::telemetry::{OutcomeLabel, provider as label};
-        let t = &self.telemetry;
+        let t = &self.shared.telemetry;
         let name = &self.catalog.providers[attempt.provider].name;
         let p = label(name);
         let outcome = match (&answer.verdict, answer.retry_at) {
@@ -689,7 +683,7 @@ impl Dispatcher {
                 reliability::Circuit::HalfOpen { .. } => 2,
             }
         };
-        self.telemetry.set_health(
+        self.shared.telemetry.set_health(
             &self.catalog.providers[p].name,
             code,
             h.describe(Utc::now()),
@@ -706,7 +700,7 @@ impl Dispatcher {
             .map(|p| p.name.clone())
             .collect();
         let now = Utc::now();
-        blocking(&self.store, move |s| {
+        blocking(&self.shared.store, move |s| {
             crate::dispatch::budget::BudgetState::new(budgets, now, |provider, since| {
                 let name = provider.map(|p| names[p].as_str());
                 s.spent_since(name, since.timestamp_millis())
@@ -723,7 +717,7 @@ impl Dispatcher {
 
     /// Re-plans the queue from its summary in SQLite.
     async fn make_plan(&self, observed: &Observed) -> Result<Current, QueueError> {
-        let buckets = blocking(&self.store, |s| s.queued_buckets()).await?;
+        let buckets = blocking(&self.shared.store, |s| s.queued_buckets()).await?;
         let now = Utc::now();
         let catalog = self.catalog.clone();
         let capacities = observed.capacities(&catalog, now);
@@ -771,7 +765,8 @@ impl Dispatcher {
         })
         .await
         .expect("planner panicked");
-        self.telemetry
+        self.shared
+            .telemetry
             .publish_plan(crate::telemetry::PublishedPlan {
                 queue: q.clone(),
                 catalog: self.catalog.clone(),
@@ -786,7 +781,7 @@ impl Dispatcher {
         for (route_key, reason) in unroutable {
             let message = format!("no eligible model in the current configuration: {reason}");
             let now_ms = now.timestamp_millis();
-            let n = blocking(&self.store, move |s| {
+            let n = blocking(&self.shared.store, move |s| {
                 s.fail_route(&route_key, now_ms, "not_routable", &message)
             })
             .await?;
@@ -794,12 +789,13 @@ impl Dispatcher {
                 jobs = n,
                 "failed queued jobs that no configured model can serve"
             );
-            self.finished.notify_one();
+            self.shared.finished.notify_one();
         }
-        self.telemetry.planned_now.clear();
+        self.shared.telemetry.planned_now.clear();
         for &(_, m, n) in &quotas.entries {
             let name = &self.catalog.providers[self.catalog.models[m].provider].name;
-            self.telemetry
+            self.shared
+                .telemetry
                 .planned_now
                 .get_or_create(&crate::telemetry::provider(name))
                 .inc_by(n as i64);
