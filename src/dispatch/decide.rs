@@ -520,7 +520,9 @@ pub fn settle(
     // The budget was charged the estimate; correct it to what was billed.
     observed.budget.charge(p, answer.billed - attempt.cost);
     let health = &mut observed.health[p];
-    let mut changed = health.record(&answer.verdict, now);
+    // Sent when the provider call began: the answer took `latency`.
+    let sent_at = now - chrono::Duration::from_std(answer.latency).unwrap_or_default();
+    let mut changed = health.record_sent(&answer.verdict, sent_at, now);
     if let Some(pause) = answer
         .signals
         .pause()

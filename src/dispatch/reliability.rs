@@ -311,13 +311,18 @@ pub struct Health {
 pub enum Circuit {
     /// Requests flow.
     Closed,
-    /// No requests until `until`, then one probe.
+    /// No requests until `until`, then one probe. `since`: when it opened;
+    /// answers to requests sent before then say nothing about now.
     Open {
         until: DateTime<Utc>,
         cooldown: Duration,
+        since: DateTime<Utc>,
     },
     /// One probe request is in flight; its outcome closes or re-opens.
-    HalfOpen { cooldown: Duration },
+    HalfOpen {
+        cooldown: Duration,
+        since: DateTime<Utc>,
+    },
 }
 
 /// Consecutive failures that open the circuit.
@@ -387,8 +392,12 @@ impl Health {
         }
         match self.circuit {
             Circuit::Closed => true,
-            Circuit::Open { until, cooldown } if now >= until => {
-                self.circuit = Circuit::HalfOpen { cooldown };
+            Circuit::Open {
+                until,
+                cooldown,
+                since,
+            } if now >= until => {
+                self.circuit = Circuit::HalfOpen { cooldown, since };
                 true
             }
             Circuit::Open { .. } | Circuit::HalfOpen { .. } => false,
@@ -398,19 +407,43 @@ impl Health {
     /// Gives back a half-open probe slot taken by [`Health::admit`] for a
     /// request that was never sent: the probe is due again now.
     pub fn abandon_probe(&mut self, now: DateTime<Utc>) {
-        if let Circuit::HalfOpen { cooldown } = self.circuit {
+        if let Circuit::HalfOpen { cooldown, since } = self.circuit {
             self.circuit = Circuit::Open {
                 until: now,
                 cooldown,
+                since,
             };
         }
     }
 
-    /// Records a request's verdict. Returns true if availability changed
-    /// (the plan should be redone).
+    /// Records the verdict of a request sent just now (see
+    /// [`Health::record_sent`]).
     pub fn record(&mut self, verdict: &Verdict, now: DateTime<Utc>) -> bool {
+        self.record_sent(verdict, now, now)
+    }
+
+    /// Records the verdict of a request sent at `sent_at`. Returns true if
+    /// availability changed (the plan should be redone).
+    ///
+    /// An answer to a request sent before the circuit opened neither closes
+    /// it nor counts towards it: with many requests in flight, the answers
+    /// that were already on their way would otherwise close a fresh circuit
+    /// within milliseconds. Only the probe decides. A pause or a refused key
+    /// is news whenever the request was sent, and is applied.
+    pub fn record_sent(
+        &mut self,
+        verdict: &Verdict,
+        sent_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> bool {
         let before = (self.paused_until, self.disabled.clone(), self.circuit);
+        let stale = match self.circuit {
+            Circuit::Open { since, .. } | Circuit::HalfOpen { since, .. } => sent_at < since,
+            Circuit::Closed => false,
+        };
         match verdict {
+            Verdict::Succeeded | Verdict::FailJob if stale => {}
+            Verdict::Retry { pause: None } if stale => {}
             Verdict::Succeeded | Verdict::FailJob => {
                 // A permanent error is the job's fault, not the provider's.
                 self.consecutive_failures = 0;
@@ -427,9 +460,12 @@ impl Health {
                     let reopen = |cooldown: Duration| Circuit::Open {
                         until: bounds::add(now, cooldown),
                         cooldown,
+                        since: now,
                     };
                     self.circuit = match self.circuit {
-                        Circuit::HalfOpen { cooldown } => reopen((cooldown * 2).min(MAX_COOLDOWN)),
+                        Circuit::HalfOpen { cooldown, .. } => {
+                            reopen((cooldown * 2).min(MAX_COOLDOWN))
+                        }
                         Circuit::Closed if self.consecutive_failures >= FAILURES_TO_OPEN => {
                             reopen(FIRST_COOLDOWN)
                         }
@@ -746,6 +782,39 @@ mod tests {
         h.record(&Verdict::Succeeded, t2);
         assert_eq!(h.circuit, Circuit::Closed);
         assert!(h.admit(t2));
+    }
+
+    #[test]
+    fn answers_to_requests_sent_before_the_circuit_opened_do_not_close_it() {
+        let mut h = Health::default();
+        let t0 = at("2026-11-24T12:00:00Z");
+        let before = t0 - chrono::Duration::seconds(2);
+        for _ in 0..FAILURES_TO_OPEN {
+            h.record(&Verdict::Retry { pause: None }, t0);
+        }
+        assert!(matches!(h.circuit, Circuit::Open { .. }));
+        // Many requests were in flight when it opened; their answers arrive.
+        let soon = t0 + chrono::Duration::milliseconds(5);
+        assert!(!h.record_sent(&Verdict::Succeeded, before, soon));
+        assert!(!h.record_sent(&Verdict::Retry { pause: None }, before, soon));
+        assert!(
+            matches!(h.circuit, Circuit::Open { until, .. } if until == t0 + chrono::Duration::seconds(10))
+        );
+        // The probe, sent after the cooldown, closes it; a late answer to
+        // an old request during the probe changes nothing.
+        let t1 = t0 + chrono::Duration::seconds(10);
+        assert!(h.admit(t1));
+        h.record_sent(&Verdict::Succeeded, before, t1);
+        assert!(matches!(h.circuit, Circuit::HalfOpen { .. }));
+        h.record_sent(&Verdict::Succeeded, t1, t1 + chrono::Duration::seconds(1));
+        assert_eq!(h.circuit, Circuit::Closed);
+        // A provider's pause is news whenever the request was sent.
+        for _ in 0..FAILURES_TO_OPEN {
+            h.record(&Verdict::Retry { pause: None }, t1);
+        }
+        let pause = Some(Duration::from_secs(30));
+        assert!(h.record_sent(&Verdict::Retry { pause }, before, t1));
+        assert!(h.paused_until.is_some());
     }
 
     #[test]
