@@ -322,6 +322,7 @@ pub fn effective_config(config: &crate::config::Config) -> String {
         let _ = writeln!(out, "\n[[providers]]\nname = {:?}", p.name);
         match t {
             Transport::OpenAi {
+                wire,
                 base_url,
                 key_source,
                 timeout,
@@ -330,7 +331,11 @@ pub fn effective_config(config: &crate::config::Config) -> String {
             } => {
                 let _ = writeln!(
                     out,
-                    "kind = \"openai\"\nbase_url = {base_url:?}\napi_key = \"<redacted; from {key_source}>\""
+                    "kind = \"{}\"\nbase_url = {base_url:?}\napi_key = \"<redacted; from {key_source}>\"",
+                    match wire {
+                        crate::domain::pricing::Wire::OpenAi => "openai",
+                        crate::domain::pricing::Wire::Anthropic => "anthropic",
+                    }
                 );
                 if let Some(t) = timeout {
                     let _ = writeln!(out, "timeout = \"{}\"", humantime::format_duration(*t));
@@ -396,6 +401,14 @@ pub fn effective_config(config: &crate::config::Config) -> String {
                 "[[providers.models]]\nname = {:?}\ninput_per_mtok = {}\noutput_per_mtok = {}\nendpoints = {endpoints:?}",
                 m.name, m.list.input_per_mtok, m.list.output_per_mtok
             );
+            for (k, v) in [
+                ("cached_input_per_mtok", m.cached_input_per_mtok),
+                ("cache_write_per_mtok", m.cache_write_per_mtok),
+            ] {
+                if let Some(v) = v {
+                    let _ = writeln!(out, "{k} = {v}");
+                }
+            }
         }
     }
     let _ = writeln!(out, "\n[classes]");

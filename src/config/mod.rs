@@ -20,9 +20,12 @@ use toml::Spanned;
 use crate::domain::bounds;
 use crate::domain::pricing::{
     ALL_DAYS, Catalog, DailyRange, Endpoint, Limits, Model, Price, PriceWindow, ProviderInfo,
-    WindowEffect, weekday_set,
+    WindowEffect, Wire, weekday_set,
 };
 use crate::domain::units::{parse_duration, parse_duration_within};
+
+/// `base_url` of a `kind = "anthropic"` provider by default.
+pub const ANTHROPIC_BASE_URL: &str = "https://api.anthropic.com";
 
 /// The configuration compiled into the binary.
 pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
@@ -77,8 +80,11 @@ impl fmt::Debug for Secret {
 /// How requests to a provider are carried.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Transport {
-    /// An OpenAI-compatible HTTP API.
+    /// An HTTP API: OpenAI-compatible (`kind = "openai"`, `base_url` ends
+    /// in `/v1`) or Anthropic's Messages API (`kind = "anthropic"`, `base_url`
+    /// without `/v1`), as `wire` says.
     OpenAi {
+        wire: Wire,
         base_url: String,
         /// Read from `key` by [`Config::resolve_keys`]; `None` until then
         /// (parsing never reads a key, so `check-config` works without them).
@@ -495,6 +501,10 @@ struct RawModel {
     name: Spanned<String>,
     input_per_mtok: f64,
     output_per_mtok: f64,
+    /// Input tokens read from the prompt cache (default: the input price).
+    cached_input_per_mtok: Option<f64>,
+    /// Input tokens written to the prompt cache (Anthropic; default: the input price).
+    cache_write_per_mtok: Option<f64>,
     endpoints: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     price_windows: Vec<RawWindow>,
@@ -821,18 +831,29 @@ impl Validator<'_> {
                 self.limit(v, Some(p.name.span()), field(f), max)?;
             }
             let transport = match p.kind.get_ref().as_str() {
-                "openai" => {
-                    let base_url = p.base_url.as_ref().ok_or_else(|| {
-                        self.err(
-                            Some(p.kind.span()),
-                            field("base_url"),
-                            "required for kind = \"openai\"",
-                        )
-                    })?;
-                    let url = base_url.get_ref().trim_end_matches('/').to_string();
+                kind @ ("openai" | "anthropic") => {
+                    let wire = if kind == "anthropic" {
+                        Wire::Anthropic
+                    } else {
+                        Wire::OpenAi
+                    };
+                    let (url, span) = match (&p.base_url, wire) {
+                        (Some(b), _) => (
+                            b.get_ref().trim_end_matches('/').to_string(),
+                            Some(b.span()),
+                        ),
+                        (None, Wire::Anthropic) => (ANTHROPIC_BASE_URL.to_string(), None),
+                        (None, Wire::OpenAi) => {
+                            return Err(self.err(
+                                Some(p.kind.span()),
+                                field("base_url"),
+                                "required for kind = \"openai\"",
+                            ));
+                        }
+                    };
                     if !(url.starts_with("http://") || url.starts_with("https://")) {
                         return Err(self.err(
-                            Some(base_url.span()),
+                            span,
                             field("base_url"),
                             "must start with http:// or https://",
                         ));
@@ -851,6 +872,7 @@ impl Validator<'_> {
                             .transpose()
                     };
                     Transport::OpenAi {
+                        wire,
                         base_url: url,
                         api_key: None,
                         key,
@@ -891,7 +913,9 @@ impl Validator<'_> {
                     return Err(self.err(
                         Some(p.kind.span()),
                         field("kind"),
-                        format!("unknown kind '{other}' (expected \"openai\" or \"simulated\")"),
+                        format!(
+                            "unknown kind '{other}' (expected \"openai\", \"anthropic\" or \"simulated\")"
+                        ),
                     ));
                 }
             };
@@ -941,6 +965,10 @@ impl Validator<'_> {
                     reserve: p.reserve,
                 },
                 simulated: matches!(transport, Transport::Simulated { .. }),
+                wire: match &transport {
+                    Transport::OpenAi { wire, .. } => *wire,
+                    Transport::Simulated { .. } => Wire::OpenAi,
+                },
             });
             transports.push(transport);
             if p.models.is_empty() {
@@ -970,6 +998,14 @@ impl Validator<'_> {
                 for (v, f) in [
                     (m.input_per_mtok, "input_per_mtok"),
                     (m.output_per_mtok, "output_per_mtok"),
+                    (
+                        m.cached_input_per_mtok.unwrap_or(0.0),
+                        "cached_input_per_mtok",
+                    ),
+                    (
+                        m.cache_write_per_mtok.unwrap_or(0.0),
+                        "cache_write_per_mtok",
+                    ),
                 ] {
                     self.number(
                         v,
@@ -996,6 +1032,15 @@ impl Validator<'_> {
                         set
                     }
                 };
+                if catalog.providers[provider_id].wire == Wire::Anthropic
+                    && endpoints.contains(&Endpoint::Embeddings)
+                {
+                    return Err(self.err(
+                        Some(m.name.span()),
+                        mfield("endpoints"),
+                        "Anthropic's API has no /v1/embeddings",
+                    ));
+                }
                 let mut mwindows = Vec::new();
                 for (wi, w) in m.price_windows.iter().enumerate() {
                     mwindows.push(self.window(w, &mfield(&format!("price_windows[{wi}]")))?);
@@ -1003,6 +1048,8 @@ impl Validator<'_> {
                 catalog.models.push(Model {
                     provider: provider_id,
                     name: mname,
+                    cached_input_per_mtok: m.cached_input_per_mtok,
+                    cache_write_per_mtok: m.cache_write_per_mtok,
                     list: Price {
                         input_per_mtok: m.input_per_mtok,
                         output_per_mtok: m.output_per_mtok,
@@ -1254,7 +1301,10 @@ impl Validator<'_> {
             (None, None) => Err(self.err(
                 Some(p.kind.span()),
                 field("api_key_env"),
-                "kind = \"openai\" needs api_key_env or api_key_file",
+                format!(
+                    "kind = \"{}\" needs api_key_env or api_key_file",
+                    p.kind.get_ref()
+                ),
             )),
         }
     }
@@ -2055,6 +2105,46 @@ mod tests {
         c.resolve_keys().unwrap();
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(c.warnings().is_empty());
+    }
+
+    #[test]
+    fn kind_anthropic_defaults_its_base_url_and_takes_cached_prices() {
+        let text = "[[providers]]\nname = \"a\"\nkind = \"anthropic\"\napi_key_env = \"K\"\n\
+                    [[providers.models]]\nname = \"claude-haiku-4-5\"\ninput_per_mtok = 1.0\noutput_per_mtok = 5.0\n\
+                    cached_input_per_mtok = 0.1\ncache_write_per_mtok = 1.25\n";
+        let c = Config::parse(text, "t.toml", Path::new(".")).unwrap();
+        assert!(matches!(
+            &c.transports[0],
+            Transport::OpenAi { wire: Wire::Anthropic, base_url, .. } if base_url == ANTHROPIC_BASE_URL
+        ));
+        assert_eq!(c.catalog.providers[0].wire, Wire::Anthropic);
+        assert_eq!(c.catalog.models[0].cached_input_per_mtok, Some(0.1));
+        assert_eq!(c.catalog.models[0].cache_write_per_mtok, Some(1.25));
+        let e = Config::parse(
+            &text.replace("cached_input_per_mtok = 0.1", "cached_input_per_mtok = -1"),
+            "t.toml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("cached_input_per_mtok"), "{e}");
+        let e = Config::parse(
+            &format!("{text}endpoints = [\"/v1/embeddings\"]\n"),
+            "t.toml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("endpoints"), "{e}");
+        let e = Config::parse(
+            &text.replace("api_key_env = \"K\"\n", ""),
+            "t.toml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("kind = \"anthropic\" needs api_key_env"),
+            "{e}"
+        );
     }
 
     #[test]

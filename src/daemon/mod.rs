@@ -126,8 +126,12 @@ pub async fn run(
     let mut clients = Vec::new();
     for (p, t) in config.catalog.providers.iter().zip(&config.transports) {
         match t {
-            Transport::OpenAi { base_url, .. } => {
-                info!(provider = %p.name, %base_url, models = config.catalog.models.iter().filter(|m| config.catalog.providers[m.provider].name == p.name).count(), "provider (OpenAI-compatible)")
+            Transport::OpenAi { base_url, wire, .. } => {
+                let api = match wire {
+                    crate::domain::pricing::Wire::OpenAi => "provider (OpenAI-compatible)",
+                    crate::domain::pricing::Wire::Anthropic => "provider (Anthropic Messages API)",
+                };
+                info!(provider = %p.name, %base_url, models = config.catalog.models.iter().filter(|m| config.catalog.providers[m.provider].name == p.name).count(), "{api}")
             }
             Transport::Simulated { .. } => {
                 info!(provider = %p.name, "provider (SIMULATED: answers in-process, no network, no cost)")

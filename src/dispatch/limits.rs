@@ -539,8 +539,11 @@ mod tests {
                 ..Limits::default()
             },
             simulated: true,
+            wire: Default::default(),
         };
         let model = |name: &str, limits| Model {
+            cached_input_per_mtok: None,
+            cache_write_per_mtok: None,
             provider: 0,
             name: name.into(),
             list: Price {

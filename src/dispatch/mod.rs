@@ -923,20 +923,10 @@ impl RequestContext {
                 usage,
                 signals,
             } => {
-                let cost = self.catalog.cost_at(
-                    model,
-                    dispatched_at,
-                    usage.input_tokens,
-                    usage.output_tokens,
-                );
+                let cost = self.catalog.billed_cost_at(model, dispatched_at, &usage);
                 let submitted = DateTime::<Utc>::from_timestamp_millis(job.submitted_at)
                     .unwrap_or(dispatched_at);
-                let list = self.catalog.cost_at(
-                    reference,
-                    submitted,
-                    usage.input_tokens,
-                    usage.output_tokens,
-                );
+                let list = self.catalog.billed_cost_at(reference, submitted, &usage);
                 let finish = Finish {
                     succeeded: true,
                     completed_at,

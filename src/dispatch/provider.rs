@@ -1,7 +1,8 @@
 //! Provider clients: send one request, return what happened.
 //!
 //! [`ProviderClient::Http`] speaks the OpenAI wire format over reqwest
-//! (rustls) to any OpenAI-compatible API. [`ProviderClient::Simulated`]
+//! (rustls) to any OpenAI-compatible API, or Anthropic's Messages API
+//! (`POST /v1/messages`, translated both ways by [`anthropic`]). [`ProviderClient::Simulated`]
 //! answers in-process with a deterministic completion, realistic `usage` and
 //! latency, so the daemon runs with no API keys.
 
@@ -12,8 +13,8 @@ use serde_json::{Map, Value, json};
 
 use crate::config::{Secret, Transport};
 use crate::dispatch::reliability::{Outcome, Signals, Usage, parse_signals};
-use crate::domain::pricing::Endpoint;
-use crate::domain::{bounds, estimate};
+use crate::domain::pricing::{Endpoint, Wire};
+use crate::domain::{anthropic, bounds, estimate};
 
 /// Upper bound on a provider response body we keep.
 const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
@@ -32,6 +33,7 @@ pub struct Request<'a> {
 /// A client for one provider.
 pub enum ProviderClient {
     Http {
+        wire: Wire,
         base_url: String,
         api_key: Secret,
         client: reqwest::Client,
@@ -55,6 +57,7 @@ impl ProviderClient {
     ) -> anyhow::Result<ProviderClient> {
         Ok(match transport {
             Transport::OpenAi {
+                wire,
                 base_url,
                 api_key,
                 key,
@@ -62,6 +65,7 @@ impl ProviderClient {
                 connect_timeout,
                 ..
             } => ProviderClient::Http {
+                wire: *wire,
                 base_url: base_url.clone(),
                 api_key: match api_key {
                     Some(k) => k.clone(),
@@ -105,10 +109,51 @@ impl ProviderClient {
         };
         match self {
             ProviderClient::Http {
+                wire: Wire::OpenAi,
                 base_url,
                 api_key,
                 client,
-            } => send_http(client, base_url, api_key, req.endpoint, body).await,
+            } => {
+                let path = req.endpoint.as_url().trim_start_matches("/v1");
+                // base_url ends in /v1, as with the official SDKs.
+                let url = format!("{base_url}{path}");
+                let request = client.post(&url).bearer_auth(api_key.expose()).json(&body);
+                let answer = send_http(request, &url).await;
+                finish_openai(answer, &url)
+            }
+            ProviderClient::Http {
+                wire: Wire::Anthropic,
+                base_url,
+                api_key,
+                client,
+            } => {
+                if req.endpoint != Endpoint::ChatCompletions {
+                    return Outcome::NoAnswer {
+                        code: "invalid_body",
+                        message: format!(
+                            "Anthropic's API does not serve {}",
+                            req.endpoint.as_url()
+                        ),
+                    };
+                }
+                let body = match anthropic::request(&body, req.model) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        return Outcome::NoAnswer {
+                            code: "invalid_body",
+                            message: e.to_string(),
+                        };
+                    }
+                };
+                let url = format!("{base_url}/v1/messages");
+                let request = client
+                    .post(&url)
+                    .header("x-api-key", api_key.expose())
+                    .header("anthropic-version", anthropic::API_VERSION)
+                    .json(&body);
+                let answer = send_http(request, &url).await;
+                finish_anthropic(answer, &url)
+            }
             ProviderClient::Simulated {
                 name,
                 latency,
@@ -152,46 +197,85 @@ struct UsageFields {
     prompt_tokens: u64,
     #[serde(default)]
     completion_tokens: u64,
+    /// OpenAI (and most OpenAI-compatible APIs): the cached part of the prompt.
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptDetails>,
+    /// DeepSeek: the prompt's cache hits (`prompt_tokens` = hits + misses).
+    #[serde(default)]
+    prompt_cache_hit_tokens: Option<u64>,
 }
 
-/// Reads `usage` from an OpenAI-format response body. Counts above
-/// [`bounds::MAX_REPORTED_TOKENS`] are capped (and logged): what a provider
-/// reports is summed into the accounting, which must not overflow.
+#[derive(Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
+}
+
+/// Caps a count a provider reported at [`bounds::MAX_REPORTED_TOKENS`]
+/// (and logs it): what a provider reports is summed into the accounting,
+/// which must not overflow.
+fn cap(n: u64, field: &str) -> u64 {
+    if n > bounds::MAX_REPORTED_TOKENS {
+        tracing::warn!(
+            reported = n,
+            limit = bounds::MAX_REPORTED_TOKENS,
+            "provider reported an implausible usage.{field}; capped"
+        );
+    }
+    n.min(bounds::MAX_REPORTED_TOKENS)
+}
+
+/// Reads `usage` from an OpenAI-format response body, with the cached part
+/// of the prompt as OpenAI (`prompt_tokens_details.cached_tokens`) or
+/// DeepSeek (`prompt_cache_hit_tokens`) reports it. Counts above
+/// [`bounds::MAX_REPORTED_TOKENS`] are capped; a cached count is at most
+/// the prompt.
 pub fn parse_usage(body: &str) -> Option<Usage> {
     let u: UsageBody = serde_json::from_str(body).ok()?;
-    let cap = |n: u64, field: &str| {
-        if n > bounds::MAX_REPORTED_TOKENS {
-            tracing::warn!(
-                reported = n,
-                limit = bounds::MAX_REPORTED_TOKENS,
-                "provider reported an implausible usage.{field}; capped"
-            );
-        }
-        n.min(bounds::MAX_REPORTED_TOKENS)
-    };
+    let input_tokens = cap(u.usage.prompt_tokens, "prompt_tokens");
+    let cached = u
+        .usage
+        .prompt_tokens_details
+        .and_then(|d| d.cached_tokens)
+        .or(u.usage.prompt_cache_hit_tokens)
+        .unwrap_or(0);
     Some(Usage {
-        input_tokens: cap(u.usage.prompt_tokens, "prompt_tokens"),
+        input_tokens,
         output_tokens: cap(u.usage.completion_tokens, "completion_tokens"),
+        cached_input_tokens: cap(cached, "cached_tokens").min(input_tokens),
+        cache_write_tokens: 0,
     })
 }
 
-async fn send_http(
-    client: &reqwest::Client,
-    base_url: &str,
-    api_key: &Secret,
-    endpoint: Endpoint,
-    body: Map<String, Value>,
-) -> Outcome {
-    // base_url ends in /v1, as with the official SDKs.
-    let path = endpoint.as_url().trim_start_matches("/v1");
-    let url = format!("{base_url}{path}");
-    let response = client
-        .post(&url)
-        .bearer_auth(api_key.expose())
-        .json(&body)
-        .send()
-        .await;
-    let mut response = match response {
+/// The usage of an Anthropic answer: `input_tokens` excludes the cache, so
+/// the input is the sum of the three; capped as [`parse_usage`] caps.
+fn anthropic_usage(u: &anthropic::MessagesUsage) -> Usage {
+    let cache_read = cap(u.cache_read, "cache_read_input_tokens");
+    let cache_write = cap(u.cache_write, "cache_creation_input_tokens");
+    let input = cap(u.input, "input_tokens")
+        .saturating_add(cache_read)
+        .saturating_add(cache_write)
+        .min(bounds::MAX_REPORTED_TOKENS);
+    Usage {
+        input_tokens: input,
+        output_tokens: cap(u.output, "output_tokens"),
+        cached_input_tokens: cache_read.min(input),
+        cache_write_tokens: cache_write.min(input - cache_read.min(input)),
+    }
+}
+
+/// An HTTP answer, read in full (up to [`MAX_RESPONSE_BYTES`]).
+struct Answer {
+    status: u16,
+    request_id: Option<String>,
+    body: String,
+    signals: Signals,
+}
+
+/// Sends `request` and reads its answer; `Err` is the outcome when there is
+/// no usable answer.
+async fn send_http(request: reqwest::RequestBuilder, url: &str) -> Result<Answer, Outcome> {
+    let mut response = match request.send().await {
         Ok(r) => r,
         Err(e) => {
             let code = if e.is_timeout() {
@@ -199,10 +283,10 @@ async fn send_http(
             } else {
                 "connection_failed"
             };
-            return Outcome::NoAnswer {
+            return Err(Outcome::NoAnswer {
                 code,
                 message: format!("{url}: {}", error_chain(&e)),
-            };
+            });
         }
     };
     let status = response.status().as_u16();
@@ -211,20 +295,20 @@ async fn send_http(
         |name| headers.get(name).and_then(|v| v.to_str().ok()),
         chrono::Utc::now(),
     );
-    let request_id = response
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
+    // OpenAI's x-request-id, Anthropic's request-id.
+    let request_id = ["x-request-id", "request-id"]
+        .iter()
+        .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
         .map(str::to_owned);
     let mut bytes = Vec::new();
     loop {
         match response.chunk().await {
             Ok(Some(chunk)) => {
                 if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
-                    return Outcome::NoAnswer {
+                    return Err(Outcome::NoAnswer {
                         code: "response_too_large",
                         message: format!("{url}: response body exceeds {MAX_RESPONSE_BYTES} bytes"),
-                    };
+                    });
                 }
                 bytes.extend_from_slice(&chunk);
             }
@@ -235,33 +319,85 @@ async fn send_http(
                 } else {
                     "truncated_response"
                 };
-                return Outcome::NoAnswer {
+                return Err(Outcome::NoAnswer {
                     code,
                     message: format!("{url}: {}", error_chain(&e)),
-                };
+                });
             }
         }
     }
-    let body = String::from_utf8_lossy(&bytes).into_owned();
-    if !(200..300).contains(&status) {
-        return Outcome::HttpError {
-            status,
-            request_id,
-            body,
-            signals,
-        };
+    Ok(Answer {
+        status,
+        request_id,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+        signals,
+    })
+}
+
+/// A non-2xx answer, kept verbatim.
+fn http_error(a: Answer) -> Outcome {
+    Outcome::HttpError {
+        status: a.status,
+        request_id: a.request_id,
+        body: a.body,
+        signals: a.signals,
     }
-    match parse_usage(&body) {
+}
+
+/// The outcome of an OpenAI-format answer.
+fn finish_openai(answer: Result<Answer, Outcome>, url: &str) -> Outcome {
+    let a = match answer {
+        Ok(a) => a,
+        Err(o) => return o,
+    };
+    if !(200..300).contains(&a.status) {
+        return http_error(a);
+    }
+    match parse_usage(&a.body) {
         Some(usage) => Outcome::Success {
-            status,
-            request_id,
-            body,
+            status: a.status,
+            request_id: a.request_id,
+            body: a.body,
             usage,
-            signals,
+            signals: a.signals,
         },
         None => Outcome::NoAnswer {
             code: "malformed_response",
-            message: format!("{url}: HTTP {status} without a JSON body carrying usage"),
+            message: format!(
+                "{url}: HTTP {} without a JSON body carrying usage",
+                a.status
+            ),
+        },
+    }
+}
+
+/// The outcome of a Messages API answer: a success carries the answer
+/// translated into an OpenAI `chat.completion` body; errors stay verbatim
+/// (Anthropic's `{"type":"error","error":{...}}`) for [`classify`].
+///
+/// [`classify`]: crate::dispatch::reliability::classify
+fn finish_anthropic(answer: Result<Answer, Outcome>, url: &str) -> Outcome {
+    let a = match answer {
+        Ok(a) => a,
+        Err(o) => return o,
+    };
+    if !(200..300).contains(&a.status) {
+        return http_error(a);
+    }
+    match anthropic::response(&a.body, chrono::Utc::now().timestamp()) {
+        Some((body, usage)) => Outcome::Success {
+            status: a.status,
+            request_id: a.request_id,
+            body: body.to_string(),
+            usage: anthropic_usage(&usage),
+            signals: a.signals,
+        },
+        None => Outcome::NoAnswer {
+            code: "malformed_response",
+            message: format!(
+                "{url}: HTTP {} without a Messages API body carrying usage",
+                a.status
+            ),
         },
     }
 }
@@ -319,7 +455,7 @@ pub fn simulated_response(
                 .collect();
             let usage = Usage {
                 input_tokens: tokens,
-                output_tokens: 0,
+                ..Usage::default()
             };
             let response = json!({
                 "object": "list", "data": data, "model": req.model,
@@ -355,6 +491,7 @@ pub fn simulated_response(
             let usage = Usage {
                 input_tokens,
                 output_tokens,
+                ..Usage::default()
             };
             let response = json!({
                 "id": format!("chatcmpl-sim{:016x}", seed),
@@ -424,7 +561,8 @@ mod tests {
             parse_usage(body),
             Some(Usage {
                 input_tokens: 52,
-                output_tokens: 9
+                output_tokens: 9,
+                ..Usage::default()
             })
         );
         let body = r#"{"object":"list","usage":{"prompt_tokens":5,"total_tokens":5}}"#;
@@ -432,7 +570,7 @@ mod tests {
             parse_usage(body),
             Some(Usage {
                 input_tokens: 5,
-                output_tokens: 0
+                ..Usage::default()
             })
         );
         assert_eq!(parse_usage("{\"choices\":[]}"), None);
@@ -442,9 +580,55 @@ mod tests {
             parse_usage(body),
             Some(Usage {
                 input_tokens: bounds::MAX_REPORTED_TOKENS,
-                output_tokens: 5
+                output_tokens: 5,
+                ..Usage::default()
             })
         );
         assert_eq!(parse_usage(r#"{"usage":{"prompt_tokens":1e400}}"#), None);
+    }
+
+    #[test]
+    fn cached_tokens_are_read_in_each_providers_usage_shape() {
+        // OpenAI.
+        let body = r#"{"usage":{"prompt_tokens":2000,"completion_tokens":10,"total_tokens":2010,"prompt_tokens_details":{"cached_tokens":1536}}}"#;
+        assert_eq!(
+            parse_usage(body),
+            Some(Usage {
+                input_tokens: 2000,
+                output_tokens: 10,
+                cached_input_tokens: 1536,
+                cache_write_tokens: 0
+            })
+        );
+        // DeepSeek.
+        let body = r#"{"usage":{"prompt_tokens":300,"completion_tokens":20,"total_tokens":320,"prompt_cache_hit_tokens":256,"prompt_cache_miss_tokens":44}}"#;
+        assert_eq!(parse_usage(body).unwrap().cached_input_tokens, 256);
+        // A cached count above the prompt is capped at it.
+        let body = r#"{"usage":{"prompt_tokens":5,"prompt_tokens_details":{"cached_tokens":99}}}"#;
+        assert_eq!(parse_usage(body).unwrap().cached_input_tokens, 5);
+        // Anthropic: input_tokens excludes the cache.
+        let u = anthropic_usage(&anthropic::MessagesUsage {
+            input: 20,
+            cache_read: 100,
+            cache_write: 30,
+            output: 7,
+        });
+        assert_eq!(
+            u,
+            Usage {
+                input_tokens: 150,
+                output_tokens: 7,
+                cached_input_tokens: 100,
+                cache_write_tokens: 30
+            }
+        );
+        let u = anthropic_usage(&anthropic::MessagesUsage {
+            input: u64::MAX,
+            cache_read: u64::MAX,
+            cache_write: u64::MAX,
+            output: u64::MAX,
+        });
+        assert_eq!(u.input_tokens, bounds::MAX_REPORTED_TOKENS);
+        assert!(u.cached_input_tokens + u.cache_write_tokens <= u.input_tokens);
     }
 }

@@ -11,12 +11,8 @@ use serde_json::Value;
 
 use crate::domain::bounds::{self, MAX_PROVIDER_WAIT, secs_within};
 
-/// Tokens the provider reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Usage {
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-}
+/// Tokens the provider reported, cached input included: what it bills.
+pub type Usage = crate::domain::pricing::Billed;
 
 /// What came back.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,6 +84,7 @@ pub fn parse_signals<'a>(get: impl Fn(&str) -> Option<&'a str>, now: DateTime<Ut
         .and_then(|v| v.trim().parse::<f64>().ok())
         .and_then(|ms| secs_within(ms / 1000.0, MAX_PROVIDER_WAIT))
         .or_else(|| get("retry-after").and_then(|v| parse_retry_after(v, now)));
+    let anthropic_tokens = tightest_anthropic_tokens(num, until);
     Signals {
         retry_after,
         limit_requests: num("x-ratelimit-limit-requests")
@@ -97,13 +94,43 @@ pub fn parse_signals<'a>(get: impl Fn(&str) -> Option<&'a str>, now: DateTime<Ut
         reset_requests: get("x-ratelimit-reset-requests")
             .and_then(parse_go_duration)
             .or_else(|| until("anthropic-ratelimit-requests-reset")),
-        limit_tokens: num("x-ratelimit-limit-tokens")
-            .or_else(|| num("anthropic-ratelimit-tokens-limit")),
-        remaining_tokens: num("x-ratelimit-remaining-tokens")
-            .or_else(|| num("anthropic-ratelimit-tokens-remaining")),
+        limit_tokens: num("x-ratelimit-limit-tokens").or(anthropic_tokens.0),
+        remaining_tokens: num("x-ratelimit-remaining-tokens").or(anthropic_tokens.1),
         reset_tokens: get("x-ratelimit-reset-tokens")
             .and_then(parse_go_duration)
-            .or_else(|| until("anthropic-ratelimit-tokens-reset")),
+            .or(anthropic_tokens.2),
+    }
+}
+
+/// Anthropic's token limits come as three: `tokens` (the most restrictive
+/// of the others), `input-tokens` and `output-tokens`, each with its
+/// `limit`, `remaining` and `reset`. The one with the fewest tokens
+/// remaining is the one that matters (a tie: the later reset).
+fn tightest_anthropic_tokens(
+    num: impl Fn(&str) -> Option<u64>,
+    until: impl Fn(&str) -> Option<Duration>,
+) -> (Option<u64>, Option<u64>, Option<Duration>) {
+    let mut best: Option<(Option<u64>, u64, Option<Duration>)> = None;
+    for kind in ["tokens", "input-tokens", "output-tokens"] {
+        let Some(remaining) = num(&format!("anthropic-ratelimit-{kind}-remaining")) else {
+            continue;
+        };
+        let limit = num(&format!("anthropic-ratelimit-{kind}-limit"));
+        let reset = until(&format!("anthropic-ratelimit-{kind}-reset"));
+        let tighter = best.as_ref().is_none_or(|(_, r, t)| {
+            remaining < *r || (remaining == *r && reset.unwrap_or_default() > t.unwrap_or_default())
+        });
+        if tighter {
+            best = Some((limit, remaining, reset));
+        }
+    }
+    match best {
+        Some((limit, remaining, reset)) => (limit, Some(remaining), reset),
+        None => (
+            num("anthropic-ratelimit-tokens-limit"),
+            None,
+            until("anthropic-ratelimit-tokens-reset"),
+        ),
     }
 }
 
@@ -213,7 +240,23 @@ pub fn classify(outcome: &Outcome) -> Verdict {
             let parsed: Value = serde_json::from_str(body).unwrap_or(Value::Null);
             let code = parsed["error"]["code"].as_str().unwrap_or_default();
             let kind = parsed["error"]["type"].as_str().unwrap_or_default();
+            let message = parsed["error"]["message"].as_str().unwrap_or_default();
+            // Anthropic's errors: {"type": "error", "error": {"type", "message"}}.
+            let anthropic = parsed["type"] == "error";
             match status {
+                // A spend limit or exhausted credit balance (a 429 without
+                // retry-after, or a 400): no retry can succeed until someone
+                // pays; the provider is disabled as for insufficient_quota.
+                429 | 400
+                    if anthropic
+                        && matches!(kind, "rate_limit_error" | "invalid_request_error")
+                        && (*status == 400 || signals.retry_after.is_none())
+                        && crate::domain::anthropic::is_spend_limit(message) =>
+                {
+                    Verdict::DisableProvider {
+                        reason: format!("HTTP {status} {kind} (spend limit): {message}"),
+                    }
+                }
                 429 if code == "insufficient_quota" || kind == "insufficient_quota" => {
                     Verdict::DisableProvider {
                         reason: format!(
@@ -739,6 +782,121 @@ mod tests {
             }),
             Verdict::FailJob
         );
+    }
+
+    #[test]
+    fn anthropic_errors_are_classified() {
+        let err = |kind: &str, message: &str| {
+            serde_json::json!({"type": "error", "error": {"type": kind, "message": message}})
+                .to_string()
+        };
+        let overloaded = err("overloaded_error", "Overloaded");
+        assert_eq!(
+            classify(&http(529, &overloaded)),
+            Verdict::Retry { pause: None }
+        );
+        let rate = err(
+            "rate_limit_error",
+            "Number of request tokens has exceeded your per-minute rate limit",
+        );
+        let with_retry_after = Outcome::HttpError {
+            status: 429,
+            request_id: None,
+            body: rate.clone(),
+            signals: Signals {
+                retry_after: Some(Duration::from_secs(7)),
+                ..Signals::default()
+            },
+        };
+        assert_eq!(
+            classify(&with_retry_after),
+            Verdict::Retry {
+                pause: Some(Duration::from_secs(7))
+            }
+        );
+        let spend = err(
+            "rate_limit_error",
+            "You have reached your specified API usage limits. You will regain access on 2026-12-01 at 00:00 UTC.",
+        );
+        assert!(matches!(
+            classify(&http(429, &spend)),
+            Verdict::DisableProvider { .. }
+        ));
+        let credit = err(
+            "invalid_request_error",
+            "Your credit balance is too low to access the Anthropic API.",
+        );
+        assert!(matches!(
+            classify(&http(400, &credit)),
+            Verdict::DisableProvider { .. }
+        ));
+        let invalid = err("invalid_request_error", "max_tokens: Field required");
+        assert_eq!(classify(&http(400, &invalid)), Verdict::FailJob);
+        for s in [401, 403] {
+            let body = err("authentication_error", "invalid x-api-key");
+            assert!(matches!(
+                classify(&http(s, &body)),
+                Verdict::DisableProvider { .. }
+            ));
+        }
+        for s in [500, 504] {
+            let body = err("api_error", "Internal server error");
+            assert!(matches!(classify(&http(s, &body)), Verdict::Retry { .. }));
+        }
+    }
+
+    #[test]
+    fn anthropic_input_and_output_token_limits_are_read() {
+        let now = at("2026-11-24T12:00:00Z");
+        let pairs = [
+            ("anthropic-ratelimit-requests-limit", "50"),
+            ("anthropic-ratelimit-requests-remaining", "49"),
+            ("anthropic-ratelimit-requests-reset", "2026-11-24T12:00:01Z"),
+            ("anthropic-ratelimit-tokens-limit", "48000"),
+            ("anthropic-ratelimit-tokens-remaining", "40000"),
+            ("anthropic-ratelimit-tokens-reset", "2026-11-24T12:00:02Z"),
+            ("anthropic-ratelimit-input-tokens-limit", "40000"),
+            ("anthropic-ratelimit-input-tokens-remaining", "39000"),
+            (
+                "anthropic-ratelimit-input-tokens-reset",
+                "2026-11-24T12:00:02Z",
+            ),
+            ("anthropic-ratelimit-output-tokens-limit", "8000"),
+            ("anthropic-ratelimit-output-tokens-remaining", "0"),
+            (
+                "anthropic-ratelimit-output-tokens-reset",
+                "2026-11-24T12:00:09Z",
+            ),
+        ];
+        let s = parse_signals(
+            |n| pairs.iter().find(|(k, _)| *k == n).map(|(_, v)| *v),
+            now,
+        );
+        assert_eq!(s.limit_requests, Some(50));
+        assert_eq!(s.remaining_requests, Some(49));
+        assert_eq!(s.reset_requests, Some(Duration::from_secs(1)));
+        // The output-token limit is the one at zero: it decides the pause.
+        assert_eq!(
+            (s.limit_tokens, s.remaining_tokens, s.reset_tokens),
+            (Some(8000), Some(0), Some(Duration::from_secs(9)))
+        );
+        assert_eq!(s.pause(), Some(Duration::from_secs(9)));
+        // Garbage and far-future values never panic and are not believed.
+        for v in ["9999-12-31T23:59:59Z", "soon", "", "2026-11-26T12:00:00Z"] {
+            let pairs = [
+                ("anthropic-ratelimit-input-tokens-remaining", "0"),
+                ("anthropic-ratelimit-input-tokens-reset", v),
+                (
+                    "anthropic-ratelimit-output-tokens-remaining",
+                    "99999999999999999999999",
+                ),
+            ];
+            let s = parse_signals(
+                |n| pairs.iter().find(|(k, _)| *k == n).map(|(_, v)| *v),
+                now,
+            );
+            assert_eq!(s.pause(), None, "{v}");
+        }
     }
 
     #[test]

@@ -16,9 +16,10 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
+use crate::domain::anthropic;
 use crate::domain::bounds;
 use crate::domain::estimate::{self, TokenEstimate};
-use crate::domain::pricing::{Candidates, Catalog, Endpoint, ResolveError};
+use crate::domain::pricing::{Candidates, Catalog, Endpoint, ResolveError, Wire};
 
 /// A validated job, ready to be queued.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +48,11 @@ pub struct RouteKey {
     pub model: String,
     pub providers: Option<Vec<String>>,
     pub regions: Option<Vec<String>>,
+    /// The body has no translation to Anthropic's Messages API: the job
+    /// never runs on a `kind = "anthropic"` provider. (Absent when false, so
+    /// keys stored before it existed read the same.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_anthropic: bool,
 }
 
 impl RouteKey {
@@ -64,6 +70,7 @@ impl RouteKey {
             model: model.to_string(),
             providers: sorted(&options.providers),
             regions: sorted(&options.regions),
+            no_anthropic: options.no_anthropic,
         }
     }
 
@@ -93,6 +100,7 @@ impl RouteKey {
         let options = Options {
             providers: self.providers.clone(),
             regions: self.regions.clone(),
+            no_anthropic: self.no_anthropic,
             ..Options::default()
         };
         eligible(catalog, &self.model, endpoint, &options)
@@ -132,6 +140,10 @@ pub struct Options {
     pub priority: Option<i64>,
     /// The job fails rather than cost more than this (estimated).
     pub max_cost_usd: Option<f64>,
+    /// Not a field of the object: set at ingest when the body cannot be
+    /// translated for Anthropic's Messages API (see [`parse_line`]).
+    #[serde(skip)]
+    pub no_anthropic: bool,
 }
 
 impl Options {
@@ -237,6 +249,20 @@ pub fn eligible(
             return Err(err(
                 "nightshift.regions",
                 format!("no provider of '{model}' is in these regions"),
+            ));
+        }
+    }
+    if options.no_anthropic {
+        candidates
+            .models
+            .retain(|&m| catalog.providers[catalog.models[m].provider].wire != Wire::Anthropic);
+        if candidates.models.is_empty() {
+            return Err(err(
+                "body",
+                format!(
+                    "every eligible model of '{model}' is Anthropic's, and this body has no \
+                     translation to Anthropic's Messages API"
+                ),
             ));
         }
     }
@@ -844,10 +870,39 @@ pub fn parse_line(line: &str, ctx: &JobContext) -> Result<NewJob, LineError> {
             format!("{p} is outside the range -{0} to {0}", bounds::MAX_PRIORITY),
         ));
     }
-    let candidates = eligible(ctx.catalog, &model, endpoint, &options).map_err(|e| LineError {
-        custom_id: custom_id.clone(),
-        ..e
-    })?;
+    let mut options = options;
+    let mut candidates =
+        eligible(ctx.catalog, &model, endpoint, &options).map_err(|e| LineError {
+            custom_id: custom_id.clone(),
+            ..e
+        })?;
+    // Anthropic's models take the job only if its body translates to the
+    // Messages API. If it does not, the line is refused (naming the field)
+    // when every eligible model is Anthropic's; otherwise the job runs on
+    // the others, and its route key says so. Only then is the body parsed
+    // as a whole: the common case stays a peek.
+    let is_anthropic =
+        |m: usize| ctx.catalog.providers[ctx.catalog.models[m].provider].wire == Wire::Anthropic;
+    if endpoint == Endpoint::ChatCompletions && candidates.models.iter().any(|&m| is_anthropic(m)) {
+        let untranslatable = match serde_json::from_str(body.get()) {
+            Ok(map) => anthropic::request(&map, &model).err(),
+            Err(e) => Some(anthropic::Untranslatable {
+                field: "body".into(),
+                message: without_position(&e.to_string()),
+            }),
+        };
+        if let Some(e) = untranslatable {
+            if candidates.models.iter().all(|&m| is_anthropic(m)) {
+                return Err(fail(&e.field, e.message));
+            }
+            options.no_anthropic = true;
+            candidates =
+                eligible(ctx.catalog, &model, endpoint, &options).map_err(|e| LineError {
+                    custom_id: custom_id.clone(),
+                    ..e
+                })?;
+        }
+    }
     // A request above every eligible model's per-minute token limit could
     // never be sent within the limits: refused now, not left to stall.
     let tokens = estimate.input.saturating_add(estimate.output);
@@ -939,6 +994,60 @@ mod tests {
     }
 
     const GOOD: &str = r#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"cheap-chat","messages":[{"role":"user","content":"Hello, how are you?"}],"max_tokens":64},"nightshift":{"deadline":"12h","priority":2}}"#;
+
+    /// An Anthropic provider (`claude`) and an OpenAI one (`gpt`), with a
+    /// class `both` over the two.
+    fn mixed_config() -> Config {
+        let text = "[[providers]]\nname = \"anthropic\"\nkind = \"anthropic\"\napi_key_env = \"K\"\n\
+                    [[providers.models]]\nname = \"claude\"\ninput_per_mtok = 1.0\noutput_per_mtok = 5.0\n\
+                    [[providers]]\nname = \"openai\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:1/v1\"\napi_key_env = \"K\"\n\
+                    [[providers.models]]\nname = \"gpt\"\ninput_per_mtok = 1.0\noutput_per_mtok = 1.0\n\
+                    [classes]\nboth = [\"anthropic/claude\", \"openai/gpt\"]\n";
+        Config::parse(text, "t.toml", std::path::Path::new(".")).unwrap()
+    }
+
+    #[test]
+    fn a_body_anthropic_cannot_take_is_refused_or_kept_off_anthropic() {
+        let c = mixed_config();
+        let line = |model: &str, extra: &str| {
+            format!(
+                r#"{{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]{extra}}}}}"#
+            )
+        };
+        // Every eligible model is Anthropic's: a per-line error naming the field.
+        let e = parse_line(&line("claude", r#","logprobs":true"#), &ctx(&c)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "body.logprobs: not supported by Anthropic's Messages API"
+        );
+        assert_eq!(e.custom_id.as_deref(), Some("a"));
+        // A translatable body may run on either.
+        let job = parse_line(&line("both", r#","temperature":0.5"#), &ctx(&c)).unwrap();
+        let cands = RouteKey::resolve(&job.route_key, &c.catalog).unwrap();
+        assert_eq!(cands.models.len(), 2);
+        assert!(!job.route_key.contains("no_anthropic"));
+        // An untranslatable one runs only on the others, now and at dispatch.
+        let job = parse_line(&line("both", r#","logprobs":true"#), &ctx(&c)).unwrap();
+        let cands = RouteKey::resolve(&job.route_key, &c.catalog).unwrap();
+        assert_eq!(
+            cands
+                .models
+                .iter()
+                .map(|&m| c.catalog.qualified_name(m))
+                .collect::<Vec<_>>(),
+            ["openai/gpt"]
+        );
+        // A job restricted to Anthropic by its options is refused the same way.
+        let e = parse_line(
+            &line(
+                "both",
+                r#","seed":3}, "nightshift": {"providers": ["anthropic"]"#,
+            ),
+            &ctx(&c),
+        )
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("body.seed"));
+    }
 
     #[test]
     fn a_good_line_parses_with_estimate_and_deadline() {

@@ -223,6 +223,17 @@ pub const ALL_DAYS: [Weekday; 7] = [
     Weekday::Sun,
 ];
 
+/// The tokens a provider billed for one request. `input_tokens` is every
+/// input token; `cached_input_tokens` (read from the prompt cache) and
+/// `cache_write_tokens` (written to it) are parts of it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Billed {
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub output_tokens: u64,
+}
+
 /// Rate limits of a provider; `None` means unlimited.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Limits {
@@ -236,6 +247,17 @@ pub struct Limits {
     pub reserve: f64,
 }
 
+/// The wire format a provider speaks, where it decides what a job may ask
+/// for: a job whose body has no Anthropic translation does not run there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Wire {
+    /// OpenAI's chat completions and embeddings (also every simulated provider).
+    #[default]
+    OpenAi,
+    /// Anthropic's Messages API (`kind = "anthropic"`).
+    Anthropic,
+}
+
 /// What the router needs to know about a provider.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProviderInfo {
@@ -247,6 +269,7 @@ pub struct ProviderInfo {
     pub limits: Limits,
     /// Whether requests are answered in-process by the simulator.
     pub simulated: bool,
+    pub wire: Wire,
 }
 
 /// A model offered by a provider.
@@ -256,6 +279,12 @@ pub struct Model {
     /// The model id sent to the provider's API.
     pub name: String,
     pub list: Price,
+    /// List price of input tokens read from the provider's prompt cache
+    /// (`None`: the input price).
+    pub cached_input_per_mtok: Option<f64>,
+    /// List price of input tokens written to the prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`; `None`: the input price).
+    pub cache_write_per_mtok: Option<f64>,
     /// Checked before the provider's windows; the first match wins.
     pub windows: Vec<PriceWindow>,
     pub endpoints: BTreeSet<Endpoint>,
@@ -382,7 +411,7 @@ impl Catalog {
     }
 
     /// Cost in USD of running `input`/`output` tokens on `model` at `t`, with the
-    /// provider's markup. This is the one place a cost is computed.
+    /// provider's markup, none of the input cached (estimates).
     pub fn cost_at(
         &self,
         model: ModelId,
@@ -390,8 +419,50 @@ impl Catalog {
         input_tokens: u64,
         output_tokens: u64,
     ) -> f64 {
-        let markup = self.providers[self.models[model].provider].markup;
-        self.price_at(model, t).cost(input_tokens, output_tokens) * (1.0 + markup)
+        self.billed_cost_at(
+            model,
+            t,
+            &Billed {
+                input_tokens,
+                output_tokens,
+                ..Billed::default()
+            },
+        )
+    }
+
+    /// Cost in USD of the tokens a provider reported, cache reads and writes
+    /// at their own prices, with the provider's markup. This is the one
+    /// place a cost is computed.
+    ///
+    /// A price window changes the cached prices in proportion to the input
+    /// price (a multiplier of 0.5 halves them too; a window with its own
+    /// prices scales them by its input price over the list input price).
+    pub fn billed_cost_at(&self, model: ModelId, t: DateTime<Utc>, b: &Billed) -> f64 {
+        let m = &self.models[model];
+        let markup = self.providers[m.provider].markup;
+        let price = self.price_at(model, t);
+        let scale = if m.list.input_per_mtok > 0.0 {
+            price.input_per_mtok / m.list.input_per_mtok
+        } else {
+            1.0
+        };
+        let cached_price = m
+            .cached_input_per_mtok
+            .map_or(price.input_per_mtok, |p| p * scale);
+        let write_price = m
+            .cache_write_per_mtok
+            .map_or(price.input_per_mtok, |p| p * scale);
+        // Reported counts are capped at the input: a provider's cached
+        // count cannot exceed the prompt it belongs to.
+        let cached = b.cached_input_tokens.min(b.input_tokens);
+        let written = b.cache_write_tokens.min(b.input_tokens - cached);
+        let uncached = b.input_tokens - cached - written;
+        let usd = (uncached as f64 * price.input_per_mtok
+            + cached as f64 * cached_price
+            + written as f64 * write_price
+            + b.output_tokens as f64 * price.output_per_mtok)
+            / 1_000_000.0;
+        usd * (1.0 + markup)
     }
 
     /// The next instant after `t` (within `horizon`) at which the price of any
@@ -523,9 +594,12 @@ mod tests {
                 windows: provider_windows,
                 limits: Limits::default(),
                 simulated: true,
+                wire: Wire::OpenAi,
             }],
             models: vec![Model {
                 limits: None,
+                cached_input_per_mtok: None,
+                cache_write_per_mtok: None,
                 provider: 0,
                 name: "m".into(),
                 list: Price {
@@ -577,6 +651,52 @@ mod tests {
         // 1000 in × $1/M + 500 out × $4/M = $0.003, +10% markup.
         let c = cat.cost_at(0, utc("2026-11-24T00:00:00Z"), 1000, 500);
         assert!((c - 0.0033).abs() < 1e-12, "{c}");
+    }
+
+    #[test]
+    fn cached_tokens_cost_their_own_price_through_windows_and_markup() {
+        let mut cat = catalog_with(vec![], None);
+        let t = utc("2026-11-24T00:00:00Z");
+        let usage = Billed {
+            input_tokens: 1000,
+            cached_input_tokens: 600,
+            cache_write_tokens: 100,
+            output_tokens: 500,
+        };
+        // No cached prices: every input token at the input price.
+        let c = cat.billed_cost_at(0, t, &usage);
+        assert!((c - 0.0033).abs() < 1e-12, "{c}");
+        cat.models[0].cached_input_per_mtok = Some(0.1);
+        cat.models[0].cache_write_per_mtok = Some(1.25);
+        // 300 × $1 + 600 × $0.1 + 100 × $1.25 + 500 × $4 per M, +10%.
+        let want = (300.0 + 60.0 + 125.0 + 2000.0) / 1e6 * 1.1;
+        let c = cat.billed_cost_at(0, t, &usage);
+        assert!((c - want).abs() < 1e-12, "{c} vs {want}");
+        // A half-price window halves the cached prices too.
+        cat.providers[0].windows = vec![PriceWindow::always("off", WindowEffect::Multiplier(0.5))];
+        let c = cat.billed_cost_at(0, t, &usage);
+        assert!((c - want / 2.0).abs() < 1e-12, "{c}");
+        // A cached count above the prompt is capped at it.
+        let hostile = Billed {
+            input_tokens: 10,
+            cached_input_tokens: u64::MAX,
+            cache_write_tokens: u64::MAX,
+            output_tokens: 0,
+        };
+        let c = cat.billed_cost_at(0, t, &hostile);
+        assert!((c - 10.0 * 0.05 / 1e6 * 1.1).abs() < 1e-15, "{c}");
+        assert_eq!(
+            cat.cost_at(0, t, 1000, 500),
+            cat.billed_cost_at(
+                0,
+                t,
+                &Billed {
+                    input_tokens: 1000,
+                    output_tokens: 500,
+                    ..Billed::default()
+                }
+            )
+        );
     }
 
     #[test]

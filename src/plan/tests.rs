@@ -33,9 +33,12 @@ fn catalog(
             windows: windows.clone(),
             limits,
             simulated: true,
+            wire: Default::default(),
         });
         c.models.push(Model {
             limits: None,
+            cached_input_per_mtok: None,
+            cache_write_per_mtok: None,
             provider: i,
             name: format!("{name}-m"),
             list: Price {

@@ -398,6 +398,7 @@ pub fn run(
                     usage: Usage {
                         input_tokens: j.w.input_tokens,
                         output_tokens: j.w.output_tokens,
+                        ..Usage::default()
                     },
                     signals: Default::default(),
                 }

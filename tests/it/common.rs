@@ -64,6 +64,9 @@ pub async fn wait_until_async(
 pub struct Seen {
     pub path: String,
     pub authorization: Option<String>,
+    /// Anthropic's `x-api-key` and `anthropic-version` headers.
+    pub x_api_key: Option<String>,
+    pub anthropic_version: Option<String>,
     pub body: Value,
     /// When the request arrived.
     pub at: Instant,
@@ -120,6 +123,8 @@ pub struct LoopbackProvider {
 struct ServerState {
     seen: Arc<Mutex<Vec<Seen>>>,
     behaviour: Behaviour,
+    /// Answers with Anthropic's headers instead of OpenAI's.
+    anthropic: bool,
 }
 
 /// A successful chat completion with this usage, as OpenAI returns it.
@@ -134,6 +139,42 @@ pub fn completion(model: &str, content: &str, prompt_tokens: u64, completion_tok
                   "total_tokens": prompt_tokens + completion_tokens,
                   "prompt_tokens_details": {"cached_tokens": 0}}
     })
+}
+
+/// A Messages API answer with this text, stop reason and usage, as
+/// Anthropic returns it (`input_tokens` excludes the cached tokens).
+pub fn anthropic_message(
+    model: &str,
+    text: &str,
+    stop_reason: &str,
+    usage: [u64; 4], // input, cache read, cache creation, output
+) -> Value {
+    json!({
+        "id": "msg_loopback", "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": stop_reason, "stop_sequence": null,
+        "usage": {"input_tokens": usage[0], "cache_read_input_tokens": usage[1],
+                  "cache_creation_input_tokens": usage[2], "output_tokens": usage[3]}
+    })
+}
+
+/// Anthropic's error body shape.
+pub fn anthropic_error(kind: &str, message: &str) -> Value {
+    json!({"type": "error", "error": {"type": kind, "message": message}})
+}
+
+/// The usual Anthropic answer: `echo: <text>`, `end_turn`, 20 input, 100
+/// cache-read, 30 cache-creation and 7 output tokens.
+pub fn anthropic_reply(seen: &Seen) -> Reply {
+    Reply::json(
+        200,
+        anthropic_message(
+            seen.model(),
+            &format!("echo: {}", seen.text()),
+            "end_turn",
+            [20, 100, 30, 7],
+        ),
+    )
 }
 
 /// OpenAI's error body shape.
@@ -179,12 +220,17 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
     let seen = Seen {
         path: uri.path().to_string(),
-        authorization: headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
+        authorization: header("authorization"),
+        x_api_key: header("x-api-key"),
+        anthropic_version: header("anthropic-version"),
         body: serde_json::from_slice(&body).unwrap_or(Value::Null),
         at: Instant::now(),
     };
@@ -199,13 +245,42 @@ async fn handle(
         None => (status, axum::Json(reply.body)).into_response(),
     };
     let h = response.headers_mut();
-    h.insert("x-request-id", "req_loopback".parse().unwrap());
-    h.insert("x-ratelimit-limit-requests", "10000".parse().unwrap());
-    h.insert("x-ratelimit-remaining-requests", "9999".parse().unwrap());
-    h.insert("x-ratelimit-reset-requests", "6ms".parse().unwrap());
-    h.insert("x-ratelimit-limit-tokens", "2000000".parse().unwrap());
-    h.insert("x-ratelimit-remaining-tokens", "1999890".parse().unwrap());
-    h.insert("x-ratelimit-reset-tokens", "3ms".parse().unwrap());
+    if state.anthropic {
+        // Anthropic's: request-id, and limits with RFC 3339 resets.
+        let reset = (chrono::Utc::now() + chrono::Duration::seconds(1))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        h.insert("request-id", "req_anthropic_loopback".parse().unwrap());
+        for (kind, limit, remaining) in [
+            ("requests", "4000", "3999"),
+            ("tokens", "480000", "479000"),
+            ("input-tokens", "400000", "399000"),
+            ("output-tokens", "80000", "79900"),
+        ] {
+            h.insert(
+                axum::http::HeaderName::try_from(format!("anthropic-ratelimit-{kind}-limit"))
+                    .unwrap(),
+                limit.parse().unwrap(),
+            );
+            h.insert(
+                axum::http::HeaderName::try_from(format!("anthropic-ratelimit-{kind}-remaining"))
+                    .unwrap(),
+                remaining.parse().unwrap(),
+            );
+            h.insert(
+                axum::http::HeaderName::try_from(format!("anthropic-ratelimit-{kind}-reset"))
+                    .unwrap(),
+                reset.parse().unwrap(),
+            );
+        }
+    } else {
+        h.insert("x-request-id", "req_loopback".parse().unwrap());
+        h.insert("x-ratelimit-limit-requests", "10000".parse().unwrap());
+        h.insert("x-ratelimit-remaining-requests", "9999".parse().unwrap());
+        h.insert("x-ratelimit-reset-requests", "6ms".parse().unwrap());
+        h.insert("x-ratelimit-limit-tokens", "2000000".parse().unwrap());
+        h.insert("x-ratelimit-remaining-tokens", "1999890".parse().unwrap());
+        h.insert("x-ratelimit-reset-tokens", "3ms".parse().unwrap());
+    }
     for (name, value) in &reply.headers {
         h.insert(*name, value.parse().unwrap());
     }
@@ -226,11 +301,34 @@ impl LoopbackProvider {
         let state = ServerState {
             seen: seen.clone(),
             behaviour: Arc::new(behaviour),
+            anthropic: false,
         };
         let app = Router::new()
             .route("/v1/chat/completions", post(handle))
             .route("/v1/embeddings", post(handle))
             .with_state(state);
+        LoopbackProvider::serve(app, seen).await
+    }
+
+    /// Starts a provider speaking Anthropic's Messages API
+    /// (`POST /v1/messages`, Anthropic's rate-limit headers) answering with
+    /// `behaviour`; [`anthropic_reply`] is the usual one.
+    pub async fn anthropic(
+        behaviour: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+    ) -> LoopbackProvider {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let state = ServerState {
+            seen: seen.clone(),
+            behaviour: Arc::new(behaviour),
+            anthropic: true,
+        };
+        let app = Router::new()
+            .route("/v1/messages", post(handle))
+            .with_state(state);
+        LoopbackProvider::serve(app, seen).await
+    }
+
+    async fn serve(app: Router, seen: Arc<Mutex<Vec<Seen>>>) -> LoopbackProvider {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });

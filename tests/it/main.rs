@@ -4,6 +4,7 @@
 
 mod common;
 
+mod anthropic;
 mod budget;
 mod cli;
 mod connections;
