@@ -724,3 +724,15 @@ impl Daemon {
         (format!("http://{addr}"), self.token())
     }
 }
+
+/// One loopback provider `loop` with model `loop-model` (1 / 2 USD per Mtok).
+pub fn one_provider(p: &LoopbackProvider) -> Vec<ProviderSpec<'static>> {
+    vec![ProviderSpec {
+        name: "loop",
+        base_url: p.base_url(),
+        model: "loop-model",
+        input_per_mtok: 1.0,
+        output_per_mtok: 2.0,
+        extra: "",
+    }]
+}

@@ -11,17 +11,6 @@ use crate::common::*;
 
 const T: Duration = Duration::from_secs(30);
 
-fn one_provider(p: &LoopbackProvider) -> Vec<ProviderSpec<'static>> {
-    vec![ProviderSpec {
-        name: "loop",
-        base_url: p.base_url(),
-        model: "loop-model",
-        input_per_mtok: 1.0,
-        output_per_mtok: 2.0,
-        extra: "",
-    }]
-}
-
 fn by_custom_id(lines: &[Value]) -> BTreeMap<String, Value> {
     lines
         .iter()

@@ -12,17 +12,6 @@ use crate::common::*;
 
 const T: Duration = Duration::from_secs(30);
 
-fn one_provider(p: &LoopbackProvider) -> Vec<ProviderSpec<'static>> {
-    vec![ProviderSpec {
-        name: "loop",
-        base_url: p.base_url(),
-        model: "loop-model",
-        input_per_mtok: 1.0,
-        output_per_mtok: 2.0,
-        extra: "",
-    }]
-}
-
 /// `config_toml` with extra `[daemon]` lines.
 fn config_with(dir: &Path, p: &LoopbackProvider, daemon: &str) -> String {
     config_toml(dir, &one_provider(p)).replace("[daemon]\n", &format!("[daemon]\n{daemon}\n"))
