@@ -73,6 +73,9 @@ pub struct PublishedPlan {
     pub capacities: Vec<crate::plan::ProviderCapacity>,
     /// Observed output tokens ÷ expected, by route key.
     pub output_scale: std::collections::HashMap<String, f64>,
+    /// Per provider: what its tightest budget has left in the current
+    /// period (USD), `None` if no budget applies.
+    pub budget_remaining_usd: Vec<Option<f64>>,
 }
 
 impl Default for Telemetry {

@@ -405,8 +405,14 @@ pub async fn get_plan(State(s): State<S>) -> ApiResult<Json<Value>> {
             let mut v = objects::plan_json(&p, &catalog);
             if let Some(published) = s.shared.telemetry.plan() {
                 v["source"] = "dispatcher".into();
-                v["providers"] =
+                let mut providers =
                     objects::capacities_json(&published.catalog, &published.capacities);
+                if let Some(list) = providers.as_array_mut() {
+                    for (p, left) in list.iter_mut().zip(&published.budget_remaining_usd) {
+                        p["budget_remaining_usd"] = left.map_or(Value::Null, Value::from);
+                    }
+                }
+                v["providers"] = providers;
             } else {
                 v["source"] = "configured".into();
             }

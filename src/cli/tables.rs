@@ -218,17 +218,20 @@ pub fn plan_table_json(v: &serde_json::Value) -> String {
     if let Some(providers) = v["providers"].as_array().filter(|p| !p.is_empty()) {
         let _ = writeln!(
             out,
-            "\n  {:<14} {:>10} {:>13} {:>12}  available",
-            "assumed", "latency s", "success rate", "input ratio"
+            "\n  {:<14} {:>10} {:>13} {:>12} {:>14}  available",
+            "assumed", "latency s", "success rate", "input ratio", "budget left $"
         );
         for p in providers {
             let until = match &p["unavailable_until"] {
                 serde_json::Value::String(s) => format!("from {s}"),
                 _ => "now".to_string(),
             };
+            let budget = p["budget_remaining_usd"]
+                .as_f64()
+                .map_or_else(|| "-".to_string(), |b| format!("{b:.6}"));
             let _ = writeln!(
                 out,
-                "  {:<14} {:>10.3} {:>13.3} {:>12.3}  {until}",
+                "  {:<14} {:>10.3} {:>13.3} {:>12.3} {budget:>14}  {until}",
                 p["provider"].as_str().unwrap_or("?"),
                 f(&p["latency_s"]),
                 f(&p["success_rate"]),

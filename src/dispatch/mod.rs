@@ -728,6 +728,12 @@ impl Dispatcher {
             .map(|k| (k.clone(), observed.output_scale(k)))
             .collect();
         let published_scale = output_scale.clone();
+        let budget_remaining_usd: Vec<Option<f64>> = (0..catalog.providers.len())
+            .map(|p| {
+                let r = observed.budget.remaining(p);
+                r.is_finite().then_some(r.max(0.0))
+            })
+            .collect();
         let settings = self.plan_settings;
         let disabled: Vec<Option<String>> =
             observed.health.iter().map(|h| h.disabled.clone()).collect();
@@ -772,6 +778,7 @@ impl Dispatcher {
                 catalog: self.catalog.clone(),
                 capacities: published_capacities,
                 output_scale: published_scale,
+                budget_remaining_usd,
             });
         let crate::plan::QueuePlan {
             groups,

@@ -96,6 +96,25 @@ async fn a_provider_over_its_budget_hands_its_jobs_to_another() {
         cheap.count(),
         backup.count()
     );
+    // The dispatcher's published plan shows what each budget has left.
+    let client = daemon.unix_client().await;
+    let left = 0.000_25 - spent;
+    wait_until_async("the plan to show cheap's budget left", T, async || {
+        let plan = client.get("/v1/plan").await.unwrap();
+        let providers = plan["providers"].as_array().cloned().unwrap_or_default();
+        let of = |name: &str| {
+            providers
+                .iter()
+                .find(|p| p["provider"] == name)
+                .map(|p| p["budget_remaining_usd"].clone())
+        };
+        plan["source"] == "dispatcher"
+            && of("backup") == Some(serde_json::Value::Null)
+            && of("cheap")
+                .and_then(|v| v.as_f64())
+                .is_some_and(|b| (b - left.max(0.0)).abs() < 1e-9)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
