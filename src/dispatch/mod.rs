@@ -517,6 +517,7 @@ impl Dispatcher {
                 cost,
                 est_input_tokens: job.est_input_tokens,
                 est_output_tokens: job.est_output_tokens,
+                sent_ms: now_ms,
             };
             let ctx = RequestContext {
                 store: self.store.clone(),
@@ -577,6 +578,12 @@ impl Dispatcher {
         let mut new_limits = RateLimits::for_catalog(&self.catalog, now.timestamp_millis())
             .with_cap(self.max_in_flight);
         new_limits.carry_in_flight(st.limits.in_flight());
+        // What was sent still counts against the (maybe new) limits.
+        new_limits.carry_history(
+            &st.limits,
+            |p| old.provider_id(&self.catalog.providers[p].name),
+            |m| old.model_id(&self.catalog.qualified_name(m)),
+        );
         let n = self.catalog.providers.len();
         let (limits, observed) = (&mut st.limits, &mut st.observed);
         let mut fresh = Observed {

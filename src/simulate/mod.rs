@@ -590,6 +590,7 @@ pub fn run(
                                     cost,
                                     est_input_tokens: jobs[i].w.input_tokens,
                                     est_output_tokens: jobs[i].w.expected_output_tokens,
+                                    sent_ms: now_ms,
                                 },
                             );
                             dispatch(i, model, &mut jobs, &mut queued);
@@ -676,6 +677,7 @@ pub fn run(
                                     cost: 0.0,
                                     est_input_tokens: w.input_tokens,
                                     est_output_tokens: w.expected_output_tokens,
+                                    sent_ms: now_ms,
                                 },
                             );
                             dispatch(i, model, &mut jobs, &mut queued)
