@@ -155,6 +155,8 @@ impl Dispatcher {
             next_recovery: Instant::now() + RECOVER_EVERY,
             earliest_deadline: None,
         };
+        // What earlier runs sent still counts against the rate limits.
+        self.seed_limits(&mut st.limits, now).await;
         // Start from what finished jobs taught earlier runs.
         match blocking(&self.store, |s| s.learned_token_ratios(7)).await {
             Ok((inputs, outputs)) => {
@@ -238,6 +240,49 @@ impl Dispatcher {
             Err(e) => warn!("could not release running jobs (their leases will expire): {e}"),
         }
         self.finished.notify_one();
+    }
+
+    /// Seeds the rate limits with the sends the store recorded in the last
+    /// 24 hours (by earlier runs, or other daemons on the same database), so
+    /// a restart does not begin with full allowances.
+    async fn seed_limits(&self, limits: &mut RateLimits, now: DateTime<Utc>) {
+        let now_ms = now.timestamp_millis();
+        let sends = match blocking(&self.store, move |s| s.recent_sends(now_ms)).await {
+            Ok(sends) => sends,
+            Err(e) => {
+                warn!("could not read the recent sends (the rate limits start empty): {e}");
+                return;
+            }
+        };
+        let models: HashMap<(&str, &str), ModelId> = (0..self.catalog.models.len())
+            .map(|m| {
+                let model = &self.catalog.models[m];
+                let provider = self.catalog.providers[model.provider].name.as_str();
+                ((provider, model.name.as_str()), m)
+            })
+            .collect();
+        let mut seeded = 0u64;
+        for g in &sends {
+            let Some(p) = self.catalog.provider_id(&g.provider) else {
+                continue;
+            };
+            let model = models
+                .get(&(g.provider.as_str(), g.model.as_str()))
+                .copied();
+            let sent = crate::dispatch::limits::Sent {
+                at_ms: g.at_ms,
+                requests: g.requests,
+                tokens: g.tokens,
+            };
+            limits.seed(p, model, sent, now_ms);
+            seeded += g.requests;
+        }
+        if seeded > 0 {
+            info!(
+                requests = seeded,
+                "rate limits count the requests sent in the last 24 hours"
+            );
+        }
     }
 
     /// Books a request task that ended: its answer, or (it panicked) its
@@ -450,12 +495,15 @@ impl Dispatcher {
         let records: Vec<Start> = starts
             .iter()
             .filter_map(|a| match a {
-                Action::Start { job, model, .. } => {
+                Action::Start {
+                    job, model, tokens, ..
+                } => {
                     let m = &self.catalog.models[*model];
                     Some(Start {
                         job_id: *job,
                         provider: self.catalog.providers[m.provider].name.clone(),
                         provider_model: m.name.clone(),
+                        tokens: *tokens,
                     })
                 }
                 Action::Fail { .. } => None,
