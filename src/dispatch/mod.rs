@@ -418,6 +418,11 @@ impl Dispatcher {
         let Some(cur) = st.current.as_mut() else {
             return Ok(Instant::now() + IDLE);
         };
+        // Planning and the store took time: the rate limits stamp each send
+        // with the instant it leaves, not the one the pass began (a stale
+        // stamp lets the window reopen early on the provider's clock).
+        let now = Utc::now();
+        let now_ms = now.timestamp_millis();
 
         // The queued jobs each planned group may start now, in one read.
         let wanted = cur
