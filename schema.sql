@@ -1,4 +1,4 @@
--- nightshift queue schema, version 3.
+-- nightshift queue schema, version 4.
 --
 -- Applied by `Store::open` (src/store/mod.rs embeds this file) to a new
 -- database (`PRAGMA user_version` 0). An older database is upgraded by the
@@ -139,3 +139,18 @@ CREATE TABLE IF NOT EXISTS batches (
 );
 CREATE INDEX IF NOT EXISTS batches_open ON batches (status)
     WHERE status IN ('validating', 'in_progress', 'finalizing', 'cancelling');
+
+-- Version 4. Every request sent (each attempt is a row), kept for 24 hours
+-- (the longest rate-limit window, rpd): a daemon seeds its rate limits from
+-- it at start, so a restart does not begin with full allowances. Written in
+-- the transaction that starts the attempts, which also deletes the rows
+-- older than 24 hours. `model` is the provider's model name; `tokens` what
+-- the limits charged (the estimate). `jobs.dispatched_at` is not enough: it
+-- keeps only a job's last attempt.
+CREATE TABLE IF NOT EXISTS sends (
+    at_ms    INTEGER NOT NULL,
+    provider TEXT    NOT NULL,
+    model    TEXT    NOT NULL,
+    tokens   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sends_at ON sends (at_ms, provider, model, tokens);

@@ -490,6 +490,8 @@ pub struct Attempt {
     pub cost: f64,
     pub est_input_tokens: u64,
     pub est_output_tokens: u64,
+    /// When it was sent (Unix ms): its token charge is corrected there.
+    pub sent_ms: i64,
 }
 
 /// How an attempt ended.
@@ -537,6 +539,7 @@ pub fn settle(
         attempt.model.unwrap_or(usize::MAX),
         attempt.tokens,
         actual,
+        attempt.sent_ms,
         now.timestamp_millis(),
     );
     observed.latency_s[p].observe(answer.latency.as_secs_f64());
@@ -601,7 +604,8 @@ pub fn undo_start(
     } = action
     {
         let p = catalog.models[*model].provider;
-        limits.release(p, *model, *tokens, Some(0), now.timestamp_millis());
+        let now_ms = now.timestamp_millis();
+        limits.release(p, *model, *tokens, Some(0), now_ms, now_ms);
         observed.budget.charge(p, -cost);
         observed.health[p].abandon_probe(now);
     }
@@ -742,6 +746,7 @@ chat = ["cheap/c1", "dear/d1"]
             cost,
             est_input_tokens: 1000,
             est_output_tokens: 1000,
+            sent_ms: t0().timestamp_millis(),
         }
     }
 

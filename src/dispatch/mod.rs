@@ -151,6 +151,8 @@ impl Dispatcher {
             next_recovery: Instant::now() + RECOVER_EVERY,
             earliest_deadline: None,
         };
+        // What earlier runs sent still counts against the rate limits.
+        self.seed_limits(&mut st.limits, now).await;
         // Start from what finished jobs taught earlier runs.
         match blocking(&self.shared.store, |s| s.learned_token_ratios(7)).await {
             Ok((inputs, outputs)) => {
@@ -230,6 +232,49 @@ impl Dispatcher {
             Err(e) => warn!("could not release running jobs (their leases will expire): {e}"),
         }
         self.shared.finished.notify_one();
+    }
+
+    /// Seeds the rate limits with the sends the store recorded in the last
+    /// 24 hours (by earlier runs, or other daemons on the same database), so
+    /// a restart does not begin with full allowances.
+    async fn seed_limits(&self, limits: &mut RateLimits, now: DateTime<Utc>) {
+        let now_ms = now.timestamp_millis();
+        let sends = match blocking(&self.shared.store, move |s| s.recent_sends(now_ms)).await {
+            Ok(sends) => sends,
+            Err(e) => {
+                warn!("could not read the recent sends (the rate limits start empty): {e}");
+                return;
+            }
+        };
+        let models: HashMap<(&str, &str), ModelId> = (0..self.catalog.models.len())
+            .map(|m| {
+                let model = &self.catalog.models[m];
+                let provider = self.catalog.providers[model.provider].name.as_str();
+                ((provider, model.name.as_str()), m)
+            })
+            .collect();
+        let mut seeded = 0u64;
+        for g in &sends {
+            let Some(p) = self.catalog.provider_id(&g.provider) else {
+                continue;
+            };
+            let model = models
+                .get(&(g.provider.as_str(), g.model.as_str()))
+                .copied();
+            let sent = crate::dispatch::limits::Sent {
+                at_ms: g.at_ms,
+                requests: g.requests,
+                tokens: g.tokens,
+            };
+            limits.seed(p, model, sent, now_ms);
+            seeded += g.requests;
+        }
+        if seeded > 0 {
+            info!(
+                requests = seeded,
+                "rate limits count the requests sent in the last 24 hours"
+            );
+        }
     }
 
     /// Books a request task that ended: its answer, or (it panicked) its
@@ -368,6 +413,11 @@ impl Dispatcher {
         let Some(cur) = st.current.as_mut() else {
             return Ok(Instant::now() + IDLE);
         };
+        // Planning and the store took time: the rate limits stamp each send
+        // with the instant it leaves, not the one the pass began (a stale
+        // stamp lets the window reopen early on the provider's clock).
+        let now = Utc::now();
+        let now_ms = now.timestamp_millis();
 
         // The queued jobs each planned group may start now, in one read.
         let wanted = cur
@@ -445,12 +495,15 @@ impl Dispatcher {
         let records: Vec<Start> = starts
             .iter()
             .filter_map(|a| match a {
-                Action::Start { job, model, .. } => {
+                Action::Start {
+                    job, model, tokens, ..
+                } => {
                     let m = &self.catalog.models[*model];
                     Some(Start {
                         job_id: *job,
                         provider: self.catalog.providers[m.provider].name.clone(),
                         provider_model: m.name.clone(),
+                        tokens: *tokens,
                     })
                 }
                 Action::Fail { .. } => None,
@@ -512,6 +565,7 @@ impl Dispatcher {
                 cost,
                 est_input_tokens: job.est_input_tokens,
                 est_output_tokens: job.est_output_tokens,
+                sent_ms: now_ms,
             };
             let ctx = RequestContext {
                 store: self.shared.store.clone(),
@@ -571,6 +625,12 @@ impl Dispatcher {
         let mut new_limits = RateLimits::for_catalog(&self.catalog, now.timestamp_millis())
             .with_cap(self.max_in_flight);
         new_limits.carry_in_flight(st.limits.in_flight());
+        // What was sent still counts against the (maybe new) limits.
+        new_limits.carry_history(
+            &st.limits,
+            |p| old.provider_id(&self.catalog.providers[p].name),
+            |m| old.model_id(&self.catalog.qualified_name(m)),
+        );
         let n = self.catalog.providers.len();
         let (limits, observed) = (&mut st.limits, &mut st.observed);
         let mut fresh = Observed {

@@ -591,6 +591,7 @@ pub fn run(
                                     cost,
                                     est_input_tokens: jobs[i].w.input_tokens,
                                     est_output_tokens: jobs[i].w.expected_output_tokens,
+                                    sent_ms: now_ms,
                                 },
                             );
                             dispatch(i, model, &mut jobs, &mut queued);
@@ -677,6 +678,7 @@ pub fn run(
                                     cost: 0.0,
                                     est_input_tokens: w.input_tokens,
                                     est_output_tokens: w.expected_output_tokens,
+                                    sent_ms: now_ms,
                                 },
                             );
                             dispatch(i, model, &mut jobs, &mut queued)

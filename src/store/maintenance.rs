@@ -270,6 +270,7 @@ mod tests {
                     job_id: id,
                     provider: "deepseek".into(),
                     provider_model: "deepseek-flash".into(),
+                    tokens: 0,
                 }],
                 at_ms,
                 at_ms + 60_000,

@@ -24,9 +24,6 @@ pub mod maintenance;
 pub const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;
 const SCHEMA_SQL: &str = include_str!("../../schema.sql");
 
-/// The upgrade steps of an existing database: `MIGRATIONS[i]` takes version
-/// `i + 1` to `i + 2`. A new database gets `schema.sql`, which includes every
-/// step verbatim (a test checks that both end with the same schema).
 /// A group's queued jobs in dispatch order (most urgent first), read along
 /// `jobs_due` so that only the rows taken are read.
 const QUEUED_IN_ROUTE: &str =
@@ -37,6 +34,9 @@ const QUEUED_IN_ROUTE: &str =
    AND deadline >= ?2 AND deadline < ?3 AND not_before <= ?5
  ORDER BY deadline, priority DESC, id LIMIT ?4";
 
+/// The upgrade steps of an existing database: `MIGRATIONS[i]` takes version
+/// `i + 1` to `i + 2`. A new database gets `schema.sql`, which includes every
+/// step verbatim (a test checks that both end with the same schema).
 const MIGRATIONS: &[&str] = &[
     // 2: indexes for the per-pass expiry and spend queries.
     "CREATE INDEX IF NOT EXISTS jobs_queued_deadline ON jobs (state, deadline) WHERE state = 'queued';
@@ -46,7 +46,22 @@ const MIGRATIONS: &[&str] = &[
     "DROP INDEX IF EXISTS jobs_route;
      DROP INDEX IF EXISTS jobs_queued_deadline;
      CREATE INDEX IF NOT EXISTS jobs_due ON jobs (route_id, deadline, priority DESC, id, est_input_tokens, est_output_tokens, state) WHERE state = 'queued';",
+    // 4: the requests sent in the last 24 hours, for the rate limits of a
+    // restarted daemon (see schema.sql).
+    SENDS_SCHEMA,
 ];
+
+/// Version 4's table of recent sends, as in schema.sql.
+const SENDS_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS sends (
+    at_ms    INTEGER NOT NULL,
+    provider TEXT    NOT NULL,
+    model    TEXT    NOT NULL,
+    tokens   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sends_at ON sends (at_ms, provider, model, tokens);";
+
+/// How long sends are kept: the longest rate-limit window (rpd).
+pub const SENDS_KEPT_MS: i64 = crate::dispatch::limits::DAY_MS;
 
 /// Errors from the queue.
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +188,20 @@ pub struct Start {
     pub job_id: i64,
     pub provider: String,
     pub provider_model: String,
+    /// The tokens the rate limits charged it (the estimate).
+    pub tokens: u64,
+}
+
+/// Requests sent to one provider model at one instant (or, older than a
+/// minute, within one second, stamped with the latest), as
+/// [`Store::recent_sends`] reads them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentGroup {
+    pub provider: String,
+    pub model: String,
+    pub at_ms: i64,
+    pub requests: u64,
+    pub tokens: u64,
 }
 
 /// The final outcome of a job.
@@ -652,8 +681,33 @@ impl Store {
                 }
             }
         }
+        let sent: std::collections::HashSet<i64> = started.iter().copied().collect();
+        record_sends(
+            &tx,
+            starts.iter().filter(|s| sent.contains(&s.job_id)),
+            now_ms,
+        )?;
         tx.commit()?;
         Ok(started)
+    }
+
+    /// The requests sent in the last [`SENDS_KEPT_MS`] before `now_ms`, in
+    /// time order, for seeding the rate limits: one row per instant in the
+    /// last minute (rpm and tpm count them to the millisecond), one per
+    /// second before that (rpd only needs the count).
+    pub fn recent_sends(&self, now_ms: i64) -> Result<Vec<SentGroup>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(RECENT_SENDS)?;
+        let rows = stmt.query_map(params![now_ms, SENDS_KEPT_MS], |r| {
+            Ok(SentGroup {
+                provider: r.get(0)?,
+                model: r.get(1)?,
+                at_ms: r.get(2)?,
+                requests: r.get::<_, i64>(3)?.max(0) as u64,
+                tokens: r.get::<_, i64>(4)?.max(0) as u64,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     /// Records the final outcome of a running job held by `owner`. Returns
@@ -1059,6 +1113,36 @@ const EXPIRE_OVERDUE: &str =
 const SPENT_SINCE: &str = "SELECT COALESCE(SUM(COALESCE(cost_usd, 0) + late_cost_usd), 0) FROM jobs
      WHERE completed_at >= ?1 AND (?2 IS NULL OR provider = ?2)";
 
+/// [`Store::recent_sends`]: a range on `sends_at`, which covers it.
+const RECENT_SENDS: &str = "SELECT provider, model, MAX(at_ms), COUNT(*), SUM(tokens) FROM sends
+     WHERE at_ms > ?1 - ?2
+     GROUP BY provider, model, CASE WHEN at_ms > ?1 - 60000 THEN at_ms ELSE -1 - at_ms / 1000 END
+     ORDER BY 3";
+
+/// Logs the sends of a dispatch batch (in its transaction) and forgets
+/// those older than [`SENDS_KEPT_MS`]: each pass deletes only what aged out
+/// since the last, a range on `sends_at`.
+fn record_sends<'a>(
+    tx: &rusqlite::Transaction,
+    starts: impl Iterator<Item = &'a Start>,
+    now_ms: i64,
+) -> Result<()> {
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO sends (at_ms, provider, model, tokens) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for s in starts {
+        insert.execute(params![
+            now_ms,
+            s.provider,
+            s.provider_model,
+            s.tokens.min(i64::MAX as u64) as i64
+        ])?;
+    }
+    tx.prepare_cached("DELETE FROM sends WHERE at_ms <= ?1")?
+        .execute(params![now_ms - SENDS_KEPT_MS])?;
+    Ok(())
+}
+
 /// Applies `schema.sql` to a new database, and the [`MIGRATIONS`] it lacks
 /// to an older one, in one transaction.
 fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
@@ -1138,6 +1222,15 @@ mod schema_tests {
             );
             assert!(!plan.contains("SCAN jobs"), "{sql}\nplan:\n{plan}");
         }
+        // Seeding the rate limits reads a day of sends from the index alone,
+        // and pruning them deletes a range.
+        let plan = plan_of(conn, RECENT_SENDS);
+        assert!(
+            plan.contains("USING COVERING INDEX sends_at (at_ms>?)"),
+            "plan:\n{plan}"
+        );
+        let plan = plan_of(conn, "DELETE FROM sends WHERE at_ms <= ?1");
+        assert!(plan.contains("sends_at (at_ms<?)"), "plan:\n{plan}");
         // A dispatch pass reads a group's jobs in index order: no sort of
         // the whole group before the LIMIT.
         let plan = plan_of(conn, QUEUED_IN_ROUTE);

@@ -64,6 +64,7 @@ fn start(store: &Store, ids: &[i64], lease_until: i64) -> Vec<i64> {
             job_id,
             provider: "deepseek".into(),
             provider_model: "deepseek-flash".into(),
+            tokens: 0,
         })
         .collect();
     store
@@ -275,4 +276,68 @@ fn sums_over_rows_from_before_the_bounds_cannot_overflow() {
     );
     store.learned_token_ratios(7).unwrap();
     store.spend(0, SpendBy::Provider).unwrap();
+}
+
+#[test]
+fn sends_are_recorded_with_their_starts_read_back_and_pruned_after_a_day() {
+    let (_dir, store, _route) = store_with(5);
+    let at = |job_id: i64, tokens: u64| Start {
+        job_id,
+        provider: "deepseek".into(),
+        provider_model: "deepseek-flash".into(),
+        tokens,
+    };
+    // Two at T0 (one send each), one a retry: a second attempt is a second send.
+    store
+        .start_attempts(&[at(1, 10), at(2, 20)], T0, T0 + 60_000, OWNER)
+        .unwrap();
+    assert!(store.release_running(OWNER).unwrap() >= 1);
+    store
+        .start_attempts(&[at(1, 30)], T0 + 90_000, T0 + 150_000, OWNER)
+        .unwrap();
+    // A job no longer queued is not started and not sent.
+    store
+        .start_attempts(&[at(1, 99), at(3, 5)], T0 + 90_500, T0 + 150_000, OWNER)
+        .unwrap();
+    let now = T0 + 100_000;
+    let sends = store.recent_sends(now).unwrap();
+    let row = |at_ms, requests, tokens| SentGroup {
+        provider: "deepseek".into(),
+        model: "deepseek-flash".into(),
+        at_ms,
+        requests,
+        tokens,
+    };
+    // Older than a minute: grouped by second; within it: by instant.
+    assert_eq!(
+        sends,
+        [
+            row(T0, 2, 30),
+            row(T0 + 90_000, 1, 30),
+            row(T0 + 90_500, 1, 5)
+        ]
+    );
+    // A day later the first sends are gone from the reading (and the
+    // others, in the same second, are one row)...
+    let day = crate::dispatch::limits::DAY_MS;
+    assert_eq!(
+        store.recent_sends(T0 + day).unwrap(),
+        [row(T0 + 90_500, 2, 35)]
+    );
+    // ... and the next start deletes them from the table.
+    store
+        .start_attempts(&[at(4, 1)], T0 + day + 1, T0 + day + 60_000, OWNER)
+        .unwrap();
+    let rows: i64 = store
+        .conn()
+        .query_row("SELECT COUNT(*) FROM sends", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 3);
+    store
+        .start_attempts(&[at(5, 1)], T0 + day + 90_501, T0 + day + 150_000, OWNER)
+        .unwrap();
+    assert_eq!(
+        store.recent_sends(T0 + day + 90_501).unwrap(),
+        [row(T0 + day + 1, 1, 1), row(T0 + day + 90_501, 1, 1)]
+    );
 }

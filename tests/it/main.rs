@@ -17,6 +17,7 @@ mod http;
 mod http_openai;
 mod http_openapi;
 mod kill;
+mod limits;
 mod maintenance;
 mod metrics;
 mod planner;
