@@ -296,8 +296,8 @@ pub fn make_slots(
     make_slots_with(catalog, now, end, settings, &[])
 }
 
-/// [`make_slots`], with extra boundaries.
-fn make_slots_with(
+/// [`make_slots`], with extra boundaries (snapped down to the grid).
+pub fn make_slots_with(
     catalog: &Catalog,
     now: DateTime<Utc>,
     end: DateTime<Utc>,

@@ -21,7 +21,9 @@ use crate::dispatch::limits::RateLimits;
 use crate::dispatch::reliability::{self, Outcome, Usage};
 use crate::domain::job::{self, JobContext, LineError, RouteKey};
 use crate::domain::pricing::{ModelId, ProviderId};
-use crate::plan::{self, Decision, JobGroup, PlanSettings, ProviderCapacity, Quotas};
+pub mod bound;
+
+use crate::plan::{self, Decision, PlanSettings, ProviderCapacity, Quotas};
 
 /// How the simulation chooses where and when jobs run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -799,64 +801,18 @@ fn empty_summary(policy: &Policy) -> Summary {
     }
 }
 
-/// The offline optimum of the relaxed problem: every job known in advance
-/// (released at its submission), divisible, actual token counts, no safety
-/// margin. No policy can do better. Returns (cost, jobs that fit nowhere).
+/// The offline lower bound: a relaxation of the real problem (per-job
+/// sizes, failures as extra attempts, rpm/tpm per slot, rpd over rolling
+/// days, concurrency as service-seconds) that no feasible schedule can
+/// undercut; see [`bound`] for exactly what it relaxes. Returns (cost, jobs
+/// that fit nowhere).
 pub fn lower_bound(
     config: &Config,
     workload: &[WorkloadJob],
     settings: &PlanSettings,
 ) -> (f64, f64) {
-    let Some(start) = workload.first().map(|j| j.submit_at) else {
-        return (0.0, 0.0);
-    };
-    let catalog = &config.catalog;
-    // Group by (route, submission slot, deadline slot): release = earliest
-    // submission, deadline = latest deadline, so the groups relax the jobs.
-    let mut map: BTreeMap<(String, i64, i64), JobGroup> = BTreeMap::new();
-    for w in workload {
-        let key = (
-            w.route_key.clone(),
-            w.submit_at.timestamp_millis().div_euclid(plan::BUCKET_MS),
-            w.deadline.timestamp_millis().div_euclid(plan::BUCKET_MS),
-        );
-        let g = map.entry(key).or_insert_with(|| JobGroup {
-            candidates: w.candidates.clone(),
-            jobs: 0,
-            input_tokens: 0,
-            output_tokens: 0,
-            release: w.submit_at,
-            deadline: w.deadline,
-        });
-        g.jobs += 1;
-        g.input_tokens += w.input_tokens;
-        g.output_tokens += w.output_tokens;
-        g.release = g.release.min(w.submit_at);
-        g.deadline = g.deadline.max(w.deadline);
-    }
-    let groups: Vec<JobGroup> = map.into_values().collect();
-    let relaxed = PlanSettings {
-        relaxed: true,
-        safety_margin: Duration::ZERO,
-        time_limit: Duration::from_secs(120),
-        ..*settings
-    };
-    let p = plan::plan(&groups, catalog, &capacities(config), start, &relaxed);
-    let overflow: f64 = p.overflow.iter().map(|o| o.1).sum();
-    // Overflow is priced by plan() at the fastest model now; for a bound,
-    // price it at the cheapest model at release instead.
-    let mut cost: f64 = p.allocations.iter().map(|a| a.jobs * a.cost_per_job).sum();
-    let caps = capacities(config);
-    for &(g, jobs) in &p.overflow {
-        let group = &groups[g];
-        let cheapest = group
-            .candidates
-            .iter()
-            .map(|&m| plan::effective_cost(catalog, &caps, group, m, group.release))
-            .fold(f64::INFINITY, f64::min);
-        cost += jobs * cheapest;
-    }
-    (cost, overflow)
+    let b = bound::compute(config, workload, settings);
+    (b.cost, b.infeasible)
 }
 
 /// A human table of summaries, with the lower bound if known.
