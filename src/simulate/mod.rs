@@ -252,6 +252,31 @@ pub fn capacities(config: &Config) -> Vec<ProviderCapacity> {
     plan::configured_capacities(&config.catalog, &config.transports)
 }
 
+/// Queued jobs, indexed by (route key, deadline, index) for the planner's
+/// groups and by (deadline, index) for expiry, the next deadline and the
+/// baselines' most-urgent-first order.
+#[derive(Default)]
+struct Queue {
+    by_route: BTreeSet<(String, i64, usize)>,
+    by_deadline: BTreeSet<(i64, usize)>,
+}
+
+impl Queue {
+    fn insert(&mut self, key: (String, i64, usize)) {
+        self.by_deadline.insert((key.1, key.2));
+        self.by_route.insert(key);
+    }
+
+    fn remove(&mut self, key: &(String, i64, usize)) {
+        self.by_deadline.remove(&(key.1, key.2));
+        self.by_route.remove(key);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_deadline.is_empty()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Pending,
@@ -335,7 +360,7 @@ pub fn run(
     let retry_policy = config.daemon.retry;
     let mut next_arrival = 0usize;
     // Queued jobs by (route key, deadline, index): a group's most urgent first.
-    let mut queued: BTreeSet<(String, i64, usize)> = BTreeSet::new();
+    let mut queued = Queue::default();
     // Jobs waiting for a retry: (due at, index).
     let mut retrying: BinaryHeap<Reverse<(i64, usize)>> = BinaryHeap::new();
     // Requests in flight: (answer at, index), and what each was charged.
@@ -452,9 +477,9 @@ pub fn run(
         // unless the config says to run them anyway.
         if !config.daemon.run_after_deadline {
             let overdue: Vec<(String, i64, usize)> = queued
-                .iter()
-                .filter(|(_, d, _)| *d <= now_ms)
-                .cloned()
+                .by_deadline
+                .range(..=(now_ms, usize::MAX))
+                .map(|&(d, i)| (jobs[i].w.route_key.clone(), d, i))
                 .collect();
             for key in overdue {
                 queued.remove(&key);
@@ -464,10 +489,7 @@ pub fn run(
         }
 
         let mut dispatch =
-            |i: usize,
-             model: ModelId,
-             jobs: &mut Vec<SimJob>,
-             queued: &mut BTreeSet<(String, i64, usize)>| {
+            |i: usize, model: ModelId, jobs: &mut Vec<SimJob>, queued: &mut Queue| {
                 let j = &mut jobs[i];
                 queued.remove(&(j.w.route_key.clone(), j.w.deadline.timestamp_millis(), i));
                 j.state = State::Running;
@@ -507,14 +529,15 @@ pub fn run(
                     }
                 };
                 if stale {
-                    let buckets = plan::bucket_jobs(queued.iter().map(|(key, deadline, i)| {
-                        (
-                            key.as_str(),
-                            *deadline,
-                            jobs[*i].w.input_tokens,
-                            jobs[*i].w.expected_output_tokens,
-                        )
-                    }));
+                    let buckets =
+                        plan::bucket_jobs(queued.by_route.iter().map(|(key, deadline, i)| {
+                            (
+                                key.as_str(),
+                                *deadline,
+                                jobs[*i].w.input_tokens,
+                                jobs[*i].w.expected_output_tokens,
+                            )
+                        }));
                     let capacity = observed.capacities(catalog, now);
                     let q = plan::plan_queue(
                         &buckets,
@@ -540,6 +563,7 @@ pub fn run(
                     .zip(&wanted)
                     .map(|(group, &n)| {
                         queued
+                            .by_route
                             .range(
                                 (group.route_key.clone(), group.deadline_from, 0)
                                     ..(group.route_key.clone(), group.deadline_to, 0),
@@ -611,10 +635,20 @@ pub fn run(
                 }
             }
             Policy::CheapestNow | Policy::Fixed(_) => {
-                let mut order: Vec<(i64, usize)> = queued.iter().map(|k| (k.1, k.2)).collect();
-                order.sort();
                 let mut exhausted: BTreeSet<ProviderId> = BTreeSet::new();
-                for (_, i) in order {
+                // Most urgent first, without copying the queue: a cursor
+                // over the deadline index (jobs leave it as they are sent).
+                let mut cursor: Option<(i64, usize)> = None;
+                loop {
+                    let next = match cursor {
+                        None => queued.by_deadline.iter().next(),
+                        Some(c) => queued
+                            .by_deadline
+                            .range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded))
+                            .next(),
+                    };
+                    let Some(&(d, i)) = next else { break };
+                    cursor = Some((d, i));
                     if exhausted.len() == catalog.providers.len() {
                         break;
                     }
@@ -716,7 +750,7 @@ pub fn run(
             if let Some(w) = wait_ms {
                 consider(now_ms + w.max(1));
             }
-            if let Some(d) = queued.iter().map(|k| k.1).filter(|&d| d > now_ms).min() {
+            if let Some(&(d, _)) = queued.by_deadline.range((now_ms + 1, 0)..).next() {
                 consider(d);
             }
             if *policy == Policy::Planner {
