@@ -649,7 +649,11 @@ pub fn run(
                     };
                     let Some(&(d, i)) = next else { break };
                     cursor = Some((d, i));
-                    if exhausted.len() == catalog.providers.len() {
+                    // Every provider (or the fixed one) is out of capacity: nothing
+                    // more can be sent now, so stop instead of scanning the queue.
+                    if exhausted.len() == catalog.providers.len()
+                        || fixed.is_some_and(|p| exhausted.contains(&p))
+                    {
                         break;
                     }
                     let w = jobs[i].w;
