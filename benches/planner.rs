@@ -4,7 +4,8 @@
 //!     cargo bench --bench planner
 //!
 //! Environment: NIGHTSHIFT_BENCH_QUEUES=10000,100000 to choose queue sizes
-//! (default 10,000, 100,000 and 1,000,000).
+//! (default 10,000, 100,000 and 1,000,000; empty for none);
+//! NIGHTSHIFT_BENCH_SCENARIOS=burst,flaky to run only those scenarios.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -30,6 +31,22 @@ fn queue_sizes() -> Vec<usize> {
         .unwrap_or_else(|| vec![10_000, 100_000, 1_000_000])
 }
 
+/// Every scenario folder under bench/scenarios, or those named in
+/// NIGHTSHIFT_BENCH_SCENARIOS.
+fn scenario_names(root: &Path) -> Vec<String> {
+    if let Ok(s) = std::env::var("NIGHTSHIFT_BENCH_SCENARIOS") {
+        return s.split(',').map(|x| x.trim().to_string()).collect();
+    }
+    let mut names: Vec<String> = std::fs::read_dir(root)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("config.toml").exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 fn scenarios() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/scenarios");
     println!("## Cost per scenario (USD; simulated, virtual time)\n");
@@ -37,8 +54,9 @@ fn scenarios() {
         "| scenario | jobs | planner | cheapest-now | best fixed | lower bound | planner / bound | planner misses | saving vs cheapest-now |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
-    for name in ["nightly-backlog", "steady-mixed", "burst"] {
-        let dir = root.join(name);
+    let mut timings = Vec::new();
+    for name in scenario_names(&root) {
+        let dir = root.join(&name);
         let config = Config::load(&dir.join("config.toml")).expect("scenario config");
         let start = std::fs::read_to_string(dir.join("start.txt")).unwrap();
         let start = DateTime::parse_from_rfc3339(start.trim())
@@ -51,7 +69,10 @@ fn scenarios() {
             ..PlanSettings::default()
         };
         let run = |p: &Policy| simulate::run(&config, &workload, p, &settings).unwrap().0;
+        let t = Instant::now();
         let planner = run(&Policy::Planner);
+        let planner_wall = t.elapsed();
+        let t = Instant::now();
         let cheapest = run(&Policy::CheapestNow);
         let best_fixed = config
             .catalog
@@ -64,7 +85,21 @@ fn scenarios() {
                     .unwrap()
             })
             .unwrap();
-        let (bound, infeasible) = simulate::lower_bound(&config, &workload, &settings);
+        let others_wall = t.elapsed();
+        let t = Instant::now();
+        let b = simulate::bound::compute(&config, &workload, &settings);
+        let bound_wall = t.elapsed();
+        let (bound, infeasible) = (b.cost, b.infeasible);
+        timings.push(format!(
+            "| {name} | {} | {:.2} s | {:.2} s | {:.2} s ({:?}, {} bins × {} slots) |",
+            workload.len(),
+            planner_wall.as_secs_f64(),
+            others_wall.as_secs_f64(),
+            bound_wall.as_secs_f64(),
+            b.method,
+            b.bins,
+            b.slots,
+        ));
         let saving = 100.0 * (1.0 - planner.total_cost_usd / cheapest.total_cost_usd);
         println!(
             "| {name} | {} | {:.6} | {:.6} ({} misses) | {:.6} {} ({} misses) | {:.6}{} | {:.3}x | {} | {saving:.1}% |",
@@ -84,6 +119,13 @@ fn scenarios() {
             planner.total_cost_usd / bound,
             planner.deadline_misses,
         );
+    }
+    println!();
+    println!("## Wall time per scenario (simulate, this machine)\n");
+    println!("| scenario | jobs | simulate planner | other policies | lower bound |");
+    println!("|---|---|---|---|---|");
+    for t in timings {
+        println!("{t}");
     }
     println!();
 }

@@ -108,7 +108,10 @@ enum Command {
         /// planner, cheapest-now or fixed:<provider>; repeat to compare.
         #[arg(long = "policy", default_value = "planner")]
         policies: Vec<String>,
-        /// Also compute the offline lower bound (all jobs known in advance).
+        /// Also compute the offline lower bound: an LP relaxation no feasible
+        /// schedule can undercut (jobs known in advance and divisible, no safety
+        /// margin; keeps per-job sizes in token bins, failures as extra attempts,
+        /// rpm/tpm per slot, rpd over rolling days, concurrency as service-seconds).
         #[arg(long)]
         lower_bound: bool,
         /// Write one JSON line per job and policy here.

@@ -228,7 +228,147 @@ bulk = ["mistral/mistral-small", "google/gemini-2.5-flash-lite", "openai/gpt-4o-
     write("burst", config, "2026-11-25T12:00:00Z", jobs)
 
 
+CHEAP_AND_DEAR = """
+[[providers.models]]
+name = "mistral-small"
+input_per_mtok = 0.10
+output_per_mtok = 0.30
+
+[[providers]]
+name = "openai"
+kind = "simulated"
+latency = "500ms"
+ms_per_output_token = 2.0
+rpm = 500
+tpm = 4_000_000
+concurrency = 64
+
+[[providers.models]]
+name = "gpt-4o-mini"
+input_per_mtok = 0.15
+output_per_mtok = 0.60
+
+[classes]
+bulk = ["mistral/mistral-small", "openai/gpt-4o-mini"]
+"""
+
+
+def skewed():
+    """10,000 jobs at once, due in 4 hours, most short and a fifth long
+    (800-1,200 output tokens): the cheap provider's 25 rpm takes a third of
+    them, so which jobs go there matters: the long ones should."""
+    config = DAEMON + """
+[[providers]]
+name = "mistral"
+kind = "simulated"
+latency = "400ms"
+ms_per_output_token = 1.0
+rpm = 25
+tpm = 2_000_000
+concurrency = 32
+""" + CHEAP_AND_DEAR
+    rng = random.Random(4)
+    jobs = []
+    for i in range(10000):
+        j = job(f"skewed-{i:05}", "bulk", "+0s", "4h", rng, max_tokens=1200)
+        long = rng.random() < 0.2
+        j["sim"]["output_tokens"] = rng.randint(800, 1200) if long else rng.randint(20, 60)
+        jobs.append(j)
+    write("skewed", config, "2026-11-25T12:00:00Z", jobs)
+
+
+def flaky():
+    """4,000 jobs at once, due in 3 hours; the cheapest provider fails 25%
+    of its requests (failed attempts are not billed but use its 25 rpm)."""
+    config = DAEMON + """
+[[providers]]
+name = "mistral"
+kind = "simulated"
+latency = "400ms"
+ms_per_output_token = 4.0
+failure_rate = 0.25
+rpm = 25
+tpm = 200_000
+concurrency = 16
+""" + CHEAP_AND_DEAR
+    rng = random.Random(5)
+    jobs = [job(f"flaky-{i:05}", "bulk", "+0s", "3h", rng) for i in range(4000)]
+    write("flaky", config, "2026-11-25T12:00:00Z", jobs)
+
+
+def rpd():
+    """A stream of 9,000 jobs over 36 hours, due in 12 hours; the cheap
+    provider allows 3,000 requests a rolling day (and 60 rpm, 4 at a time
+    with 5 s answers: concurrency, not rpm, binds within a minute)."""
+    config = DAEMON + """
+[[providers]]
+name = "mistral"
+kind = "simulated"
+latency = "5s"
+ms_per_output_token = 0.0
+rpm = 60
+rpd = 3000
+concurrency = 4
+""" + CHEAP_AND_DEAR
+    rng = random.Random(6)
+    jobs = [job(f"rpd-{i:05}", "bulk", f"+{i * 36 * 3600 // 9000}s", "12h", rng) for i in range(9000)]
+    write("rpd", config, "2026-11-25T00:00:00Z", jobs)
+
+
+def short_deadline():
+    """240 jobs at once due in 5 minutes; the 60-rpm provider becomes the
+    cheapest 60 s after the start. About 210 fit on it before the deadline
+    minus the 30 s margin."""
+    config = """[daemon]
+default_deadline = "24h"
+safety_margin = "30s"
+
+[[providers]]
+name = "mistral"
+kind = "simulated"
+latency = "400ms"
+ms_per_output_token = 1.0
+rpm = 60
+tpm = 2_000_000
+concurrency = 16
+
+[[providers.price_windows]]
+name = "happy-hour"
+hours = ["12:00-13:00"]
+multiplier = 0.5
+
+[[providers.models]]
+name = "mistral-small"
+input_per_mtok = 0.20
+output_per_mtok = 0.80
+
+[[providers]]
+name = "openai"
+kind = "simulated"
+latency = "500ms"
+ms_per_output_token = 2.0
+rpm = 500
+tpm = 4_000_000
+concurrency = 64
+
+[[providers.models]]
+name = "gpt-4o-mini"
+input_per_mtok = 0.15
+output_per_mtok = 0.60
+
+[classes]
+bulk = ["mistral/mistral-small", "openai/gpt-4o-mini"]
+"""
+    rng = random.Random(7)
+    jobs = [job(f"short-{i:05}", "bulk", "+0s", "5m", rng) for i in range(240)]
+    write("short-deadline", config, "2026-11-25T11:59:00Z", jobs)
+
+
 if __name__ == "__main__":
     nightly_backlog()
     steady_mixed()
     burst()
+    skewed()
+    flaky()
+    rpd()
+    short_deadline()

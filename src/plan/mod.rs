@@ -83,9 +83,20 @@ pub fn configured_capacities(
         .providers
         .iter()
         .zip(transports)
-        .map(|(p, t)| ProviderCapacity {
-            success_rate: 1.0 - t.failure_rate(),
-            ..ProviderCapacity::from_limits(&p.limits, t.typical_latency(), 0.0)
+        .map(|(p, t)| match t {
+            crate::config::Transport::Simulated {
+                latency,
+                ms_per_output_token,
+                failure_rate,
+            } => ProviderCapacity {
+                success_rate: 1.0 - failure_rate,
+                ms_per_output_token: *ms_per_output_token,
+                ..ProviderCapacity::from_limits(&p.limits, *latency, 0.0)
+            },
+            crate::config::Transport::OpenAi { .. } => ProviderCapacity {
+                success_rate: 1.0 - t.failure_rate(),
+                ..ProviderCapacity::from_limits(&p.limits, t.typical_latency(), 0.0)
+            },
         })
         .collect()
 }
@@ -97,9 +108,14 @@ pub struct ProviderCapacity {
     pub tpm: Option<f64>,
     pub rpd: Option<f64>,
     pub concurrency: Option<u32>,
-    /// Typical time from send to answer.
+    /// Typical time from send to answer (for a configured provider: before
+    /// the output tokens, see `ms_per_output_token`).
     pub latency: Duration,
-    /// Observed fraction of requests that succeed (effective price ÷ this).
+    /// Extra answer time per output token (0 where `latency` is observed,
+    /// which already includes it).
+    pub ms_per_output_token: f64,
+    /// Observed fraction of requests that succeed: a job takes 1 ÷ this
+    /// attempts of capacity (requests, concurrency); price is unaffected.
     pub success_rate: f64,
     /// Fraction of the limits kept free for other traffic on the same key.
     pub reserve: f64,
@@ -122,6 +138,7 @@ impl ProviderCapacity {
             rpd: limits.rpd.map(f64::from),
             concurrency: limits.concurrency,
             latency,
+            ms_per_output_token: 0.0,
             success_rate: 1.0,
             reserve: reserve.max(limits.reserve),
             input_token_ratio: 1.0,
@@ -129,26 +146,25 @@ impl ProviderCapacity {
         }
     }
 
-    /// (requests, tokens) this provider can take within `duration`.
-    fn per(&self, duration: Duration) -> (f64, f64) {
+    /// (attempts, tokens, concurrency service-seconds) this provider can
+    /// take within `duration`.
+    fn per(&self, duration: Duration) -> Cap {
         if duration.is_zero() {
             // Not available in this slot at all (and ∞ × 0 would be NaN).
-            return (0.0, 0.0);
+            return (0.0, 0.0, 0.0);
         }
         let minutes = duration.as_secs_f64() / 60.0;
         let usable = (1.0 - self.reserve).clamp(0.0, 1.0);
-        let by_rpm = self.rpm.map_or(f64::INFINITY, |r| r * minutes);
-        let by_concurrency = self.concurrency.map_or(f64::INFINITY, |c| {
-            c as f64 * duration.as_secs_f64() / self.latency.as_secs_f64().max(0.001)
-        });
+        let by_rpm = self.rpm.map_or(f64::INFINITY, |r| r * minutes * usable);
         let tokens = self.tpm.map_or(f64::INFINITY, |t| t * minutes);
         // A daily limit caps any slot at a day's allowance (a loose bound:
         // the rate limiter enforces the rolling day exactly).
         let by_day = self.rpd.unwrap_or(f64::INFINITY);
-        (
-            by_rpm.min(by_concurrency).min(by_day) * usable,
-            tokens * usable,
-        )
+        // Concurrency: each attempt holds a slot for its service time.
+        let seconds = self
+            .concurrency
+            .map_or(f64::INFINITY, |c| c as f64 * duration.as_secs_f64());
+        (by_rpm.min(by_day), tokens * usable, seconds)
     }
 }
 
@@ -242,7 +258,7 @@ pub struct Plan {
 }
 
 /// Expected cost of one job of `group` on `model` at `t`: tokens × price at
-/// `t`, with markup, divided by the provider's success rate.
+/// `t`, with markup (failed attempts are not billed).
 pub fn effective_cost(
     catalog: &Catalog,
     capacity: &[ProviderCapacity],
@@ -255,9 +271,25 @@ pub fn effective_cost(
     let price = catalog.price_at(model, t);
     let markup = catalog.providers[m.provider].markup;
     let cap = capacity.get(m.provider);
-    let success = cap.map_or(1.0, |c| c.success_rate.clamp(0.05, 1.0));
     let input = input * cap.map_or(1.0, |c| c.input_token_ratio);
-    (input * price.input_per_mtok + output * price.output_per_mtok) / 1e6 * (1.0 + markup) / success
+    // A failed attempt is not billed: failures cost capacity (extra
+    // attempts, see `attempts_per_job`), not price.
+    (input * price.input_per_mtok + output * price.output_per_mtok) / 1e6 * (1.0 + markup)
+}
+
+/// Attempts a job takes on average on this provider (1 ÷ success rate).
+fn attempts_per_job(capacity: &[ProviderCapacity], provider: ProviderId) -> f64 {
+    1.0 / capacity
+        .get(provider)
+        .map_or(1.0, |c| c.success_rate.clamp(0.05, 1.0))
+}
+
+/// Seconds one attempt of a job with `output` tokens holds a concurrency
+/// slot of this provider.
+fn service_seconds(capacity: &[ProviderCapacity], provider: ProviderId, output: f64) -> f64 {
+    capacity.get(provider).map_or(0.0, |c| {
+        c.latency.as_secs_f64() + c.ms_per_output_token * output / 1000.0
+    })
 }
 
 fn to_chrono(d: Duration) -> chrono::Duration {
@@ -296,8 +328,8 @@ pub fn make_slots(
     make_slots_with(catalog, now, end, settings, &[])
 }
 
-/// [`make_slots`], with extra boundaries.
-fn make_slots_with(
+/// [`make_slots`], with extra boundaries (snapped down to the grid).
+pub fn make_slots_with(
     catalog: &Catalog,
     now: DateTime<Utc>,
     end: DateTime<Utc>,
@@ -311,6 +343,13 @@ fn make_slots_with(
         extra
             .iter()
             .map(|&t| {
+                // Within the first slot's length of `now` (short deadlines,
+                // a window opening in the next minutes) to the minute, so
+                // no cheap capacity is lost to the grid; further out to a
+                // quarter of the step.
+                if t < bounds::add(now, settings.fine_slot) {
+                    return align_down(t, Duration::from_secs(60)).max(now);
+                }
                 let step = settings.step_at(now, t);
                 align_down(t, (step / 4).max(settings.fine_slot).min(step))
             })
@@ -415,7 +454,7 @@ pub fn plan(
             }
         }
     }
-    let caps: BTreeMap<(ProviderId, usize), (f64, f64)> = slots
+    let caps: BTreeMap<(ProviderId, usize), Cap> = slots
         .iter()
         .enumerate()
         .flat_map(|(si, slot)| {
@@ -434,14 +473,14 @@ pub fn plan(
         })
         .collect();
 
-    let (allocations, overflow, method) = match solve_lp(groups, &options, &caps, catalog, settings)
-    {
-        Some((a, o)) => (a, o, Method::Lp),
-        None => {
-            let (a, o) = solve_greedy(groups, &options, &caps, catalog);
-            (a, o, Method::Greedy)
-        }
-    };
+    let (allocations, overflow, method) =
+        match solve_lp(groups, &options, &caps, capacity, catalog, settings) {
+            Some((a, o)) => (a, o, Method::Lp),
+            None => {
+                let (a, o) = solve_greedy(groups, &options, &caps, capacity, catalog);
+                (a, o, Method::Greedy)
+            }
+        };
     let mut expected_cost: f64 = allocations.iter().map(|a| a.jobs * a.cost_per_job).sum();
     for &(g, jobs) in &overflow {
         let m = fastest_model(catalog, capacity, &groups[g].candidates);
@@ -498,13 +537,16 @@ pub fn fastest_model(
 }
 
 type Solved = (Vec<Allocation>, Vec<(usize, f64)>);
+/// (attempts, tokens, concurrency service-seconds) of one provider in one slot.
+type Cap = (f64, f64, f64);
 /// Terms of one LP constraint row.
 type Terms = Vec<(microlp::Variable, f64)>;
 
 fn solve_lp(
     groups: &[JobGroup],
     options: &[Option_],
-    caps: &BTreeMap<(ProviderId, usize), (f64, f64)>,
+    caps: &BTreeMap<(ProviderId, usize), Cap>,
+    capacity: &[ProviderCapacity],
     catalog: &Catalog,
     settings: &PlanSettings,
 ) -> Option<Solved> {
@@ -532,28 +574,31 @@ fn solve_lp(
         .map(|_| problem.add_var(1000.0, (0.0, f64::INFINITY)))
         .collect();
     let mut by_group: Vec<Vec<(microlp::Variable, f64)>> = vec![Vec::new(); groups.len()];
-    let mut by_cap: BTreeMap<(ProviderId, usize), (Terms, Terms)> = BTreeMap::new();
+    let mut by_cap: BTreeMap<(ProviderId, usize), (Terms, Terms, Terms)> = BTreeMap::new();
     for (o, &v) in options.iter().zip(&vars) {
         by_group[o.group].push((v, 1.0));
-        let (_, per_job_tokens) = {
-            let (i, out) = groups[o.group].tokens_per_job();
-            ((), i + out)
-        };
-        let entry = by_cap
-            .entry((catalog.models[o.model].provider, o.slot))
-            .or_default();
-        entry.0.push((v, 1.0));
-        entry.1.push((v, per_job_tokens));
+        let (i, out) = groups[o.group].tokens_per_job();
+        let p = catalog.models[o.model].provider;
+        let attempts = attempts_per_job(capacity, p);
+        let entry = by_cap.entry((p, o.slot)).or_default();
+        entry.0.push((v, attempts));
+        entry.1.push((v, i + out));
+        entry
+            .2
+            .push((v, attempts * service_seconds(capacity, p, out)));
     }
     for (gi, mut terms) in by_group.into_iter().enumerate() {
         terms.push((overflow[gi], 1.0));
         problem.add_constraint(terms.as_slice(), ComparisonOp::Eq, groups[gi].jobs as f64);
     }
-    for (key, (requests, tokens)) in by_cap {
-        let (req_cap, tok_cap) = caps
-            .get(&key)
-            .copied()
-            .unwrap_or((f64::INFINITY, f64::INFINITY));
+    for (key, (requests, tokens, seconds)) in by_cap {
+        let (req_cap, tok_cap, sec_cap) =
+            caps.get(&key)
+                .copied()
+                .unwrap_or((f64::INFINITY, f64::INFINITY, f64::INFINITY));
+        if sec_cap.is_finite() {
+            problem.add_constraint(seconds.as_slice(), ComparisonOp::Le, sec_cap);
+        }
         if req_cap.is_finite() {
             problem.add_constraint(requests.as_slice(), ComparisonOp::Le, req_cap);
         }
@@ -598,7 +643,8 @@ fn solve_lp(
 fn solve_greedy(
     groups: &[JobGroup],
     options: &[Option_],
-    caps: &BTreeMap<(ProviderId, usize), (f64, f64)>,
+    caps: &BTreeMap<(ProviderId, usize), Cap>,
+    capacity: &[ProviderCapacity],
     catalog: &Catalog,
 ) -> Solved {
     let mut left: Vec<f64> = groups.iter().map(|g| g.jobs as f64).collect();
@@ -616,16 +662,21 @@ fn solve_greedy(
             continue;
         }
         let (i, out) = groups[o.group].tokens_per_job();
+        let p = catalog.models[o.model].provider;
+        let attempts = attempts_per_job(capacity, p);
+        let secs = attempts * service_seconds(capacity, p, out);
         let cap = caps
-            .entry((catalog.models[o.model].provider, o.slot))
-            .or_insert((f64::INFINITY, f64::INFINITY));
+            .entry((p, o.slot))
+            .or_insert((f64::INFINITY, f64::INFINITY, f64::INFINITY));
         let fit = left[o.group]
-            .min(cap.0)
+            .min(cap.0 / attempts)
             .min(cap.1 / (i + out).max(1.0))
+            .min(cap.2 / secs.max(1e-9))
             .floor();
         if fit >= 1.0 {
-            cap.0 -= fit;
+            cap.0 -= fit * attempts;
             cap.1 -= fit * (i + out);
+            cap.2 -= fit * secs;
             left[o.group] -= fit;
             allocations.push(Allocation {
                 group: o.group,

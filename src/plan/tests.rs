@@ -262,7 +262,7 @@ fn the_greedy_fallback_respects_capacity() {
                 .map(move |(p, cap)| ((p, si), cap.per(s.duration())))
         })
         .collect();
-    let (alloc, overflow) = solve_greedy(&groups, &options, &caps_map, &c);
+    let (alloc, overflow) = solve_greedy(&groups, &options, &caps_map, &caps, &c);
     let cheap: f64 = alloc.iter().filter(|a| a.model == 1).map(|a| a.jobs).sum();
     assert_eq!(cheap, 150.0);
     assert!(overflow.is_empty());

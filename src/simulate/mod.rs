@@ -21,7 +21,9 @@ use crate::dispatch::limits::RateLimits;
 use crate::dispatch::reliability::{self, Outcome, Usage};
 use crate::domain::job::{self, JobContext, LineError, RouteKey};
 use crate::domain::pricing::{ModelId, ProviderId};
-use crate::plan::{self, Decision, JobGroup, PlanSettings, ProviderCapacity, Quotas};
+pub mod bound;
+
+use crate::plan::{self, Decision, PlanSettings, ProviderCapacity, Quotas};
 
 /// How the simulation chooses where and when jobs run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,6 +252,31 @@ pub fn capacities(config: &Config) -> Vec<ProviderCapacity> {
     plan::configured_capacities(&config.catalog, &config.transports)
 }
 
+/// Queued jobs, indexed by (route key, deadline, index) for the planner's
+/// groups and by (deadline, index) for expiry, the next deadline and the
+/// baselines' most-urgent-first order.
+#[derive(Default)]
+struct Queue {
+    by_route: BTreeSet<(String, i64, usize)>,
+    by_deadline: BTreeSet<(i64, usize)>,
+}
+
+impl Queue {
+    fn insert(&mut self, key: (String, i64, usize)) {
+        self.by_deadline.insert((key.1, key.2));
+        self.by_route.insert(key);
+    }
+
+    fn remove(&mut self, key: &(String, i64, usize)) {
+        self.by_deadline.remove(&(key.1, key.2));
+        self.by_route.remove(key);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_deadline.is_empty()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Pending,
@@ -333,7 +360,7 @@ pub fn run(
     let retry_policy = config.daemon.retry;
     let mut next_arrival = 0usize;
     // Queued jobs by (route key, deadline, index): a group's most urgent first.
-    let mut queued: BTreeSet<(String, i64, usize)> = BTreeSet::new();
+    let mut queued = Queue::default();
     // Jobs waiting for a retry: (due at, index).
     let mut retrying: BinaryHeap<Reverse<(i64, usize)>> = BinaryHeap::new();
     // Requests in flight: (answer at, index), and what each was charged.
@@ -451,9 +478,9 @@ pub fn run(
         // unless the config says to run them anyway.
         if !config.daemon.run_after_deadline {
             let overdue: Vec<(String, i64, usize)> = queued
-                .iter()
-                .filter(|(_, d, _)| *d <= now_ms)
-                .cloned()
+                .by_deadline
+                .range(..=(now_ms, usize::MAX))
+                .map(|&(d, i)| (jobs[i].w.route_key.clone(), d, i))
                 .collect();
             for key in overdue {
                 queued.remove(&key);
@@ -463,10 +490,7 @@ pub fn run(
         }
 
         let mut dispatch =
-            |i: usize,
-             model: ModelId,
-             jobs: &mut Vec<SimJob>,
-             queued: &mut BTreeSet<(String, i64, usize)>| {
+            |i: usize, model: ModelId, jobs: &mut Vec<SimJob>, queued: &mut Queue| {
                 let j = &mut jobs[i];
                 queued.remove(&(j.w.route_key.clone(), j.w.deadline.timestamp_millis(), i));
                 j.state = State::Running;
@@ -506,14 +530,15 @@ pub fn run(
                     }
                 };
                 if stale {
-                    let buckets = plan::bucket_jobs(queued.iter().map(|(key, deadline, i)| {
-                        (
-                            key.as_str(),
-                            *deadline,
-                            jobs[*i].w.input_tokens,
-                            jobs[*i].w.expected_output_tokens,
-                        )
-                    }));
+                    let buckets =
+                        plan::bucket_jobs(queued.by_route.iter().map(|(key, deadline, i)| {
+                            (
+                                key.as_str(),
+                                *deadline,
+                                jobs[*i].w.input_tokens,
+                                jobs[*i].w.expected_output_tokens,
+                            )
+                        }));
                     let capacity = observed.capacities(catalog, now);
                     let q = plan::plan_queue(
                         &buckets,
@@ -539,6 +564,7 @@ pub fn run(
                     .zip(&wanted)
                     .map(|(group, &n)| {
                         queued
+                            .by_route
                             .range(
                                 (group.route_key.clone(), group.deadline_from, 0)
                                     ..(group.route_key.clone(), group.deadline_to, 0),
@@ -611,11 +637,25 @@ pub fn run(
                 }
             }
             Policy::CheapestNow | Policy::Fixed(_) => {
-                let mut order: Vec<(i64, usize)> = queued.iter().map(|k| (k.1, k.2)).collect();
-                order.sort();
                 let mut exhausted: BTreeSet<ProviderId> = BTreeSet::new();
-                for (_, i) in order {
-                    if exhausted.len() == catalog.providers.len() {
+                // Most urgent first, without copying the queue: a cursor
+                // over the deadline index (jobs leave it as they are sent).
+                let mut cursor: Option<(i64, usize)> = None;
+                loop {
+                    let next = match cursor {
+                        None => queued.by_deadline.iter().next(),
+                        Some(c) => queued
+                            .by_deadline
+                            .range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded))
+                            .next(),
+                    };
+                    let Some(&(d, i)) = next else { break };
+                    cursor = Some((d, i));
+                    // Every provider (or the fixed one) is out of capacity: nothing
+                    // more can be sent now, so stop instead of scanning the queue.
+                    if exhausted.len() == catalog.providers.len()
+                        || fixed.is_some_and(|p| exhausted.contains(&p))
+                    {
                         break;
                     }
                     let w = jobs[i].w;
@@ -717,7 +757,7 @@ pub fn run(
             if let Some(w) = wait_ms {
                 consider(now_ms + w.max(1));
             }
-            if let Some(d) = queued.iter().map(|k| k.1).filter(|&d| d > now_ms).min() {
+            if let Some(&(d, _)) = queued.by_deadline.range((now_ms + 1, 0)..).next() {
                 consider(d);
             }
             if *policy == Policy::Planner {
@@ -802,64 +842,18 @@ fn empty_summary(policy: &Policy) -> Summary {
     }
 }
 
-/// The offline optimum of the relaxed problem: every job known in advance
-/// (released at its submission), divisible, actual token counts, no safety
-/// margin. No policy can do better. Returns (cost, jobs that fit nowhere).
+/// The offline lower bound: a relaxation of the real problem (per-job
+/// sizes, failures as extra attempts, rpm/tpm per slot, rpd over rolling
+/// days, concurrency as service-seconds) that no feasible schedule can
+/// undercut; see [`bound`] for exactly what it relaxes. Returns (cost, jobs
+/// that fit nowhere).
 pub fn lower_bound(
     config: &Config,
     workload: &[WorkloadJob],
     settings: &PlanSettings,
 ) -> (f64, f64) {
-    let Some(start) = workload.first().map(|j| j.submit_at) else {
-        return (0.0, 0.0);
-    };
-    let catalog = &config.catalog;
-    // Group by (route, submission slot, deadline slot): release = earliest
-    // submission, deadline = latest deadline, so the groups relax the jobs.
-    let mut map: BTreeMap<(String, i64, i64), JobGroup> = BTreeMap::new();
-    for w in workload {
-        let key = (
-            w.route_key.clone(),
-            w.submit_at.timestamp_millis().div_euclid(plan::BUCKET_MS),
-            w.deadline.timestamp_millis().div_euclid(plan::BUCKET_MS),
-        );
-        let g = map.entry(key).or_insert_with(|| JobGroup {
-            candidates: w.candidates.clone(),
-            jobs: 0,
-            input_tokens: 0,
-            output_tokens: 0,
-            release: w.submit_at,
-            deadline: w.deadline,
-        });
-        g.jobs += 1;
-        g.input_tokens += w.input_tokens;
-        g.output_tokens += w.output_tokens;
-        g.release = g.release.min(w.submit_at);
-        g.deadline = g.deadline.max(w.deadline);
-    }
-    let groups: Vec<JobGroup> = map.into_values().collect();
-    let relaxed = PlanSettings {
-        relaxed: true,
-        safety_margin: Duration::ZERO,
-        time_limit: Duration::from_secs(120),
-        ..*settings
-    };
-    let p = plan::plan(&groups, catalog, &capacities(config), start, &relaxed);
-    let overflow: f64 = p.overflow.iter().map(|o| o.1).sum();
-    // Overflow is priced by plan() at the fastest model now; for a bound,
-    // price it at the cheapest model at release instead.
-    let mut cost: f64 = p.allocations.iter().map(|a| a.jobs * a.cost_per_job).sum();
-    let caps = capacities(config);
-    for &(g, jobs) in &p.overflow {
-        let group = &groups[g];
-        let cheapest = group
-            .candidates
-            .iter()
-            .map(|&m| plan::effective_cost(catalog, &caps, group, m, group.release))
-            .fold(f64::INFINITY, f64::min);
-        cost += jobs * cheapest;
-    }
-    (cost, overflow)
+    let b = bound::compute(config, workload, settings);
+    (b.cost, b.infeasible)
 }
 
 /// A human table of summaries, with the lower bound if known.

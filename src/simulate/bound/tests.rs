@@ -1,0 +1,217 @@
+use super::*;
+use crate::simulate::load_workload;
+use std::path::Path;
+
+/// A cheap provider (half price from 04:00) allowing 2 requests a day; a
+/// flaky one (half its attempts fail) at 0.7 that serves one request at a
+/// time, 200 s each; an unlimited one at 2.0.
+const CONFIG: &str = r#"
+[daemon]
+safety_margin = "1m"
+
+[[providers]]
+name = "cheap"
+kind = "simulated"
+latency = "1s"
+ms_per_output_token = 0.0
+rpd = 2
+
+[[providers.price_windows]]
+name = "night"
+hours = ["04:00-06:00"]
+multiplier = 0.5
+
+[[providers.models]]
+name = "m1"
+input_per_mtok = 1.0
+output_per_mtok = 1.0
+
+[[providers]]
+name = "flaky"
+kind = "simulated"
+latency = "200s"
+ms_per_output_token = 0.0
+failure_rate = 0.5
+concurrency = 1
+
+[[providers.models]]
+name = "m2"
+input_per_mtok = 0.7
+output_per_mtok = 0.7
+
+[[providers]]
+name = "steady"
+kind = "simulated"
+latency = "1s"
+ms_per_output_token = 0.0
+
+[[providers.models]]
+name = "m3"
+input_per_mtok = 2.0
+output_per_mtok = 2.0
+
+[classes]
+chat = ["cheap/m1", "flaky/m2", "steady/m3"]
+"#;
+
+fn workload(outputs: &[u64], config: &Config, start: DateTime<Utc>) -> Vec<WorkloadJob> {
+    let text: Vec<String> = outputs
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            format!(
+                r#"{{"custom_id":"j{i}","method":"POST","url":"/v1/chat/completions","body":{{"model":"chat","messages":[{{"role":"user","content":"hello there"}}],"max_tokens":500}},"nightshift":{{"deadline":"30m"}},"submit_at":"+0s","sim":{{"output_tokens":{o}}}}}"#
+            )
+        })
+        .collect();
+    load_workload(&text.join("\n"), config, start).unwrap()
+}
+
+/// The exact optimum of the integer problem on the bound's slots, by
+/// enumerating every assignment of jobs to (model, slot), each checked
+/// against the same limits job by job (exact sizes, expected attempts).
+fn brute_force(config: &Config, jobs: &[WorkloadJob], slots: &[Slot]) -> f64 {
+    let catalog = &config.catalog;
+    let options: Vec<(ModelId, usize)> = (0..catalog.models.len())
+        .flat_map(|m| (0..slots.len()).map(move |s| (m, s)))
+        .collect();
+    let services: Vec<Service> = config.transports.iter().map(service).collect();
+    let longest = jobs.iter().map(|j| j.output_tokens).max().unwrap() as f64;
+    let mut best = f64::INFINITY;
+    let mut pick = vec![0usize; jobs.len()];
+    loop {
+        // Usage per (provider, slot): attempts, tokens, service-seconds.
+        let mut use_: BTreeMap<(usize, usize), (f64, f64, f64)> = BTreeMap::new();
+        let mut cost = 0.0;
+        let mut ok = true;
+        for (j, &o) in jobs.iter().zip(&pick) {
+            let (m, s) = options[o];
+            let slot = &slots[s];
+            if !(slot.end > j.submit_at && slot.start < j.deadline) {
+                ok = false;
+                break;
+            }
+            let p = catalog.models[m].provider;
+            let sv = &services[p];
+            let attempts = 1.0 / sv.success;
+            let (lat, per_tok) = sv.time.unwrap();
+            let e = use_.entry((p, s)).or_default();
+            e.0 += attempts;
+            e.1 += (j.input_tokens + j.output_tokens) as f64;
+            e.2 += attempts * (lat + per_tok * j.output_tokens as f64);
+            cost += catalog.cost_at(m, slot.start, j.input_tokens, j.output_tokens);
+        }
+        if ok {
+            let mut day: BTreeMap<usize, f64> = BTreeMap::new();
+            for (&(p, s), &(attempts, tokens, seconds)) in &use_ {
+                let l = &catalog.providers[p].limits;
+                let t = slots[s].duration().as_secs_f64();
+                let minutes = (t / 60.0).ceil();
+                let (lat, per_tok) = services[p].time.unwrap();
+                ok &= l
+                    .rpm
+                    .is_none_or(|r| attempts <= f64::from(r) * minutes + 1e-9);
+                ok &= l.tpm.is_none_or(|r| tokens <= r as f64 * minutes + 1e-9);
+                ok &= l
+                    .concurrency
+                    .is_none_or(|c| seconds <= f64::from(c) * (t + lat + per_tok * longest) + 1e-9);
+                // The instance spans less than a day: one rolling window.
+                *day.entry(p).or_default() += attempts;
+            }
+            for (p, attempts) in day {
+                ok &= catalog.providers[p]
+                    .limits
+                    .rpd
+                    .is_none_or(|d| attempts <= f64::from(d) + 1e-9);
+            }
+            if ok {
+                best = best.min(cost);
+            }
+        }
+        // Next assignment.
+        let mut k = 0;
+        loop {
+            if k == pick.len() {
+                return best;
+            }
+            pick[k] += 1;
+            if pick[k] < options.len() {
+                break;
+            }
+            pick[k] = 0;
+            k += 1;
+        }
+    }
+}
+
+#[test]
+fn the_bound_is_at_most_the_exact_optimum_with_skewed_sizes_and_a_flaky_provider() {
+    let config = Config::parse(CONFIG, "test.toml", Path::new(".")).unwrap();
+    let start = DateTime::parse_from_rfc3339("2026-11-24T03:45:00Z")
+        .unwrap()
+        .with_timezone(&Utc);
+    let settings = PlanSettings::default();
+    // Two long jobs among short ones: the optimum sends the long ones to the
+    // cheap provider's two requests at night, the short ones to the flaky one.
+    for outputs in [
+        &[10, 10, 10, 10, 400, 400][..],
+        &[400, 10, 300, 10, 10, 50][..],
+        &[50, 50, 50, 50, 50][..],
+    ] {
+        let jobs = workload(outputs, &config, start);
+        let b = compute(&config, &jobs, &settings);
+        let slots = slots(&config, &bins(&jobs), start, &settings);
+        assert_eq!(slots.len(), 2, "{slots:?}");
+        let optimum = brute_force(&config, &jobs, &slots);
+        assert_eq!(b.method, BoundMethod::Lp);
+        assert_eq!(b.infeasible, 0.0);
+        assert!(
+            b.cost <= optimum * (1.0 + 1e-9),
+            "{outputs:?}: bound {} > optimum {optimum}",
+            b.cost
+        );
+        // And it is not trivially loose here.
+        assert!(
+            b.cost >= optimum * 0.9,
+            "{outputs:?}: {} vs {optimum}",
+            b.cost
+        );
+    }
+}
+
+#[test]
+fn a_group_averaging_sizes_or_dividing_prices_by_success_would_overshoot() {
+    // What the old bound did: average tokens over the group, divide the
+    // flaky provider's price by its success rate. Both land above the optimum.
+    let config = Config::parse(CONFIG, "test.toml", Path::new(".")).unwrap();
+    let start = DateTime::parse_from_rfc3339("2026-11-24T03:45:00Z")
+        .unwrap()
+        .with_timezone(&Utc);
+    let settings = PlanSettings::default();
+    let jobs = workload(&[10, 10, 10, 10, 400, 400], &config, start);
+    let slots = slots(&config, &bins(&jobs), start, &settings);
+    let optimum = brute_force(&config, &jobs, &slots);
+    let group = crate::plan::JobGroup {
+        candidates: jobs[0].candidates.clone(),
+        jobs: jobs.len() as u64,
+        input_tokens: jobs.iter().map(|j| j.input_tokens).sum(),
+        output_tokens: jobs.iter().map(|j| j.output_tokens).sum(),
+        release: start,
+        deadline: jobs[0].deadline,
+    };
+    let relaxed = PlanSettings {
+        relaxed: true,
+        safety_margin: Duration::ZERO,
+        ..settings
+    };
+    let old = crate::plan::plan(
+        &[group],
+        &config.catalog,
+        &crate::simulate::capacities(&config),
+        start,
+        &relaxed,
+    )
+    .expected_cost;
+    assert!(old > optimum * 1.05, "old {old} vs optimum {optimum}");
+    assert!(compute(&config, &jobs, &settings).cost <= optimum * (1.0 + 1e-9));
+}
