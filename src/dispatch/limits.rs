@@ -148,6 +148,15 @@ impl Window {
         self.record(now_ms, c);
     }
 
+    /// Moves the newest entry, if stamped `from_ms`, to `to_ms` (later): the
+    /// requests taken at `from_ms` left only then. Later only, so it can
+    /// keep them longer, never drop them early.
+    pub fn restamp(&mut self, from_ms: i64, to_ms: i64) {
+        if let Some((at, _)) = self.log.back_mut().filter(|(at, _)| *at == from_ms) {
+            *at = to_ms.max(*at);
+        }
+    }
+
     /// Corrects the entry of a request sent at `sent_ms` from an estimate of
     /// `estimated` units to `actual`. A request whose send has left the
     /// window no longer counts, so there is nothing to correct.
@@ -395,6 +404,21 @@ impl ProviderLimiter {
         }
     }
 
+    /// Moves the sends taken at `from_ms` to `to_ms`, the instant they
+    /// actually left (see [`RateLimits::restamp`]).
+    pub fn restamp(&mut self, from_ms: i64, to_ms: i64) {
+        for w in [
+            &mut self.minute_requests,
+            &mut self.minute_tokens,
+            &mut self.day_requests,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            w.restamp(from_ms, to_ms);
+        }
+    }
+
     /// Takes over the windows of the limiter this one replaces (a
     /// configuration reload): what was sent still counts, against the new
     /// limits.
@@ -597,6 +621,19 @@ impl RateLimits {
         self.providers[provider].release(estimated, actual, sent_ms, now_ms);
         if let Some(l) = self.model(model) {
             l.release(estimated, actual, sent_ms, now_ms);
+        }
+    }
+
+    /// Moves every send taken at `from_ms` (by one dispatch step) to
+    /// `to_ms`, when they were recorded and left: the provider counts a
+    /// request when it arrives, so a window must not reopen for what the
+    /// step took while the store write still held the requests back.
+    pub fn restamp(&mut self, from_ms: i64, to_ms: i64) {
+        for p in &mut self.providers {
+            p.restamp(from_ms, to_ms);
+        }
+        for m in self.models.iter_mut().flatten() {
+            m.restamp(from_ms, to_ms);
         }
     }
 
@@ -1159,5 +1196,23 @@ mod tests {
             60,
             "the first 60 are a day old"
         );
+    }
+
+    #[test]
+    fn a_restamp_keeps_a_step_s_sends_until_a_minute_after_they_left() {
+        let limits = Limits {
+            rpm: Some(60),
+            ..Limits::default()
+        };
+        let mut p = ProviderLimiter::with_pacing(&limits, 0, 1.0);
+        assert!(p.try_acquire(1, 1_000));
+        // The store write held the request back until 1,800.
+        p.restamp(1_000, 1_800);
+        let w = p.windows()[0].unwrap().clone();
+        assert_eq!(w.clone().used(61_799), 1);
+        assert_eq!(w.clone().used(61_800), 0);
+        // Only the newest entry, and only if it is the step's.
+        p.restamp(5, 9_000);
+        assert_eq!(p.windows()[0].unwrap().clone().used(61_800), 0);
     }
 }

@@ -518,8 +518,13 @@ impl Dispatcher {
             s.start_attempts(&records, now_ms, lease_until, &owner)
         })
         .await;
+        let sent_ms = Utc::now().timestamp_millis().max(now_ms);
         let started: std::collections::HashSet<i64> = match started {
-            Ok(ids) => ids.into_iter().collect(),
+            Ok(ids) => {
+                // The requests leave now, not when the step took them.
+                st.limits.restamp(now_ms, sent_ms);
+                ids.into_iter().collect()
+            }
             Err(e) => {
                 // Nothing was started: give back everything the step took.
                 for a in &starts {
@@ -565,7 +570,7 @@ impl Dispatcher {
                 cost,
                 est_input_tokens: job.est_input_tokens,
                 est_output_tokens: job.est_output_tokens,
-                sent_ms: now_ms,
+                sent_ms,
             };
             let ctx = RequestContext {
                 store: self.shared.store.clone(),

@@ -682,10 +682,13 @@ impl Store {
             }
         }
         let sent: std::collections::HashSet<i64> = started.iter().copied().collect();
+        // Stamped when the write holds the lock (the requests leave right
+        // after the commit), not when the pass took them: never early.
+        let sent_ms = now_ms.max(chrono::Utc::now().timestamp_millis());
         record_sends(
             &tx,
             starts.iter().filter(|s| sent.contains(&s.job_id)),
-            now_ms,
+            sent_ms,
         )?;
         tx.commit()?;
         Ok(started)
