@@ -553,6 +553,25 @@ impl Validator<'_> {
         }
     }
 
+    /// A whole number in `1..=max`, `default` if absent.
+    fn count(
+        &self,
+        v: &Option<Spanned<i64>>,
+        field: &str,
+        max: i64,
+        default: i64,
+    ) -> Result<i64, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(v) if (1..=max).contains(v.get_ref()) => Ok(*v.get_ref()),
+            Some(v) => Err(self.err(
+                Some(v.span()),
+                field,
+                format!("{} is not between 1 and {max}", v.get_ref()),
+            )),
+        }
+    }
+
     /// A duration of at most [`bounds::MAX_CONFIG_DURATION`].
     fn duration(
         &self,
@@ -755,17 +774,12 @@ impl Validator<'_> {
                 Duration::from_secs(1),
                 bounds::MAX_CONFIG_DURATION,
             )?,
-            max_in_flight: match &d.max_in_flight {
-                None => 1024,
-                Some(v) if (1..=MAX_IN_FLIGHT_LIMIT).contains(v.get_ref()) => *v.get_ref() as u32,
-                Some(v) => {
-                    return Err(self.err(
-                        Some(v.span()),
-                        "daemon.max_in_flight",
-                        format!("{} is not between 1 and {MAX_IN_FLIGHT_LIMIT}", v.get_ref()),
-                    ));
-                }
-            },
+            max_in_flight: self.count(
+                &d.max_in_flight,
+                "daemon.max_in_flight",
+                MAX_IN_FLIGHT_LIMIT,
+                1024,
+            )? as u32,
         };
         let http = self.http(&raw.http, &daemon.state_dir, &abs)?;
         if daemon.rescan_interval.is_zero() {
@@ -1250,19 +1264,12 @@ impl Validator<'_> {
             header_timeout: timeout(&h.header_timeout, "http.header_timeout", 10)?,
             body_timeout: timeout(&h.body_timeout, "http.body_timeout", 60)?,
             idle_timeout: timeout(&h.idle_timeout, "http.idle_timeout", 60)?,
-            max_connections: match &h.max_connections {
-                None => 256,
-                Some(v) if (1..=HTTP_MAX_CONNECTIONS).contains(v.get_ref()) => {
-                    *v.get_ref() as usize
-                }
-                Some(v) => {
-                    return Err(self.err(
-                        Some(v.span()),
-                        "http.max_connections",
-                        format!("must be between 1 and {HTTP_MAX_CONNECTIONS}"),
-                    ));
-                }
-            },
+            max_connections: self.count(
+                &h.max_connections,
+                "http.max_connections",
+                HTTP_MAX_CONNECTIONS,
+                256,
+            )? as usize,
         })
     }
 
@@ -1659,6 +1666,7 @@ mod tests {
         assert_eq!(c.daemon.retention, Some(Duration::from_secs(30 * 86_400)));
         assert_eq!(c.daemon.maintenance, "0 17 3 * * *");
         assert_eq!(c.daemon.checkpoint_every, Some(Duration::from_secs(600)));
+        assert_eq!(c.daemon.max_in_flight, 1024);
 
         let providers = "[[providers]]\nname = \"a\"\nkind = \"simulated\"\n[[providers.models]]\nname = \"m\"\n\
                          input_per_mtok = 1.0\noutput_per_mtok = 2.0\n";
@@ -1709,6 +1717,16 @@ mod tests {
                 "checkpoint_every = \"often\"",
                 "daemon.checkpoint_every",
                 "not a duration",
+            ),
+            (
+                "max_in_flight = 0",
+                "daemon.max_in_flight",
+                "not between 1 and 65536",
+            ),
+            (
+                "max_in_flight = 65537",
+                "daemon.max_in_flight",
+                "not between 1 and 65536",
             ),
         ] {
             let e = parse(&format!("state_dir = \"s\"\n{daemon}")).unwrap_err();
