@@ -15,6 +15,7 @@
 //! keeps them in step). `serve` owns the connections: how many each
 //! listener holds, and how long a client may be idle or slow.
 
+mod auth;
 pub mod client;
 mod error;
 pub mod listen;
@@ -30,14 +31,13 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderMap, Method, header};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+pub use auth::router_with_token;
 pub use error::{ApiError, ApiResult};
 
 use crate::config::Config;
@@ -187,49 +187,6 @@ pub fn router(state: S) -> Router {
         // Limits are enforced per route (see `read_body`), with 413s in OpenAI's shape.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
-}
-
-/// The bearer token the TCP listener requires.
-struct Token(String);
-
-/// Constant-time comparison, so the token cannot be guessed byte by byte.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// The token of an `Authorization: Bearer <token>` value. The scheme is
-/// case-insensitive (RFC 7235 section 2.1): `bearer` and `BEARER` too.
-fn bearer_token(value: &str) -> Option<&str> {
-    let (scheme, token) = value.trim_start().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-}
-
-async fn require_token(State(token): State<Arc<Token>>, req: Request, next: Next) -> Response {
-    // Liveness checks need no secret and learn nothing.
-    if req.uri().path() == "/healthz" {
-        return next.run(req).await;
-    }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer_token);
-    match given {
-        None => ApiError::unauthorized(
-            "missing bearer token: send 'Authorization: Bearer <token>' (`nightshift token` prints it)",
-        )
-        .into_response(),
-        Some(t) if same(t.as_bytes(), token.0.as_bytes()) => next.run(req).await,
-        Some(_) => ApiError::unauthorized("incorrect bearer token").into_response(),
-    }
-}
-
-/// The router for the TCP listener: every route but `/healthz` needs the token.
-pub fn router_with_token(state: S, token: String) -> Router {
-    router(state).layer(middleware::from_fn_with_state(
-        Arc::new(Token(token)),
-        require_token,
-    ))
 }
 
 /// Reads a whole body of at most `limit` bytes; 413 beyond.
@@ -387,16 +344,6 @@ mod tests {
             "job_99999999999999999999",
         ] {
             assert_eq!(parse_id(bad, "job_"), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn the_bearer_scheme_is_case_insensitive() {
-        for v in ["Bearer ns-1", "bearer ns-1", "BEARER ns-1", "bEaReR  ns-1 "] {
-            assert_eq!(bearer_token(v), Some("ns-1"), "{v:?}");
-        }
-        for v in ["Basic ns-1", "Bearerns-1", "ns-1", "", "Bearer"] {
-            assert_eq!(bearer_token(v), None, "{v:?}");
         }
     }
 }
