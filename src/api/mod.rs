@@ -24,6 +24,8 @@ mod objects;
 mod openai;
 mod result_files;
 mod serve;
+pub mod ui;
+mod views;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -60,6 +62,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/plan"),
     ("GET", "/v1/providers"),
     ("GET", "/v1/stats"),
+    ("GET", "/v1/prices"),
+    ("GET", "/v1/sources"),
     ("POST", "/v1/files"),
     ("GET", "/v1/files/{id}"),
     ("GET", "/v1/files/{id}/content"),
@@ -67,6 +71,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/batches"),
     ("GET", "/v1/batches/{id}"),
     ("POST", "/v1/batches/{id}/cancel"),
+    ("POST", "/v1/ui/login-codes"),
 ];
 
 /// What the handlers share.
@@ -81,6 +86,8 @@ pub struct ApiState {
     pub max_upload: u64,
     plan_cache: objects::PlanCache,
     submissions: AtomicU64,
+    /// Dashboard logins and the TCP address it is served on.
+    pub ui: ui::UiState,
 }
 
 impl ApiState {
@@ -96,6 +103,7 @@ impl ApiState {
             max_upload: config.http.max_upload,
             plan_cache: objects::PlanCache::default(),
             submissions: AtomicU64::new(0),
+            ui: ui::UiState::default(),
         }
     }
 
@@ -146,6 +154,8 @@ fn route_for(method: &str, path: &str) -> MethodRouter<S> {
         ("GET", "/v1/plan") => get(n::get_plan),
         ("GET", "/v1/providers") => get(n::providers),
         ("GET", "/v1/stats") => get(n::stats),
+        ("GET", "/v1/prices") => get(views::prices),
+        ("GET", "/v1/sources") => get(views::sources),
         ("POST", "/v1/files") => post(o::upload_file),
         ("GET", "/v1/files/{id}") => get(o::get_file),
         ("GET", "/v1/files/{id}/content") => get(o::file_content),
@@ -153,6 +163,7 @@ fn route_for(method: &str, path: &str) -> MethodRouter<S> {
         ("GET", "/v1/batches") => get(o::list_batches),
         ("GET", "/v1/batches/{id}") => get(o::get_batch),
         ("POST", "/v1/batches/{id}/cancel") => post(o::cancel_batch),
+        ("POST", "/v1/ui/login-codes") => post(ui::create_login_code),
         _ => unreachable!("ROUTES lists {method} {path} without a handler"),
     }
 }
@@ -180,7 +191,7 @@ pub fn router(state: S) -> Router {
         );
         router = router.route(path, methods);
     }
-    router
+    ui::add_routes(router)
         .fallback(|method: Method, uri: axum::http::Uri| async move {
             ApiError::unknown_route(method.as_str(), uri.path())
         })
@@ -253,6 +264,7 @@ impl Server {
                 let token = listen::ensure_token(&config.http.token_file)?;
                 let listener = listen::bind_tcp(addr)?;
                 let bound = listener.local_addr()?;
+                state.ui.set_tcp(bound);
                 info!(tcp = %bound, token_file = %config.http.token_file.display(),
                       "HTTP API listening on TCP (bearer token required)");
                 Some((listener, token))
