@@ -6,6 +6,8 @@
 
 const REFRESH_MS = 3000;
 const PALETTE = ["#3558d6", "#e07b39", "#2a9d8f", "#c44569", "#8e6c8a", "#6a994e", "#b08900", "#577590"];
+// Price lines are drawn darker, so a class never shares a provider's colour.
+const LINE_PALETTE = ["#1d2330", "#7a1f5c", "#0b6e4f", "#8a5a00", "#4a4e69", "#9c2a2a"];
 const SVG = "http://www.w3.org/2000/svg";
 
 let csrf = null;
@@ -82,9 +84,14 @@ function bar(fraction) {
   return h("span", { class: "bar" + (fraction > 1 ? " over" : "") }, span);
 }
 
-function colorOf(names) {
+function colorOf(names, palette) {
   const sorted = [...new Set(names)].sort();
-  return name => PALETTE[sorted.indexOf(name) % PALETTE.length];
+  const p = palette || PALETTE;
+  return name => p[sorted.indexOf(name) % p.length];
+}
+
+function price(x) {
+  return "$" + (x >= 10 ? x.toFixed(2) : x >= 0.1 ? x.toFixed(3) : x.toPrecision(2));
 }
 
 // ---- views -----------------------------------------------------------------
@@ -125,7 +132,7 @@ async function planView() {
   const [plan, prices] = await Promise.all([api("/v1/plan"), api("/v1/prices?hours=48")]);
   const t0 = Date.parse(plan.planned_at);
   const t1 = t0 + 48 * 3600e3;
-  const W = 1100, H = 360, L = 56, R = 64, T = 16, B = 36;
+  const W = 1100, H = 360, L = 56, R = 110, T = 16, B = 36;
   const x = t => L + (Math.min(Math.max(t, t0), t1) - t0) / (t1 - t0) * (W - L - R);
   const slots = new Map();
   const providersSeen = [];
@@ -157,7 +164,8 @@ async function planView() {
   svg.append(ylab);
   for (const sl of [...slots.values()].sort((p, q) => p.start - q.start)) {
     let base = 0;
-    const x0 = x(sl.start), x1 = Math.max(x(sl.end), x0 + 2);
+    // Slots near now can be a minute long: drawn at least 6 px wide.
+    const x0 = x(sl.start), x1 = Math.max(x(sl.end), x0 + 7);
     for (const [prov, jobs] of [...sl.by.entries()].sort()) {
       const r = s("rect", {
         x: x0, width: Math.max(x1 - x0 - 1, 1), y: y(base + jobs), height: Math.max(y(base) - y(base + jobs), 0.5),
@@ -175,7 +183,7 @@ async function planView() {
   for (const c of prices.classes) for (const st of c.steps) maxPrice = Math.max(maxPrice, st.typical_job_usd * 1000);
   maxPrice = maxPrice || 1;
   const yp = p => H - B - p / maxPrice * (H - T - B);
-  const classColor = colorOf(prices.classes.map(c => c.class));
+  const classColor = colorOf(prices.classes.map(c => c.class), LINE_PALETTE);
   prices.classes.forEach(c => {
     let d = "";
     for (const st of c.steps) {
@@ -189,7 +197,7 @@ async function planView() {
     svg.append(path);
   });
   const plab = s("text", { x: W - R + 4, y: T + 8 });
-  plab.textContent = usd(maxPrice) + "/1k jobs";
+  plab.textContent = price(maxPrice) + " / 1k jobs";
   svg.append(plab);
 
   const legend = h("p", { class: "legend" },
