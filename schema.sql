@@ -1,4 +1,4 @@
--- nightshift queue schema, version 4.
+-- nightshift queue schema, version 5.
 --
 -- Applied by `Store::open` (src/store/mod.rs embeds this file) to a new
 -- database (`PRAGMA user_version` 0). An older database is upgraded by the
@@ -96,6 +96,15 @@ CREATE INDEX IF NOT EXISTS jobs_completed ON jobs (completed_at, provider, cost_
 -- jobs_route and version 2's jobs_queued_deadline: every index is written by
 -- every ingested job, and one of them costs less than three.
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (route_id, deadline, priority DESC, id, est_input_tokens, est_output_tokens, state) WHERE state = 'queued';
+-- Version 5. Queue statistics (`/v1/stats`, the dashboard's overview) and
+-- lease recovery (every 30 s) read only these indexes, never the table,
+-- whose rows hold request and response bodies: running jobs (few), final
+-- jobs by state and provider with the sums the statistics add up, and the
+-- jobs with late answers (fewer still). Queued jobs are counted along
+-- jobs_due.
+CREATE INDEX IF NOT EXISTS jobs_running ON jobs (lease_until, lease_owner, provider, cost_usd, list_cost_usd, input_tokens, output_tokens) WHERE state = 'running';
+CREATE INDEX IF NOT EXISTS jobs_final ON jobs (state, provider, cost_usd, list_cost_usd, input_tokens, output_tokens) WHERE state IN ('succeeded', 'failed', 'expired', 'cancelled');
+CREATE INDEX IF NOT EXISTS jobs_late ON jobs (late_answers, late_cost_usd) WHERE late_answers > 0;
 
 -- Files of the OpenAI-compatible API (`/v1/files`). Uploaded batch input
 -- files keep their content here; a finished batch's output and error files

@@ -293,6 +293,22 @@ fn source_counts(conn: &Connection, source_id: i64) -> rusqlite::Result<SourceCo
     })
 }
 
+/// The queue statistics' reads (see [`Store::queue_stats`]).
+pub(super) const STATS_QUEUED: &str =
+    "SELECT COUNT(*) FROM jobs INDEXED BY jobs_due WHERE state = 'queued'";
+pub(super) const STATS_RUNNING: &str =
+    "SELECT state, provider, COUNT(*), TOTAL(cost_usd), TOTAL(list_cost_usd),
+        TOTAL(input_tokens), TOTAL(output_tokens)
+ FROM jobs INDEXED BY jobs_running WHERE state = 'running' GROUP BY provider";
+pub(super) const STATS_FINAL: &str =
+    "SELECT state, provider, COUNT(*), TOTAL(cost_usd), TOTAL(list_cost_usd),
+        TOTAL(input_tokens), TOTAL(output_tokens)
+ FROM jobs INDEXED BY jobs_final
+ WHERE state IN ('succeeded', 'failed', 'expired', 'cancelled')
+ GROUP BY state, provider";
+pub(super) const STATS_LATE: &str = "SELECT TOTAL(late_cost_usd), COALESCE(SUM(late_answers), 0)
+ FROM jobs INDEXED BY jobs_late WHERE late_answers > 0";
+
 impl Store {
     /// One job with its route, deadline and result.
     pub fn job_detail(&self, id: i64) -> Result<Option<JobDetail>> {
@@ -438,29 +454,43 @@ impl Store {
     /// whole queue (a read connection: it scans the jobs table).
     pub fn queue_stats(&self) -> Result<QueueStats> {
         let conn = self.reader()?;
-        let mut stmt = conn.prepare(
-            "SELECT state, provider, COUNT(*), TOTAL(cost_usd), TOTAL(list_cost_usd),
-                    TOTAL(input_tokens), TOTAL(output_tokens)
-             FROM jobs GROUP BY state, provider ORDER BY state, provider",
-        )?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok(StateProviderRow {
-                    state: JobState::parse(&r.get::<_, String>(0)?).unwrap_or(JobState::Failed),
-                    provider: r.get(1)?,
-                    jobs: r.get::<_, i64>(2)? as u64,
-                    cost_usd: r.get(3)?,
-                    list_cost_usd: r.get(4)?,
-                    input_tokens: r.get::<_, f64>(5)? as u64,
-                    output_tokens: r.get::<_, f64>(6)? as u64,
-                })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        let (late_cost_usd, late_answers): (f64, i64) = conn.query_row(
-            "SELECT TOTAL(late_cost_usd), COALESCE(SUM(late_answers), 0) FROM jobs WHERE late_answers > 0",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
+        // Three reads, each along an index that covers it, so that none
+        // reads the table (whose rows hold the bodies): queued jobs along
+        // jobs_due, running ones along jobs_running, final ones along
+        // jobs_final (see schema.sql, version 6).
+        let queued: i64 = conn.query_row(STATS_QUEUED, [], |r| r.get(0))?;
+        let mut rows = Vec::new();
+        if queued > 0 {
+            rows.push(StateProviderRow {
+                state: JobState::Queued,
+                provider: None,
+                jobs: queued as u64,
+                cost_usd: 0.0,
+                list_cost_usd: 0.0,
+                input_tokens: 0,
+                output_tokens: 0,
+            });
+        }
+        let row = |r: &rusqlite::Row| {
+            Ok(StateProviderRow {
+                state: JobState::parse(&r.get::<_, String>(0)?).unwrap_or(JobState::Failed),
+                provider: r.get(1)?,
+                jobs: r.get::<_, i64>(2)? as u64,
+                cost_usd: r.get(3)?,
+                list_cost_usd: r.get(4)?,
+                input_tokens: r.get::<_, f64>(5)? as u64,
+                output_tokens: r.get::<_, f64>(6)? as u64,
+            })
+        };
+        for sql in [STATS_RUNNING, STATS_FINAL] {
+            let mut stmt = conn.prepare_cached(sql)?;
+            for r in stmt.query_map([], row)? {
+                rows.push(r?);
+            }
+        }
+        rows.sort_by(|a, b| (a.state, &a.provider).cmp(&(b.state, &b.provider)));
+        let (late_cost_usd, late_answers): (f64, i64) =
+            conn.query_row(STATS_LATE, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(QueueStats {
             rows,
             late_cost_usd,

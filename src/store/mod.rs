@@ -49,7 +49,21 @@ const MIGRATIONS: &[&str] = &[
     // 4: the requests sent in the last 24 hours, for the rate limits of a
     // restarted daemon (see schema.sql).
     SENDS_SCHEMA,
+    // 5: indexes that cover the queue statistics and lease recovery, so that
+    // neither reads the table at a million jobs (see schema.sql).
+    STATS_INDEXES,
 ];
+
+/// Running jobs whose lease expired or that another daemon instance left:
+/// back to the queue. Reads jobs_running, not the table.
+const RECOVER_LEASES: &str =
+    "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until = NULL
+ WHERE state = 'running' AND (lease_until <= ?1 OR lease_owner IS NOT ?2)";
+
+/// Version 5's indexes, as in schema.sql.
+const STATS_INDEXES: &str = "CREATE INDEX IF NOT EXISTS jobs_running ON jobs (lease_until, lease_owner, provider, cost_usd, list_cost_usd, input_tokens, output_tokens) WHERE state = 'running';
+CREATE INDEX IF NOT EXISTS jobs_final ON jobs (state, provider, cost_usd, list_cost_usd, input_tokens, output_tokens) WHERE state IN ('succeeded', 'failed', 'expired', 'cancelled');
+CREATE INDEX IF NOT EXISTS jobs_late ON jobs (late_answers, late_cost_usd) WHERE late_answers > 0;";
 
 /// Version 4's table of recent sends, as in schema.sql.
 const SENDS_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS sends (
@@ -793,11 +807,9 @@ impl Store {
     /// another instance (the caller holds the instance lock, so such an owner
     /// is dead). The attempt stays counted.
     pub fn recover_leases(&self, now_ms: i64, owner: &str) -> Result<usize> {
-        Ok(self.conn().execute(
-            "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until = NULL
-             WHERE state = 'running' AND (lease_until <= ?1 OR lease_owner IS NOT ?2)",
-            params![now_ms, owner],
-        )?)
+        Ok(self
+            .conn()
+            .execute(RECOVER_LEASES, params![now_ms, owner])?)
     }
 
     /// Returns one running job of this owner to the queue (its request task
@@ -1207,6 +1219,32 @@ mod schema_tests {
             .collect::<rusqlite::Result<Vec<_>>>()
             .unwrap();
         rows.join("\n")
+    }
+
+    /// The statistics and lease recovery read indexes only: no table rows
+    /// (the bodies), whatever the queue holds.
+    #[test]
+    fn statistics_and_lease_recovery_never_read_the_table() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA_SQL).unwrap();
+        for (sql, index) in [
+            (api::STATS_QUEUED, "jobs_due"),
+            (api::STATS_RUNNING, "jobs_running"),
+            (api::STATS_FINAL, "jobs_final"),
+            (api::STATS_LATE, "jobs_late"),
+        ] {
+            let plan = plan_of(&conn, sql);
+            assert!(
+                plan.contains(&format!("USING COVERING INDEX {index}")),
+                "{sql}\nplan:\n{plan}"
+            );
+            // Running jobs are at most daemon.max_in_flight: they may be sorted.
+            if index != "jobs_running" {
+                assert!(!plan.contains("TEMP B-TREE"), "{sql}\nplan:\n{plan}");
+            }
+        }
+        let plan = plan_of(&conn, RECOVER_LEASES);
+        assert!(plan.contains("USING INDEX jobs_running"), "plan:\n{plan}");
     }
 
     /// Both per-pass statements seek an index range instead of scanning jobs.

@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -24,8 +25,10 @@ const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
 const WAIT: Duration = Duration::from_secs(30);
 
-/// A chromedriver process and a headless chromium session through it; the
-/// driver is killed when this is dropped.
+/// A chromedriver process and a headless chromium session through it.
+/// chromedriver runs in a process group of its own, which the browser it
+/// starts inherits: dropping this (a test that ends or fails) kills the
+/// whole group, so no chromium outlives its test.
 struct Headless {
     browser: Browser,
     driver: Child,
@@ -34,8 +37,15 @@ struct Headless {
 
 impl Drop for Headless {
     fn drop(&mut self) {
-        let _ = self.driver.kill();
+        kill_group(self.driver.id());
         let _ = self.driver.wait();
+    }
+}
+
+/// Kills the process group `pgid` leads.
+fn kill_group(pgid: u32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pgid as i32) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
     }
 }
 
@@ -59,6 +69,7 @@ async fn headless() -> Headless {
     }
     let port = free_port();
     let driver = Command::new(&driver_bin)
+        .process_group(0)
         .arg(format!("--port={port}"))
         .arg("--allowed-ips=127.0.0.1")
         .stdout(Stdio::null())
