@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use nightshift::config::{Config, EMBEDDED_DEFAULT};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
@@ -29,6 +29,14 @@ enum ReportBy {
     Provider,
     Class,
     Day,
+}
+
+/// The shells `nightshift completions` writes a script for.
+#[derive(Clone, Copy, ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -183,6 +191,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script for bash, zsh or fish.
+    ///
+    /// Write it where the shell looks for completions. bash:
+    /// `nightshift completions bash > ~/.local/share/bash-completion/completions/nightshift`.
+    ///
+    /// zsh: `nightshift completions zsh > ~/.zfunc/_nightshift` (a directory on $fpath).
+    ///
+    /// fish: `nightshift completions fish > ~/.config/fish/completions/nightshift.fish`.
+    Completions {
+        /// The shell to complete in.
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -291,6 +312,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             nightshift::cli::client::cancel(c, &id, json).await
         }),
         Command::DefaultConfig => emit(EMBEDDED_DEFAULT),
+        Command::Completions { shell } => emit(&completions(shell)),
         Command::CheckConfig { file } => {
             let config = load(file.as_ref())?;
             let mut out = nightshift::cli::tables::effective_config(&config);
@@ -405,6 +427,19 @@ fn run(command: Command) -> anyhow::Result<()> {
             runtime.block_on(nightshift::daemon::run(config, path, shutdown_signal()))
         }
     }
+}
+
+/// The completion script for `shell`, generated from the clap definitions.
+fn completions(shell: CompletionShell) -> String {
+    let shell = match shell {
+        CompletionShell::Bash => clap_complete::Shell::Bash,
+        CompletionShell::Zsh => clap_complete::Shell::Zsh,
+        CompletionShell::Fish => clap_complete::Shell::Fish,
+    };
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "nightshift", &mut script);
+    // clap writes the names and help texts it was given, which are UTF-8.
+    String::from_utf8_lossy(&script).into_owned()
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -219,3 +219,42 @@ async fn plan_shows_the_running_dispatchers_plan_and_falls_back_offline() {
     assert!(!json.status.success());
     assert!(String::from_utf8_lossy(&json.stderr).contains("--offline"));
 }
+
+/// `nightshift completions SHELL` prints a script that completes the real
+/// subcommands; bash itself accepts the bash one (when bash is installed).
+#[test]
+fn completions_for_bash_zsh_and_fish_name_the_subcommands() {
+    let dir = tempfile::tempdir().unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = nightshift(dir.path(), &["completions", shell]);
+        assert!(
+            out.status.success(),
+            "{shell}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let script = String::from_utf8(out.stdout).unwrap();
+        for sub in ["serve", "simulate", "jobs", "completions"] {
+            assert!(script.contains(sub), "{shell}: no {sub} in\n{script}");
+        }
+        if shell == "bash" {
+            let path = dir.path().join("nightshift.bash");
+            fs::write(&path, &script).unwrap();
+            match Command::new("bash").arg("-n").arg(&path).output() {
+                Ok(check) => assert!(
+                    check.status.success(),
+                    "bash -n: {}",
+                    String::from_utf8_lossy(&check.stderr)
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => panic!("running bash: {e}"),
+            }
+        }
+    }
+    let out = nightshift(dir.path(), &["completions", "tcsh"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("possible values: bash, zsh, fish"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
