@@ -51,6 +51,7 @@ enum Command {
     /// simulated providers, state in ./state, the watched folder ./jobs.
     Serve {
         /// Configuration file (TOML). Replaces the embedded default.
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -64,6 +65,7 @@ enum Command {
     DefaultConfig,
     /// Show each model class's effective prices hour by hour (cheapest marked).
     Prices {
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Start of the table (RFC 3339); now if omitted.
@@ -76,6 +78,7 @@ enum Command {
     /// Spend and savings of finished jobs: actual cost against list cost,
     /// from the daemon's database.
     Report {
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Only jobs finished since then: RFC 3339, or a duration such as 7d.
@@ -93,6 +96,7 @@ enum Command {
     /// over its socket. Otherwise, or with --offline, the queue is planned
     /// from the database with the configured limits.
     Plan {
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Plan from the database even if the daemon is running.
@@ -105,6 +109,7 @@ enum Command {
     /// Run a workload in virtual time against simulated providers and compare
     /// policies on cost and deadline misses.
     Simulate {
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Job lines with "submit_at" (RFC 3339 or "+2h30m") and optional "sim": {"output_tokens": N}.
@@ -131,11 +136,13 @@ enum Command {
     },
     /// Print the bearer token for the TCP listener (created if missing; mode 0600).
     Token {
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
     /// Submit job files to the running daemon (each file all or nothing).
     Submit {
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// JSONL job files.
@@ -157,6 +164,7 @@ enum Command {
     },
     /// List jobs of the running daemon.
     Jobs {
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// queued, running, succeeded, failed, expired or cancelled.
@@ -172,6 +180,7 @@ enum Command {
     },
     /// The running daemon's queue by state and provider, spend, savings, next price change.
     Status {
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
         #[arg(long)]
@@ -180,11 +189,13 @@ enum Command {
     /// Run retention (daemon.retention) and a WAL checkpoint once on the
     /// database, and print what was done. Safe while the daemon runs.
     Maintenance {
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
     /// Cancel a queued job (job_N) or a batch (batch_N).
     Cancel {
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
         id: String,
@@ -482,6 +493,84 @@ mod tests {
             "{report}"
         );
         assert!(!report.contains("intends to do"), "{report}");
+    }
+
+    /// Every man page, as clap_mangen renders it from the CLI: (file name,
+    /// content) of `nightshift.1` and one page per subcommand, nested ones
+    /// too (`nightshift-serve.1`, `nightshift-jobs-show.1`).
+    fn man_pages() -> Vec<(String, Vec<u8>)> {
+        fn walk(cmd: clap::Command, out: &mut Vec<(String, Vec<u8>)>) {
+            for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+                walk(sub.clone(), out);
+            }
+            let man = clap_mangen::Man::new(cmd);
+            let mut page = Vec::new();
+            man.render(&mut page).expect("rendering into memory");
+            out.push((man.get_filename(), page));
+        }
+        let mut cli = Cli::command().disable_help_subcommand(true);
+        cli.build();
+        let mut pages = Vec::new();
+        walk(cli, &mut pages);
+        pages.sort();
+        pages
+    }
+
+    /// docs/man holds exactly the pages the CLI generates. With
+    /// NIGHTSHIFT_BLESS=1 the test rewrites them instead.
+    #[test]
+    fn the_committed_man_pages_match_the_cli() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/man");
+        let pages = man_pages();
+        assert!(
+            pages.iter().any(|p| p.0 == "nightshift.1")
+                && pages.iter().any(|p| p.0 == "nightshift-serve.1"),
+            "{:?}",
+            pages.iter().map(|p| &p.0).collect::<Vec<_>>()
+        );
+        let committed = |dir: &std::path::Path| -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".1"))
+                .collect();
+            names.sort();
+            names
+        };
+        if std::env::var_os("NIGHTSHIFT_BLESS").is_some_and(|v| v == "1") {
+            std::fs::create_dir_all(&dir).unwrap();
+            for name in committed(&dir) {
+                if !pages.iter().any(|p| p.0 == name) {
+                    std::fs::remove_file(dir.join(name)).unwrap();
+                }
+            }
+            for (name, page) in &pages {
+                std::fs::write(dir.join(name), page).unwrap();
+            }
+            return;
+        }
+        let mut wrong: Vec<String> = Vec::new();
+        for (name, page) in &pages {
+            match std::fs::read(dir.join(name)) {
+                Ok(file) if file == *page => {}
+                Ok(_) => wrong.push(format!("{name} differs")),
+                Err(_) => wrong.push(format!("{name} is missing")),
+            }
+        }
+        for name in committed(&dir) {
+            if !pages.iter().any(|p| p.0 == name) {
+                wrong.push(format!("{name} is not a page of the CLI"));
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "docs/man is out of step with the CLI ({}): run \
+             `NIGHTSHIFT_BLESS=1 cargo test --bin nightshift man_pages` to rewrite it, \
+             and commit the result",
+            wrong.join(", ")
+        );
     }
 
     #[test]
