@@ -162,21 +162,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List jobs of the running daemon.
+    /// List jobs of the running daemon (one page, in id order), or show
+    /// one: `nightshift jobs show job_N`.
+    #[command(disable_help_subcommand = true)]
     Jobs {
-        /// Configuration file (TOML); the embedded default if omitted.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        /// queued, running, succeeded, failed, expired or cancelled.
-        #[arg(long)]
-        state: Option<String>,
-        /// Start after this job id (the previous page's last).
-        #[arg(long)]
-        after: Option<String>,
-        #[arg(long, default_value_t = 50)]
-        limit: u32,
-        #[arg(long)]
-        json: bool,
+        #[command(subcommand)]
+        command: Option<JobsCommand>,
+        #[command(flatten)]
+        list: JobsList,
     },
     /// The running daemon's queue by state and provider, spend, savings, next price change.
     Status {
@@ -214,6 +207,54 @@ enum Command {
         /// The shell to complete in.
         #[arg(value_enum)]
         shell: CompletionShell,
+    },
+}
+
+/// `nightshift jobs` without a subcommand: one page of the list.
+#[derive(clap::Args)]
+struct JobsList {
+    /// Configuration file (TOML); the embedded default if omitted.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    /// queued, running, succeeded, failed, expired or cancelled.
+    #[arg(long)]
+    state: Option<String>,
+    /// Start after this job id (the previous page's last).
+    #[arg(long)]
+    after: Option<String>,
+    /// How many jobs, 1 to 1000 (default 50).
+    #[arg(long)]
+    limit: Option<u32>,
+    /// Print the API's JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl JobsList {
+    /// The first list option given, if any: they have no meaning for
+    /// `jobs show` (whose own --json comes after it).
+    fn list_option(&self) -> Option<&'static str> {
+        [
+            (self.state.is_some(), "--state"),
+            (self.after.is_some(), "--after"),
+            (self.limit.is_some(), "--limit"),
+            (self.json, "--json"),
+        ]
+        .into_iter()
+        .find_map(|(given, name)| given.then_some(name))
+    }
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// One job: its state, where and when it ran, what it cost, the plan for
+    /// it while queued, its error once failed, and why it is where it is.
+    Show {
+        /// The job's id (job_N).
+        id: String,
+        /// Print the API's JSON object (GET /v1/jobs/{id}).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -308,13 +349,31 @@ fn run(command: Command) -> anyhow::Result<()> {
             })
         }
         Command::Jobs {
-            config,
-            state,
-            after,
-            limit,
-            json,
-        } => client_command(config.as_ref(), async |c| {
-            nightshift::cli::client::jobs(c, state.as_deref(), after.as_deref(), limit, json).await
+            command: Some(JobsCommand::Show { id, json }),
+            list,
+        } => {
+            if let Some(option) = list.list_option() {
+                anyhow::bail!(
+                    "{option} lists jobs and does not go with `jobs show`; \
+                     `nightshift jobs show {id} --json` prints the job's JSON"
+                );
+            }
+            client_command(list.config.as_ref(), async |c| {
+                nightshift::cli::client::job_show(c, &id, json).await
+            })
+        }
+        Command::Jobs {
+            command: None,
+            list,
+        } => client_command(list.config.as_ref(), async |c| {
+            nightshift::cli::client::jobs(
+                c,
+                list.state.as_deref(),
+                list.after.as_deref(),
+                list.limit.unwrap_or(50),
+                list.json,
+            )
+            .await
         }),
         Command::Status { config, json } => client_command(config.as_ref(), async |c| {
             nightshift::cli::client::status(c, json).await

@@ -273,6 +273,24 @@ pub async fn jobs(
     Ok(out)
 }
 
+/// `nightshift jobs show ID`: one job as a readable page (the API's object
+/// with `--json`). An unknown id is the API's 404, as an error.
+pub async fn job_show(client: &Client, id: &str, json: bool) -> anyhow::Result<String> {
+    let v = client
+        .get(&format!("/v1/jobs/{}", encode(id)))
+        .await
+        .map_err(|e| match e {
+            CallError::Api { status, .. } if status == hyper::StatusCode::NOT_FOUND => {
+                anyhow::anyhow!("no job {id} (job ids look like job_12)")
+            }
+            e => e.into(),
+        })?;
+    if json {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&v)?));
+    }
+    Ok(crate::cli::tables::job_page(&v))
+}
+
 /// `nightshift status`: the queue by state and provider, spend, savings,
 /// the plan's expected cost, the next price change.
 pub async fn status(client: &Client, json: bool) -> anyhow::Result<String> {
