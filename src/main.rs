@@ -225,6 +225,13 @@ struct JobsList {
     /// How many jobs, 1 to 1000 (default 50).
     #[arg(long)]
     limit: Option<u32>,
+    /// Only jobs from here: file (the watched folder), submission (POST
+    /// /v1/jobs), batch (the Batch API), or one of them: sub_N, batch_N.
+    #[arg(long)]
+    source: Option<String>,
+    /// Only jobs with exactly this custom_id.
+    #[arg(long)]
+    custom_id: Option<String>,
     /// Print the API's JSON.
     #[arg(long)]
     json: bool,
@@ -238,6 +245,8 @@ impl JobsList {
             (self.state.is_some(), "--state"),
             (self.after.is_some(), "--after"),
             (self.limit.is_some(), "--limit"),
+            (self.source.is_some(), "--source"),
+            (self.custom_id.is_some(), "--custom-id"),
             (self.json, "--json"),
         ]
         .into_iter()
@@ -365,16 +374,19 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Jobs {
             command: None,
             list,
-        } => client_command(list.config.as_ref(), async |c| {
-            nightshift::cli::client::jobs(
-                c,
-                list.state.as_deref(),
-                list.after.as_deref(),
-                list.limit.unwrap_or(50),
-                list.json,
-            )
-            .await
-        }),
+        } => {
+            let args = nightshift::cli::client::JobsArgs {
+                state: list.state.as_deref(),
+                after: list.after.as_deref(),
+                limit: list.limit.unwrap_or(50),
+                source: list.source.as_deref(),
+                custom_id: list.custom_id.as_deref(),
+                json: list.json,
+            };
+            client_command(list.config.as_ref(), async |c| {
+                nightshift::cli::client::jobs(c, &args).await
+            })
+        }
         Command::Status { config, json } => client_command(config.as_ref(), async |c| {
             nightshift::cli::client::status(c, json).await
         }),
