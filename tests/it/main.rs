@@ -11,6 +11,7 @@ mod connections;
 mod epipe;
 mod faults;
 mod folder;
+mod grafana;
 mod hostile_files;
 mod hostile_values;
 mod http;
