@@ -186,6 +186,16 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Print a one-time link to the running daemon's dashboard (its TCP
+    /// listener). The link logs in once, within 5 minutes; the session
+    /// lasts 12 hours.
+    Ui {
+        /// Configuration file (TOML); the embedded default if omitted.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Cancel a queued job (job_N) or a batch (batch_N).
     Cancel {
         /// Configuration file (TOML); the embedded default if omitted.
@@ -392,6 +402,9 @@ fn run(command: Command) -> anyhow::Result<()> {
         }),
         Command::Cancel { config, id, json } => client_command(config.as_ref(), async |c| {
             nightshift::cli::client::cancel(c, &id, json).await
+        }),
+        Command::Ui { config, json } => client_command(config.as_ref(), async |c| {
+            nightshift::cli::client::ui_link(c, json).await
         }),
         Command::DefaultConfig => emit(EMBEDDED_DEFAULT),
         Command::Completions { shell } => emit(&completions(shell)),

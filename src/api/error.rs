@@ -187,6 +187,15 @@ impl ApiError {
         }
     }
 
+    /// 403: authenticated, but this request may not be made this way
+    /// (a cross-site request, or a session asking for a bearer-only route).
+    pub fn forbidden(message: impl Into<String>, code: &'static str) -> ApiError {
+        ApiError {
+            code: Some(code),
+            ..ApiError::new(StatusCode::FORBIDDEN, message)
+        }
+    }
+
     /// 409: the request conflicts with the object's state.
     pub fn conflict(message: impl Into<String>, code: &'static str) -> ApiError {
         ApiError {

@@ -102,6 +102,13 @@ pub fn bind_tcp(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpLis
         .with_context(|| format!("binding the HTTP API to {addr}"))
 }
 
+/// `N` bytes from the kernel's CSPRNG, as hex: tokens, login codes, session ids.
+pub fn random_hex<const N: usize>() -> io::Result<String> {
+    let mut random = [0u8; N];
+    fs::File::open("/dev/urandom").and_then(|mut f| io::Read::read_exact(&mut f, &mut random))?;
+    Ok(hex::encode(random))
+}
+
 /// Reads the token at `path`, creating it (mode 0600, 32 random bytes as
 /// hex) if it does not exist yet.
 pub fn ensure_token(path: &Path) -> anyhow::Result<String> {
@@ -113,11 +120,10 @@ pub fn ensure_token(path: &Path) -> anyhow::Result<String> {
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut random = [0u8; 32];
-    fs::File::open("/dev/urandom")
-        .and_then(|mut f| io::Read::read_exact(&mut f, &mut random))
-        .context("reading /dev/urandom for the API token")?;
-    let token = format!("ns-{}", hex::encode(random));
+    let token = format!(
+        "ns-{}",
+        random_hex::<32>().context("reading /dev/urandom for the API token")?
+    );
     // Written under a temporary name, then linked into place: a concurrent
     // creator (the daemon and `nightshift token` at once) cannot leave a
     // half-written file, and whoever links second reads the first's token.

@@ -15,6 +15,7 @@
 //! keeps them in step). `serve` owns the connections: how many each
 //! listener holds, and how long a client may be idle or slow.
 
+mod auth;
 pub mod client;
 mod error;
 pub mod listen;
@@ -23,6 +24,8 @@ mod objects;
 mod openai;
 mod result_files;
 mod serve;
+pub mod ui;
+mod views;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -30,14 +33,13 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderMap, Method, header};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, get, post};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+pub use auth::router_with_token;
 pub use error::{ApiError, ApiResult};
 
 use crate::config::Config;
@@ -60,6 +62,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/plan"),
     ("GET", "/v1/providers"),
     ("GET", "/v1/stats"),
+    ("GET", "/v1/prices"),
+    ("GET", "/v1/sources"),
     ("POST", "/v1/files"),
     ("GET", "/v1/files/{id}"),
     ("GET", "/v1/files/{id}/content"),
@@ -67,6 +71,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/batches"),
     ("GET", "/v1/batches/{id}"),
     ("POST", "/v1/batches/{id}/cancel"),
+    ("POST", "/v1/ui/login-codes"),
 ];
 
 /// What the handlers share.
@@ -81,6 +86,8 @@ pub struct ApiState {
     pub max_upload: u64,
     plan_cache: objects::PlanCache,
     submissions: AtomicU64,
+    /// Dashboard logins and the TCP address it is served on.
+    pub ui: ui::UiState,
 }
 
 impl ApiState {
@@ -96,6 +103,7 @@ impl ApiState {
             max_upload: config.http.max_upload,
             plan_cache: objects::PlanCache::default(),
             submissions: AtomicU64::new(0),
+            ui: ui::UiState::default(),
         }
     }
 
@@ -146,6 +154,8 @@ fn route_for(method: &str, path: &str) -> MethodRouter<S> {
         ("GET", "/v1/plan") => get(n::get_plan),
         ("GET", "/v1/providers") => get(n::providers),
         ("GET", "/v1/stats") => get(n::stats),
+        ("GET", "/v1/prices") => get(views::prices),
+        ("GET", "/v1/sources") => get(views::sources),
         ("POST", "/v1/files") => post(o::upload_file),
         ("GET", "/v1/files/{id}") => get(o::get_file),
         ("GET", "/v1/files/{id}/content") => get(o::file_content),
@@ -153,6 +163,7 @@ fn route_for(method: &str, path: &str) -> MethodRouter<S> {
         ("GET", "/v1/batches") => get(o::list_batches),
         ("GET", "/v1/batches/{id}") => get(o::get_batch),
         ("POST", "/v1/batches/{id}/cancel") => post(o::cancel_batch),
+        ("POST", "/v1/ui/login-codes") => post(ui::create_login_code),
         _ => unreachable!("ROUTES lists {method} {path} without a handler"),
     }
 }
@@ -180,56 +191,13 @@ pub fn router(state: S) -> Router {
         );
         router = router.route(path, methods);
     }
-    router
+    ui::add_routes(router)
         .fallback(|method: Method, uri: axum::http::Uri| async move {
             ApiError::unknown_route(method.as_str(), uri.path())
         })
         // Limits are enforced per route (see `read_body`), with 413s in OpenAI's shape.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
-}
-
-/// The bearer token the TCP listener requires.
-struct Token(String);
-
-/// Constant-time comparison, so the token cannot be guessed byte by byte.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// The token of an `Authorization: Bearer <token>` value. The scheme is
-/// case-insensitive (RFC 7235 section 2.1): `bearer` and `BEARER` too.
-fn bearer_token(value: &str) -> Option<&str> {
-    let (scheme, token) = value.trim_start().split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-}
-
-async fn require_token(State(token): State<Arc<Token>>, req: Request, next: Next) -> Response {
-    // Liveness checks need no secret and learn nothing.
-    if req.uri().path() == "/healthz" {
-        return next.run(req).await;
-    }
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer_token);
-    match given {
-        None => ApiError::unauthorized(
-            "missing bearer token: send 'Authorization: Bearer <token>' (`nightshift token` prints it)",
-        )
-        .into_response(),
-        Some(t) if same(t.as_bytes(), token.0.as_bytes()) => next.run(req).await,
-        Some(_) => ApiError::unauthorized("incorrect bearer token").into_response(),
-    }
-}
-
-/// The router for the TCP listener: every route but `/healthz` needs the token.
-pub fn router_with_token(state: S, token: String) -> Router {
-    router(state).layer(middleware::from_fn_with_state(
-        Arc::new(Token(token)),
-        require_token,
-    ))
 }
 
 /// Reads a whole body of at most `limit` bytes; 413 beyond.
@@ -296,6 +264,7 @@ impl Server {
                 let token = listen::ensure_token(&config.http.token_file)?;
                 let listener = listen::bind_tcp(addr)?;
                 let bound = listener.local_addr()?;
+                state.ui.set_tcp(bound);
                 info!(tcp = %bound, token_file = %config.http.token_file.display(),
                       "HTTP API listening on TCP (bearer token required)");
                 Some((listener, token))
@@ -387,16 +356,6 @@ mod tests {
             "job_99999999999999999999",
         ] {
             assert_eq!(parse_id(bad, "job_"), None, "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn the_bearer_scheme_is_case_insensitive() {
-        for v in ["Bearer ns-1", "bearer ns-1", "BEARER ns-1", "bEaReR  ns-1 "] {
-            assert_eq!(bearer_token(v), Some("ns-1"), "{v:?}");
-        }
-        for v in ["Basic ns-1", "Bearerns-1", "ns-1", "", "Bearer"] {
-            assert_eq!(bearer_token(v), None, "{v:?}");
         }
     }
 }

@@ -68,7 +68,7 @@ pub async fn metrics(State(s): State<S>) -> ApiResult<axum::response::Response> 
         .into_response())
 }
 
-fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
+pub(super) fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
     q.map(|Query(q)| q).map_err(|e| {
         ApiError::bad_request(
             format!("invalid query string: {}", e.body_text()),
@@ -399,7 +399,16 @@ pub async fn get_job(State(s): State<S>, Path(id): Path<String>) -> ApiResult<Js
             } else {
                 None
             };
-            Ok(Some(objects::job_json(&d, plan, true)))
+            let mut v = objects::job_json(&d, plan, true);
+            // The request as queued: what the page and `jobs show` print.
+            if let Some(body) = s.shared.store.job_body(n)? {
+                v["request"] = json!({
+                    "method": "POST",
+                    "url": d.endpoint,
+                    "body": serde_json::from_str::<Value>(&body).unwrap_or(Value::String(body)),
+                });
+            }
+            Ok(Some(v))
         })
         .await??;
     out.map(Json).ok_or_else(|| ApiError::not_found("job", &id))
@@ -581,8 +590,21 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
 
 /// `GET /v1/stats`: the queue by state and provider, spend and savings.
 pub async fn stats(State(s): State<S>) -> ApiResult<Json<Value>> {
-    let st = s.db(|s| s.shared.store.queue_stats()).await??;
     let now = Utc::now();
+    let (st, by_route, budgets) = s
+        .db(move |s| -> crate::store::Result<_> {
+            Ok((
+                s.shared.store.queue_stats()?,
+                s.shared.store.queued_by_route()?,
+                super::views::budgets_json(s, now)?,
+            ))
+        })
+        .await??;
+    let mut queued_by_class: BTreeMap<String, u64> = BTreeMap::new();
+    for (key, n) in by_route {
+        let class = crate::domain::job::RouteKey::decode(&key).map_or(key, |k| k.model);
+        *queued_by_class.entry(class).or_default() += n;
+    }
     let mut by_state: BTreeMap<&str, u64> = JobState::ALL.iter().map(|x| (x.as_str(), 0)).collect();
     let mut providers: BTreeMap<String, BTreeMap<&str, Value>> = BTreeMap::new();
     let (mut spend, mut list_ok, mut cost_ok) = (st.late_cost_usd, 0.0, 0.0);
@@ -632,7 +654,9 @@ pub async fn stats(State(s): State<S>) -> ApiResult<Json<Value>> {
         "object": "stats",
         "at": rfc3339(now.timestamp_millis()),
         "jobs": by_state,
+        "queued_by_class": queued_by_class,
         "providers": providers,
+        "budgets": budgets,
         "spend_usd": usd(spend),
         "succeeded_cost_usd": usd(cost_ok),
         "succeeded_list_cost_usd": usd(list_ok),

@@ -414,3 +414,17 @@ pub async fn cancel(client: &Client, id: &str, json: bool) -> anyhow::Result<Str
         _ => format!("{}: {}\n", id, v["state"].as_str().unwrap_or_default()),
     })
 }
+
+/// `nightshift ui`: a one-time login link to the running daemon's
+/// dashboard (it logs in once, within 5 minutes; the session lasts 12 h).
+pub async fn ui_link(client: &Client, json: bool) -> anyhow::Result<String> {
+    let v = client.post_json("/v1/ui/login-codes", &json!({})).await?;
+    if json {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&v)?));
+    }
+    Ok(format!(
+        "Open this link to log in to the dashboard (once, until {}):\n{}\n",
+        v["expires_at"].as_str().unwrap_or_default(),
+        v["url"].as_str().unwrap_or_default()
+    ))
+}

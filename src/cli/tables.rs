@@ -10,10 +10,7 @@ use chrono::{DateTime, Duration, DurationRound, Utc};
 use crate::domain::pricing::{Catalog, ModelId};
 use crate::plan::{JobGroup, Plan};
 
-/// The token mix used to rank models in the price table: a typical
-/// classification or extraction job.
-pub const TYPICAL_INPUT: u64 = 1000;
-pub const TYPICAL_OUTPUT: u64 = 250;
+pub use crate::domain::pricing::{TYPICAL_INPUT, TYPICAL_OUTPUT};
 
 fn hour_floor(t: DateTime<Utc>) -> DateTime<Utc> {
     t.duration_trunc(Duration::hours(1)).unwrap_or(t)

@@ -1561,7 +1561,8 @@ mod tests {
             (c.http.max_body, c.http.max_upload),
             (10_000_000, 100_000_000)
         );
-        assert_eq!(c.http.tcp, None);
+        // The dashboard's listener: loopback, on a port the OS picks.
+        assert_eq!(c.http.tcp, Some("127.0.0.1:0".parse().unwrap()));
 
         let providers = "[[providers]]\nname = \"a\"\nkind = \"simulated\"\n[[providers.models]]\nname = \"m\"\n\
                          input_per_mtok = 1.0\noutput_per_mtok = 2.0\n";

@@ -488,6 +488,76 @@ impl Catalog {
     }
 }
 
+/// The token mix used to rank models in price tables and charts: a typical
+/// classification or extraction job.
+pub const TYPICAL_INPUT: u64 = 1000;
+pub const TYPICAL_OUTPUT: u64 = 250;
+
+/// One stretch of time over which a class's cheapest member and its price
+/// stay the same.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PriceStep {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    /// The cheapest member for a job of the given token mix.
+    pub model: ModelId,
+    /// Its effective price (markup included), USD per 1M tokens.
+    pub input_per_mtok: f64,
+    pub output_per_mtok: f64,
+    /// What that job costs there.
+    pub job_usd: f64,
+}
+
+impl Catalog {
+    /// A class's cheapest effective price over `[from, to)` for a job of
+    /// `input` / `output` tokens, as steps that change only where some price
+    /// window opens or closes. Empty for an unknown class.
+    pub fn cheapest_steps(
+        &self,
+        class: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        input: u64,
+        output: u64,
+    ) -> Vec<PriceStep> {
+        let Some(members) = self.classes.get(class).filter(|m| !m.is_empty()) else {
+            return Vec::new();
+        };
+        let at = |t: DateTime<Utc>| {
+            let (m, cost) = members
+                .iter()
+                .map(|&m| (m, self.cost_at(m, t, input, output)))
+                .fold((members[0], f64::INFINITY), |best, x| {
+                    if x.1 < best.1 { x } else { best }
+                });
+            let markup = 1.0 + self.providers[self.models[m].provider].markup;
+            let p = self.price_at(m, t);
+            PriceStep {
+                from: t,
+                to,
+                model: m,
+                input_per_mtok: p.input_per_mtok * markup,
+                output_per_mtok: p.output_per_mtok * markup,
+                job_usd: cost,
+            }
+        };
+        let mut steps = vec![at(from)];
+        let mut t = from;
+        while let Some(next) = self.next_price_change(t, to - t).filter(|&n| n < to) {
+            let step = at(next);
+            let last = steps.last_mut().expect("one step at least");
+            if (step.model, step.job_usd) == (last.model, last.job_usd) {
+                t = next;
+                continue;
+            }
+            last.to = next;
+            steps.push(step);
+            t = next;
+        }
+        steps
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -643,6 +713,34 @@ mod tests {
             cat.price_at(0, utc("2026-11-24T02:00:00Z")).output_per_mtok,
             0.3
         );
+    }
+
+    #[test]
+    fn cheapest_steps_change_only_where_a_window_changes_the_price() {
+        let peak = PriceWindow {
+            effect: WindowEffect::Multiplier(1.0),
+            ..window(&ALL_DAYS, &[(60, 240)], Tz::UTC)
+        };
+        let off = PriceWindow::always("off", WindowEffect::Multiplier(0.5));
+        let mut cat = catalog_with(vec![peak, off], None);
+        cat.classes.insert("c".into(), vec![0]);
+        let from = utc("2026-11-24T00:30:00Z");
+        let to = utc("2026-11-25T00:30:00Z");
+        let steps = cat.cheapest_steps("c", from, to, 1000, 500);
+        let spans: Vec<_> = steps.iter().map(|s| (s.from, s.to)).collect();
+        assert_eq!(
+            spans,
+            vec![
+                (from, utc("2026-11-24T01:00:00Z")),
+                (utc("2026-11-24T01:00:00Z"), utc("2026-11-24T04:00:00Z")),
+                (utc("2026-11-24T04:00:00Z"), to),
+            ]
+        );
+        // Off-peak half price, markup included; the job's cost with it.
+        assert!((steps[0].input_per_mtok - 0.55).abs() < 1e-12);
+        assert!((steps[1].output_per_mtok - 4.4).abs() < 1e-12);
+        assert!((steps[1].job_usd - 2.0 * steps[0].job_usd).abs() < 1e-15);
+        assert!(cat.cheapest_steps("nope", from, to, 1, 1).is_empty());
     }
 
     #[test]

@@ -375,6 +375,13 @@ impl Store {
         Ok(stmt.query_row([id], detail_from_row).optional()?)
     }
 
+    /// A job's request body as it was queued (verbatim JSON).
+    pub fn job_body(&self, id: i64) -> Result<Option<String>> {
+        let conn = self.reader()?;
+        let mut stmt = conn.prepare_cached("SELECT body FROM jobs WHERE id = ?1")?;
+        Ok(stmt.query_row([id], |r| r.get(0)).optional()?)
+    }
+
     /// Jobs in id order after `after` that pass `filter`; at most `limit`
     /// (without their response bodies). Each filter is answered from an
     /// index (see [`list_jobs_sql`]).
@@ -473,6 +480,39 @@ impl Store {
             ingested_at,
             counts: source_counts(&conn, id)?,
         }))
+    }
+
+    /// The newest sources (files, submissions, batches) before `before`
+    /// (an id; all if `None`), newest first, each with its jobs' states.
+    pub fn list_sources(&self, before: Option<i64>, limit: usize) -> Result<Vec<SourceInfo>> {
+        let conn = self.reader()?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, origin, name, stem, ingested_at FROM sources
+             WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt
+            .query_map(params![before.unwrap_or(i64::MAX), limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter()
+            .map(|(id, origin, name, stem, ingested_at)| {
+                Ok(SourceInfo {
+                    id,
+                    origin,
+                    name,
+                    stem,
+                    ingested_at,
+                    counts: source_counts(&conn, id)?,
+                })
+            })
+            .collect()
     }
 
     /// Jobs and money per (state, provider), and late answers, over the

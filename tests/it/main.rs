@@ -8,6 +8,7 @@ mod anthropic;
 mod budget;
 mod cli;
 mod connections;
+mod dashboard;
 mod epipe;
 mod faults;
 mod folder;
