@@ -248,8 +248,11 @@ pub fn plan_table_json(v: &serde_json::Value) -> String {
     out
 }
 
+/// How much of a job's request body its page shows.
+const REQUEST_CHARS: usize = 120;
+
 /// One job as `nightshift jobs show` prints it, from the API's object
-/// (`GET /v1/jobs/{id}`): what it is, where it stands, where and when it
+/// (`GET /v1/jobs/{id}`): what it is (its request, cut short), where it stands, where and when it
 /// ran, what it cost, the plan for it while queued, its error once it
 /// failed, and, when the API explains it (`explanation.text`), why.
 /// Fields the object lacks print as `-`; text from outside (custom ids,
@@ -282,6 +285,24 @@ pub fn job_page(v: &serde_json::Value) -> String {
         "model",
         format!("{} ({})", text(&v["model"]), text(&v["endpoint"])),
     );
+    let request = &v["request"];
+    if request.is_object() {
+        // The body on one line, cut short: `--json` has all of it.
+        let body = request["body"].to_string();
+        let body = match body.char_indices().nth(REQUEST_CHARS) {
+            Some((at, _)) => format!("{}…", &body[..at]),
+            None => body,
+        };
+        line(
+            "request",
+            format!(
+                "{} {} {}",
+                text(&request["method"]),
+                text(&request["url"]),
+                escaped(&body)
+            ),
+        );
+    }
     line("submitted", text(&v["submitted_at"]));
     line("deadline", text(&v["deadline"]));
     line("not before", text(&v["not_before"]));
@@ -570,6 +591,8 @@ mod tests {
                                       "jobs": 5.0, "expected_cost_per_job_usd": 0.0001}],
                      "overflow_jobs": 0.0},
             "result": null,
+            "request": {"method": "POST", "url": "/v1/chat/completions",
+                        "body": {"model": "cheap-chat", "messages": [{"role": "user", "content": "x".repeat(300)}]}},
             "explanation": {"code": "waiting_for_cheaper", "text": "held for deepseek's off-peak window from 02:00"},
         });
         let page = job_page(&v);
@@ -578,6 +601,13 @@ mod tests {
         assert_eq!(field(&page, "source"), ["sub_2, line 3"], "{page}");
         assert_eq!(field(&page, "model"), ["cheap-chat (/v1/chat/completions)"]);
         assert_eq!(field(&page, "not before"), ["2026-11-24T02:00:00.000Z"]);
+        let request = field(&page, "request");
+        assert!(
+            request[0].starts_with(r#"POST /v1/chat/completions {"messages":[{"content":"xxx"#)
+                && request[0].ends_with("x…")
+                && request[0].chars().count() < 200,
+            "{page}"
+        );
         assert_eq!(field(&page, "ran on"), ["-"]);
         assert_eq!(field(&page, "cost"), ["-"]);
         assert_eq!(

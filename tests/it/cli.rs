@@ -333,6 +333,13 @@ async fn jobs_show_prints_a_jobs_page_and_refuses_an_unknown_id() {
     assert_eq!(field(&page, "state"), ["queued"], "{page}");
     assert_eq!(field(&page, "source"), ["sub_1, line 1"], "{page}");
     assert_eq!(field(&page, "model"), ["chat (/v1/chat/completions)"]);
+    let request = field(&page, "request");
+    assert!(
+        request.len() == 1
+            && request[0].starts_with("POST /v1/chat/completions {")
+            && request[0].contains(r#""model":"chat""#),
+        "{page}"
+    );
     let api = client.get("/v1/jobs/job_1").await.unwrap();
     let start = api["plan"]["earliest_start"].as_str().unwrap();
     assert!(
