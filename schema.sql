@@ -1,4 +1,4 @@
--- nightshift queue schema, version 5.
+-- nightshift queue schema, version 6.
 --
 -- Applied by `Store::open` (src/store/mod.rs embeds this file) to a new
 -- database (`PRAGMA user_version` 0). An older database is upgraded by the
@@ -96,7 +96,14 @@ CREATE INDEX IF NOT EXISTS jobs_completed ON jobs (completed_at, provider, cost_
 -- jobs_route and version 2's jobs_queued_deadline: every index is written by
 -- every ingested job, and one of them costs less than three.
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (route_id, deadline, priority DESC, id, est_input_tokens, est_output_tokens, state) WHERE state = 'queued';
--- Version 5. Queue statistics (`/v1/stats`, the dashboard's overview) and
+-- Version 5. `GET /v1/jobs?custom_id=` reads the jobs of one custom_id in id
+-- order from here (a custom_id is unique only within its source, so the
+-- UNIQUE index, source first, cannot answer it). `?source=file` (or
+-- `submission`, `batch`) finds the sources of that origin in sources_origin
+-- and reads their jobs from jobs_source_state.
+CREATE INDEX IF NOT EXISTS jobs_custom_id ON jobs (custom_id);
+CREATE INDEX IF NOT EXISTS sources_origin ON sources (origin);
+-- Version 6. Queue statistics (`/v1/stats`, the dashboard's overview) and
 -- lease recovery (every 30 s) read only these indexes, never the table,
 -- whose rows hold request and response bodies: running jobs (few), final
 -- jobs by state and provider with the sums the statistics add up, and the

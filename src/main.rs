@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use nightshift::config::{Config, EMBEDDED_DEFAULT};
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
@@ -31,6 +31,14 @@ enum ReportBy {
     Day,
 }
 
+/// The shells `nightshift completions` writes a script for.
+#[derive(Clone, Copy, ValueEnum)]
+enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Compact,
@@ -43,6 +51,7 @@ enum Command {
     /// simulated providers, state in ./state, the watched folder ./jobs.
     Serve {
         /// Configuration file (TOML). Replaces the embedded default.
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -56,6 +65,7 @@ enum Command {
     DefaultConfig,
     /// Show each model class's effective prices hour by hour (cheapest marked).
     Prices {
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Start of the table (RFC 3339); now if omitted.
@@ -68,6 +78,7 @@ enum Command {
     /// Spend and savings of finished jobs: actual cost against list cost,
     /// from the daemon's database.
     Report {
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Only jobs finished since then: RFC 3339, or a duration such as 7d.
@@ -85,6 +96,7 @@ enum Command {
     /// over its socket. Otherwise, or with --offline, the queue is planned
     /// from the database with the configured limits.
     Plan {
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Plan from the database even if the daemon is running.
@@ -97,6 +109,7 @@ enum Command {
     /// Run a workload in virtual time against simulated providers and compare
     /// policies on cost and deadline misses.
     Simulate {
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Job lines with "submit_at" (RFC 3339 or "+2h30m") and optional "sim": {"output_tokens": N}.
@@ -123,11 +136,13 @@ enum Command {
     },
     /// Print the bearer token for the TCP listener (created if missing; mode 0600).
     Token {
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
     /// Submit job files to the running daemon (each file all or nothing).
     Submit {
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// JSONL job files.
@@ -147,23 +162,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List jobs of the running daemon.
+    /// List jobs of the running daemon (one page, in id order), or show
+    /// one: `nightshift jobs show job_N`.
+    #[command(disable_help_subcommand = true)]
     Jobs {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        /// queued, running, succeeded, failed, expired or cancelled.
-        #[arg(long)]
-        state: Option<String>,
-        /// Start after this job id (the previous page's last).
-        #[arg(long)]
-        after: Option<String>,
-        #[arg(long, default_value_t = 50)]
-        limit: u32,
-        #[arg(long)]
-        json: bool,
+        #[command(subcommand)]
+        command: Option<JobsCommand>,
+        #[command(flatten)]
+        list: JobsList,
     },
     /// The running daemon's queue by state and provider, spend, savings, next price change.
     Status {
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
         #[arg(long)]
@@ -172,6 +182,7 @@ enum Command {
     /// Run retention (daemon.retention) and a WAL checkpoint once on the
     /// database, and print what was done. Safe while the daemon runs.
     Maintenance {
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -179,6 +190,7 @@ enum Command {
     /// listener). The link logs in once, within 5 minutes; the session
     /// lasts 12 hours.
     Ui {
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
         #[arg(long)]
@@ -186,9 +198,80 @@ enum Command {
     },
     /// Cancel a queued job (job_N) or a batch (batch_N).
     Cancel {
+        /// Configuration file (TOML); the embedded default if omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
         id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script for bash, zsh or fish.
+    ///
+    /// Write it where the shell looks for completions. bash:
+    /// `nightshift completions bash > ~/.local/share/bash-completion/completions/nightshift`.
+    ///
+    /// zsh: `nightshift completions zsh > ~/.zfunc/_nightshift` (a directory on $fpath).
+    ///
+    /// fish: `nightshift completions fish > ~/.config/fish/completions/nightshift.fish`.
+    Completions {
+        /// The shell to complete in.
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+}
+
+/// `nightshift jobs` without a subcommand: one page of the list.
+#[derive(clap::Args)]
+struct JobsList {
+    /// Configuration file (TOML); the embedded default if omitted.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    /// queued, running, succeeded, failed, expired or cancelled.
+    #[arg(long)]
+    state: Option<String>,
+    /// Start after this job id (the previous page's last).
+    #[arg(long)]
+    after: Option<String>,
+    /// How many jobs, 1 to 1000 (default 50).
+    #[arg(long)]
+    limit: Option<u32>,
+    /// Only jobs from here: file (the watched folder), submission (POST
+    /// /v1/jobs), batch (the Batch API), or one of them: sub_N, batch_N.
+    #[arg(long)]
+    source: Option<String>,
+    /// Only jobs with exactly this custom_id.
+    #[arg(long)]
+    custom_id: Option<String>,
+    /// Print the API's JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl JobsList {
+    /// The first list option given, if any: they have no meaning for
+    /// `jobs show` (whose own --json comes after it).
+    fn list_option(&self) -> Option<&'static str> {
+        [
+            (self.state.is_some(), "--state"),
+            (self.after.is_some(), "--after"),
+            (self.limit.is_some(), "--limit"),
+            (self.source.is_some(), "--source"),
+            (self.custom_id.is_some(), "--custom-id"),
+            (self.json, "--json"),
+        ]
+        .into_iter()
+        .find_map(|(given, name)| given.then_some(name))
+    }
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// One job: its state, where and when it ran, what it cost, the plan for
+    /// it while queued, its error once failed, and why it is where it is.
+    Show {
+        /// The job's id (job_N).
+        id: String,
+        /// Print the API's JSON object (GET /v1/jobs/{id}).
         #[arg(long)]
         json: bool,
     },
@@ -285,14 +368,35 @@ fn run(command: Command) -> anyhow::Result<()> {
             })
         }
         Command::Jobs {
-            config,
-            state,
-            after,
-            limit,
-            json,
-        } => client_command(config.as_ref(), async |c| {
-            nightshift::cli::client::jobs(c, state.as_deref(), after.as_deref(), limit, json).await
-        }),
+            command: Some(JobsCommand::Show { id, json }),
+            list,
+        } => {
+            if let Some(option) = list.list_option() {
+                anyhow::bail!(
+                    "{option} lists jobs and does not go with `jobs show`; \
+                     `nightshift jobs show {id} --json` prints the job's JSON"
+                );
+            }
+            client_command(list.config.as_ref(), async |c| {
+                nightshift::cli::client::job_show(c, &id, json).await
+            })
+        }
+        Command::Jobs {
+            command: None,
+            list,
+        } => {
+            let args = nightshift::cli::client::JobsArgs {
+                state: list.state.as_deref(),
+                after: list.after.as_deref(),
+                limit: list.limit.unwrap_or(50),
+                source: list.source.as_deref(),
+                custom_id: list.custom_id.as_deref(),
+                json: list.json,
+            };
+            client_command(list.config.as_ref(), async |c| {
+                nightshift::cli::client::jobs(c, &args).await
+            })
+        }
         Command::Status { config, json } => client_command(config.as_ref(), async |c| {
             nightshift::cli::client::status(c, json).await
         }),
@@ -303,6 +407,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             nightshift::cli::client::ui_link(c, json).await
         }),
         Command::DefaultConfig => emit(EMBEDDED_DEFAULT),
+        Command::Completions { shell } => emit(&completions(shell)),
         Command::CheckConfig { file } => {
             let config = load(file.as_ref())?;
             let mut out = nightshift::cli::tables::effective_config(&config);
@@ -419,6 +524,19 @@ fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
+/// The completion script for `shell`, generated from the clap definitions.
+fn completions(shell: CompletionShell) -> String {
+    let shell = match shell {
+        CompletionShell::Bash => clap_complete::Shell::Bash,
+        CompletionShell::Zsh => clap_complete::Shell::Zsh,
+        CompletionShell::Fish => clap_complete::Shell::Fish,
+    };
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "nightshift", &mut script);
+    // clap writes the names and help texts it was given, which are UTF-8.
+    String::from_utf8_lossy(&script).into_owned()
+}
+
 /// Resolves on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -459,6 +577,84 @@ mod tests {
             "{report}"
         );
         assert!(!report.contains("intends to do"), "{report}");
+    }
+
+    /// Every man page, as clap_mangen renders it from the CLI: (file name,
+    /// content) of `nightshift.1` and one page per subcommand, nested ones
+    /// too (`nightshift-serve.1`, `nightshift-jobs-show.1`).
+    fn man_pages() -> Vec<(String, Vec<u8>)> {
+        fn walk(cmd: clap::Command, out: &mut Vec<(String, Vec<u8>)>) {
+            for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+                walk(sub.clone(), out);
+            }
+            let man = clap_mangen::Man::new(cmd);
+            let mut page = Vec::new();
+            man.render(&mut page).expect("rendering into memory");
+            out.push((man.get_filename(), page));
+        }
+        let mut cli = Cli::command().disable_help_subcommand(true);
+        cli.build();
+        let mut pages = Vec::new();
+        walk(cli, &mut pages);
+        pages.sort();
+        pages
+    }
+
+    /// docs/man holds exactly the pages the CLI generates. With
+    /// NIGHTSHIFT_BLESS=1 the test rewrites them instead.
+    #[test]
+    fn the_committed_man_pages_match_the_cli() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/man");
+        let pages = man_pages();
+        assert!(
+            pages.iter().any(|p| p.0 == "nightshift.1")
+                && pages.iter().any(|p| p.0 == "nightshift-serve.1"),
+            "{:?}",
+            pages.iter().map(|p| &p.0).collect::<Vec<_>>()
+        );
+        let committed = |dir: &std::path::Path| -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".1"))
+                .collect();
+            names.sort();
+            names
+        };
+        if std::env::var_os("NIGHTSHIFT_BLESS").is_some_and(|v| v == "1") {
+            std::fs::create_dir_all(&dir).unwrap();
+            for name in committed(&dir) {
+                if !pages.iter().any(|p| p.0 == name) {
+                    std::fs::remove_file(dir.join(name)).unwrap();
+                }
+            }
+            for (name, page) in &pages {
+                std::fs::write(dir.join(name), page).unwrap();
+            }
+            return;
+        }
+        let mut wrong: Vec<String> = Vec::new();
+        for (name, page) in &pages {
+            match std::fs::read(dir.join(name)) {
+                Ok(file) if file == *page => {}
+                Ok(_) => wrong.push(format!("{name} differs")),
+                Err(_) => wrong.push(format!("{name} is missing")),
+            }
+        }
+        for name in committed(&dir) {
+            if !pages.iter().any(|p| p.0 == name) {
+                wrong.push(format!("{name} is not a page of the CLI"));
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "docs/man is out of step with the CLI ({}): run \
+             `NIGHTSHIFT_BLESS=1 cargo test --bin nightshift man_pages` to rewrite it, \
+             and commit the result",
+            wrong.join(", ")
+        );
     }
 
     #[test]

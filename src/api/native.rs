@@ -20,7 +20,9 @@ use super::objects::{self, rfc3339, usd};
 use super::{S, parse_id, read_body};
 use crate::domain::job::{self, JobContext, LineError, NewJob};
 use crate::results::job_public_id;
-use crate::store::{CancelOutcome, FileKind, JobState, LineOutcome, NewSource, Origin};
+use crate::store::{
+    CancelOutcome, FileKind, JobFilter, JobState, LineOutcome, NewSource, Origin, SourceFilter,
+};
 
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
@@ -235,6 +237,59 @@ pub struct ListQuery {
     after: Option<String>,
     limit: Option<String>,
     submission: Option<String>,
+    source: Option<String>,
+    custom_id: Option<String>,
+}
+
+/// The longest part of a bad query value an error repeats.
+const ECHO_CHARS: usize = 64;
+
+/// `v` as an error message repeats it: at most [`ECHO_CHARS`] characters.
+fn echo(v: &str) -> String {
+    match v.char_indices().nth(ECHO_CHARS) {
+        Some((at, _)) => format!("{}...", &v[..at]),
+        None => v.to_string(),
+    }
+}
+
+/// `source=`: a kind (`file`: the watched folder, `submission`: `POST
+/// /v1/jobs`, `batch`: the Batch API) or one source (`sub_N`, which dropped
+/// files have too, or `batch_N`).
+fn source_param(v: &str) -> ApiResult<SourceFilter> {
+    let parsed = match v {
+        "file" => Some(SourceFilter::Origin(Origin::Inbox)),
+        "submission" => Some(SourceFilter::Origin(Origin::Api)),
+        "batch" => Some(SourceFilter::Origin(Origin::Upload)),
+        _ if v.starts_with("sub_") => parse_id(v, "sub_").map(SourceFilter::Source),
+        _ if v.starts_with("batch_") => parse_id(v, "batch_").map(SourceFilter::Batch),
+        _ => None,
+    };
+    parsed.ok_or_else(|| {
+        ApiError::bad_request(
+            format!(
+                "source '{}' is not file, submission, batch, a submission id (sub_N) or a batch id (batch_N)",
+                echo(v)
+            ),
+            Some("source"),
+            "invalid_value",
+        )
+    })
+}
+
+/// `custom_id=`: an exact custom_id, as long as a job's may be.
+fn custom_id_param(v: &str) -> ApiResult<String> {
+    let max = crate::domain::bounds::MAX_CUSTOM_ID_BYTES;
+    if v.len() > max {
+        return Err(ApiError::bad_request(
+            format!(
+                "custom_id is {} bytes long, above the limit of {max} bytes",
+                v.len()
+            ),
+            Some("custom_id"),
+            "invalid_value",
+        ));
+    }
+    Ok(v.to_string())
 }
 
 fn limit_param(v: Option<&str>) -> ApiResult<usize> {
@@ -254,7 +309,8 @@ fn limit_param(v: Option<&str>) -> ApiResult<usize> {
     }
 }
 
-/// `GET /v1/jobs?state=&after=&limit=&submission=`: jobs in id order.
+/// `GET /v1/jobs?state=&after=&limit=&submission=&source=&custom_id=`:
+/// jobs in id order, each filter answered from an index.
 pub async fn list_jobs(
     State(s): State<S>,
     q: Result<Query<ListQuery>, QueryRejection>,
@@ -264,7 +320,7 @@ pub async fn list_jobs(
         None => None,
         Some(x) => Some(JobState::parse(x).ok_or_else(|| {
             ApiError::bad_request(
-                format!("state '{x}' is not one of queued, running, succeeded, failed, expired, cancelled"),
+                format!("state '{}' is not one of queued, running, succeeded, failed, expired, cancelled", echo(x)),
                 Some("state"),
                 "invalid_value",
             )
@@ -274,7 +330,7 @@ pub async fn list_jobs(
         None => 0,
         Some(a) => parse_id(a, "job_").ok_or_else(|| {
             ApiError::bad_request(
-                format!("after '{a}' is not a job id"),
+                format!("after '{}' is not a job id", echo(a)),
                 Some("after"),
                 "invalid_value",
             )
@@ -284,19 +340,35 @@ pub async fn list_jobs(
         None => None,
         Some(x) => Some(parse_id(x, "sub_").ok_or_else(|| {
             ApiError::bad_request(
-                format!("submission '{x}' is not a submission id"),
+                format!("submission '{}' is not a submission id", echo(x)),
                 Some("submission"),
                 "invalid_value",
             )
         })?),
     };
+    let source = match q.source.as_deref().filter(|x| !x.is_empty()) {
+        None => submission.map(SourceFilter::Source),
+        Some(_) if submission.is_some() => {
+            return Err(ApiError::bad_request(
+                "source and submission both say where the jobs came from: give one",
+                Some("source"),
+                "invalid_value",
+            ));
+        }
+        Some(x) => Some(source_param(x)?),
+    };
+    let custom_id = match q.custom_id.as_deref().filter(|x| !x.is_empty()) {
+        None => None,
+        Some(x) => Some(custom_id_param(x)?),
+    };
     let limit = limit_param(q.limit.as_deref())?;
+    let filter = JobFilter {
+        state,
+        source,
+        custom_id,
+    };
     let mut rows = s
-        .db(move |s| {
-            s.shared
-                .store
-                .list_jobs(state, submission, after, limit + 1)
-        })
+        .db(move |s| s.shared.store.list_jobs(&filter, after, limit + 1))
         .await??;
     let has_more = rows.len() > limit;
     rows.truncate(limit);

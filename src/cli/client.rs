@@ -217,20 +217,31 @@ async fn wait_for(client: &Client, subs: &[(PathBuf, Value)]) -> anyhow::Result<
     }
 }
 
-/// `nightshift jobs [--state S]`: one page of jobs.
-pub async fn jobs(
-    client: &Client,
-    state: Option<&str>,
-    after: Option<&str>,
-    limit: u32,
-    json: bool,
-) -> anyhow::Result<String> {
-    let mut path = format!("/v1/jobs?limit={limit}");
-    if let Some(s) = state {
-        let _ = write!(path, "&state={}", encode(s));
-    }
-    if let Some(a) = after {
-        let _ = write!(path, "&after={}", encode(a));
+/// Options of `nightshift jobs` (the list).
+#[derive(Debug, Clone, Default)]
+pub struct JobsArgs<'a> {
+    pub state: Option<&'a str>,
+    pub after: Option<&'a str>,
+    pub limit: u32,
+    /// `file`, `submission`, `batch`, `sub_N` or `batch_N`.
+    pub source: Option<&'a str>,
+    pub custom_id: Option<&'a str>,
+    pub json: bool,
+}
+
+/// `nightshift jobs [--state S] [--source X] [--custom-id Y]`: one page of jobs.
+pub async fn jobs(client: &Client, args: &JobsArgs<'_>) -> anyhow::Result<String> {
+    let json = args.json;
+    let mut path = format!("/v1/jobs?limit={}", args.limit);
+    for (name, value) in [
+        ("state", args.state),
+        ("after", args.after),
+        ("source", args.source),
+        ("custom_id", args.custom_id),
+    ] {
+        if let Some(v) = value {
+            let _ = write!(path, "&{name}={}", encode(v));
+        }
     }
     let v = client.get(&path).await?;
     if json {
@@ -264,13 +275,41 @@ pub async fn jobs(
         out.push_str("(no jobs)\n");
     }
     if v["has_more"] == json!(true) {
-        let _ = writeln!(
+        let _ = write!(
             out,
             "more: nightshift jobs --after {}",
             v["last_id"].as_str().unwrap_or_default()
         );
+        for (flag, value) in [
+            ("--state", args.state),
+            ("--source", args.source),
+            ("--custom-id", args.custom_id),
+        ] {
+            if let Some(v) = value {
+                let _ = write!(out, " {flag} {}", crate::domain::units::escaped(v));
+            }
+        }
+        out.push('\n');
     }
     Ok(out)
+}
+
+/// `nightshift jobs show ID`: one job as a readable page (the API's object
+/// with `--json`). An unknown id is the API's 404, as an error.
+pub async fn job_show(client: &Client, id: &str, json: bool) -> anyhow::Result<String> {
+    let v = client
+        .get(&format!("/v1/jobs/{}", encode(id)))
+        .await
+        .map_err(|e| match e {
+            CallError::Api { status, .. } if status == hyper::StatusCode::NOT_FOUND => {
+                anyhow::anyhow!("no job {id} (job ids look like job_12)")
+            }
+            e => e.into(),
+        })?;
+    if json {
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&v)?));
+    }
+    Ok(crate::cli::tables::job_page(&v))
 }
 
 /// `nightshift status`: the queue by state and provider, spend, savings,

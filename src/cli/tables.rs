@@ -1,5 +1,6 @@
-//! Human-readable tables for the command line: prices hour by hour, and the
-//! plan per provider and hour. Pure: they take values and return text.
+//! Human-readable tables for the command line: prices hour by hour, the
+//! plan per provider and hour, one job's page. Pure: they take values and
+//! return text.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -247,6 +248,140 @@ pub fn plan_table_json(v: &serde_json::Value) -> String {
     out
 }
 
+/// How much of a job's request body its page shows.
+const REQUEST_CHARS: usize = 120;
+
+/// One job as `nightshift jobs show` prints it, from the API's object
+/// (`GET /v1/jobs/{id}`): what it is (its request, cut short), where it stands, where and when it
+/// ran, what it cost, the plan for it while queued, its error once it
+/// failed, and, when the API explains it (`explanation.text`), why.
+/// Fields the object lacks print as `-`; text from outside (custom ids,
+/// provider messages) is escaped, so it cannot move the cursor.
+pub fn job_page(v: &serde_json::Value) -> String {
+    use crate::domain::units::escaped;
+    use serde_json::Value;
+    let text = |v: &Value| match v {
+        Value::String(s) => escaped(s).to_string(),
+        Value::Null => "-".to_string(),
+        other => escaped(&other.to_string()).to_string(),
+    };
+    let usd = |v: &Value| v.as_f64().map(|x| format!("{x:.6}"));
+    let mut out = String::new();
+    let mut line = |label: &str, value: String| {
+        let _ = writeln!(out, "  {label:<16}{value}");
+    };
+    let head = format!("{} ({})", text(&v["id"]), text(&v["custom_id"]));
+    line("job", head);
+    line("state", text(&v["state"]));
+    let mut source = match &v["source"] {
+        Value::Null => text(&v["submission_id"]),
+        s => text(s),
+    };
+    if let Some(l) = v["line"].as_u64() {
+        let _ = write!(source, ", line {l}");
+    }
+    line("source", source);
+    line(
+        "model",
+        format!("{} ({})", text(&v["model"]), text(&v["endpoint"])),
+    );
+    let request = &v["request"];
+    if request.is_object() {
+        // The body on one line, cut short: `--json` has all of it.
+        let body = request["body"].to_string();
+        let body = match body.char_indices().nth(REQUEST_CHARS) {
+            Some((at, _)) => format!("{}…", &body[..at]),
+            None => body,
+        };
+        line(
+            "request",
+            format!(
+                "{} {} {}",
+                text(&request["method"]),
+                text(&request["url"]),
+                escaped(&body)
+            ),
+        );
+    }
+    line("submitted", text(&v["submitted_at"]));
+    line("deadline", text(&v["deadline"]));
+    line("not before", text(&v["not_before"]));
+    line("attempts", text(&v["attempts"]));
+    let ran = match (v["provider"].as_str(), v["provider_model"].as_str()) {
+        (Some(p), Some(m)) => format!("{}/{}", escaped(p), escaped(m)),
+        (Some(p), None) => escaped(p).to_string(),
+        _ => "-".to_string(),
+    };
+    line("ran on", ran);
+    line("dispatched", text(&v["dispatched_at"]));
+    line("completed", text(&v["completed_at"]));
+    let list =
+        usd(&v["list_cost_usd"]).or_else(|| usd(&v["result"]["nightshift"]["list_cost_usd"]));
+    let cost = match (usd(&v["cost_usd"]), list) {
+        (Some(c), Some(l)) => format!("{c} USD (list cost {l} USD)"),
+        (Some(c), None) => format!("{c} USD"),
+        (None, Some(l)) => format!("- (list cost {l} USD)"),
+        (None, None) => "-".to_string(),
+    };
+    line("cost", cost);
+    let plan = &v["plan"];
+    if plan.is_object() {
+        line(
+            "earliest start",
+            format!(
+                "{} (planned at {})",
+                text(&plan["earliest_start"]),
+                text(&plan["planned_at"])
+            ),
+        );
+        for a in plan["allocations"].as_array().into_iter().flatten() {
+            line(
+                "planned",
+                format!(
+                    "{:.1} jobs of its group on {}/{} {} – {}, {} USD each",
+                    a["jobs"].as_f64().unwrap_or(0.0),
+                    text(&a["provider"]),
+                    text(&a["model"]),
+                    text(&a["start"]),
+                    text(&a["end"]),
+                    usd(&a["expected_cost_per_job_usd"]).unwrap_or_else(|| "-".into()),
+                ),
+            );
+        }
+        if plan["overflow_jobs"].as_f64().is_some_and(|o| o > 0.0) {
+            line(
+                "planned",
+                format!(
+                    "{:.1} jobs of its group beyond every provider's capacity: sent as soon as any has room",
+                    plan["overflow_jobs"].as_f64().unwrap_or(0.0)
+                ),
+            );
+        }
+    }
+    let result = &v["result"];
+    let error = &result["error"];
+    if error.is_object() {
+        let message = match &error["message"] {
+            Value::Null => String::new(),
+            m => format!(": {}", text(m)),
+        };
+        line("error", format!("{}{message}", text(&error["code"])));
+    } else if let Some(status) = result["response"]["status_code"].as_u64()
+        && !(200..300).contains(&status)
+    {
+        let body = &result["response"]["body"];
+        let message = match &body["error"]["message"] {
+            Value::String(m) => format!(": {}", escaped(m)),
+            _ => String::new(),
+        };
+        line("error", format!("HTTP {status}{message}"));
+    }
+    if let Some(why) = v["explanation"]["text"].as_str() {
+        line("why", escaped(why).to_string());
+    }
+    out
+}
+
 /// The effective configuration, as `nightshift check-config` prints it:
 /// every default filled in, API keys shown only by where they come from.
 pub fn effective_config(config: &crate::config::Config) -> String {
@@ -426,6 +561,111 @@ pub fn effective_config(config: &crate::config::Config) -> String {
 mod tests {
     use super::*;
     use crate::config::Config;
+    use serde_json::json;
+
+    /// The value after a label of a page, e.g. `state`.
+    fn field<'a>(page: &'a str, label: &str) -> Vec<&'a str> {
+        page.lines()
+            .filter_map(|l| {
+                let l = l.trim_start();
+                let rest = l.strip_prefix(label)?;
+                rest.starts_with("  ").then(|| rest.trim())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_queued_jobs_page_shows_its_plan_and_why() {
+        let v = json!({
+            "id": "job_7", "object": "job", "custom_id": "ticket-1", "state": "queued",
+            "submission_id": "sub_2", "line": 3, "endpoint": "/v1/chat/completions",
+            "model": "cheap-chat", "priority": 0,
+            "submitted_at": "2026-11-24T00:00:00.000Z", "deadline": "2026-11-24T12:00:00.000Z",
+            "not_before": "2026-11-24T02:00:00.000Z", "attempts": 0,
+            "provider": null, "provider_model": null, "dispatched_at": null, "completed_at": null,
+            "cost_usd": null,
+            "plan": {"planned_at": "2026-11-24T00:00:01.000Z", "group_jobs": 5,
+                     "earliest_start": "2026-11-24T02:00:00.000Z",
+                     "allocations": [{"provider": "deepseek", "model": "deepseek-chat",
+                                      "start": "2026-11-24T02:00:00.000Z", "end": "2026-11-24T03:00:00.000Z",
+                                      "jobs": 5.0, "expected_cost_per_job_usd": 0.0001}],
+                     "overflow_jobs": 0.0},
+            "result": null,
+            "request": {"method": "POST", "url": "/v1/chat/completions",
+                        "body": {"model": "cheap-chat", "messages": [{"role": "user", "content": "x".repeat(300)}]}},
+            "explanation": {"code": "waiting_for_cheaper", "text": "held for deepseek's off-peak window from 02:00"},
+        });
+        let page = job_page(&v);
+        assert_eq!(field(&page, "job"), ["job_7 (ticket-1)"], "{page}");
+        assert_eq!(field(&page, "state"), ["queued"], "{page}");
+        assert_eq!(field(&page, "source"), ["sub_2, line 3"], "{page}");
+        assert_eq!(field(&page, "model"), ["cheap-chat (/v1/chat/completions)"]);
+        assert_eq!(field(&page, "not before"), ["2026-11-24T02:00:00.000Z"]);
+        let request = field(&page, "request");
+        assert!(
+            request[0].starts_with(r#"POST /v1/chat/completions {"messages":[{"content":"xxx"#)
+                && request[0].ends_with("x…")
+                && request[0].chars().count() < 200,
+            "{page}"
+        );
+        assert_eq!(field(&page, "ran on"), ["-"]);
+        assert_eq!(field(&page, "cost"), ["-"]);
+        assert_eq!(
+            field(&page, "earliest start"),
+            ["2026-11-24T02:00:00.000Z (planned at 2026-11-24T00:00:01.000Z)"]
+        );
+        assert_eq!(
+            field(&page, "planned"),
+            [
+                "5.0 jobs of its group on deepseek/deepseek-chat 2026-11-24T02:00:00.000Z – 2026-11-24T03:00:00.000Z, 0.000100 USD each"
+            ],
+            "{page}"
+        );
+        assert_eq!(
+            field(&page, "why"),
+            ["held for deepseek's off-peak window from 02:00"]
+        );
+        assert!(field(&page, "error").is_empty(), "{page}");
+    }
+
+    #[test]
+    fn a_failed_jobs_page_shows_cost_list_cost_and_the_error_escaped() {
+        let v = json!({
+            "id": "job_9", "custom_id": "evil\u{1b}[2Jid", "state": "failed",
+            "submission_id": "sub_1", "line": 1, "endpoint": "/v1/chat/completions",
+            "model": "chat", "submitted_at": "2026-11-24T00:00:00.000Z",
+            "deadline": "2026-11-24T12:00:00.000Z", "not_before": null, "attempts": 3,
+            "provider": "openai", "provider_model": "gpt-4o-mini",
+            "dispatched_at": "2026-11-24T00:01:00.000Z", "completed_at": "2026-11-24T00:01:02.000Z",
+            "cost_usd": 0.000_125, "plan": null,
+            "result": {"error": {"code": "server_error", "message": "upstream\nfailed"},
+                       "nightshift": {"list_cost_usd": 0.000_5}},
+        });
+        let page = job_page(&v);
+        assert_eq!(field(&page, "job"), ["job_9 (evil\\u{1b}[2Jid)"], "{page}");
+        assert!(!page.contains('\u{1b}'), "{page}");
+        assert_eq!(field(&page, "ran on"), ["openai/gpt-4o-mini"]);
+        assert_eq!(field(&page, "attempts"), ["3"]);
+        assert_eq!(
+            field(&page, "cost"),
+            ["0.000125 USD (list cost 0.000500 USD)"]
+        );
+        assert_eq!(
+            field(&page, "error"),
+            ["server_error: upstream\\nfailed"],
+            "{page}"
+        );
+        assert!(field(&page, "earliest start").is_empty());
+        assert!(field(&page, "why").is_empty());
+        // A failure with the provider's HTTP answer and no error code.
+        let mut v = v;
+        v["result"] = json!({"error": null, "response": {"status_code": 400,
+            "body": {"error": {"message": "Invalid value for 'temperature'"}}}});
+        assert_eq!(
+            field(&job_page(&v), "error"),
+            ["HTTP 400: Invalid value for 'temperature'"]
+        );
+    }
 
     #[test]
     fn the_price_table_shows_deepseek_peak_and_off_peak() {

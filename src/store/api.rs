@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::{FinishedJob, JobState, Result, SELECT_FINISHED, Store, finished_from_row};
+use super::{FinishedJob, JobState, Origin, Result, SELECT_FINISHED, Store, finished_from_row};
 
 /// What a file of the OpenAI-compatible API holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +153,80 @@ pub struct JobDetail {
     pub submitted_at: i64,
     pub deadline: i64,
     pub not_before: i64,
+}
+
+/// Which jobs a listing (`GET /v1/jobs`) shows: all of the filters given.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobFilter {
+    pub state: Option<JobState>,
+    pub source: Option<SourceFilter>,
+    /// Exactly this `custom_id`.
+    pub custom_id: Option<String>,
+}
+
+/// Where the jobs of a listing came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceFilter {
+    /// Every source of one origin: files from the watched folder
+    /// ([`Origin::Inbox`]), API submissions ([`Origin::Api`]), batches
+    /// ([`Origin::Upload`]).
+    Origin(Origin),
+    /// One source (`sub_N`: a dropped file, a submission or a batch's jobs).
+    Source(i64),
+    /// One batch (`batch_N`), through the source holding its jobs.
+    Batch(i64),
+}
+
+/// The statement of [`Store::list_jobs`] for `filter`. Parameters: ?1 the
+/// job id to start after, ?2 the state, ?3 the source (origin or id), ?4
+/// the custom_id, ?5 the limit (those the filter does not use are bound
+/// and unused).
+///
+/// Each filter rides an index that yields its jobs in id order, so a page
+/// reads about the rows it returns, however many jobs there are:
+/// - `custom_id`: `jobs_custom_id` (custom_id, id).
+/// - a source or an origin: `jobs_source_state` (source_id, state, id),
+///   one range per (source, state) — all six states when none is asked
+///   for — each read only as far as the page needs. An origin's sources
+///   come from `sources_origin`; a page of one costs an index probe per
+///   source of that origin and state, on top of the rows it returns.
+/// - neither: the primary key, as before (`state` alone is checked on the
+///   way, not looked up: no index has the jobs of one state in id order).
+pub(crate) fn list_jobs_sql(filter: &JobFilter) -> String {
+    let index = match (&filter.custom_id, &filter.source) {
+        (Some(_), _) => " INDEXED BY jobs_custom_id",
+        (None, Some(_)) => " INDEXED BY jobs_source_state",
+        (None, None) => "",
+    };
+    let mut sql = format!("{}{index} WHERE id > ?1", detail_select(false));
+    match (filter.state, &filter.source, &filter.custom_id) {
+        (Some(_), Some(_), None) => sql.push_str(" AND state = ?2"),
+        (Some(_), _, _) => sql.push_str(" AND +state = ?2"),
+        (None, Some(_), None) => {
+            let all: Vec<String> = JobState::ALL
+                .iter()
+                .map(|s| format!("'{}'", s.as_str()))
+                .collect();
+            sql.push_str(&format!(" AND state IN ({})", all.join(", ")));
+        }
+        (None, _, _) => {}
+    }
+    sql.push_str(match filter.source {
+        None => "",
+        Some(SourceFilter::Origin(_)) => {
+            " AND source_id IN (SELECT id FROM sources INDEXED BY sources_origin WHERE origin = ?3)"
+        }
+        Some(SourceFilter::Source(_)) => " AND source_id = ?3",
+        Some(SourceFilter::Batch(_)) => {
+            " AND source_id = (SELECT source_id FROM batches WHERE id = ?3)"
+        }
+    });
+    if filter.custom_id.is_some() {
+        sql.push_str(" AND custom_id = ?4");
+    }
+    // ?5 is the highest parameter, so all five are bound, used or not.
+    sql.push_str(" ORDER BY id LIMIT ?5");
+    sql
 }
 
 /// What cancelling a job did.
@@ -324,23 +398,30 @@ impl Store {
         Ok(stmt.query_row([id], |r| r.get(0)).optional()?)
     }
 
-    /// Jobs in id order after `after`, optionally of one state and one
-    /// source; at most `limit` (without their response bodies).
+    /// Jobs in id order after `after` that pass `filter`; at most `limit`
+    /// (without their response bodies). Each filter is answered from an
+    /// index (see [`list_jobs_sql`]).
     pub fn list_jobs(
         &self,
-        state: Option<JobState>,
-        source_id: Option<i64>,
+        filter: &JobFilter,
         after: i64,
         limit: usize,
     ) -> Result<Vec<JobDetail>> {
         let conn = self.reader()?;
-        let mut stmt = conn.prepare(&format!(
-            "{} WHERE id > ?1 AND (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR source_id = ?3)
-             ORDER BY id LIMIT ?4",
-            detail_select(false)
-        ))?;
+        let mut stmt = conn.prepare(&list_jobs_sql(filter))?;
+        let source = match filter.source {
+            None => rusqlite::types::Value::Null,
+            Some(SourceFilter::Origin(o)) => o.as_str().to_string().into(),
+            Some(SourceFilter::Source(id) | SourceFilter::Batch(id)) => id.into(),
+        };
         let rows = stmt.query_map(
-            params![after, state.map(JobState::as_str), source_id, limit as i64],
+            params![
+                after,
+                filter.state.map(JobState::as_str),
+                source,
+                filter.custom_id,
+                limit as i64
+            ],
             detail_from_row,
         )?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)

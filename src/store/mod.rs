@@ -49,10 +49,16 @@ const MIGRATIONS: &[&str] = &[
     // 4: the requests sent in the last 24 hours, for the rate limits of a
     // restarted daemon (see schema.sql).
     SENDS_SCHEMA,
-    // 5: indexes that cover the queue statistics and lease recovery, so that
+    // 5: the job listing's filters by custom_id and by origin (see schema.sql).
+    LISTING_INDEXES,
+    // 6: indexes that cover the queue statistics and lease recovery, so that
     // neither reads the table at a million jobs (see schema.sql).
     STATS_INDEXES,
 ];
+
+/// Version 5's indexes, as in schema.sql.
+const LISTING_INDEXES: &str = "CREATE INDEX IF NOT EXISTS jobs_custom_id ON jobs (custom_id);
+CREATE INDEX IF NOT EXISTS sources_origin ON sources (origin);";
 
 /// Running jobs whose lease expired or that another daemon instance left:
 /// back to the queue. Reads jobs_running, not the table.
@@ -60,7 +66,7 @@ const RECOVER_LEASES: &str =
     "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until = NULL
  WHERE state = 'running' AND (lease_until <= ?1 OR lease_owner IS NOT ?2)";
 
-/// Version 5's indexes, as in schema.sql.
+/// Version 6's indexes, as in schema.sql.
 const STATS_INDEXES: &str = "CREATE INDEX IF NOT EXISTS jobs_running ON jobs (lease_until, lease_owner, provider, cost_usd, list_cost_usd, input_tokens, output_tokens) WHERE state = 'running';
 CREATE INDEX IF NOT EXISTS jobs_final ON jobs (state, provider, cost_usd, list_cost_usd, input_tokens, output_tokens) WHERE state IN ('succeeded', 'failed', 'expired', 'cancelled');
 CREATE INDEX IF NOT EXISTS jobs_late ON jobs (late_answers, late_cost_usd) WHERE late_answers > 0;";
@@ -1313,6 +1319,7 @@ mod schema_tests {
             let conn = store.conn();
             conn.execute_batch(
                 "DROP INDEX jobs_completed; DROP INDEX jobs_due;
+                 DROP INDEX jobs_custom_id; DROP INDEX sources_origin;
                  CREATE INDEX jobs_route ON jobs (state, route_id, deadline, est_input_tokens, est_output_tokens);
                  PRAGMA user_version = 1;",
             )
@@ -1327,6 +1334,71 @@ mod schema_tests {
         assert!(version > 1, "an upgrade from 1 to {version}");
         assert_eq!(schema_of(&conn), fresh_schema);
         assert_indexed(&conn);
+    }
+
+    /// Every filter of the job listing reads an index range in id order:
+    /// no statement scans the jobs table, and a custom_id or a source is
+    /// looked up, not checked row by row along the primary key.
+    #[test]
+    fn every_job_listing_filter_reads_an_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("q.db")).unwrap();
+        let conn = store.conn();
+        let sources = [
+            None,
+            Some(SourceFilter::Origin(Origin::Inbox)),
+            Some(SourceFilter::Origin(Origin::Api)),
+            Some(SourceFilter::Origin(Origin::Upload)),
+            Some(SourceFilter::Source(1)),
+            Some(SourceFilter::Batch(1)),
+        ];
+        for state in [None, Some(JobState::Queued), Some(JobState::Succeeded)] {
+            for source in sources {
+                for custom_id in [None, Some("ticket-1".to_string())] {
+                    let filter = JobFilter {
+                        state,
+                        source,
+                        custom_id,
+                    };
+                    let sql = list_jobs_sql(&filter);
+                    let plan = plan_of(&conn, &sql);
+                    let why = format!("{filter:?}\n{sql}\nplan:\n{plan}");
+                    assert!(!plan.contains("SCAN jobs"), "{why}");
+                    if filter.custom_id.is_some() {
+                        assert!(
+                            plan.contains("USING INDEX jobs_custom_id (custom_id=? AND rowid>?)"),
+                            "{why}"
+                        );
+                        // Already in id order: no sort.
+                        assert!(!plan.contains("TEMP B-TREE"), "{why}");
+                    } else if filter.source.is_some() {
+                        assert!(
+                            plan.contains(
+                                "USING INDEX jobs_source_state (source_id=? AND state=? AND rowid>?)"
+                            ),
+                            "{why}"
+                        );
+                    } else {
+                        assert!(
+                            plan.contains("USING INTEGER PRIMARY KEY (rowid>?)"),
+                            "{why}"
+                        );
+                    }
+                    if let Some(SourceFilter::Origin(_)) = filter.source {
+                        assert!(
+                            plan.contains("sources USING COVERING INDEX sources_origin (origin=?)"),
+                            "{why}"
+                        );
+                    }
+                    if let Some(SourceFilter::Batch(_)) = filter.source {
+                        assert!(
+                            plan.contains("batches USING INTEGER PRIMARY KEY (rowid=?)"),
+                            "{why}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -10,8 +10,8 @@
 //! one-time codes, bearer-only routes) run against the daemon with reqwest.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 

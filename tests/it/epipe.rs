@@ -56,6 +56,11 @@ fn default_config_into_a_closed_pipe_exits_cleanly() {
     with_closed_stdout(&["default-config"]);
 }
 
+#[test]
+fn completions_into_a_closed_pipe_exit_cleanly() {
+    with_closed_stdout(&["completions", "bash"]);
+}
+
 /// `| head -1`: the reader takes one line, then goes away while the command
 /// is still writing (the table is larger than a pipe's buffer).
 #[test]

@@ -832,3 +832,184 @@ async fn a_chunked_body_over_the_limit_is_refused_with_413() {
     let client = daemon.unix_client().await;
     assert_eq!(client.get("/v1/jobs").await.unwrap()["data"], json!([]));
 }
+
+/// `GET /v1/jobs?source=&custom_id=`: jobs of one kind of source (the
+/// watched folder, the API, batches) or one source, jobs of one custom_id,
+/// both together and with state and pagination; bad values are 400s naming
+/// the field; `nightshift jobs --source --custom-id` passes them on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_are_listed_by_source_and_custom_id() {
+    let provider = LoopbackProvider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Cheap only in two hours: every job (due in a day) stays queued.
+    let config = config_toml(
+        dir.path(),
+        &[cheaper_later(provider.base_url(), later_window())],
+    );
+    let daemon = Daemon::start(dir.path(), &config);
+    let client = daemon.unix_client().await;
+    let ids = |page: &Value| -> Vec<String> {
+        page["data"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{page}"))
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    // job_1, job_2 from a dropped file; job_3, job_4 from POST /v1/jobs;
+    // job_5, job_6 from a batch. custom_id "a" is in each.
+    drop_file(
+        &daemon.jobs(),
+        "f.jsonl",
+        &jsonl(&[
+            chat_line("a", "chat", "hi", None),
+            chat_line("b", "chat", "hi", None),
+        ]),
+    );
+    poll("the file's jobs", Duration::from_secs(30), || async {
+        let page = client.get("/v1/jobs").await.unwrap();
+        (ids(&page).len() == 2).then_some(())
+    })
+    .await;
+    let sub = post_jsonl(
+        &client,
+        jsonl(&[
+            chat_line("a", "chat", "hi", None),
+            chat_line("c", "chat", "hi", None),
+        ]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(sub["id"], "sub_2");
+    let boundary = "nightshift-test-boundary";
+    let content = jsonl(&[
+        chat_line("a", "chat", "hi", None),
+        chat_line("d", "chat", "hi", None),
+    ]);
+    let multipart = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"b.jsonl\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n{content}\r\n--{boundary}--\r\n"
+    );
+    let file = client
+        .json(
+            hyper::Method::POST,
+            "/v1/files",
+            Some(&format!("multipart/form-data; boundary={boundary}")),
+            multipart,
+        )
+        .await
+        .unwrap();
+    let batch = client
+        .post_json(
+            "/v1/batches",
+            &json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions",
+                    "completion_window": "24h"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(batch["id"], "batch_1", "{batch}");
+    assert_eq!(batch["status"], "in_progress", "{batch}");
+    let job_1 = client.get("/v1/jobs/job_1").await.unwrap();
+    assert_eq!(job_1["submission_id"], "sub_1", "a dropped file's id");
+
+    let list = |query: &str| {
+        let client = &client;
+        let path = format!("/v1/jobs?{query}");
+        async move { client.get(&path).await.unwrap() }
+    };
+    for (query, want) in [
+        ("source=file", &["job_1", "job_2"][..]),
+        ("source=submission", &["job_3", "job_4"]),
+        ("source=batch", &["job_5", "job_6"]),
+        ("source=sub_1", &["job_1", "job_2"]),
+        ("source=sub_2", &["job_3", "job_4"]),
+        ("source=batch_1", &["job_5", "job_6"]),
+        ("source=batch_9", &[]),
+        ("source=sub_9", &[]),
+        ("custom_id=a", &["job_1", "job_3", "job_5"]),
+        ("custom_id=d", &["job_6"]),
+        ("custom_id=zzz", &[]),
+        ("custom_id=a&source=batch", &["job_5"]),
+        ("custom_id=a&source=sub_2", &["job_3"]),
+        ("custom_id=c&source=file", &[]),
+        ("state=queued&source=file", &["job_1", "job_2"]),
+        ("state=succeeded&source=file", &[]),
+        ("state=queued&custom_id=a", &["job_1", "job_3", "job_5"]),
+        ("source=submission&after=job_3", &["job_4"]),
+        ("submission=sub_2", &["job_3", "job_4"]),
+    ] {
+        assert_eq!(ids(&list(query).await), want, "{query}");
+    }
+    // Pages of one through the jobs of custom_id "a".
+    let page = list("custom_id=a&limit=1&after=job_1").await;
+    assert_eq!(ids(&page), ["job_3"]);
+    assert_eq!(page["has_more"], true);
+    let page = list("custom_id=a&limit=1&after=job_3").await;
+    assert_eq!(
+        (ids(&page), &page["has_more"]),
+        (vec!["job_5".to_string()], &json!(false))
+    );
+
+    // Bad values: 400 naming the field.
+    let long = "x".repeat(513);
+    for (query, field) in [
+        ("source=files", "source"),
+        ("source=sub_01", "source"),
+        ("source=sub_", "source"),
+        ("source=batch_x", "source"),
+        ("source=job_1", "source"),
+        ("source=sub_99999999999999999999", "source"),
+        ("source=file&submission=sub_1", "source"),
+        (&format!("custom_id={long}") as &str, "custom_id"),
+    ] {
+        let (status, body) = api_error(client.get(&format!("/v1/jobs?{query}")).await).await;
+        assert_eq!(
+            (status, body["error"]["param"].as_str()),
+            (400, Some(field)),
+            "{query}: {body}"
+        );
+        assert!(
+            body["error"]["message"].as_str().unwrap().len() < 300,
+            "{body}"
+        );
+    }
+
+    // The CLI passes both on.
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_nightshift"))
+            .args(args)
+            .args([
+                "--config",
+                dir.path().join("nightshift.toml").to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let v: Value = serde_json::from_str(&cli(&[
+        "jobs",
+        "--source",
+        "batch",
+        "--custom-id",
+        "a",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(ids(&v), ["job_5"]);
+    let table = cli(&["jobs", "--source", "file", "--limit", "1"]);
+    assert!(
+        table.contains("job_1") && !table.contains("job_2 "),
+        "{table}"
+    );
+    assert!(
+        table.contains("more: nightshift jobs --after job_1 --source file"),
+        "{table}"
+    );
+}

@@ -12,6 +12,7 @@ mod dashboard;
 mod epipe;
 mod faults;
 mod folder;
+mod grafana;
 mod hostile_files;
 mod hostile_values;
 mod http;
