@@ -437,6 +437,7 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
         .await??;
     let c = &s.catalog();
     let next_change = c.next_price_change(now, chrono::Duration::days(8));
+    let live = s.shared.telemetry.live();
     let data: Vec<Value> = c
         .providers
         .iter()
@@ -459,20 +460,15 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
                 .enumerate()
                 .filter(|(_, m)| m.provider == pi)
                 .map(|(mi, m)| {
-                    let window = m
-                        .windows
-                        .iter()
-                        .chain(&p.windows)
-                        .find(|w| w.applies_at(now))
-                        .map(|w| w.name.clone());
-                    let price = c.price_at(mi, now);
+                    let window = c.window_at(mi, now).map(|w| w.name.clone());
+                    let price = c.price_with_markup_at(mi, now);
                     json!({
                         "name": m.name,
                         "endpoints": m.endpoints.iter().map(|e| e.as_url()).collect::<Vec<_>>(),
                         "list_price": {"input_per_mtok": m.list.input_per_mtok, "output_per_mtok": m.list.output_per_mtok},
                         "current_price": {
-                            "input_per_mtok": price.input_per_mtok * (1.0 + p.markup),
-                            "output_per_mtok": price.output_per_mtok * (1.0 + p.markup),
+                            "input_per_mtok": price.input_per_mtok,
+                            "output_per_mtok": price.output_per_mtok,
                         },
                         "price_window": window,
                     })
@@ -495,6 +491,8 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
                     "last_failure": r.last_failure.map(|(at, code, message)| json!({
                         "at": rfc3339(at), "code": code, "message": message})),
                 },
+                // The dispatcher's live view: circuit, pause and why, use of each limit, budgets.
+                "live": live.as_ref().and_then(|v| Some(objects::live_json(v, v.provider(&p.name)?))),
                 "models": models,
             })
         })
@@ -503,6 +501,11 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
         "object": "list",
         "at": rfc3339(now.timestamp_millis()),
         "next_price_change": next_change.map(|t| rfc3339(t.timestamp_millis())),
+        "dispatcher": live.as_ref().map(|v| json!({
+            "at": rfc3339(v.at.timestamp_millis()),
+            "in_flight": v.in_flight,
+            "max_in_flight": v.max_in_flight,
+        })),
         "data": data,
     })))
 }

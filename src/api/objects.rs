@@ -153,6 +153,116 @@ pub fn batch_json(b: &BatchRow, counts: Option<&SourceCounts>) -> Value {
     })
 }
 
+// ---- the dispatcher's live view ---------------------------------------------
+
+fn instant(t: DateTime<Utc>) -> Value {
+    rfc3339(t.timestamp_millis())
+}
+
+/// One limit's use: `limit` as configured, `usable` what nightshift sends
+/// at most (pacing and reserve), `used` in the window now, and
+/// `free_in_ms` until one more unit fits.
+fn window_json(
+    limit: Option<u64>,
+    w: Option<crate::dispatch::limits::WindowUse>,
+    window_s: u64,
+) -> Value {
+    match (limit, w) {
+        (Some(limit), Some(w)) => json!({
+            "limit": limit, "usable": w.usable, "used": w.used,
+            "window_s": window_s, "free_in_ms": w.free_in_ms,
+        }),
+        _ => Value::Null,
+    }
+}
+
+/// A limiter's use against each limit, which are full, and when the next
+/// request may start.
+fn usage_json(
+    limits: &crate::domain::pricing::Limits,
+    u: &crate::dispatch::limits::LimiterUse,
+    at: DateTime<Utc>,
+) -> Value {
+    let mut full = Vec::new();
+    let window_full =
+        |w: Option<crate::dispatch::limits::WindowUse>| w.is_some_and(|w| w.free_in_ms > 0);
+    if window_full(u.minute_requests) {
+        full.push("rpm");
+    }
+    if window_full(u.minute_tokens) {
+        full.push("tpm");
+    }
+    if window_full(u.day_requests) {
+        full.push("rpd");
+    }
+    if u.concurrency.is_some_and(|c| u.in_flight >= c) {
+        full.push("concurrency");
+    }
+    json!({
+        "rpm": window_json(limits.rpm.map(u64::from), u.minute_requests, 60),
+        "tpm": window_json(limits.tpm, u.minute_tokens, 60),
+        "rpd": window_json(limits.rpd.map(u64::from), u.day_requests, 86_400),
+        "concurrency": u.concurrency.map_or(Value::Null, |c| json!({"limit": c, "in_flight": u.in_flight})),
+        "in_flight": u.in_flight,
+        "full": full,
+        "next_start_in_ms": u.next_start_in_ms,
+        "next_start": u.next_start_in_ms.map_or(Value::Null, |ms| instant(at + chrono::Duration::milliseconds(ms))),
+    })
+}
+
+/// A provider as the dispatcher saw it: circuit, pause and why, use of
+/// each limit, budgets.
+pub fn live_json(
+    view: &crate::dispatch::live::LiveView,
+    p: &crate::dispatch::live::ProviderLive,
+) -> Value {
+    use crate::dispatch::live::{CircuitView, PauseReason};
+    let at = view.at;
+    let budgets: Vec<Value> = p
+        .budgets
+        .iter()
+        .map(|b| {
+            json!({
+                "name": b.name(),
+                "provider": b.provider,
+                "period": b.period.name(),
+                "cap_usd": usd(b.cap_usd),
+                "spent_usd": usd(b.spent_usd),
+                "remaining_usd": usd(b.remaining_usd()),
+                "exhausted": b.exhausted(),
+                "renews_at": instant(b.renews_at),
+            })
+        })
+        .collect();
+    let paused = p.pause.as_ref().map_or(Value::Null, |pause| {
+        let detail = match &pause.reason {
+            PauseReason::Disabled(why) => Value::from(why.as_str()),
+            PauseReason::Budget(i) => p
+                .budgets
+                .get(*i)
+                .map_or(Value::Null, |b| Value::from(b.name())),
+            _ => Value::Null,
+        };
+        json!({
+            "until": pause.until.map_or(Value::Null, instant),
+            "reason": pause.reason.as_str(),
+            "detail": detail,
+        })
+    });
+    let until = match p.circuit {
+        CircuitView::Open { until } => instant(until),
+        _ => Value::Null,
+    };
+    json!({
+        "at": instant(at),
+        "circuit": {"state": p.circuit.as_str(), "until": until, "consecutive_failures": p.consecutive_failures},
+        "paused": paused,
+        "limits": usage_json(&p.limits, &p.usage, at),
+        "models": p.models.iter().map(|m| json!({"name": m.name, "limits": usage_json(&m.limits, &m.usage, at)})).collect::<Vec<_>>(),
+        "budgets": budgets,
+    })
+}
+
 // ---- the plan -------------------------------------------------------------
 
 /// The plan for the queue at one moment.
