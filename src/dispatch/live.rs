@@ -7,9 +7,8 @@
 //!
 //! The dispatcher takes a [`snapshot`] at most a few times a second and
 //! publishes it ([`crate::telemetry::Telemetry::publish_live`]);
-//! `GET /v1/providers` shows it, and the explanations of `GET /v1/jobs/{id}`
-//! read it to say why a job waits. Nothing here reads the clock: `now` is
-//! an argument.
+//! `GET /v1/providers` shows it, and [`super::explain`] reads it to say why
+//! a job waits. Nothing here reads the clock: `now` is an argument.
 
 use chrono::{DateTime, Utc};
 

@@ -12,6 +12,7 @@
 
 pub mod budget;
 pub mod decide;
+pub mod explain;
 pub mod limits;
 pub mod live;
 pub mod provider;
