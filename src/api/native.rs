@@ -302,7 +302,7 @@ pub async fn list_jobs(
     rows.truncate(limit);
     let data: Vec<Value> = rows
         .iter()
-        .map(|d| objects::job_json(d, None, false))
+        .map(|d| objects::job_json(d, None, None, false))
         .collect();
     Ok(Json(json!({
         "object": "list",
@@ -313,7 +313,8 @@ pub async fn list_jobs(
     })))
 }
 
-/// `GET /v1/jobs/{id}`: state, plan (while queued), result (once final).
+/// `GET /v1/jobs/{id}`: state, plan (while queued), why it is where it is,
+/// result (once final).
 pub async fn get_job(State(s): State<S>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let n = parse_id(&id, "job_").ok_or_else(|| ApiError::not_found("job", &id))?;
     let out = s
@@ -321,13 +322,14 @@ pub async fn get_job(State(s): State<S>, Path(id): Path<String>) -> ApiResult<Js
             let Some(d) = s.shared.store.job_detail(n)? else {
                 return Ok(None);
             };
-            let plan = if d.job.state == JobState::Queued {
-                let (p, catalog) = objects::current_plan(s)?;
-                Some(objects::job_plan_json(&p, &catalog, &d))
+            let (plan, explanation) = if d.job.state == JobState::Queued {
+                let (p, catalog, capacities) = objects::current_plan_with_capacities(s)?;
+                let why = objects::job_explanation(s, &d, Some((&p, &catalog, &capacities)));
+                (Some(objects::job_plan_json(&p, &catalog, &d)), why)
             } else {
-                None
+                (None, objects::job_explanation(s, &d, None))
             };
-            Ok(Some(objects::job_json(&d, plan, true)))
+            Ok(Some(objects::job_json(&d, plan, Some(&explanation), true)))
         })
         .await??;
     out.map(Json).ok_or_else(|| ApiError::not_found("job", &id))
@@ -361,7 +363,8 @@ pub async fn cancel_job(State(s): State<S>, Path(id): Path<String>) -> ApiResult
         CancelOutcome::Cancelled => {
             s.queue_changed();
             let d = detail.ok_or_else(|| ApiError::not_found("job", &id))?;
-            Ok(Json(objects::job_json(&d, None, true)))
+            let why = objects::job_explanation(&s, &d, None);
+            Ok(Json(objects::job_json(&d, None, Some(&why), true)))
         }
     }
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
+use crate::dispatch::explain::{self, Explanation, JobFacts, Placement};
 use crate::domain::job::RouteKey;
 use crate::domain::pricing::Catalog;
 use crate::plan;
@@ -52,8 +53,14 @@ pub fn counts_json(c: &SourceCounts) -> Value {
     Value::Object(m)
 }
 
-/// A job: state, where it ran, its plan while queued, its result once final.
-pub fn job_json(d: &JobDetail, plan: Option<Value>, with_result: bool) -> Value {
+/// A job: state, where it ran, its plan while queued, why it is where it
+/// is (`GET /v1/jobs/{id}`), its result once final.
+pub fn job_json(
+    d: &JobDetail,
+    plan: Option<Value>,
+    explanation: Option<&Explanation>,
+    with_result: bool,
+) -> Value {
     let j = &d.job;
     json!({
         "id": job_public_id(j.id),
@@ -74,7 +81,9 @@ pub fn job_json(d: &JobDetail, plan: Option<Value>, with_result: bool) -> Value 
         "dispatched_at": rfc3339_opt(j.dispatched_at),
         "completed_at": rfc3339_opt(j.completed_at),
         "cost_usd": j.cost_usd.map(usd),
+        "list_cost_usd": j.list_cost_usd.map(usd),
         "plan": plan,
+        "explanation": explanation.map(|e| json!({"code": e.code, "text": e.text})),
         "result": if with_result && j.state.is_final() { result_line(j) } else { Value::Null },
     })
 }
@@ -253,8 +262,19 @@ pub fn live_json(
         CircuitView::Open { until } => instant(until),
         _ => Value::Null,
     };
+    // When a request may start: after the pause, under the limits; unknown
+    // (null) while that waits on an event (a reload, a probe, an answer).
+    let by_limits = p
+        .usage
+        .next_start_in_ms
+        .map(|ms| at + chrono::Duration::milliseconds(ms));
+    let next_start = match &p.pause {
+        None => by_limits,
+        Some(pause) => pause.until.zip(by_limits).map(|(u, l)| u.max(l)),
+    };
     json!({
         "at": instant(at),
+        "next_start": next_start.map_or(Value::Null, instant),
         "circuit": {"state": p.circuit.as_str(), "until": until, "consecutive_failures": p.consecutive_failures},
         "paused": paused,
         "limits": usage_json(&p.limits, &p.usage, at),
@@ -288,12 +308,24 @@ impl PlanCache {
 /// Returned with the catalog it was made with (a reload may have changed
 /// the one in force).
 pub fn current_plan(state: &ApiState) -> crate::store::Result<(Arc<PlanSnapshot>, Arc<Catalog>)> {
+    current_plan_with_capacities(state).map(|(p, c, _)| (p, c))
+}
+
+/// [`current_plan`], with the provider capacities it was made with
+/// (parallel to its catalog's providers).
+pub fn current_plan_with_capacities(
+    state: &ApiState,
+) -> crate::store::Result<(Arc<PlanSnapshot>, Arc<Catalog>, Vec<plan::ProviderCapacity>)> {
     if let Some(p) = state.shared.telemetry.plan() {
         let buckets = state.shared.store.queued_buckets()?;
         let queued: u64 = buckets.iter().map(|b| b.jobs).sum();
         let planned: u64 = p.queue.groups.iter().map(|g| g.group.jobs).sum();
         if queued == planned {
-            return Ok((Arc::new(p.queue.clone()), p.catalog.clone()));
+            return Ok((
+                Arc::new(p.queue.clone()),
+                p.catalog.clone(),
+                p.capacities.clone(),
+            ));
         }
         // Jobs arrived or finished since: the plan the dispatcher makes on
         // its next pass, from its own inputs.
@@ -306,24 +338,56 @@ pub fn current_plan(state: &ApiState) -> crate::store::Result<(Arc<PlanSnapshot>
             |key| p.output_scale.get(key).copied().unwrap_or(1.0),
             |_| None,
         );
-        return Ok((Arc::new(q), p.catalog.clone()));
+        return Ok((Arc::new(q), p.catalog.clone(), p.capacities.clone()));
     }
     let catalog = state.catalog();
+    let capacities = state.capacities();
     if let Some((made, p)) = &*state.plan_cache.0.lock().unwrap_or_else(|e| e.into_inner())
         && made.elapsed() < PLAN_TTL
     {
-        return Ok((p.clone(), catalog));
+        return Ok((p.clone(), catalog, capacities));
     }
     let snapshot = Arc::new(compute_plan(
         &state.shared.store,
         &catalog,
-        &state.capacities(),
+        &capacities,
         &state.plan_settings,
         Utc::now(),
     )?);
     *state.plan_cache.0.lock().unwrap_or_else(|e| e.into_inner()) =
         Some((Instant::now(), snapshot.clone()));
-    Ok((snapshot, catalog))
+    Ok((snapshot, catalog, capacities))
+}
+
+/// Why a job is where it is now: for a queued job, from its group's part of
+/// `plan` (made with `catalog` and `capacities`); for every job, from the
+/// dispatcher's last live view of the providers.
+pub fn job_explanation(
+    state: &ApiState,
+    d: &JobDetail,
+    plan: Option<(&PlanSnapshot, &Catalog, &[plan::ProviderCapacity])>,
+) -> Explanation {
+    let live = state.shared.telemetry.live();
+    let fallback;
+    let (placement, catalog) = match plan {
+        Some((p, catalog, capacities)) => (
+            explain::placement(p, catalog, capacities, &d.route_key, d.deadline),
+            catalog,
+        ),
+        None => {
+            fallback = state.catalog();
+            (Placement::NotPlanned, &*fallback)
+        }
+    };
+    explain::explain(
+        &JobFacts::from_detail(d),
+        &explain::Context {
+            catalog,
+            placement: &placement,
+            live: live.as_deref(),
+            now: Utc::now(),
+        },
+    )
 }
 
 fn compute_plan(

@@ -9,6 +9,7 @@ mod budget;
 mod cli;
 mod connections;
 mod epipe;
+mod explain;
 mod faults;
 mod folder;
 mod hostile_files;
