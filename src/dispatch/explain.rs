@@ -329,10 +329,15 @@ fn queued(job: &JobFacts, cx: &Context<'_>) -> Explanation {
     let now = cx.now;
     let catalog = cx.catalog;
     if job.deadline <= now {
+        let then = if cx.live.is_some_and(|v| v.run_after_deadline) {
+            "after_deadline = \"run\" sends it late, on the fastest provider"
+        } else {
+            "it expires on the next pass"
+        };
         return said(
             "at_risk",
             format!(
-                "at risk: its deadline {} has passed with no capacity before it; it expires on the next pass",
+                "at risk: its deadline {} has passed with no capacity before it; {then}",
                 clock(job.deadline, now)
             ),
         );
@@ -1202,6 +1207,21 @@ chat = ["deepseek/deepseek-chat", "openai/gpt-4o-mini"]
                 "at_risk",
                 "at risk: its deadline 11:59 UTC has passed with no capacity before it; it expires on the next pass"
             )
+        );
+        // ... unless the daemon runs late jobs.
+        let mut view = live::snapshot(&w.catalog, &mut w.limits, &w.observed, w.now);
+        view.run_after_deadline = true;
+        let placement = w.due_on_openai();
+        let cx = Context {
+            catalog: &w.catalog,
+            placement: &placement,
+            live: Some(&view),
+            now: w.now,
+        };
+        assert!(
+            explain(&late, &cx)
+                .text
+                .ends_with("; after_deadline = \"run\" sends it late, on the fastest provider")
         );
         // Expired, after two attempts that got 503s.
         let expired = JobFacts {

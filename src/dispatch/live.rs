@@ -27,6 +27,10 @@ pub struct LiveView {
     /// Requests in flight over all providers, and `daemon.max_in_flight`.
     pub in_flight: u32,
     pub max_in_flight: Option<u32>,
+    /// `daemon.after_deadline = "run"`: a job past its deadline is sent
+    /// late instead of expired ([`snapshot`] leaves it false; the
+    /// dispatcher sets it).
+    pub run_after_deadline: bool,
 }
 
 impl LiveView {
@@ -273,6 +277,7 @@ pub fn snapshot(
         providers,
         in_flight: limits.in_flight(),
         max_in_flight: limits.cap(),
+        run_after_deadline: false,
     }
 }
 

@@ -762,7 +762,8 @@ impl Dispatcher {
         }
         st.live_changed = false;
         st.live_published = Some(Instant::now());
-        let view = live::snapshot(&self.catalog, &mut st.limits, &st.observed, Utc::now());
+        let mut view = live::snapshot(&self.catalog, &mut st.limits, &st.observed, Utc::now());
+        view.run_after_deadline = self.run_after_deadline;
         self.shared.telemetry.publish_live(view);
     }
 
