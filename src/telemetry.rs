@@ -1,6 +1,8 @@
 //! What the daemon tells the outside about itself: Prometheus metrics
-//! (`GET /metrics`) and the dispatcher's live view of each provider's health
-//! (for `GET /v1/providers`). The dispatcher writes; the HTTP API reads.
+//! (`GET /metrics`), the dispatcher's live view of each provider (health,
+//! pauses, use of each limit, budgets) and the plan it follows (for
+//! `GET /v1/providers`, `GET /v1/plan` and the explanations of
+//! `GET /v1/jobs/{id}`). The dispatcher writes; the HTTP API reads.
 //!
 //! Counters live here; gauges that describe the queue (jobs by state,
 //! queue depth per class) are set from SQLite when a scrape asks for them.
@@ -61,6 +63,8 @@ pub struct Telemetry {
     health: Mutex<BTreeMap<String, String>>,
     /// The dispatcher's last plan, as it follows it.
     plan: Mutex<Option<Arc<PublishedPlan>>>,
+    /// The dispatcher's last live view of every provider.
+    live: Mutex<Option<Arc<crate::dispatch::live::LiveView>>>,
 }
 
 /// A plan the dispatcher made and follows: the queue's groups, the LP's
@@ -105,6 +109,7 @@ impl Telemetry {
             savings_usd: Family::default(),
             health: Mutex::new(BTreeMap::new()),
             plan: Mutex::new(None),
+            live: Mutex::new(None),
             registry: Registry::default(),
         };
         registry.register("jobs", "Jobs by state", t.jobs.clone());
@@ -192,6 +197,17 @@ impl Telemetry {
     /// The dispatcher's last plan, if it has made one.
     pub fn plan(&self) -> Option<Arc<PublishedPlan>> {
         self.plan.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Publishes the dispatcher's live view of every provider (circuit,
+    /// pauses, use of each limit, budgets).
+    pub fn publish_live(&self, view: crate::dispatch::live::LiveView) {
+        *self.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(view));
+    }
+
+    /// The dispatcher's last live view, if it has published one.
+    pub fn live(&self) -> Option<Arc<crate::dispatch::live::LiveView>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The dispatcher's last description of a provider's health, if any.

@@ -374,7 +374,7 @@ pub async fn list_jobs(
     rows.truncate(limit);
     let data: Vec<Value> = rows
         .iter()
-        .map(|d| objects::job_json(d, None, false))
+        .map(|d| objects::job_json(d, None, None, false))
         .collect();
     Ok(Json(json!({
         "object": "list",
@@ -385,7 +385,8 @@ pub async fn list_jobs(
     })))
 }
 
-/// `GET /v1/jobs/{id}`: state, plan (while queued), result (once final).
+/// `GET /v1/jobs/{id}`: state, plan (while queued), why it is where it is,
+/// result (once final).
 pub async fn get_job(State(s): State<S>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let n = parse_id(&id, "job_").ok_or_else(|| ApiError::not_found("job", &id))?;
     let out = s
@@ -393,13 +394,14 @@ pub async fn get_job(State(s): State<S>, Path(id): Path<String>) -> ApiResult<Js
             let Some(d) = s.shared.store.job_detail(n)? else {
                 return Ok(None);
             };
-            let plan = if d.job.state == JobState::Queued {
-                let (p, catalog) = objects::current_plan(s)?;
-                Some(objects::job_plan_json(&p, &catalog, &d))
+            let (plan, explanation) = if d.job.state == JobState::Queued {
+                let (p, catalog, capacities) = objects::current_plan_with_capacities(s)?;
+                let why = objects::job_explanation(s, &d, Some((&p, &catalog, &capacities)));
+                (Some(objects::job_plan_json(&p, &catalog, &d)), why)
             } else {
-                None
+                (None, objects::job_explanation(s, &d, None))
             };
-            let mut v = objects::job_json(&d, plan, true);
+            let mut v = objects::job_json(&d, plan, Some(&explanation), true);
             // The request as queued: what the page and `jobs show` print.
             if let Some(body) = s.shared.store.job_body(n)? {
                 v["request"] = json!({
@@ -442,7 +444,8 @@ pub async fn cancel_job(State(s): State<S>, Path(id): Path<String>) -> ApiResult
         CancelOutcome::Cancelled => {
             s.queue_changed();
             let d = detail.ok_or_else(|| ApiError::not_found("job", &id))?;
-            Ok(Json(objects::job_json(&d, None, true)))
+            let why = objects::job_explanation(&s, &d, None);
+            Ok(Json(objects::job_json(&d, None, Some(&why), true)))
         }
     }
 }
@@ -518,6 +521,7 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
         .await??;
     let c = &s.catalog();
     let next_change = c.next_price_change(now, chrono::Duration::days(8));
+    let live = s.shared.telemetry.live();
     let data: Vec<Value> = c
         .providers
         .iter()
@@ -540,20 +544,15 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
                 .enumerate()
                 .filter(|(_, m)| m.provider == pi)
                 .map(|(mi, m)| {
-                    let window = m
-                        .windows
-                        .iter()
-                        .chain(&p.windows)
-                        .find(|w| w.applies_at(now))
-                        .map(|w| w.name.clone());
-                    let price = c.price_at(mi, now);
+                    let window = c.window_at(mi, now).map(|w| w.name.clone());
+                    let price = c.price_with_markup_at(mi, now);
                     json!({
                         "name": m.name,
                         "endpoints": m.endpoints.iter().map(|e| e.as_url()).collect::<Vec<_>>(),
                         "list_price": {"input_per_mtok": m.list.input_per_mtok, "output_per_mtok": m.list.output_per_mtok},
                         "current_price": {
-                            "input_per_mtok": price.input_per_mtok * (1.0 + p.markup),
-                            "output_per_mtok": price.output_per_mtok * (1.0 + p.markup),
+                            "input_per_mtok": price.input_per_mtok,
+                            "output_per_mtok": price.output_per_mtok,
                         },
                         "price_window": window,
                     })
@@ -576,6 +575,8 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
                     "last_failure": r.last_failure.map(|(at, code, message)| json!({
                         "at": rfc3339(at), "code": code, "message": message})),
                 },
+                // The dispatcher's live view: circuit, pause and why, use of each limit, budgets.
+                "live": live.as_ref().and_then(|v| Some(objects::live_json(v, v.provider(&p.name)?))),
                 "models": models,
             })
         })
@@ -584,6 +585,11 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
         "object": "list",
         "at": rfc3339(now.timestamp_millis()),
         "next_price_change": next_change.map(|t| rfc3339(t.timestamp_millis())),
+        "dispatcher": live.as_ref().map(|v| json!({
+            "at": rfc3339(v.at.timestamp_millis()),
+            "in_flight": v.in_flight,
+            "max_in_flight": v.max_in_flight,
+        })),
         "data": data,
     })))
 }

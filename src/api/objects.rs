@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
+use crate::dispatch::explain::{self, Explanation, JobFacts, Placement};
 use crate::domain::job::RouteKey;
 use crate::domain::pricing::Catalog;
 use crate::plan;
@@ -52,8 +53,14 @@ pub fn counts_json(c: &SourceCounts) -> Value {
     Value::Object(m)
 }
 
-/// A job: state, where it ran, its plan while queued, its result once final.
-pub fn job_json(d: &JobDetail, plan: Option<Value>, with_result: bool) -> Value {
+/// A job: state, where it ran, its plan while queued, why it is where it
+/// is (`GET /v1/jobs/{id}`), its result once final.
+pub fn job_json(
+    d: &JobDetail,
+    plan: Option<Value>,
+    explanation: Option<&Explanation>,
+    with_result: bool,
+) -> Value {
     let j = &d.job;
     json!({
         "id": job_public_id(j.id),
@@ -74,7 +81,9 @@ pub fn job_json(d: &JobDetail, plan: Option<Value>, with_result: bool) -> Value 
         "dispatched_at": rfc3339_opt(j.dispatched_at),
         "completed_at": rfc3339_opt(j.completed_at),
         "cost_usd": j.cost_usd.map(usd),
+        "list_cost_usd": j.list_cost_usd.map(usd),
         "plan": plan,
+        "explanation": explanation.map(|e| json!({"code": e.code, "text": e.text})),
         "result": if with_result && j.state.is_final() { result_line(j) } else { Value::Null },
     })
 }
@@ -153,6 +162,127 @@ pub fn batch_json(b: &BatchRow, counts: Option<&SourceCounts>) -> Value {
     })
 }
 
+// ---- the dispatcher's live view ---------------------------------------------
+
+fn instant(t: DateTime<Utc>) -> Value {
+    rfc3339(t.timestamp_millis())
+}
+
+/// One limit's use: `limit` as configured, `usable` what nightshift sends
+/// at most (pacing and reserve), `used` in the window now, and
+/// `free_in_ms` until one more unit fits.
+fn window_json(
+    limit: Option<u64>,
+    w: Option<crate::dispatch::limits::WindowUse>,
+    window_s: u64,
+) -> Value {
+    match (limit, w) {
+        (Some(limit), Some(w)) => json!({
+            "limit": limit, "usable": w.usable, "used": w.used,
+            "window_s": window_s, "free_in_ms": w.free_in_ms,
+        }),
+        _ => Value::Null,
+    }
+}
+
+/// A limiter's use against each limit, which are full, and when the next
+/// request may start.
+fn usage_json(
+    limits: &crate::domain::pricing::Limits,
+    u: &crate::dispatch::limits::LimiterUse,
+    at: DateTime<Utc>,
+) -> Value {
+    let mut full = Vec::new();
+    let window_full =
+        |w: Option<crate::dispatch::limits::WindowUse>| w.is_some_and(|w| w.free_in_ms > 0);
+    if window_full(u.minute_requests) {
+        full.push("rpm");
+    }
+    if window_full(u.minute_tokens) {
+        full.push("tpm");
+    }
+    if window_full(u.day_requests) {
+        full.push("rpd");
+    }
+    if u.concurrency.is_some_and(|c| u.in_flight >= c) {
+        full.push("concurrency");
+    }
+    json!({
+        "rpm": window_json(limits.rpm.map(u64::from), u.minute_requests, 60),
+        "tpm": window_json(limits.tpm, u.minute_tokens, 60),
+        "rpd": window_json(limits.rpd.map(u64::from), u.day_requests, 86_400),
+        "concurrency": u.concurrency.map_or(Value::Null, |c| json!({"limit": c, "in_flight": u.in_flight})),
+        "in_flight": u.in_flight,
+        "full": full,
+        "next_start_in_ms": u.next_start_in_ms,
+        "next_start": u.next_start_in_ms.map_or(Value::Null, |ms| instant(at + chrono::Duration::milliseconds(ms))),
+    })
+}
+
+/// A provider as the dispatcher saw it: circuit, pause and why, use of
+/// each limit, budgets.
+pub fn live_json(
+    view: &crate::dispatch::live::LiveView,
+    p: &crate::dispatch::live::ProviderLive,
+) -> Value {
+    use crate::dispatch::live::{CircuitView, PauseReason};
+    let at = view.at;
+    let budgets: Vec<Value> = p
+        .budgets
+        .iter()
+        .map(|b| {
+            json!({
+                "name": b.name(),
+                "provider": b.provider,
+                "period": b.period.name(),
+                "cap_usd": usd(b.cap_usd),
+                "spent_usd": usd(b.spent_usd),
+                "remaining_usd": usd(b.remaining_usd()),
+                "exhausted": b.exhausted(),
+                "renews_at": instant(b.renews_at),
+            })
+        })
+        .collect();
+    let paused = p.pause.as_ref().map_or(Value::Null, |pause| {
+        let detail = match &pause.reason {
+            PauseReason::Disabled(why) => Value::from(why.as_str()),
+            PauseReason::Budget(i) => p
+                .budgets
+                .get(*i)
+                .map_or(Value::Null, |b| Value::from(b.name())),
+            _ => Value::Null,
+        };
+        json!({
+            "until": pause.until.map_or(Value::Null, instant),
+            "reason": pause.reason.as_str(),
+            "detail": detail,
+        })
+    });
+    let until = match p.circuit {
+        CircuitView::Open { until } => instant(until),
+        _ => Value::Null,
+    };
+    // When a request may start: after the pause, under the limits; unknown
+    // (null) while that waits on an event (a reload, a probe, an answer).
+    let by_limits = p
+        .usage
+        .next_start_in_ms
+        .map(|ms| at + chrono::Duration::milliseconds(ms));
+    let next_start = match &p.pause {
+        None => by_limits,
+        Some(pause) => pause.until.zip(by_limits).map(|(u, l)| u.max(l)),
+    };
+    json!({
+        "at": instant(at),
+        "next_start": next_start.map_or(Value::Null, instant),
+        "circuit": {"state": p.circuit.as_str(), "until": until, "consecutive_failures": p.consecutive_failures},
+        "paused": paused,
+        "limits": usage_json(&p.limits, &p.usage, at),
+        "models": p.models.iter().map(|m| json!({"name": m.name, "limits": usage_json(&m.limits, &m.usage, at)})).collect::<Vec<_>>(),
+        "budgets": budgets,
+    })
+}
+
 // ---- the plan -------------------------------------------------------------
 
 /// The plan for the queue at one moment.
@@ -178,12 +308,24 @@ impl PlanCache {
 /// Returned with the catalog it was made with (a reload may have changed
 /// the one in force).
 pub fn current_plan(state: &ApiState) -> crate::store::Result<(Arc<PlanSnapshot>, Arc<Catalog>)> {
+    current_plan_with_capacities(state).map(|(p, c, _)| (p, c))
+}
+
+/// [`current_plan`], with the provider capacities it was made with
+/// (parallel to its catalog's providers).
+pub fn current_plan_with_capacities(
+    state: &ApiState,
+) -> crate::store::Result<(Arc<PlanSnapshot>, Arc<Catalog>, Vec<plan::ProviderCapacity>)> {
     if let Some(p) = state.shared.telemetry.plan() {
         let buckets = state.shared.store.queued_buckets()?;
         let queued: u64 = buckets.iter().map(|b| b.jobs).sum();
         let planned: u64 = p.queue.groups.iter().map(|g| g.group.jobs).sum();
         if queued == planned {
-            return Ok((Arc::new(p.queue.clone()), p.catalog.clone()));
+            return Ok((
+                Arc::new(p.queue.clone()),
+                p.catalog.clone(),
+                p.capacities.clone(),
+            ));
         }
         // Jobs arrived or finished since: the plan the dispatcher makes on
         // its next pass, from its own inputs.
@@ -196,24 +338,56 @@ pub fn current_plan(state: &ApiState) -> crate::store::Result<(Arc<PlanSnapshot>
             |key| p.output_scale.get(key).copied().unwrap_or(1.0),
             |_| None,
         );
-        return Ok((Arc::new(q), p.catalog.clone()));
+        return Ok((Arc::new(q), p.catalog.clone(), p.capacities.clone()));
     }
     let catalog = state.catalog();
+    let capacities = state.capacities();
     if let Some((made, p)) = &*state.plan_cache.0.lock().unwrap_or_else(|e| e.into_inner())
         && made.elapsed() < PLAN_TTL
     {
-        return Ok((p.clone(), catalog));
+        return Ok((p.clone(), catalog, capacities));
     }
     let snapshot = Arc::new(compute_plan(
         &state.shared.store,
         &catalog,
-        &state.capacities(),
+        &capacities,
         &state.plan_settings,
         Utc::now(),
     )?);
     *state.plan_cache.0.lock().unwrap_or_else(|e| e.into_inner()) =
         Some((Instant::now(), snapshot.clone()));
-    Ok((snapshot, catalog))
+    Ok((snapshot, catalog, capacities))
+}
+
+/// Why a job is where it is now: for a queued job, from its group's part of
+/// `plan` (made with `catalog` and `capacities`); for every job, from the
+/// dispatcher's last live view of the providers.
+pub fn job_explanation(
+    state: &ApiState,
+    d: &JobDetail,
+    plan: Option<(&PlanSnapshot, &Catalog, &[plan::ProviderCapacity])>,
+) -> Explanation {
+    let live = state.shared.telemetry.live();
+    let fallback;
+    let (placement, catalog) = match plan {
+        Some((p, catalog, capacities)) => (
+            explain::placement(p, catalog, capacities, &d.route_key, d.deadline),
+            catalog,
+        ),
+        None => {
+            fallback = state.catalog();
+            (Placement::NotPlanned, &*fallback)
+        }
+    };
+    explain::explain(
+        &JobFacts::from_detail(d),
+        &explain::Context {
+            catalog,
+            placement: &placement,
+            live: live.as_deref(),
+            now: Utc::now(),
+        },
+    )
 }
 
 fn compute_plan(

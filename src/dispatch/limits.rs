@@ -476,6 +476,57 @@ impl ProviderLimiter {
     }
 }
 
+/// One window's use at an instant (see [`ProviderLimiter::usage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowUse {
+    /// What the window admits: the configured limit × [`PACING`], minus
+    /// the reserve.
+    pub usable: u64,
+    /// Counted in the window now.
+    pub used: u64,
+    /// Milliseconds until one more unit fits (0: it fits now).
+    pub free_in_ms: i64,
+}
+
+/// A limiter's use against each of its limits at an instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimiterUse {
+    /// Requests in the sliding 60 s, against `rpm`.
+    pub minute_requests: Option<WindowUse>,
+    /// Tokens in the sliding 60 s, against `tpm`.
+    pub minute_tokens: Option<WindowUse>,
+    /// Requests in the rolling 24 h, against `rpd`.
+    pub day_requests: Option<WindowUse>,
+    pub concurrency: Option<u32>,
+    pub in_flight: u32,
+    /// Milliseconds until a one-token request may start (every limit and
+    /// the smoothing buckets); `None` while the concurrency cap is reached
+    /// (an answer frees it, not time).
+    pub next_start_in_ms: Option<i64>,
+}
+
+impl ProviderLimiter {
+    /// What each limit counts at `now_ms`, and when the next request may
+    /// start. Pure; it only prunes what has left the windows.
+    pub fn usage(&mut self, now_ms: i64) -> LimiterUse {
+        let window = |w: &mut Option<Window>| {
+            w.as_mut().map(|w| WindowUse {
+                usable: w.limit(),
+                used: w.used(now_ms),
+                free_in_ms: w.ready_in_ms(1, now_ms),
+            })
+        };
+        LimiterUse {
+            minute_requests: window(&mut self.minute_requests),
+            minute_tokens: window(&mut self.minute_tokens),
+            day_requests: window(&mut self.day_requests),
+            concurrency: self.concurrency,
+            in_flight: self.in_flight,
+            next_start_in_ms: self.ready_in_ms(1, now_ms),
+        }
+    }
+}
+
 /// Limit state of every provider, indexed like the catalog, and the cap on
 /// requests in flight over all of them.
 #[derive(Debug, Clone, PartialEq)]
@@ -549,8 +600,14 @@ impl RateLimits {
         &mut self.providers[id]
     }
 
-    fn model(&mut self, id: ModelId) -> Option<&mut ProviderLimiter> {
+    /// The limiter of a model that has its own limits.
+    pub fn model(&mut self, id: ModelId) -> Option<&mut ProviderLimiter> {
         self.models.get_mut(id).and_then(Option::as_mut)
+    }
+
+    /// The cap on requests in flight over all providers, if any.
+    pub fn cap(&self) -> Option<u32> {
+        self.cap
     }
 
     /// Milliseconds until a request of `tokens` to `model` on `provider` may
@@ -687,6 +744,62 @@ impl RateLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_counts_each_window_and_when_the_next_request_starts() {
+        let limits = Limits {
+            rpm: Some(10),
+            tpm: Some(1000),
+            rpd: Some(100),
+            concurrency: Some(2),
+            ..Limits::default()
+        };
+        let mut p = ProviderLimiter::with_pacing(&limits, 0, 1.0);
+        let empty = p.usage(0);
+        assert_eq!(
+            empty.minute_requests,
+            Some(WindowUse {
+                usable: 10,
+                used: 0,
+                free_in_ms: 0
+            })
+        );
+        assert_eq!((empty.in_flight, empty.next_start_in_ms), (0, Some(0)));
+        // Sends of an earlier run: 4 requests (200 tokens) at 0 and 6
+        // (300) at 30 s. At 54 s the minute is full of requests and half
+        // full of tokens.
+        p.seed(0, 4, 200, 0);
+        p.seed(30_000, 6, 300, 30_000);
+        let full = p.usage(54_000);
+        assert_eq!(
+            full.minute_requests,
+            Some(WindowUse {
+                usable: 10,
+                used: 10,
+                // The first send (at 0) leaves the window at 60 s.
+                free_in_ms: 6_000
+            })
+        );
+        assert_eq!(
+            full.minute_tokens,
+            Some(WindowUse {
+                usable: 1000,
+                used: 500,
+                free_in_ms: 0
+            })
+        );
+        assert_eq!(full.day_requests.map(|w| w.used), Some(10));
+        assert_eq!(full.next_start_in_ms, Some(6_000));
+        // Both slots taken: no start until an answer.
+        assert!(p.try_acquire(1, 66_000));
+        assert!(p.try_acquire(1, 72_001));
+        let busy = p.usage(72_001);
+        assert_eq!((busy.concurrency, busy.in_flight), (Some(2), 2));
+        assert_eq!(busy.next_start_in_ms, None);
+        // With pacing, the usable part is below the configured limit.
+        let mut paced = ProviderLimiter::new(&limits, 0);
+        assert_eq!(paced.usage(0).minute_requests.map(|w| w.usable), Some(9));
+    }
 
     #[test]
     fn startable_now_counts_free_slots_and_whole_requests() {

@@ -12,7 +12,9 @@
 
 pub mod budget;
 pub mod decide;
+pub mod explain;
 pub mod limits;
+pub mod live;
 pub mod provider;
 pub mod reliability;
 
@@ -42,6 +44,9 @@ const REPLAN_EVERY: Duration = Duration::from_secs(60);
 const REPLAN_AT_MOST: Duration = Duration::from_millis(500);
 /// How often leases of jobs whose request task is gone are recovered.
 const RECOVER_EVERY: Duration = Duration::from_secs(30);
+/// The live view of the providers is published at most this often, and
+/// right away when a provider's availability changes.
+const LIVE_EVERY: Duration = Duration::from_millis(250);
 
 /// Shared handles the dispatcher works with.
 pub struct Dispatcher {
@@ -117,6 +122,10 @@ struct Loop {
     /// The earliest deadline of a queued job, when known: nothing expires
     /// before it (a job queued since is an event that clears it).
     earliest_deadline: Option<i64>,
+    /// When the live view was last published, and whether something it
+    /// shows changed since (publish after this pass, not [`LIVE_EVERY`] later).
+    live_published: Option<Instant>,
+    live_changed: bool,
 }
 
 /// Runs a closure against the store off the async threads.
@@ -150,6 +159,8 @@ impl Dispatcher {
             recorder: Recorder::start(self.shared.store.clone(), self.owner.clone()),
             next_recovery: Instant::now() + RECOVER_EVERY,
             earliest_deadline: None,
+            live_published: None,
+            live_changed: true,
         };
         // What earlier runs sent still counts against the rate limits.
         self.seed_limits(&mut st.limits, now).await;
@@ -176,6 +187,7 @@ impl Dispatcher {
             if self.shared.live.has_changed().unwrap_or(false) {
                 self.apply_reload(&mut st).await;
                 st.current = None;
+                st.live_changed = true;
             }
             let next = match self.pass(&mut st).await {
                 Ok(next) => next,
@@ -184,6 +196,7 @@ impl Dispatcher {
                     Instant::now() + IDLE
                 }
             };
+            self.publish_live(&mut st);
             tokio::select! {
                 _ = shutdown.changed() => break,
                 _ = self.shared.wake.notified() => {
@@ -200,6 +213,7 @@ impl Dispatcher {
                     if changed {
                         // Availability changed: re-plan now, not after the throttle.
                         st.current = None;
+                        st.live_changed = true;
                     }
                 }
             }
@@ -391,6 +405,7 @@ impl Dispatcher {
         if st.observed.budget.roll_over(now) {
             info!("a budget period renewed");
             st.current = None;
+            st.live_changed = true;
         }
         let retry_due = st.observed.next_retry.is_some_and(|t| t <= now);
         if retry_due {
@@ -735,6 +750,21 @@ impl Dispatcher {
                 .inc_by((list_cost - answer.billed).max(0.0));
         }
         self.publish_health(attempt.provider, observed);
+    }
+
+    /// Publishes the live view of every provider if something it shows
+    /// changed, or [`LIVE_EVERY`] after the last: at most one snapshot per
+    /// pass, none per job.
+    fn publish_live(&self, st: &mut Loop) {
+        let due = st.live_changed || st.live_published.is_none_or(|t| t.elapsed() >= LIVE_EVERY);
+        if !due {
+            return;
+        }
+        st.live_changed = false;
+        st.live_published = Some(Instant::now());
+        let mut view = live::snapshot(&self.catalog, &mut st.limits, &st.observed, Utc::now());
+        view.run_after_deadline = self.run_after_deadline;
+        self.shared.telemetry.publish_live(view);
     }
 
     fn publish_health(&self, p: usize, observed: &Observed) {

@@ -344,9 +344,31 @@ pub fn unit_draw(key: u64, attempt: u32) -> f64 {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Health {
     pub paused_until: Option<DateTime<Utc>>,
+    /// Why `paused_until` is set: what asked for the pause that ends last.
+    pub pause_cause: Option<PauseCause>,
     pub disabled: Option<String>,
     pub circuit: Circuit,
     consecutive_failures: u32,
+}
+
+/// What paused a provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseCause {
+    /// It refused a request and asked to wait: `Retry-After` (or a limit
+    /// at zero) on a 429 or 5xx answer.
+    RetryAfter,
+    /// A successful answer's headers left a rate limit at zero until its reset.
+    LimitReset,
+}
+
+impl PauseCause {
+    /// The name the API and explanations use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PauseCause::RetryAfter => "retry_after",
+            PauseCause::LimitReset => "limit_reset",
+        }
+    }
 }
 
 /// The circuit breaker's state.
@@ -377,6 +399,7 @@ impl Default for Health {
     fn default() -> Health {
         Health {
             paused_until: None,
+            pause_cause: None,
             disabled: None,
             circuit: Circuit::Closed,
             consecutive_failures: 0,
@@ -496,7 +519,10 @@ impl Health {
             Verdict::Retry { pause } => {
                 if let Some(p) = pause {
                     let until = bounds::add(now, (*p).min(MAX_PROVIDER_WAIT));
-                    self.paused_until = Some(self.paused_until.map_or(until, |u| u.max(until)));
+                    if self.paused_until.is_none_or(|u| until >= u) {
+                        self.paused_until = Some(until);
+                        self.pause_cause = Some(PauseCause::RetryAfter);
+                    }
                 } else {
                     // Only failures the provider did not announce count towards the breaker.
                     self.consecutive_failures += 1;
@@ -519,6 +545,7 @@ impl Health {
         }
         if self.paused_until.is_some_and(|p| p <= now) {
             self.paused_until = None;
+            self.pause_cause = None;
         }
         before != (self.paused_until, self.disabled.clone(), self.circuit)
     }
@@ -531,7 +558,13 @@ impl Health {
             return false;
         }
         self.paused_until = Some(until);
+        self.pause_cause = Some(PauseCause::LimitReset);
         true
+    }
+
+    /// Failures in a row that counted towards the circuit breaker.
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures
     }
 
     /// A short description for logs and the API.
@@ -1000,5 +1033,31 @@ mod tests {
         assert_eq!(h.available_from(t0), None);
         assert!(!h.admit(t0 + chrono::Duration::days(1)));
         assert!(h.describe(t0).contains("401"));
+    }
+
+    #[test]
+    fn a_pause_remembers_what_asked_for_it() {
+        let mut h = Health::default();
+        let t0 = at("2026-11-24T12:00:00Z");
+        let secs = chrono::Duration::seconds;
+        // A success that leaves a limit at zero: paused until its reset.
+        assert!(h.pause(t0, Duration::from_secs(5)));
+        assert_eq!(h.pause_cause, Some(PauseCause::LimitReset));
+        // A 429 asking for longer takes over the pause and its cause.
+        let retry = |s| Verdict::Retry {
+            pause: Some(Duration::from_secs(s)),
+        };
+        h.record(&retry(30), t0);
+        assert_eq!(
+            (h.paused_until, h.pause_cause),
+            (Some(t0 + secs(30)), Some(PauseCause::RetryAfter))
+        );
+        // A shorter reset does not: the longer pause holds, with its cause.
+        assert!(!h.pause(t0, Duration::from_secs(10)));
+        assert_eq!(h.pause_cause, Some(PauseCause::RetryAfter));
+        // Once the pause has passed, neither is left.
+        h.record(&Verdict::Succeeded, t0 + secs(31));
+        assert_eq!((h.paused_until, h.pause_cause), (None, None));
+        assert_eq!(PauseCause::RetryAfter.as_str(), "retry_after");
     }
 }

@@ -394,16 +394,29 @@ impl Catalog {
         }
     }
 
+    /// The price window that sets `model`'s price at `t`: the first
+    /// matching window of the model, else of its provider; `None`: the list
+    /// price applies.
+    pub fn window_at(&self, model: ModelId, t: DateTime<Utc>) -> Option<&PriceWindow> {
+        let m = &self.models[model];
+        m.windows
+            .iter()
+            .chain(&self.providers[m.provider].windows)
+            .find(|w| w.applies_at(t))
+    }
+
+    /// The price of `model` at instant `t`, with the markup: what a job pays
+    /// per 1M tokens there.
+    pub fn price_with_markup_at(&self, model: ModelId, t: DateTime<Utc>) -> Price {
+        let markup = self.providers[self.models[model].provider].markup;
+        self.price_at(model, t).scaled(1.0 + markup)
+    }
+
     /// The price of `model` at instant `t`: the first matching window of the
     /// model, else of its provider, else the list price. Markup not included.
     pub fn price_at(&self, model: ModelId, t: DateTime<Utc>) -> Price {
         let m = &self.models[model];
-        let window = m
-            .windows
-            .iter()
-            .chain(&self.providers[m.provider].windows)
-            .find(|w| w.applies_at(t));
-        match window.map(|w| &w.effect) {
+        match self.window_at(model, t).map(|w| &w.effect) {
             None => m.list,
             Some(WindowEffect::Multiplier(f)) => m.list.scaled(*f),
             Some(WindowEffect::Prices(p)) => *p,

@@ -153,6 +153,9 @@ pub struct JobDetail {
     pub submitted_at: i64,
     pub deadline: i64,
     pub not_before: i64,
+    /// The estimates the planner and the rate limits charge it.
+    pub est_input_tokens: u64,
+    pub est_output_tokens: u64,
 }
 
 /// Which jobs a listing (`GET /v1/jobs`) shows: all of the filters given.
@@ -322,7 +325,7 @@ fn detail_select(with_response: bool) -> String {
     base.replace(
         " FROM jobs",
         ", source_id, endpoint, model, (SELECT key FROM routes WHERE routes.id = jobs.route_id), priority,
-           submitted_at, deadline, not_before FROM jobs",
+           submitted_at, deadline, not_before, est_input_tokens, est_output_tokens FROM jobs",
     )
 }
 
@@ -337,6 +340,8 @@ fn detail_from_row(r: &rusqlite::Row) -> rusqlite::Result<JobDetail> {
         submitted_at: r.get(23)?,
         deadline: r.get(24)?,
         not_before: r.get(25)?,
+        est_input_tokens: r.get::<_, i64>(26)?.max(0) as u64,
+        est_output_tokens: r.get::<_, i64>(27)?.max(0) as u64,
     })
 }
 

@@ -337,6 +337,24 @@ async fn the_dashboard_logs_in_and_its_pages_agree_with_the_api() {
         .unwrap();
     assert_eq!(lines.len(), 1, "one class, one price line");
 
+    // A job held back by the price window says so, with its planned start.
+    b.goto(&format!("{base}/ui/#/jobs/job_1")).await.unwrap();
+    let why = b
+        .wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css("#explanation"))
+        .await
+        .unwrap();
+    assert_eq!(
+        why.attr("data-code").await.unwrap().as_deref(),
+        Some("price_window")
+    );
+    let job = api.get("/v1/jobs/job_1").await.unwrap();
+    assert_eq!(
+        why.text().await.unwrap().trim(),
+        job["explanation"]["text"].as_str().unwrap()
+    );
+
     // Cancelling from the page (two clicks) cancels the job in the API.
     b.goto(&format!("{base}/ui/#/jobs/job_2")).await.unwrap();
     let cancel = b
@@ -662,5 +680,27 @@ async fn the_embedded_default_dashboard_renders_the_example_backlog() {
     let prices = api.get("/v1/prices").await.unwrap();
     assert_eq!(lines.len(), prices["classes"].as_array().unwrap().len());
     std::fs::write(dir_out.join("plan.png"), b.screenshot().await.unwrap()).unwrap();
+    // A held job's page, and the providers.
+    let base = daemon.tcp_base().await.0;
+    b.goto(&format!("{base}/ui/#/jobs/job_1")).await.unwrap();
+    let why = b
+        .wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css("#explanation"))
+        .await
+        .unwrap();
+    let job = api.get("/v1/jobs/job_1").await.unwrap();
+    assert_eq!(
+        why.text().await.unwrap().trim(),
+        job["explanation"]["text"].as_str().unwrap()
+    );
+    std::fs::write(dir_out.join("job.png"), b.screenshot().await.unwrap()).unwrap();
+    b.goto(&format!("{base}/ui/#/providers")).await.unwrap();
+    b.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css("main[data-view='providers'] table"))
+        .await
+        .unwrap();
+    std::fs::write(dir_out.join("providers.png"), b.screenshot().await.unwrap()).unwrap();
     assert_loopback_only(&requested_urls(b).await);
 }

@@ -10,6 +10,7 @@ mod cli;
 mod connections;
 mod dashboard;
 mod epipe;
+mod explain;
 mod faults;
 mod folder;
 mod grafana;

@@ -73,7 +73,7 @@ async function api(path, options) {
 function table(headers, rows, numeric) {
   const num = new Set(numeric || []);
   return h("table", {},
-    h("thead", {}, h("tr", {}, headers.map((x, i) => h("th", { class: num.has(i) ? "num" : null }, x)))),
+    headers.some(x => x) ? h("thead", {}, h("tr", {}, headers.map((x, i) => h("th", { class: num.has(i) ? "num" : null }, x)))) : null,
     h("tbody", {}, rows.map(r => h("tr", {}, r.map((c, i) => h("td", { class: num.has(i) ? "num" : null }, c))))));
 }
 
@@ -310,19 +310,29 @@ async function sourcesView() {
   ];
 }
 
-function liveLine(live, limits) {
+// The dispatcher's live view of a provider: each limit's use now.
+function liveLine(live) {
   if (!live) return h("span", { class: "muted" }, "—");
+  const l = live.limits || {};
   const parts = [];
-  const use = (label, used, cap) => {
-    if (cap === null || cap === undefined) return;
-    parts.push(h("div", {}, `${label} ${num(used)}/${num(cap)} `, bar(cap ? used / cap : 0)));
-  };
-  const u = live.usage || live;
-  use("rpm", u.requests_last_minute ?? u.rpm_used, limits.rpm);
-  use("tpm", u.tokens_last_minute ?? u.tpm_used, limits.tpm);
-  use("rpd", u.requests_last_day ?? u.rpd_used, limits.rpd);
-  use("in flight", u.in_flight, limits.concurrency);
+  for (const k of ["rpm", "tpm", "rpd"]) {
+    const x = l[k];
+    if (x) parts.push(h("div", {}, `${k} ${num(x.used)}/${num(x.limit)} `, bar(x.limit ? x.used / x.limit : 0)));
+  }
+  if (l.concurrency) parts.push(h("div", {}, `in flight ${num(l.concurrency.in_flight)}/${num(l.concurrency.limit)} `,
+    bar(l.concurrency.limit ? l.concurrency.in_flight / l.concurrency.limit : 0)));
+  else if (l.in_flight !== undefined) parts.push(h("div", {}, `in flight ${num(l.in_flight)}`));
+  if (l.full && l.full.length) parts.push(h("div", { class: "error" }, "full: " + l.full.join(", ") + (live.next_start ? "; next start " + when(live.next_start) : "")));
   return h("div", {}, parts);
+}
+
+// Circuit and pause, in words.
+function liveState(live, health) {
+  if (!live) return h("span", { class: "muted" }, health.dispatcher || health.status || "—");
+  if (live.paused) return h("span", { class: "error" }, `paused until ${when(live.paused.until)} (${live.paused.reason}${live.paused.detail ? ": " + live.paused.detail : ""})`);
+  const c = live.circuit || {};
+  if (c.state && c.state !== "closed") return h("span", { class: "error" }, `circuit ${c.state}${c.until ? " until " + when(c.until) : ""}`);
+  return h("span", { class: "ok" }, "circuit closed" + (c.consecutive_failures ? ` (${c.consecutive_failures} failures in a row)` : ""));
 }
 
 async function providersView() {
@@ -330,13 +340,12 @@ async function providersView() {
   const rows = p.data.map(x => {
     const hl = x.health || {};
     const lf = hl.last_failure;
-    const live = hl.live || x.live || null;
-    const state = (live && (live.circuit || live.state)) || hl.dispatcher || hl.status;
+    const live = x.live || null;
     return [
       h("strong", {}, x.name), x.simulated ? "simulated" : (x.region || ""),
       h("div", {}, ["rpm", "tpm", "rpd", "concurrency"].filter(k => x.limits[k] !== null && x.limits[k] !== undefined).map(k => h("div", {}, `${k} ${num(x.limits[k])}`))),
-      liveLine(live, x.limits),
-      h("span", { class: hl.status === "ok" || hl.status === "idle" ? "ok" : "error" }, typeof state === "string" ? state : JSON.stringify(state)),
+      liveLine(live),
+      liveState(live, hl),
       `${num(hl.succeeded)} ok / ${num(hl.failed)} failed (${hl.window_minutes} min)`,
       lf ? h("span", { class: "error" }, `${when(lf.at)} ${lf.code || ""}: ${lf.message || ""}`) : "—",
       h("div", {}, x.models.map(m => h("div", {}, `${m.name} ${m.current_price.input_per_mtok.toFixed(3)}/${m.current_price.output_per_mtok.toFixed(3)}${m.price_window ? " (" + m.price_window + ")" : ""}`))),
