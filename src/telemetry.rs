@@ -63,8 +63,10 @@ pub struct Telemetry {
     health: Mutex<BTreeMap<String, String>>,
     /// The dispatcher's last plan, as it follows it.
     plan: Mutex<Option<Arc<PublishedPlan>>>,
-    /// The dispatcher's last live view of every provider.
-    live: Mutex<Option<Arc<crate::dispatch::live::LiveView>>>,
+    /// The dispatcher's last live view of every provider. Its type belongs
+    /// to the dispatcher (`dispatch::live::LiveView`), which stands above
+    /// this module: held here as `Any`, so telemetry needs no import of it.
+    live: Mutex<Option<Arc<dyn std::any::Any + Send + Sync>>>,
 }
 
 /// A plan the dispatcher made and follows: the queue's groups, the LP's
@@ -201,13 +203,18 @@ impl Telemetry {
 
     /// Publishes the dispatcher's live view of every provider (circuit,
     /// pauses, use of each limit, budgets).
-    pub fn publish_live(&self, view: crate::dispatch::live::LiveView) {
+    pub fn publish_live<T: std::any::Any + Send + Sync>(&self, view: T) {
         *self.live.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(view));
     }
 
-    /// The dispatcher's last live view, if it has published one.
-    pub fn live(&self) -> Option<Arc<crate::dispatch::live::LiveView>> {
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    /// The dispatcher's last live view, if it has published one (of type `T`).
+    pub fn live<T: std::any::Any + Send + Sync>(&self) -> Option<Arc<T>> {
+        let any = self
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        any.downcast::<T>().ok()
     }
 
     /// The dispatcher's last description of a provider's health, if any.

@@ -24,17 +24,8 @@ use axum::http::{HeaderMap, Method, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 
-use super::ui::sessions::Session;
+use super::ui::sessions::{CSRF_HEADER, Session, cookie, cookie_name};
 use super::{ApiError, S, router};
-
-/// The header a dashboard session's state-changing requests carry.
-pub const CSRF_HEADER: &str = "x-nightshift-csrf";
-
-/// The cookie holding a session id. The port is in the name because
-/// cookies are not per port: two daemons on one host keep separate logins.
-pub fn cookie_name(port: u16) -> String {
-    format!("nightshift_session_{port}")
-}
 
 /// What the TCP listener checks requests against.
 struct Guard {
@@ -52,18 +43,6 @@ pub fn same(a: &[u8], b: &[u8]) -> bool {
 fn bearer_token(value: &str) -> Option<&str> {
     let (scheme, token) = value.trim_start().split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-}
-
-/// The value of cookie `name` in the request's `Cookie` headers.
-pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim())
 }
 
 /// Paths anyone may fetch: liveness, and the dashboard's shell (static

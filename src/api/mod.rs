@@ -223,6 +223,19 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: u64, setting: &str) -
         })
 }
 
+/// A query string, or a 400 that says what is wrong with it.
+fn query<T>(
+    q: Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<T> {
+    q.map(|axum::extract::Query(q)| q).map_err(|e| {
+        ApiError::bad_request(
+            format!("invalid query string: {}", e.body_text()),
+            None,
+            "invalid_query",
+        )
+    })
+}
+
 /// Parses an id as the API writes it: exactly `prefix` and a positive
 /// decimal number (`job_12`, `file-3`, `batch_7`). Nothing else names the
 /// same object: no bare number, sign, leading zero or space.

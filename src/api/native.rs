@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::error::{ApiError, ApiResult};
 use super::objects::{self, rfc3339, usd};
-use super::{S, parse_id, read_body};
+use super::{S, parse_id, query, read_body};
 use crate::domain::job::{self, JobContext, LineError, NewJob};
 use crate::results::job_public_id;
 use crate::store::{
@@ -66,16 +66,6 @@ pub async fn metrics(State(s): State<S>) -> ApiResult<axum::response::Response> 
         t.render(),
     )
         .into_response())
-}
-
-pub(super) fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
-    q.map(|Query(q)| q).map_err(|e| {
-        ApiError::bad_request(
-            format!("invalid query string: {}", e.body_text()),
-            None,
-            "invalid_query",
-        )
-    })
 }
 
 #[derive(Deserialize, Default)]
@@ -521,7 +511,7 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
         .await??;
     let c = &s.catalog();
     let next_change = c.next_price_change(now, chrono::Duration::days(8));
-    let live = s.shared.telemetry.live();
+    let live = s.shared.telemetry.live::<crate::dispatch::live::LiveView>();
     let data: Vec<Value> = c
         .providers
         .iter()

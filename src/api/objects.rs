@@ -367,7 +367,10 @@ pub fn job_explanation(
     d: &JobDetail,
     plan: Option<(&PlanSnapshot, &Catalog, &[plan::ProviderCapacity])>,
 ) -> Explanation {
-    let live = state.shared.telemetry.live();
+    let live = state
+        .shared
+        .telemetry
+        .live::<crate::dispatch::live::LiveView>();
     let fallback;
     let (placement, catalog) = match plan {
         Some((p, catalog, capacities)) => (

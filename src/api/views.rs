@@ -30,7 +30,7 @@ pub async fn prices(
     State(s): State<S>,
     q: Result<Query<PricesQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
-    let q = super::native::query(q)?;
+    let q = super::query(q)?;
     let hours = match q.hours.as_deref() {
         None => 48,
         Some(h) => h
@@ -92,7 +92,7 @@ pub async fn sources(
     State(s): State<S>,
     q: Result<Query<SourcesQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
-    let q = super::native::query(q)?;
+    let q = super::query(q)?;
     let before = match q.before.as_deref().filter(|x| !x.is_empty()) {
         None => None,
         Some(b) => Some(parse_id(b, "sub_").ok_or_else(|| {

@@ -746,6 +746,11 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_store_keeps_sends_for_the_whole_rpd_window() {
+        assert_eq!(crate::store::SENDS_KEPT_MS, DAY_MS);
+    }
+
+    #[test]
     fn usage_counts_each_window_and_when_the_next_request_starts() {
         let limits = Limits {
             rpm: Some(10),

@@ -172,6 +172,25 @@ async fn wait_overview_matches_stats(b: &Browser, api: &nightshift::api::client:
     }
 }
 
+/// Runs `script` (which returns null until what it looks for is on the
+/// page) until it returns something else. One script reads the page in one
+/// go, so the page's own refresh cannot replace an element between a find
+/// and a read (a stale element).
+async fn wait_js(b: &Browser, what: &str, script: &str) -> Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let v = b.execute(script, vec![]).await.unwrap_or(Value::Null);
+        if !v.is_null() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Every URL the page has loaded or fetched, its own included.
 async fn requested_urls(b: &Browser) -> Vec<String> {
     let v = b
@@ -339,37 +358,28 @@ async fn the_dashboard_logs_in_and_its_pages_agree_with_the_api() {
 
     // A job held back by the price window says so, with its planned start.
     b.goto(&format!("{base}/ui/#/jobs/job_1")).await.unwrap();
-    let why = b
-        .wait()
-        .at_most(WAIT)
-        .for_element(Locator::Css("#explanation"))
-        .await
-        .unwrap();
-    assert_eq!(
-        why.attr("data-code").await.unwrap().as_deref(),
-        Some("price_window")
-    );
+    let why = wait_js(
+        b,
+        "job_1's explanation",
+        "const e = document.querySelector(\"#explanation[data-job='job_1']\"); return e ? [e.dataset.code, e.textContent] : null;",
+    )
+    .await;
+    assert_eq!(why[0], "price_window", "{why}");
     let job = api.get("/v1/jobs/job_1").await.unwrap();
-    assert_eq!(
-        why.text().await.unwrap().trim(),
-        job["explanation"]["text"].as_str().unwrap()
-    );
+    assert_eq!(why[1], job["explanation"]["text"], "{why}");
 
     // Cancelling from the page (two clicks) cancels the job in the API.
     b.goto(&format!("{base}/ui/#/jobs/job_2")).await.unwrap();
-    let cancel = b
-        .wait()
-        .at_most(WAIT)
-        .for_element(Locator::Css("#cancel-job"))
-        .await
-        .unwrap();
-    cancel.click().await.unwrap();
+    let click = "const e = document.querySelector(\"#cancel-job[data-job='job_2']\"); if (!e) return null; e.click(); return e.dataset.armed || 'clicked';";
+    let first = wait_js(b, "job_2's cancel button", click).await;
+    assert_eq!(first, "1", "the first click only arms the button");
     assert_eq!(api.get("/v1/jobs/job_2").await.unwrap()["state"], "queued");
-    cancel.click().await.unwrap();
+    wait_js(b, "job_2's armed cancel button", click).await;
     wait_until_async("job_2 cancelled from the page", WAIT, async || {
         api.get("/v1/jobs/job_2").await.unwrap()["state"] == "cancelled"
     })
     .await;
+    assert_eq!(api.get("/v1/jobs/job_1").await.unwrap()["state"], "queued");
 
     // The other pages render from the API too.
     for (view, css) in [
@@ -683,17 +693,14 @@ async fn the_embedded_default_dashboard_renders_the_example_backlog() {
     // A held job's page, and the providers.
     let base = daemon.tcp_base().await.0;
     b.goto(&format!("{base}/ui/#/jobs/job_1")).await.unwrap();
-    let why = b
-        .wait()
-        .at_most(WAIT)
-        .for_element(Locator::Css("#explanation"))
-        .await
-        .unwrap();
+    let why = wait_js(
+        b,
+        "job_1's explanation",
+        "const e = document.querySelector(\"#explanation[data-job='job_1']\"); return e ? e.textContent : null;",
+    )
+    .await;
     let job = api.get("/v1/jobs/job_1").await.unwrap();
-    assert_eq!(
-        why.text().await.unwrap().trim(),
-        job["explanation"]["text"].as_str().unwrap()
-    );
+    assert_eq!(why, job["explanation"]["text"]);
     std::fs::write(dir_out.join("job.png"), b.screenshot().await.unwrap()).unwrap();
     b.goto(&format!("{base}/ui/#/providers")).await.unwrap();
     b.wait()

@@ -24,12 +24,11 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::auth::{cookie, cookie_name};
 use super::error::{ApiError, ApiResult};
 use super::listen::random_hex;
 use super::objects::rfc3339;
 use super::{ApiState, S};
-use sessions::{Session, Sessions};
+use sessions::{Session, Sessions, cookie, cookie_name};
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");

@@ -26,6 +26,27 @@ const MAX_SESSIONS: usize = 256;
 
 type Digest32 = [u8; 32];
 
+/// The header a dashboard session's state-changing requests carry.
+pub const CSRF_HEADER: &str = "x-nightshift-csrf";
+
+/// The cookie holding a session id. The port is in the name because
+/// cookies are not per port: two daemons on one host keep separate logins.
+pub fn cookie_name(port: u16) -> String {
+    format!("nightshift_session_{port}")
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim())
+}
+
 fn digest(secret: &str) -> Digest32 {
     Sha256::digest(secret.as_bytes()).into()
 }

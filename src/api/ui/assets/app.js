@@ -257,10 +257,10 @@ async function jobView(id) {
     ["cost", usd(j.cost_usd)], ["list cost", usd(j.list_cost_usd)],
   ];
   const out = [h("h2", {}, "Job " + j.id)];
-  if (j.explanation) out.push(h("div", { class: "why", id: "explanation", "data-code": j.explanation.code }, j.explanation.text));
+  if (j.explanation) out.push(h("div", { class: "why", id: "explanation", "data-code": j.explanation.code, "data-job": j.id }, j.explanation.text));
   out.push(table(["", ""], facts));
   if (j.state === "queued") {
-    const btn = h("button", { type: "button", class: "danger", id: "cancel-job" }, "Cancel job");
+    const btn = h("button", { type: "button", class: "danger", id: "cancel-job", "data-job": j.id }, "Cancel job");
     btn.addEventListener("click", async () => {
       if (btn.dataset.armed !== "1") { btn.dataset.armed = "1"; btn.textContent = "Click again to cancel " + j.id; return; }
       btn.disabled = true;
