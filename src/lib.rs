@@ -18,7 +18,7 @@
 //! | plan     | [`plan`]   | where and when each job goes (an LP over job groups) | pure |
 //! | dispatch | [`dispatch`] | the step that decides what starts now ([`dispatch::decide`]) with rate limits ([`dispatch::limits`]), budgets ([`dispatch::budget`]) and retry/health ([`dispatch::reliability`]); each provider's live view ([`dispatch::live`]) and why a job waits ([`dispatch::explain`]); provider clients ([`dispatch::provider`]); the loop that applies it | pure step, async shell |
 //! | results  | [`results`] | result lines and atomic outbox files | files |
-//! | api      | [`api`]    | HTTP API (native + OpenAI Batch) on a Unix socket and loopback TCP | sockets |
+//! | api      | [`api`]    | HTTP API (native + OpenAI Batch) on a Unix socket and loopback TCP; the dashboard ([`api::ui`]) | sockets |
 //! |          | [`telemetry`] | Prometheus metrics and the dispatcher's live view | — |
 //! |          | [`shared`] | the one cloneable handle components hold: store, live config, telemetry, wake-ups | — |
 //! | daemon   | [`daemon`] | supervised components, inotify, SIGHUP; [`daemon::cron`] maintenance, [`daemon::systemd`] notifications | all |
