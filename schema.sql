@@ -109,7 +109,7 @@ CREATE INDEX IF NOT EXISTS sources_origin ON sources (origin);
 -- jobs by state and provider with the sums the statistics add up, and the
 -- jobs with late answers (fewer still). Queued jobs are counted along
 -- jobs_due.
-CREATE INDEX IF NOT EXISTS jobs_running ON jobs (lease_until, lease_owner, provider, cost_usd, list_cost_usd, input_tokens, output_tokens) WHERE state = 'running';
+CREATE INDEX IF NOT EXISTS jobs_running ON jobs (lease_until, lease_owner, provider) WHERE state = 'running';
 CREATE INDEX IF NOT EXISTS jobs_final ON jobs (state, provider, cost_usd, list_cost_usd, input_tokens, output_tokens) WHERE state IN ('succeeded', 'failed', 'expired', 'cancelled');
 CREATE INDEX IF NOT EXISTS jobs_late ON jobs (late_answers, late_cost_usd) WHERE late_answers > 0;
 

@@ -67,7 +67,7 @@ const RECOVER_LEASES: &str =
  WHERE state = 'running' AND (lease_until <= ?1 OR lease_owner IS NOT ?2)";
 
 /// Version 6's indexes, as in schema.sql.
-const STATS_INDEXES: &str = "CREATE INDEX IF NOT EXISTS jobs_running ON jobs (lease_until, lease_owner, provider, cost_usd, list_cost_usd, input_tokens, output_tokens) WHERE state = 'running';
+const STATS_INDEXES: &str = "CREATE INDEX IF NOT EXISTS jobs_running ON jobs (lease_until, lease_owner, provider) WHERE state = 'running';
 CREATE INDEX IF NOT EXISTS jobs_final ON jobs (state, provider, cost_usd, list_cost_usd, input_tokens, output_tokens) WHERE state IN ('succeeded', 'failed', 'expired', 'cancelled');
 CREATE INDEX IF NOT EXISTS jobs_late ON jobs (late_answers, late_cost_usd) WHERE late_answers > 0;";
 
