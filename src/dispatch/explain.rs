@@ -989,7 +989,8 @@ chat = ["deepseek/deepseek-chat", "openai/gpt-4o-mini"]
     #[test]
     fn a_full_rate_limit_says_which_with_its_figures_and_the_next_start() {
         let now_ms = at(NOW).timestamp_millis();
-        // 594 requests (600 × 0.99) 57 s ago: the minute is full for 3 s more.
+        // 594 requests (600 × 0.99) 57 s ago: the minute is full for 4 s more
+        // (each send counts for 60 s and the limiter's one-second margin).
         let mut w = World::new();
         let sent = Sent {
             at_ms: now_ms - 57_000,
@@ -1001,7 +1002,7 @@ chat = ["deepseek/deepseek-chat", "openai/gpt-4o-mini"]
         assert_eq!(e.code, "rate_limit_full");
         assert_eq!(
             e.text,
-            "waiting: openai's rpm is full (594/600 in the last 60 s, 594 usable); next start in 3 s"
+            "waiting: openai's rpm is full (594/600 in the last 60 s, 594 usable); next start in 4 s"
         );
         // Tokens: 98,500 of the usable 99,000 leave no room for 1,100.
         let mut w = World::new();

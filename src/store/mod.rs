@@ -705,7 +705,9 @@ impl Store {
         }
         let sent: std::collections::HashSet<i64> = started.iter().copied().collect();
         // Stamped when the write holds the lock (the requests leave right
-        // after the commit), not when the pass took them: never early.
+        // after the commit), not when the pass took them: never early. The
+        // commit itself and the sending come after this stamp; the limiter's
+        // margin (`ARRIVAL_MARGIN_MS`) covers that for a restart seeded here.
         let sent_ms = now_ms.max(chrono::Utc::now().timestamp_millis());
         record_sends(
             &tx,
@@ -718,12 +720,14 @@ impl Store {
 
     /// The requests sent in the last [`SENDS_KEPT_MS`] before `now_ms`, in
     /// time order, for seeding the rate limits: one row per instant in the
-    /// last minute (rpm and tpm count them to the millisecond), one per
-    /// second before that (rpd only needs the count).
+    /// last minute and the limiter's margin (rpm and tpm count them to the
+    /// millisecond), one per second before that (rpd only needs the count).
     pub fn recent_sends(&self, now_ms: i64) -> Result<Vec<SentGroup>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(RECENT_SENDS)?;
-        let rows = stmt.query_map(params![now_ms, SENDS_KEPT_MS], |r| {
+        let minute_held =
+            crate::dispatch::limits::MINUTE_MS + crate::dispatch::limits::ARRIVAL_MARGIN_MS;
+        let rows = stmt.query_map(params![now_ms, SENDS_KEPT_MS, minute_held], |r| {
             Ok(SentGroup {
                 provider: r.get(0)?,
                 model: r.get(1)?,
@@ -1136,10 +1140,12 @@ const EXPIRE_OVERDUE: &str =
 const SPENT_SINCE: &str = "SELECT COALESCE(SUM(COALESCE(cost_usd, 0) + late_cost_usd), 0) FROM jobs
      WHERE completed_at >= ?1 AND (?2 IS NULL OR provider = ?2)";
 
-/// [`Store::recent_sends`]: a range on `sends_at`, which covers it.
+/// [`Store::recent_sends`]: a range on `sends_at`, which covers it. Sends
+/// the per-minute windows still count (`?3`: a minute and the limiter's
+/// margin) are read to the millisecond, older ones by second.
 const RECENT_SENDS: &str = "SELECT provider, model, MAX(at_ms), COUNT(*), SUM(tokens) FROM sends
      WHERE at_ms > ?1 - ?2
-     GROUP BY provider, model, CASE WHEN at_ms > ?1 - 60000 THEN at_ms ELSE -1 - at_ms / 1000 END
+     GROUP BY provider, model, CASE WHEN at_ms > ?1 - ?3 THEN at_ms ELSE -1 - at_ms / 1000 END
      ORDER BY 3";
 
 /// Logs the sends of a dispatch batch (in its transaction) and forgets
