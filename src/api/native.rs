@@ -587,12 +587,24 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
 /// `GET /v1/stats`: the queue by state and provider, spend and savings.
 pub async fn stats(State(s): State<S>) -> ApiResult<Json<Value>> {
     let now = Utc::now();
-    let (st, by_route, budgets) = s
+    let (st, by_route, budgets, spent_today, spent_month) = s
         .db(move |s| -> crate::store::Result<_> {
             Ok((
                 s.shared.store.queue_stats()?,
                 s.shared.store.queued_by_route()?,
                 super::views::budgets_json(s, now)?,
+                s.shared.store.spent_since(
+                    None,
+                    crate::domain::policy::Period::Day
+                        .start(now)
+                        .timestamp_millis(),
+                )?,
+                s.shared.store.spent_since(
+                    None,
+                    crate::domain::policy::Period::Month
+                        .start(now)
+                        .timestamp_millis(),
+                )?,
             ))
         })
         .await??;
@@ -654,6 +666,8 @@ pub async fn stats(State(s): State<S>) -> ApiResult<Json<Value>> {
         "providers": providers,
         "budgets": budgets,
         "spend_usd": usd(spend),
+        "spend_today_usd": usd(spent_today),
+        "spend_month_usd": usd(spent_month),
         "succeeded_cost_usd": usd(cost_ok),
         "succeeded_list_cost_usd": usd(list_ok),
         "savings_usd": usd(savings),

@@ -162,6 +162,10 @@ async fn jobs_round_trip_over_the_unix_socket_with_pagination() {
     let stats = client.get("/v1/stats").await.unwrap();
     assert_eq!(stats["jobs"]["succeeded"], 5);
     assert!(stats["spend_usd"].as_f64().unwrap() > 0.0);
+    // Everything finished just now: today's and this month's spend are all of it.
+    assert_eq!(stats["spend_today_usd"], stats["spend_usd"], "{stats}");
+    assert_eq!(stats["spend_month_usd"], stats["spend_usd"], "{stats}");
+    assert_eq!(stats["queued_by_class"], json!({}), "{stats}");
     assert_eq!(stats["providers"][0]["provider"], "alpha");
     assert_eq!(stats["providers"][0]["succeeded"], 5);
     let providers = client.get("/v1/providers").await.unwrap();

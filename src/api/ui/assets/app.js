@@ -114,6 +114,8 @@ async function overview() {
       : h("p", { class: "muted" }, "Nothing queued."),
     h("h2", {}, "Spend and savings"),
     h("div", { class: "cards" },
+      h("div", { class: "card", id: "spend-today" }, h("div", { class: "k" }, "spent today (UTC)"), h("div", { class: "n" }, usd(stats.spend_today_usd))),
+      h("div", { class: "card", id: "spend-month" }, h("div", { class: "k" }, "spent this month"), h("div", { class: "n" }, usd(stats.spend_month_usd))),
       h("div", { class: "card", id: "spend" }, h("div", { class: "k" }, "spent (all time)"), h("div", { class: "n" }, usd(stats.spend_usd))),
       h("div", { class: "card", id: "savings" }, h("div", { class: "k" }, "saved vs list price"),
         h("div", { class: "n" }, usd(stats.savings_usd)),
