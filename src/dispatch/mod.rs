@@ -733,7 +733,7 @@ impl Dispatcher {
                 outcome: outcome.into(),
             })
             .inc();
-        if status == Some(429) {
+        if status == Some(429) && answer.flex_refused.is_none() {
             t.rate_limited.get_or_create(&p).inc();
         }
         if matches!(answer.verdict, Verdict::Retry { pause: Some(_) })
