@@ -944,6 +944,8 @@ impl Store {
             SpendBy::Provider => "provider",
             SpendBy::Class => "model",
             SpendBy::Day => "strftime('%Y-%m-%d', completed_at / 1000, 'unixepoch')",
+            // Jobs finished before schema 7 ran on the standard channel.
+            SpendBy::Channel => "COALESCE(provider_channel, 'sync')",
         };
         let conn = self.reader()?;
         let mut stmt = conn.prepare(&format!(
@@ -995,6 +997,8 @@ pub enum SpendBy {
     Class,
     /// The UTC day they completed.
     Day,
+    /// The channel that answered: sync, flex.
+    Channel,
 }
 
 /// One group of [`Store::spend`].
