@@ -1,4 +1,4 @@
--- nightshift queue schema, version 6.
+-- nightshift queue schema, version 7.
 --
 -- Applied by `Store::open` (src/store/mod.rs embeds this file) to a new
 -- database (`PRAGMA user_version` 0). An older database is upgraded by the
@@ -85,6 +85,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     UNIQUE (source_id, custom_id)
 );
 CREATE INDEX IF NOT EXISTS jobs_source_state ON jobs (source_id, state);
+-- Version 7: the channel of the request that answered ('sync', 'flex';
+-- 'batch' reserved), NULL before dispatch. Added as the migration adds it,
+-- so that a new and an upgraded database have the same schema text.
+ALTER TABLE jobs ADD COLUMN provider_channel TEXT;
 -- Version 2. What was spent since a time (budgets, each pass) reads only the
 -- jobs finished since then, and no table rows: the index covers the sum.
 CREATE INDEX IF NOT EXISTS jobs_completed ON jobs (completed_at, provider, cost_usd, late_cost_usd) WHERE completed_at IS NOT NULL;

@@ -29,6 +29,8 @@ enum ReportBy {
     Provider,
     Class,
     Day,
+    /// The channel that answered (sync, flex).
+    Channel,
 }
 
 /// The shells `nightshift completions` writes a script for.
@@ -84,7 +86,7 @@ enum Command {
         /// Only jobs finished since then: RFC 3339, or a duration such as 7d.
         #[arg(long)]
         since: Option<String>,
-        /// Group by provider, class or day.
+        /// Group by provider, class, day or channel (sync, flex).
         #[arg(long, value_enum, default_value_t = ReportBy::Provider)]
         by: ReportBy,
     },
@@ -443,6 +445,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 ReportBy::Provider => nightshift::store::SpendBy::Provider,
                 ReportBy::Class => nightshift::store::SpendBy::Class,
                 ReportBy::Day => nightshift::store::SpendBy::Day,
+                ReportBy::Channel => nightshift::store::SpendBy::Channel,
             };
             emit(&nightshift::cli::report(&config, since.as_deref(), by)?)
         }

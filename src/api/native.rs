@@ -532,10 +532,19 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
                 .models
                 .iter()
                 .enumerate()
-                .filter(|(_, m)| m.provider == pi)
+                .filter(|(_, m)| m.provider == pi && m.standard.is_none())
                 .map(|(mi, m)| {
                     let window = c.window_at(mi, now).map(|w| w.name.clone());
                     let price = c.price_with_markup_at(mi, now);
+                    // The same model on the flex channel, priced beside it.
+                    let flex = c.flex_of(mi).map(|f| {
+                        let fp = c.price_with_markup_at(f, now);
+                        let fl = c.models[f].list;
+                        json!({
+                            "list_price": {"input_per_mtok": fl.input_per_mtok, "output_per_mtok": fl.output_per_mtok},
+                            "current_price": {"input_per_mtok": fp.input_per_mtok, "output_per_mtok": fp.output_per_mtok},
+                        })
+                    });
                     json!({
                         "name": m.name,
                         "endpoints": m.endpoints.iter().map(|e| e.as_url()).collect::<Vec<_>>(),
@@ -545,6 +554,7 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
                             "output_per_mtok": price.output_per_mtok,
                         },
                         "price_window": window,
+                        "flex": flex,
                     })
                 })
                 .collect();
@@ -553,6 +563,12 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
                 "simulated": p.simulated,
                 "region": p.region,
                 "markup": p.markup,
+                // The flex channel's terms (null: none).
+                "flex": p.flex.map(|f| json!({
+                    "discount": f.discount,
+                    "timeout_s": f.timeout.as_secs_f64(),
+                    "backoff_s": f.backoff.as_secs_f64(),
+                })),
                 "limits": {"rpm": p.limits.rpm, "tpm": p.limits.tpm, "rpd": p.limits.rpd,
                            "concurrency": p.limits.concurrency, "reserve": p.limits.reserve},
                 "health": {

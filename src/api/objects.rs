@@ -78,6 +78,7 @@ pub fn job_json(
         "attempts": j.attempts,
         "provider": j.provider,
         "provider_model": j.provider_model,
+        "channel": j.channel(),
         "dispatched_at": rfc3339_opt(j.dispatched_at),
         "completed_at": rfc3339_opt(j.completed_at),
         "cost_usd": j.cost_usd.map(usd),

@@ -86,6 +86,7 @@ pub fn report(
         crate::store::SpendBy::Provider => "provider",
         crate::store::SpendBy::Class => "class / model",
         crate::store::SpendBy::Day => "day (UTC)",
+        crate::store::SpendBy::Channel => "channel",
     };
     let _ = writeln!(
         out,

@@ -19,8 +19,8 @@ use toml::Spanned;
 
 use crate::domain::bounds;
 use crate::domain::pricing::{
-    ALL_DAYS, Catalog, DailyRange, Endpoint, Limits, Model, Price, PriceWindow, ProviderInfo,
-    WindowEffect, Wire, weekday_set,
+    ALL_DAYS, Catalog, Channel, DailyRange, Endpoint, FlexTerms, Limits, Model, ModelId, Price,
+    PriceWindow, ProviderId, ProviderInfo, WindowEffect, Wire, weekday_set,
 };
 use crate::domain::units::{parse_duration, parse_duration_within};
 
@@ -493,6 +493,21 @@ struct RawProvider {
     price_windows: Vec<RawWindow>,
     #[serde(default)]
     models: Vec<RawModel>,
+    /// The flex channel: the same API with `"service_tier": "flex"`.
+    flex: Option<Spanned<RawFlex>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlex {
+    /// Flex price = standard price × this (0 < discount <= 1).
+    discount: Option<Spanned<f64>>,
+    /// The models offered on flex (default: every chat model).
+    models: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Per-request timeout of a flex request (default 15m).
+    timeout: Option<Spanned<String>>,
+    /// No flex on this provider this long after a refusal (default 60s).
+    backoff: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -506,6 +521,9 @@ struct RawModel {
     /// Input tokens written to the prompt cache (Anthropic; default: the input price).
     cache_write_per_mtok: Option<f64>,
     endpoints: Option<Spanned<Vec<String>>>,
+    /// Prices on the flex channel instead of the provider's flex discount.
+    flex_input_per_mtok: Option<f64>,
+    flex_output_per_mtok: Option<f64>,
     #[serde(default)]
     price_windows: Vec<RawWindow>,
     /// Per-model limits, for providers that limit each model separately.
@@ -791,6 +809,7 @@ impl Validator<'_> {
         }
 
         let mut catalog = Catalog::default();
+        let mut flex_pending: Vec<(ModelId, Price)> = Vec::new();
         let mut transports = Vec::new();
         let mut budgets = Vec::new();
         if raw.providers.is_empty() {
@@ -983,6 +1002,7 @@ impl Validator<'_> {
                     Transport::OpenAi { wire, .. } => *wire,
                     Transport::Simulated { .. } => Wire::OpenAi,
                 },
+                flex: None,
             });
             transports.push(transport);
             if p.models.is_empty() {
@@ -1059,7 +1079,31 @@ impl Validator<'_> {
                 for (wi, w) in m.price_windows.iter().enumerate() {
                     mwindows.push(self.window(w, &mfield(&format!("price_windows[{wi}]")))?);
                 }
+                for (v, f) in [
+                    (m.flex_input_per_mtok, "flex_input_per_mtok"),
+                    (m.flex_output_per_mtok, "flex_output_per_mtok"),
+                ] {
+                    if let Some(v) = v {
+                        if p.flex.is_none() {
+                            return Err(self.err(
+                                Some(m.name.span()),
+                                mfield(f),
+                                "needs a [providers.flex] table on its provider",
+                            ));
+                        }
+                        self.number(
+                            v,
+                            Some(m.name.span()),
+                            mfield(f),
+                            0.0,
+                            bounds::MAX_PRICE_PER_MTOK,
+                            "a price in USD per million tokens",
+                        )?;
+                    }
+                }
                 catalog.models.push(Model {
+                    channel: Channel::Sync,
+                    standard: None,
                     provider: provider_id,
                     name: mname,
                     cached_input_per_mtok: m.cached_input_per_mtok,
@@ -1099,6 +1143,17 @@ impl Validator<'_> {
                     },
                 });
             }
+            if let Some(flex) = &p.flex {
+                let (terms, rows) = self.flex(flex, &p, provider_id, &catalog, &field)?;
+                catalog.providers[provider_id].flex = Some(terms);
+                flex_pending.extend(rows);
+            }
+        }
+        // Flex rows come after every standard row, so a configuration
+        // without flex numbers its models as before.
+        for (std, price) in flex_pending {
+            let row = catalog.flex_row(std, price);
+            catalog.models.push(row);
         }
 
         for (class, members) in &raw.classes {
@@ -1139,6 +1194,13 @@ impl Validator<'_> {
                     })?;
                 ids.push(id);
             }
+            // Each member's flex row joins the class after every standard
+            // member (the reference stays first).
+            let flex: Vec<ModelId> = ids
+                .iter()
+                .filter_map(|&id| catalog.models.iter().position(|m| m.standard == Some(id)))
+                .collect();
+            ids.extend(flex);
             catalog.classes.insert(class.clone(), ids);
         }
 
@@ -1180,6 +1242,133 @@ impl Validator<'_> {
             transports,
             budgets,
         })
+    }
+
+    /// `[providers.flex]`: its terms, and the flex price of each model
+    /// offered there (by its standard row).
+    fn flex(
+        &self,
+        flex: &Spanned<RawFlex>,
+        p: &RawProvider,
+        provider: ProviderId,
+        catalog: &Catalog,
+        field: &dyn Fn(&str) -> String,
+    ) -> Result<(FlexTerms, Vec<(ModelId, Price)>), ConfigError> {
+        let f = flex.get_ref();
+        let span = Some(flex.span());
+        if catalog.providers[provider].wire == Wire::Anthropic {
+            return Err(self.err(
+                span,
+                field("flex"),
+                "Anthropic's API has no flex tier (service_tier \"flex\" is OpenAI's and Gemini's)",
+            ));
+        }
+        let discount = match &f.discount {
+            Some(d) => {
+                let v = *d.get_ref();
+                if !(v.is_finite() && v > 0.0 && v <= 1.0) {
+                    return Err(self.err(
+                        Some(d.span()),
+                        field("flex.discount"),
+                        format!("{v} is not a fraction above 0 and at most 1 (0.5: half price)"),
+                    ));
+                }
+                v
+            }
+            None => f64::NAN,
+        };
+        let timeout = self.positive_duration(
+            &f.timeout,
+            &field("flex.timeout"),
+            Duration::from_secs(15 * 60),
+            bounds::MAX_CONFIG_DURATION,
+        )?;
+        let backoff = self.duration(&f.backoff, &field("flex.backoff"), Duration::from_secs(60))?;
+        let own: Vec<ModelId> = (0..catalog.models.len())
+            .filter(|&m| catalog.models[m].provider == provider)
+            .collect();
+        let offered: Vec<ModelId> = match &f.models {
+            None => own
+                .iter()
+                .copied()
+                .filter(|&m| {
+                    catalog.models[m]
+                        .endpoints
+                        .contains(&Endpoint::ChatCompletions)
+                })
+                .collect(),
+            Some(list) => {
+                let mut ids = Vec::new();
+                for name in list.get_ref() {
+                    let id = own
+                        .iter()
+                        .copied()
+                        .find(|&m| catalog.models[m].name == name.get_ref().trim())
+                        .ok_or_else(|| {
+                            self.err(
+                                Some(name.span()),
+                                field("flex.models"),
+                                format!("no model '{}' in this provider", name.get_ref()),
+                            )
+                        })?;
+                    if !catalog.models[id]
+                        .endpoints
+                        .contains(&Endpoint::ChatCompletions)
+                    {
+                        return Err(self.err(
+                            Some(name.span()),
+                            field("flex.models"),
+                            format!(
+                                "'{}' serves no /v1/chat/completions: flex is for chat",
+                                name.get_ref()
+                            ),
+                        ));
+                    }
+                    if !ids.contains(&id) {
+                        ids.push(id);
+                    }
+                }
+                ids
+            }
+        };
+        let priced = |id: ModelId| {
+            p.models.iter().any(|r| {
+                r.name.get_ref().trim() == catalog.models[id].name
+                    && r.flex_input_per_mtok.is_some()
+                    && r.flex_output_per_mtok.is_some()
+            })
+        };
+        if discount.is_nan() && !offered.iter().all(|&id| priced(id)) {
+            return Err(self.err(
+                span,
+                field("flex.discount"),
+                "required unless every flex model sets flex_input_per_mtok and flex_output_per_mtok",
+            ));
+        }
+        let rows = offered
+            .into_iter()
+            .map(|id| {
+                let m = &catalog.models[id];
+                let raw = p.models.iter().find(|r| r.name.get_ref().trim() == m.name);
+                let price = Price {
+                    input_per_mtok: raw
+                        .and_then(|r| r.flex_input_per_mtok)
+                        .unwrap_or(m.list.input_per_mtok * discount),
+                    output_per_mtok: raw
+                        .and_then(|r| r.flex_output_per_mtok)
+                        .unwrap_or(m.list.output_per_mtok * discount),
+                };
+                (id, price)
+            })
+            .collect();
+        Ok((
+            FlexTerms {
+                discount: if discount.is_nan() { 1.0 } else { discount },
+                timeout,
+                backoff,
+            },
+            rows,
+        ))
     }
 
     fn http(
@@ -2124,6 +2313,111 @@ mod tests {
         c.resolve_keys().unwrap();
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(c.warnings().is_empty());
+    }
+
+    #[test]
+    fn flex_adds_a_row_per_model_at_the_discount_and_names_file_line_field_when_bad() {
+        let text = "[[providers]]\nname = \"o\"\nkind = \"simulated\"\n\
+                    [providers.flex]\ndiscount = 0.5\n\
+                    [[providers.models]]\nname = \"a\"\ninput_per_mtok = 1.0\noutput_per_mtok = 4.0\n\
+                    cached_input_per_mtok = 0.1\n\
+                    [[providers.models]]\nname = \"b\"\ninput_per_mtok = 2.0\noutput_per_mtok = 8.0\n\
+                    flex_input_per_mtok = 0.3\nflex_output_per_mtok = 1.0\n\
+                    [[providers.models]]\nname = \"e\"\ninput_per_mtok = 0.02\noutput_per_mtok = 0.0\n\
+                    endpoints = [\"/v1/embeddings\"]\n\
+                    [classes]\nc = [\"o/b\", \"o/a\"]\n";
+        let c = Config::parse(text, "f.toml", Path::new(".")).unwrap();
+        let cat = &c.catalog;
+        // Standard rows keep their ids; flex rows follow, embeddings get none.
+        assert_eq!(cat.models.len(), 5);
+        let a = cat.model_id("o/a@flex").unwrap();
+        let b = cat.model_id("o/b@flex").unwrap();
+        assert_eq!((a, b), (3, 4));
+        assert_eq!(cat.models[a].channel, Channel::Flex);
+        assert_eq!(
+            (cat.models[a].standard, cat.models[a].name.as_str()),
+            (Some(0), "a")
+        );
+        assert_eq!(
+            cat.models[a].list,
+            Price {
+                input_per_mtok: 0.5,
+                output_per_mtok: 2.0
+            }
+        );
+        assert_eq!(cat.models[a].cached_input_per_mtok, Some(0.05));
+        // Explicit flex prices win over the discount.
+        assert_eq!(
+            cat.models[b].list,
+            Price {
+                input_per_mtok: 0.3,
+                output_per_mtok: 1.0
+            }
+        );
+        // Classes gain the flex rows after the standard members; the reference stays.
+        assert_eq!(cat.classes["c"], vec![1, 0, 4, 3]);
+        assert_eq!(
+            cat.resolve("a", Endpoint::ChatCompletions).unwrap().models,
+            vec![0, 3]
+        );
+        let terms = cat.providers[0].flex.unwrap();
+        assert_eq!(
+            (terms.discount, terms.timeout),
+            (0.5, Duration::from_secs(900))
+        );
+
+        for bad in ["0", "1.5", "-0.5", "nan"] {
+            let e = Config::parse(
+                &text.replace("discount = 0.5", &format!("discount = {bad}")),
+                "f.toml",
+                Path::new("."),
+            )
+            .unwrap_err();
+            assert!(
+                e.to_string()
+                    .starts_with("f.toml:5: providers[0].flex.discount: "),
+                "{bad}: {e}"
+            );
+        }
+        let e = Config::parse(
+            &text.replace("discount = 0.5\n", "models = [\"zz\"]\n"),
+            "f.toml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (Some(5), "providers[0].flex.models"),
+            "{e}"
+        );
+        let e = Config::parse(
+            &text.replace("[providers.flex]\ndiscount = 0.5\n", ""),
+            "f.toml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "providers[0].models[1].flex_input_per_mtok", "{e}");
+        let e = Config::parse(
+            &text.replace("discount = 0.5", "discount = 0.5\ntimeout = \"0s\""),
+            "f.toml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (Some(6), "providers[0].flex.timeout"),
+            "{e}"
+        );
+        // Only the listed models go on flex.
+        let c = Config::parse(
+            &text.replace("discount = 0.5", "discount = 0.5\nmodels = [\"b\"]"),
+            "f.toml",
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(c.catalog.models.len(), 4);
+        assert_eq!(c.catalog.flex_of(1), Some(3));
+        assert_eq!(c.catalog.flex_of(0), None);
     }
 
     #[test]

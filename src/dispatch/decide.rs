@@ -65,6 +65,8 @@ pub struct Observed {
     pub output_ratio: HashMap<String, Ewma>,
     /// Pauses, circuit breakers, disabled providers.
     pub health: Vec<Health>,
+    /// Per provider: its flex channel refused a request; no flex before then.
+    pub flex_until: Vec<Option<DateTime<Utc>>>,
     /// The earliest time a retried job becomes due again: re-plan then.
     pub next_retry: Option<DateTime<Utc>>,
     /// Spend against the budgets in their current periods.
@@ -84,6 +86,7 @@ impl Observed {
             input_ratio: vec![Ewma::new(1.0); n],
             output_ratio: HashMap::new(),
             health: vec![Health::default(); n],
+            flex_until: vec![None; n],
             next_retry: None,
             budget,
         }
@@ -107,9 +110,32 @@ impl Observed {
                         .then(|| self.budget.renews_at(p, 1e-9, now));
                     health.max(budget)
                 },
+                flex_unavailable_until: self.flex_off_until(p, now),
                 ..ProviderCapacity::from_limits(&info.limits, Duration::ZERO, 0.0)
             })
             .collect()
+    }
+
+    /// Until when `provider`'s flex channel is backed off after a refusal,
+    /// if it still is at `now`.
+    pub fn flex_off_until(
+        &self,
+        provider: ProviderId,
+        now: DateTime<Utc>,
+    ) -> Option<DateTime<Utc>> {
+        self.flex_until
+            .get(provider)
+            .copied()
+            .flatten()
+            .filter(|&t| t > now)
+    }
+
+    /// Whether `model` may be sent now as far as its channel goes: a flex
+    /// row not while its provider's flex channel is backed off.
+    pub fn channel_open(&self, catalog: &Catalog, model: ModelId, now: DateTime<Utc>) -> bool {
+        let m = &catalog.models[model];
+        m.channel != crate::domain::pricing::Channel::Flex
+            || self.flex_off_until(m.provider, now).is_none()
     }
 
     /// Output tokens ÷ expected for a route, bounded.
@@ -268,6 +294,16 @@ pub fn step(input: StepInput<'_>) -> Step {
         if remaining == 0 || blocked.contains(&provider) || blocked_models.contains(&model) {
             continue;
         }
+        if let Some(t) = observed
+            .flex_off_until(provider, now)
+            .filter(|_| !observed.channel_open(catalog, model, now))
+        {
+            // Flex refused a request lately: the next plan moves these jobs
+            // to the standard channel, or waits for flex if they can.
+            blocked_models.insert(model);
+            later(&mut next, t);
+            continue;
+        }
         match observed.health[provider].available_from(now) {
             Some(t) if t <= now => {}
             until => {
@@ -356,6 +392,7 @@ pub fn step(input: StepInput<'_>) -> Step {
                     let p = catalog.models[m].provider;
                     !blocked.contains(&p)
                         && !blocked_models.contains(&m)
+                        && observed.channel_open(catalog, m, now)
                         && observed.health[p].available_from(now) == Some(now)
                         && observed.budget.fits(p, cost_on(m))
                 });
@@ -507,6 +544,19 @@ pub struct Answer {
     pub latency: Duration,
     /// When the job becomes due again, if it was queued for a retry.
     pub retry_at: Option<DateTime<Utc>>,
+    /// The attempt went to flex and flex refused it (429
+    /// `resource_unavailable`).
+    pub flex_refused: Option<FlexRefusal>,
+}
+
+/// A flex refusal within an attempt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FlexRefusal {
+    /// No flex on this provider for this long (its `flex.backoff`).
+    pub backoff: Duration,
+    /// The job was sent again on the standard channel within the same
+    /// attempt (the answer is that request's); else it was queued again.
+    pub fell_back: bool,
 }
 
 /// Books an ended attempt: rate-limit correction, budget correction, health,
@@ -524,7 +574,36 @@ pub fn settle(
     let health = &mut observed.health[p];
     // Sent when the provider call began: the answer took `latency`.
     let sent_at = now - chrono::Duration::from_std(answer.latency).unwrap_or_default();
-    let mut changed = health.record_sent(&answer.verdict, sent_at, now);
+    let refused_only = answer.flex_refused.is_some_and(|r| !r.fell_back);
+    let mut changed = if refused_only {
+        // A flex refusal says nothing about the provider's health (nor is
+        // it its rate limit): no pause, no circuit-breaker failure.
+        health.abandon_probe(now);
+        false
+    } else {
+        health.record_sent(&answer.verdict, sent_at, now)
+    };
+    if let Some(r) = answer.flex_refused {
+        let until = crate::domain::bounds::add(now, r.backoff);
+        if let Some(slot) = observed.flex_until.get_mut(p) {
+            *slot = Some(slot.map_or(until, |t| t.max(until)));
+        }
+        if r.fell_back {
+            // Two requests went out for the one the step charged.
+            limits.seed(
+                p,
+                attempt.model,
+                crate::dispatch::limits::Sent {
+                    at_ms: attempt.sent_ms,
+                    requests: 1,
+                    tokens: 0,
+                },
+                now.timestamp_millis(),
+            );
+        }
+        changed = true;
+    }
+    let health = &mut observed.health[p];
     if let Some(pause) = answer
         .signals
         .pause()
@@ -547,7 +626,9 @@ pub fn settle(
         later(&mut observed.next_retry, at);
     }
     let succeeded = answer.verdict == Verdict::Succeeded;
-    observed.success[p].observe(if succeeded { 1.0 } else { 0.0 });
+    if !refused_only {
+        observed.success[p].observe(if succeeded { 1.0 } else { 0.0 });
+    }
     if let Some((input, output)) = answer.usage {
         if attempt.est_input_tokens > 0 {
             observed.input_ratio[p].observe(input as f64 / attempt.est_input_tokens as f64);
@@ -579,6 +660,7 @@ pub fn settle_lost(
         billed: 0.0,
         latency: Duration::ZERO,
         retry_at: None,
+        flex_refused: None,
     };
     // Not a latency observation: keep the average.
     let latency = observed.latency_s[attempt.provider];
@@ -845,6 +927,7 @@ chat = ["cheap/c1", "dear/d1"]
             billed: cost * 0.75,
             latency: Duration::from_millis(800),
             retry_at: None,
+            flex_refused: None,
         };
         settle(&mut w.limits, &mut w.observed, &attempt, &answer, t0());
         assert_eq!(w.limits.provider(0).in_flight(), 1);

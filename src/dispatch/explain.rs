@@ -1366,6 +1366,7 @@ chat = ["deepseek/deepseek-chat", "openai/gpt-4o-mini"]
             attempts: 1,
             provider: Some("openai".into()),
             provider_model: Some("gpt-4o-mini".into()),
+            channel: Some("sync".into()),
             dispatched_at: Some(1_795_000_000_000),
             completed_at: Some(1_795_000_001_000),
             status_code: Some(400),

@@ -567,6 +567,9 @@ pub struct RateLimits {
     pub providers: Vec<ProviderLimiter>,
     /// Parallel to the catalog's models: limits a provider sets per model.
     pub models: Vec<Option<ProviderLimiter>>,
+    /// Parallel to the catalog's models: the row whose limiter a model
+    /// uses (a flex row shares its standard row's); empty: itself.
+    shared_with: Vec<ModelId>,
     /// Requests in flight at most, over all providers (`None`: no cap).
     cap: Option<u32>,
     in_flight: u32,
@@ -581,6 +584,7 @@ impl RateLimits {
                 .map(|l| ProviderLimiter::new(&l, now_ms))
                 .collect(),
             models: Vec::new(),
+            shared_with: Vec::new(),
             cap: None,
             in_flight: 0,
         }
@@ -625,6 +629,9 @@ impl RateLimits {
                 .iter()
                 .map(|m| m.limits.map(|l| ProviderLimiter::new(&l, now_ms)))
                 .collect(),
+            shared_with: (0..catalog.models.len())
+                .map(|m| catalog.limits_row(m))
+                .collect(),
             ..RateLimits::new(catalog.providers.iter().map(|p| p.limits), now_ms)
         }
     }
@@ -635,6 +642,7 @@ impl RateLimits {
 
     /// The limiter of a model that has its own limits.
     pub fn model(&mut self, id: ModelId) -> Option<&mut ProviderLimiter> {
+        let id = self.shared_with.get(id).copied().unwrap_or(id);
         self.models.get_mut(id).and_then(Option::as_mut)
     }
 
@@ -1017,6 +1025,7 @@ mod tests {
             },
             simulated: true,
             wire: Default::default(),
+            flex: None,
         };
         let model = |name: &str, limits| Model {
             cached_input_per_mtok: None,
@@ -1029,6 +1038,8 @@ mod tests {
             },
             windows: vec![],
             endpoints: [Endpoint::ChatCompletions].into_iter().collect(),
+            channel: Default::default(),
+            standard: None,
             limits,
         };
         let catalog = Catalog {

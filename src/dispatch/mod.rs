@@ -33,7 +33,7 @@ use self::reliability::{Health, Outcome, RetryPolicy, Signals, Verdict};
 use crate::dispatch::limits::RateLimits;
 use crate::dispatch::provider::{ProviderClient, Request};
 use crate::domain::job::Options;
-use crate::domain::pricing::{Catalog, Endpoint, ModelId};
+use crate::domain::pricing::{Catalog, Channel, Endpoint, ModelId};
 use crate::plan::{self, PlanSettings, Quotas};
 use crate::shared::Shared;
 use crate::store::{DueJob, Finish, QueueError, Recorded, Start, Store};
@@ -518,6 +518,7 @@ impl Dispatcher {
                         job_id: *job,
                         provider: self.catalog.providers[m.provider].name.clone(),
                         provider_model: m.name.clone(),
+                        channel: m.channel.as_str(),
                         tokens: *tokens,
                     })
                 }
@@ -659,6 +660,7 @@ impl Dispatcher {
             input_ratio: Vec::with_capacity(n),
             output_ratio: std::mem::take(&mut observed.output_ratio),
             health: Vec::with_capacity(n),
+            flex_until: Vec::with_capacity(n),
             next_retry: observed.next_retry,
             budget: observed.budget.clone(),
         };
@@ -669,6 +671,9 @@ impl Dispatcher {
                     fresh.success.push(observed.success[o]);
                     fresh.input_ratio.push(observed.input_ratio[o]);
                     fresh.health.push(observed.health[o].clone());
+                    fresh
+                        .flex_until
+                        .push(observed.flex_until.get(o).copied().flatten());
                     let idx = fresh.health.len() - 1;
                     new_limits
                         .provider(idx)
@@ -681,6 +686,7 @@ impl Dispatcher {
                     fresh.success.push(decide::Ewma::new(1.0));
                     fresh.input_ratio.push(decide::Ewma::new(1.0));
                     fresh.health.push(Health::default());
+                    fresh.flex_until.push(None);
                 }
             }
         }
@@ -727,7 +733,7 @@ impl Dispatcher {
                 outcome: outcome.into(),
             })
             .inc();
-        if status == Some(429) {
+        if status == Some(429) && answer.flex_refused.is_none() {
             t.rate_limited.get_or_create(&p).inc();
         }
         if matches!(answer.verdict, Verdict::Retry { pause: Some(_) })
@@ -1002,17 +1008,63 @@ impl RequestContext {
     ) -> Executed {
         let endpoint = Endpoint::from_url(&job.endpoint).unwrap_or(Endpoint::ChatCompletions);
         let m = &self.catalog.models[model];
+        let flex = (m.channel == Channel::Flex)
+            .then_some(self.catalog.providers[m.provider].flex)
+            .flatten();
         let request = Request {
             endpoint,
             model: &m.name,
             body: &job.body,
             custom_id: &job.custom_id,
+            flex_timeout: flex.map(|f| f.timeout),
         };
         // Latency is the provider call's alone, not the store's time around it.
         let sent = Instant::now();
-        let outcome = self.client.send(request).await;
+        let mut outcome = self.client.send(request).await;
+        // The row that answered: a refused flex request goes once more to
+        // the standard channel right away, if the job's max_cost_usd allows.
+        let mut answered = model;
+        let mut flex_refused = None;
+        if let Some(terms) = flex.filter(|_| reliability::is_flex_refusal(&outcome)) {
+            let fallback = m.standard.filter(|&s| {
+                candidate(&job).max_cost_usd.is_none_or(|max| {
+                    self.catalog.cost_at(
+                        s,
+                        dispatched_at,
+                        job.est_input_tokens,
+                        job.est_output_tokens,
+                    ) <= max
+                })
+            });
+            info!(job = job.id, provider = %self.catalog.providers[m.provider].name, model = %m.name,
+                  backoff = ?terms.backoff, fallback = fallback.is_some(),
+                  "flex refused the request (429 resource_unavailable); not a rate limit");
+            if let Some(s) = fallback {
+                answered = s;
+                outcome = self
+                    .client
+                    .send(Request {
+                        endpoint,
+                        model: &self.catalog.models[s].name,
+                        body: &job.body,
+                        custom_id: &job.custom_id,
+                        flex_timeout: None,
+                    })
+                    .await;
+            }
+            flex_refused = Some(decide::FlexRefusal {
+                backoff: terms.backoff,
+                fell_back: fallback.is_some(),
+            });
+        }
         let latency = sent.elapsed();
-        let verdict = reliability::classify(&outcome);
+        let verdict = match flex_refused {
+            // Queued again (the next plan waits for flex, or moves the job).
+            Some(r) if !r.fell_back => Verdict::Retry { pause: None },
+            _ => reliability::classify(&outcome),
+        };
+        let model = answered;
+        let m = &self.catalog.models[model];
         let now = Utc::now();
         let completed_at = now.timestamp_millis();
         let provider = &self.catalog.providers[m.provider].name;
@@ -1078,6 +1130,9 @@ impl RequestContext {
                 (finish, None, Signals::default())
             }
         };
+        // The store has the channel the attempt started on; a fallback
+        // answered on another.
+        finish.channel = flex_refused.map(|_| m.channel.as_str());
         let deadline = DateTime::<Utc>::from_timestamp_millis(job.deadline).unwrap_or(now);
         let retry_at = reliability::next_attempt(
             &verdict,
@@ -1144,6 +1199,7 @@ impl RequestContext {
                 billed,
                 latency,
                 retry_at,
+                flex_refused,
             },
             list_cost,
             status,

@@ -28,6 +28,9 @@ pub struct Request<'a> {
     /// The job's request body; its `model` is replaced by [`Request::model`].
     pub body: &'a str,
     pub custom_id: &'a str,
+    /// `Some(timeout)`: send it on the flex channel (`"service_tier":
+    /// "flex"` in the body) with this timeout instead of the provider's.
+    pub flex_timeout: Option<Duration>,
 }
 
 /// A client for one provider.
@@ -99,7 +102,12 @@ impl ProviderClient {
     /// Sends one request.
     pub async fn send(&self, req: Request<'_>) -> Outcome {
         let body = match with_model(req.body, req.model) {
-            Ok(b) => b,
+            Ok(mut b) => {
+                if req.flex_timeout.is_some() {
+                    b.insert("service_tier".into(), Value::String("flex".into()));
+                }
+                b
+            }
             Err(e) => {
                 return Outcome::NoAnswer {
                     code: "invalid_body",
@@ -117,7 +125,10 @@ impl ProviderClient {
                 let path = req.endpoint.as_url().trim_start_matches("/v1");
                 // base_url ends in /v1, as with the official SDKs.
                 let url = format!("{base_url}{path}");
-                let request = client.post(&url).bearer_auth(api_key.expose()).json(&body);
+                let mut request = client.post(&url).bearer_auth(api_key.expose()).json(&body);
+                if let Some(t) = req.flex_timeout {
+                    request = request.timeout(t);
+                }
                 let answer = send_http(request, &url).await;
                 finish_openai(answer, &url)
             }
@@ -544,6 +555,7 @@ mod tests {
             model: "m",
             body,
             custom_id: "a",
+            flex_timeout: None,
         };
         let map = with_model(body, "m").unwrap();
         let (r1, u1) = simulated_response("p", req, &map);

@@ -223,6 +223,30 @@ pub enum Verdict {
     },
 }
 
+/// Whether a flex request was refused for want of flex capacity: OpenAI's
+/// `429` with error code `resource_unavailable` ("Resource Unavailable").
+/// Not the account's rate limit and not billed: it must neither pause the
+/// provider (its standard channel keeps its capacity) nor count toward
+/// its circuit breaker; the job goes to the standard channel.
+pub fn is_flex_refusal(outcome: &Outcome) -> bool {
+    let Outcome::HttpError {
+        status: 429, body, ..
+    } = outcome
+    else {
+        return false;
+    };
+    let parsed: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    let field = |f: &str| {
+        parsed["error"][f]
+            .as_str()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+    };
+    field("code") == "resource_unavailable"
+        || field("type") == "resource_unavailable"
+        || field("message").contains("resource unavailable")
+}
+
 /// The one place that decides retry vs. fail.
 pub fn classify(outcome: &Outcome) -> Verdict {
     match outcome {

@@ -61,6 +61,11 @@ impl Price {
         }
     }
 
+    /// This price × `factor` (a flex discount).
+    pub fn scaled_by(self, factor: f64) -> Price {
+        self.scaled(factor)
+    }
+
     /// Cost in USD of `input` and `output` tokens at this price, before markup.
     pub fn cost(self, input_tokens: u64, output_tokens: u64) -> f64 {
         (input_tokens as f64 * self.input_per_mtok + output_tokens as f64 * self.output_per_mtok)
@@ -258,6 +263,47 @@ pub enum Wire {
     Anthropic,
 }
 
+/// How a request reaches a model: the provider's standard synchronous API,
+/// or the same API at a discount with `"service_tier": "flex"` (slower, and
+/// the provider may refuse it when short of capacity). Result lines and
+/// reports name it; `"batch"` is kept for the providers' Batch APIs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Channel {
+    #[default]
+    Sync,
+    Flex,
+}
+
+impl Channel {
+    /// The name in result lines, the store and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Sync => "sync",
+            Channel::Flex => "flex",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Channel> {
+        match s {
+            "sync" => Some(Channel::Sync),
+            "flex" => Some(Channel::Flex),
+            _ => None,
+        }
+    }
+}
+
+/// A provider's flex channel (`[providers.flex]`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FlexTerms {
+    /// Flex price = standard price × this, where a model sets no flex prices.
+    pub discount: f64,
+    /// Per-request timeout of a flex request (flex answers take longer).
+    pub timeout: std::time::Duration,
+    /// After a flex refusal (429 `resource_unavailable`), flex is not used
+    /// on this provider for this long; its standard channel is unaffected.
+    pub backoff: std::time::Duration,
+}
+
 /// What the router needs to know about a provider.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProviderInfo {
@@ -270,6 +316,8 @@ pub struct ProviderInfo {
     /// Whether requests are answered in-process by the simulator.
     pub simulated: bool,
     pub wire: Wire,
+    /// Its flex channel, if it has one.
+    pub flex: Option<FlexTerms>,
 }
 
 /// A model offered by a provider.
@@ -289,8 +337,15 @@ pub struct Model {
     pub windows: Vec<PriceWindow>,
     pub endpoints: BTreeSet<Endpoint>,
     /// Limits of this model on top of its provider's (rpm, tpm, rpd,
-    /// concurrency), where the provider sets them per model.
+    /// concurrency), where the provider sets them per model. A flex row
+    /// shares its standard row's (see [`Model::standard`]).
     pub limits: Option<Limits>,
+    /// The channel this row sells the model on. A flex row is a copy of the
+    /// standard row (same provider, same wire name) at the flex price.
+    pub channel: Channel,
+    /// For a flex row: the standard row of the same model (the fallback
+    /// when flex refuses a request, and whose model limits it shares).
+    pub standard: Option<ModelId>,
 }
 
 /// Providers, models, price windows and model classes.
@@ -327,7 +382,9 @@ impl Catalog {
     /// sent within it); `None` if neither sets one.
     pub fn max_request_tokens(&self, model: ModelId) -> Option<u64> {
         let m = &self.models[model];
-        let own = m.limits.and_then(|l| l.tpm);
+        let own = self.models[self.limits_row(model)]
+            .limits
+            .and_then(|l| l.tpm);
         let provider = self.providers[m.provider].limits.tpm;
         match (own, provider) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -351,10 +408,51 @@ impl Catalog {
         (0..self.models.len()).find(|&m| self.qualified_name(m) == qualified)
     }
 
-    /// `provider/model` for display.
+    /// `provider/model` for display; a flex row is `provider/model@flex`.
     pub fn qualified_name(&self, model: ModelId) -> String {
         let m = &self.models[model];
-        format!("{}/{}", self.providers[m.provider].name, m.name)
+        match m.channel {
+            Channel::Sync => format!("{}/{}", self.providers[m.provider].name, m.name),
+            c => format!(
+                "{}/{}@{}",
+                self.providers[m.provider].name,
+                m.name,
+                c.as_str()
+            ),
+        }
+    }
+
+    /// A flex row for the standard row `standard` at list price `price`:
+    /// the same provider, wire name and windows; cached prices scaled like
+    /// the input price; chat completions only.
+    pub fn flex_row(&self, standard: ModelId, price: Price) -> Model {
+        let m = &self.models[standard];
+        let scale = ratio(price.input_per_mtok, m.list.input_per_mtok);
+        Model {
+            provider: m.provider,
+            name: m.name.clone(),
+            list: price,
+            cached_input_per_mtok: m.cached_input_per_mtok.map(|p| p * scale),
+            cache_write_per_mtok: m.cache_write_per_mtok.map(|p| p * scale),
+            windows: m.windows.clone(),
+            endpoints: [Endpoint::ChatCompletions].into_iter().collect(),
+            limits: None,
+            channel: Channel::Flex,
+            standard: Some(standard),
+        }
+    }
+
+    /// The flex row of `standard`, if its provider offers it on flex.
+    pub fn flex_of(&self, standard: ModelId) -> Option<ModelId> {
+        self.models
+            .iter()
+            .position(|m| m.standard == Some(standard))
+    }
+
+    /// The row whose model limits `model` uses: its standard row for a flex
+    /// row, else itself.
+    pub fn limits_row(&self, model: ModelId) -> ModelId {
+        self.models[model].standard.unwrap_or(model)
     }
 
     /// Resolves what a job asks for — a class, a model name offered by one or
@@ -419,7 +517,17 @@ impl Catalog {
         match self.window_at(model, t).map(|w| &w.effect) {
             None => m.list,
             Some(WindowEffect::Multiplier(f)) => m.list.scaled(*f),
-            Some(WindowEffect::Prices(p)) => *p,
+            // A window's own prices are the standard channel's; a flex row
+            // pays them at its ratio to the standard list price.
+            Some(WindowEffect::Prices(p)) => match m.standard.map(|s| self.models[s].list) {
+                Some(std) => Price {
+                    input_per_mtok: p.input_per_mtok
+                        * ratio(m.list.input_per_mtok, std.input_per_mtok),
+                    output_per_mtok: p.output_per_mtok
+                        * ratio(m.list.output_per_mtok, std.output_per_mtok),
+                },
+                None => *p,
+            },
         }
     }
 
@@ -499,6 +607,11 @@ impl Catalog {
             .into_iter()
             .find(|&c| (0..self.models.len()).any(|m| self.price_at(m, c) != before[m]))
     }
+}
+
+/// `flex / standard`, 1 where the standard price is zero.
+fn ratio(flex: f64, standard: f64) -> f64 {
+    if standard > 0.0 { flex / standard } else { 1.0 }
 }
 
 /// The token mix used to rank models in price tables and charts: a typical
@@ -678,6 +791,7 @@ mod tests {
                 limits: Limits::default(),
                 simulated: true,
                 wire: Wire::OpenAi,
+                flex: None,
             }],
             models: vec![Model {
                 limits: None,
@@ -691,6 +805,8 @@ mod tests {
                 },
                 windows: model_window.into_iter().collect(),
                 endpoints: [Endpoint::ChatCompletions].into_iter().collect(),
+                channel: Default::default(),
+                standard: None,
             }],
             classes: BTreeMap::new(),
         }

@@ -123,6 +123,10 @@ pub struct ProviderCapacity {
     pub input_token_ratio: f64,
     /// Paused, circuit open, or disabled (`MAX_UTC`) until then: no capacity before.
     pub unavailable_until: Option<DateTime<Utc>>,
+    /// Its flex channel refused a request (429 `resource_unavailable`): no
+    /// flex row of this provider is planned before then. The standard
+    /// channel is unaffected.
+    pub flex_unavailable_until: Option<DateTime<Utc>>,
 }
 
 impl ProviderCapacity {
@@ -143,6 +147,7 @@ impl ProviderCapacity {
             reserve: reserve.max(limits.reserve),
             input_token_ratio: 1.0,
             unavailable_until: None,
+            flex_unavailable_until: None,
         }
     }
 
@@ -445,6 +450,9 @@ pub fn plan(
             }
             let t = slot.start.max(g.release);
             for &m in &g.candidates {
+                if !flex_fits(catalog, capacity, m, slot, t, g.deadline, margin) {
+                    continue;
+                }
                 options.push(Option_ {
                     group: gi,
                     model: m,
@@ -506,6 +514,34 @@ pub fn plan(
         dispatch_now_cost,
         method,
     }
+}
+
+/// Whether `model` may take a job of a group due at `deadline` in `slot`
+/// (starting at `t`): always on the standard channel; on flex only once
+/// its provider's flex back-off is over within the slot, and if a flex
+/// answer, which may take up to the flex timeout, still comes `margin`
+/// before the deadline.
+fn flex_fits(
+    catalog: &Catalog,
+    capacity: &[ProviderCapacity],
+    model: ModelId,
+    slot: &Slot,
+    t: DateTime<Utc>,
+    deadline: DateTime<Utc>,
+    margin: Duration,
+) -> bool {
+    let m = &catalog.models[model];
+    if m.channel != crate::domain::pricing::Channel::Flex {
+        return true;
+    }
+    let Some(terms) = catalog.providers[m.provider].flex else {
+        return false;
+    };
+    let backed_off = capacity
+        .get(m.provider)
+        .and_then(|c| c.flex_unavailable_until)
+        .is_some_and(|u| u >= slot.end);
+    !backed_off && bounds::add(bounds::add(t, terms.timeout), margin) <= deadline
 }
 
 /// The eligible model whose provider answers fastest (ties: cheapest list price).

@@ -34,6 +34,7 @@ fn catalog(
             limits,
             simulated: true,
             wire: Default::default(),
+            flex: None,
         });
         c.models.push(Model {
             limits: None,
@@ -47,6 +48,8 @@ fn catalog(
             },
             windows: vec![],
             endpoints: [Endpoint::ChatCompletions].into_iter().collect(),
+            channel: Default::default(),
+            standard: None,
         });
         caps.push(ProviderCapacity::from_limits(
             &limits,
@@ -328,5 +331,55 @@ fn an_unavailable_provider_gets_nothing_even_if_unlimited_and_cheapest() {
             .abs()
             < 1e-6,
         "{p:?}"
+    );
+}
+
+/// One provider at $1/M with a flex channel at `discount`: models 0 (sync)
+/// and 1 (flex), both in class "chat".
+fn with_flex(discount: f64) -> (Catalog, Vec<ProviderCapacity>) {
+    let (mut c, caps) = catalog(&[("o", 1.0, Some(1000), vec![])]);
+    c.providers[0].flex = Some(crate::domain::pricing::FlexTerms {
+        discount,
+        timeout: Duration::from_secs(15 * 60),
+        backoff: Duration::from_secs(60),
+    });
+    let row = c.flex_row(0, c.models[0].list.scaled_by(discount));
+    c.models.push(row);
+    c.classes.insert("chat".into(), vec![0, 1]);
+    (c, caps)
+}
+
+#[test]
+fn a_backlog_goes_to_flex_when_it_is_cheaper_and_the_deadline_allows() {
+    let now = at("2026-11-24T12:00:00Z");
+    let (c, caps) = with_flex(0.5);
+    let groups = [group(10, now, at("2026-11-24T18:00:00Z"), vec![0, 1])];
+    let p = plan(&groups, &c, &caps, now, &PlanSettings::default());
+    assert!((jobs_in(&p, |a| a.model == 1) - 10.0).abs() < 1e-6, "{p:?}");
+    // Half of 10 × (1000 + 1000) tokens × $1/M.
+    assert!((p.expected_cost - 0.01).abs() < 1e-9, "{}", p.expected_cost);
+    let q = Quotas::from_plan(&p, &groups, &c, &caps);
+    assert_eq!(q.entries, vec![(0, 1, 10)], "flex starts now");
+
+    // A deadline closer than the flex timeout plus the margin: standard.
+    let groups = [group(10, now, at("2026-11-24T12:20:00Z"), vec![0, 1])];
+    let p = plan(&groups, &c, &caps, now, &PlanSettings::default());
+    assert!((jobs_in(&p, |a| a.model == 0) - 10.0).abs() < 1e-6, "{p:?}");
+
+    // Flex refused lately: nothing on flex before its back-off ends; a
+    // job that cannot wait for it goes to standard now.
+    let mut caps = caps;
+    caps[0].flex_unavailable_until = Some(at("2026-11-24T13:00:00Z"));
+    let groups = [group(10, now, at("2026-11-24T13:20:00Z"), vec![0, 1])];
+    let p = plan(&groups, &c, &caps, now, &PlanSettings::default());
+    assert!((jobs_in(&p, |a| a.model == 0) - 10.0).abs() < 1e-6, "{p:?}");
+    // One that can waits for the cheaper channel.
+    let groups = [group(10, now, at("2026-11-24T18:00:00Z"), vec![0, 1])];
+    let p = plan(&groups, &c, &caps, now, &PlanSettings::default());
+    assert!((jobs_in(&p, |a| a.model == 1) - 10.0).abs() < 1e-6, "{p:?}");
+    assert!(
+        p.allocations
+            .iter()
+            .all(|a| p.slots[a.slot].end > at("2026-11-24T13:00:00Z"))
     );
 }

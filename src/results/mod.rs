@@ -72,6 +72,7 @@ pub fn result_line(job: &FinishedJob) -> Value {
             "state": job.state.as_str(),
             "provider": job.provider,
             "model": job.provider_model,
+            "channel": job.channel(),
             "dispatched_at": rfc3339(job.dispatched_at),
             "completed_at": rfc3339(job.completed_at),
             "attempts": job.attempts,

@@ -451,6 +451,7 @@ pub fn run(
                 billed,
                 latency: (now - dispatched).to_std().unwrap_or_default(),
                 retry_at,
+                flex_refused: None,
             };
             let attempt = attempts_in_flight.remove(&i).expect("charged at start");
             if decide::settle(&mut limits, &mut observed, &attempt, &answer, now) {

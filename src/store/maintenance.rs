@@ -270,6 +270,7 @@ mod tests {
                     job_id: id,
                     provider: "deepseek".into(),
                     provider_model: "deepseek-flash".into(),
+                    channel: "sync",
                     tokens: 0,
                 }],
                 at_ms,

@@ -54,6 +54,9 @@ const MIGRATIONS: &[&str] = &[
     // 6: indexes that cover the queue statistics and lease recovery, so that
     // neither reads the table at a million jobs (see schema.sql).
     STATS_INDEXES,
+    // 7: the channel a job ran on (sync, flex), for result lines and
+    // `report --by channel` (see schema.sql).
+    "ALTER TABLE jobs ADD COLUMN provider_channel TEXT;",
 ];
 
 /// Version 5's indexes, as in schema.sql.
@@ -210,6 +213,8 @@ pub struct Start {
     pub job_id: i64,
     pub provider: String,
     pub provider_model: String,
+    /// The channel it is sent on: "sync" or "flex".
+    pub channel: &'static str,
     /// The tokens the rate limits charged it (the estimate).
     pub tokens: u64,
 }
@@ -240,6 +245,9 @@ pub struct Finish {
     pub output_tokens: Option<u64>,
     pub cost_usd: Option<f64>,
     pub list_cost_usd: Option<f64>,
+    /// The channel that answered, where it is not the one the attempt
+    /// started on (a refused flex request answered on the standard channel).
+    pub channel: Option<&'static str>,
 }
 
 /// One attempt's outcome to record: final, or back to the queue until
@@ -256,7 +264,8 @@ fn finish_on(conn: &Connection, job_id: i64, owner: &str, f: &Finish) -> Result<
         .prepare_cached(
             "UPDATE jobs SET state = ?3, completed_at = ?4, status_code = ?5, request_id = ?6, response = ?7,
                     error_code = ?8, error_message = ?9, input_tokens = ?10, output_tokens = ?11,
-                    cost_usd = ?12, list_cost_usd = ?13, lease_owner = NULL, lease_until = NULL
+                    cost_usd = ?12, list_cost_usd = ?13, lease_owner = NULL, lease_until = NULL,
+                    provider_channel = COALESCE(?14, provider_channel)
              WHERE id = ?1 AND state = 'running' AND lease_owner = ?2",
         )?
         .execute(params![
@@ -273,6 +282,7 @@ fn finish_on(conn: &Connection, job_id: i64, owner: &str, f: &Finish) -> Result<
             f.output_tokens.map(|x| x as i64),
             f.cost_usd,
             f.list_cost_usd,
+            f.channel,
         ])?;
     Ok(n == 1)
 }
@@ -322,6 +332,8 @@ pub struct FinishedJob {
     pub attempts: u32,
     pub provider: Option<String>,
     pub provider_model: Option<String>,
+    /// "sync" or "flex" (`None`: never dispatched, or before schema 7).
+    pub channel: Option<String>,
     pub dispatched_at: Option<i64>,
     pub completed_at: Option<i64>,
     pub status_code: Option<u16>,
@@ -333,6 +345,16 @@ pub struct FinishedJob {
     pub output_tokens: Option<u64>,
     pub cost_usd: Option<f64>,
     pub list_cost_usd: Option<f64>,
+}
+
+impl FinishedJob {
+    /// The channel it ran on: "sync" or "flex"; `None` if never dispatched
+    /// (a job dispatched before schema 7 ran on "sync").
+    pub fn channel(&self) -> Option<&str> {
+        self.channel
+            .as_deref()
+            .or(self.provider.as_ref().map(|_| "sync"))
+    }
 }
 
 /// An invalid line of an accepted source.
@@ -686,7 +708,7 @@ impl Store {
         {
             let mut stmt = tx.prepare_cached(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?2, lease_until = ?3,
-                        provider = ?4, provider_model = ?5, dispatched_at = ?6
+                        provider = ?4, provider_model = ?5, dispatched_at = ?6, provider_channel = ?7
                  WHERE id = ?1 AND state = 'queued'",
             )?;
             for s in starts {
@@ -696,7 +718,8 @@ impl Store {
                     lease_until,
                     s.provider,
                     s.provider_model,
-                    now_ms
+                    now_ms,
+                    s.channel
                 ])? == 1
                 {
                     started.push(s.job_id);
@@ -927,6 +950,8 @@ impl Store {
             SpendBy::Provider => "provider",
             SpendBy::Class => "model",
             SpendBy::Day => "strftime('%Y-%m-%d', completed_at / 1000, 'unixepoch')",
+            // Jobs finished before schema 7 ran on the standard channel.
+            SpendBy::Channel => "COALESCE(provider_channel, 'sync')",
         };
         let conn = self.reader()?;
         let mut stmt = conn.prepare(&format!(
@@ -978,6 +1003,8 @@ pub enum SpendBy {
     Class,
     /// The UTC day they completed.
     Day,
+    /// The channel that answered: sync, flex.
+    Channel,
 }
 
 /// One group of [`Store::spend`].
@@ -1024,7 +1051,7 @@ fn due_from_row(r: &rusqlite::Row) -> rusqlite::Result<DueJob> {
 
 const SELECT_FINISHED: &str = "SELECT id, line, custom_id, state, attempts, provider, provider_model, dispatched_at,
         completed_at, status_code, request_id, response, error_code, error_message, input_tokens, output_tokens,
-        cost_usd, list_cost_usd FROM jobs";
+        cost_usd, list_cost_usd, provider_channel FROM jobs";
 
 fn finished_from_row(r: &rusqlite::Row) -> rusqlite::Result<FinishedJob> {
     let state: String = r.get(3)?;
@@ -1047,6 +1074,7 @@ fn finished_from_row(r: &rusqlite::Row) -> rusqlite::Result<FinishedJob> {
         output_tokens: r.get::<_, Option<i64>>(15)?.map(|x| x as u64),
         cost_usd: r.get(16)?,
         list_cost_usd: r.get(17)?,
+        channel: r.get(18)?,
     })
 }
 
@@ -1329,6 +1357,7 @@ mod schema_tests {
                 "DROP INDEX jobs_completed; DROP INDEX jobs_due;
                  DROP INDEX jobs_custom_id; DROP INDEX sources_origin;
                  CREATE INDEX jobs_route ON jobs (state, route_id, deadline, est_input_tokens, est_output_tokens);
+                 ALTER TABLE jobs DROP COLUMN provider_channel;
                  PRAGMA user_version = 1;",
             )
             .unwrap();

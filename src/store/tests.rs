@@ -64,6 +64,7 @@ fn start(store: &Store, ids: &[i64], lease_until: i64) -> Vec<i64> {
             job_id,
             provider: "deepseek".into(),
             provider_model: "deepseek-flash".into(),
+            channel: "sync",
             tokens: 0,
         })
         .collect();
@@ -285,6 +286,7 @@ fn sends_are_recorded_with_their_starts_read_back_and_pruned_after_a_day() {
         job_id,
         provider: "deepseek".into(),
         provider_model: "deepseek-flash".into(),
+        channel: "sync",
         tokens,
     };
     // Two at T0 (one send each), one a retry: a second attempt is a second send.

@@ -145,7 +145,7 @@ async fn report_spend_and_savings_match_the_sum_over_results() {
         .iter()
         .map(|l| l["nightshift"]["list_cost_usd"].as_f64().unwrap())
         .sum();
-    for by in ["provider", "class", "day"] {
+    for by in ["provider", "class", "day", "channel"] {
         let out = nightshift(dir.path(), &["report", "--by", by]);
         assert!(
             out.status.success(),

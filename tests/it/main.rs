@@ -12,6 +12,7 @@ mod dashboard;
 mod epipe;
 mod explain;
 mod faults;
+mod flex;
 mod folder;
 mod grafana;
 mod hostile_files;
