@@ -236,6 +236,61 @@ fn query<T>(
     })
 }
 
+/// How much of a bad value an error message quotes.
+const ECHO_CHARS: usize = 64;
+
+/// A value quoted in an error message: at most [`ECHO_CHARS`] characters.
+fn echo(v: &str) -> String {
+    match v.char_indices().nth(ECHO_CHARS) {
+        Some((at, _)) => format!("{}...", &v[..at]),
+        None => v.to_string(),
+    }
+}
+
+/// An optional id parameter (`after=job_12`): `None` when absent or empty,
+/// else exactly `prefix` and a number, or a 400 naming `field`.
+fn id_param(v: Option<&str>, prefix: &str, field: &str, what: &str) -> ApiResult<Option<i64>> {
+    match v.filter(|x| !x.is_empty()) {
+        None => Ok(None),
+        Some(x) => parse_id(x, prefix).map(Some).ok_or_else(|| {
+            ApiError::bad_request(
+                format!("{field} '{}' is not {what}", echo(x)),
+                Some(field),
+                "invalid_value",
+            )
+        }),
+    }
+}
+
+/// An optional count parameter (`limit=50`) within `range`; `default` when
+/// absent; a 400 naming `field` otherwise.
+fn count_param(
+    v: Option<&str>,
+    field: &str,
+    default: usize,
+    range: std::ops::RangeInclusive<usize>,
+) -> ApiResult<usize> {
+    match v {
+        None => Ok(default),
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|l| range.contains(l))
+            .ok_or_else(|| {
+                ApiError::bad_request(
+                    format!(
+                        "{field} '{}' is not a number from {} to {}",
+                        echo(l),
+                        range.start(),
+                        range.end()
+                    ),
+                    Some(field),
+                    "invalid_value",
+                )
+            }),
+    }
+}
+
 /// Parses an id as the API writes it: exactly `prefix` and a positive
 /// decimal number (`job_12`, `file-3`, `batch_7`). Nothing else names the
 /// same object: no bare number, sign, leading zero or space.

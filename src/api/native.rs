@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::error::{ApiError, ApiResult};
 use super::objects::{self, rfc3339, usd};
-use super::{S, parse_id, query, read_body};
+use super::{S, count_param, echo, id_param, parse_id, query, read_body};
 use crate::domain::job::{self, JobContext, LineError, NewJob};
 use crate::results::job_public_id;
 use crate::store::{
@@ -231,17 +231,6 @@ pub struct ListQuery {
     custom_id: Option<String>,
 }
 
-/// The longest part of a bad query value an error repeats.
-const ECHO_CHARS: usize = 64;
-
-/// `v` as an error message repeats it: at most [`ECHO_CHARS`] characters.
-fn echo(v: &str) -> String {
-    match v.char_indices().nth(ECHO_CHARS) {
-        Some((at, _)) => format!("{}...", &v[..at]),
-        None => v.to_string(),
-    }
-}
-
 /// `source=`: a kind (`file`: the watched folder, `submission`: `POST
 /// /v1/jobs`, `batch`: the Batch API) or one source (`sub_N`, which dropped
 /// files have too, or `batch_N`).
@@ -282,23 +271,6 @@ fn custom_id_param(v: &str) -> ApiResult<String> {
     Ok(v.to_string())
 }
 
-fn limit_param(v: Option<&str>) -> ApiResult<usize> {
-    match v {
-        None => Ok(100),
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|l| (1..=1000).contains(l))
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    format!("limit '{l}' is not a number from 1 to 1000"),
-                    Some("limit"),
-                    "invalid_value",
-                )
-            }),
-    }
-}
-
 /// `GET /v1/jobs?state=&after=&limit=&submission=&source=&custom_id=`:
 /// jobs in id order, each filter answered from an index.
 pub async fn list_jobs(
@@ -316,26 +288,13 @@ pub async fn list_jobs(
             )
         })?),
     };
-    let after = match q.after.as_deref().filter(|x| !x.is_empty()) {
-        None => 0,
-        Some(a) => parse_id(a, "job_").ok_or_else(|| {
-            ApiError::bad_request(
-                format!("after '{}' is not a job id", echo(a)),
-                Some("after"),
-                "invalid_value",
-            )
-        })?,
-    };
-    let submission = match q.submission.as_deref().filter(|x| !x.is_empty()) {
-        None => None,
-        Some(x) => Some(parse_id(x, "sub_").ok_or_else(|| {
-            ApiError::bad_request(
-                format!("submission '{}' is not a submission id", echo(x)),
-                Some("submission"),
-                "invalid_value",
-            )
-        })?),
-    };
+    let after = id_param(q.after.as_deref(), "job_", "after", "a job id")?.unwrap_or(0);
+    let submission = id_param(
+        q.submission.as_deref(),
+        "sub_",
+        "submission",
+        "a submission id",
+    )?;
     let source = match q.source.as_deref().filter(|x| !x.is_empty()) {
         None => submission.map(SourceFilter::Source),
         Some(_) if submission.is_some() => {
@@ -351,7 +310,7 @@ pub async fn list_jobs(
         None => None,
         Some(x) => Some(custom_id_param(x)?),
     };
-    let limit = limit_param(q.limit.as_deref())?;
+    let limit = count_param(q.limit.as_deref(), "limit", 100, 1..=1000)?;
     let filter = JobFilter {
         state,
         source,

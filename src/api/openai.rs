@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 use super::error::{ApiError, ApiResult};
 use super::objects::{self, batch_json, file_json};
 use super::result_files::streamed;
-use super::{ApiState, S, parse_id, read_body};
+use super::{ApiState, S, count_param, id_param, parse_id, read_body};
 use crate::domain::bounds;
 use crate::domain::job::{self, JobContext, LineError};
 use crate::domain::pricing::Endpoint;
@@ -473,30 +473,8 @@ pub async fn list_batches(
             "invalid_query",
         )
     })?;
-    let after = match q.after.as_deref().filter(|x| !x.is_empty()) {
-        None => None,
-        Some(a) => Some(parse_id(a, "batch_").ok_or_else(|| {
-            ApiError::bad_request(
-                format!("after '{a}' is not a batch id"),
-                Some("after"),
-                "invalid_value",
-            )
-        })?),
-    };
-    let limit = match q.limit.as_deref() {
-        None => 20,
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|l| (1..=100).contains(l))
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    format!("limit '{l}' is not a number from 1 to 100"),
-                    Some("limit"),
-                    "invalid_value",
-                )
-            })?,
-    };
+    let after = id_param(q.after.as_deref(), "batch_", "after", "a batch id")?;
+    let limit = count_param(q.limit.as_deref(), "limit", 20, 1..=100)?;
     let data = s
         .db(move |s| -> ApiResult<Vec<Value>> {
             let rows = s.shared.store.list_batches(after, limit + 1)?;

@@ -9,9 +9,9 @@ use chrono::{DateTime, Duration, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::error::{ApiError, ApiResult};
+use super::error::ApiResult;
 use super::objects::{self, rfc3339, usd};
-use super::{ApiState, S, parse_id};
+use super::{ApiState, S, count_param, id_param};
 use crate::domain::policy::Period;
 use crate::domain::pricing::{TYPICAL_INPUT, TYPICAL_OUTPUT};
 
@@ -21,7 +21,7 @@ pub struct PricesQuery {
 }
 
 /// How far ahead `/v1/prices` looks at most: a week.
-const MAX_HOURS: i64 = 168;
+const MAX_HOURS: usize = 168;
 
 /// `GET /v1/prices?hours=48`: for each class, its cheapest effective price
 /// (markup included) for a typical job, as steps from now that change only
@@ -31,20 +31,7 @@ pub async fn prices(
     q: Result<Query<PricesQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     let q = super::query(q)?;
-    let hours = match q.hours.as_deref() {
-        None => 48,
-        Some(h) => h
-            .parse::<i64>()
-            .ok()
-            .filter(|h| (1..=MAX_HOURS).contains(h))
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    format!("hours '{h}' is not a number from 1 to {MAX_HOURS}"),
-                    Some("hours"),
-                    "invalid_value",
-                )
-            })?,
-    };
+    let hours = count_param(q.hours.as_deref(), "hours", 48, 1..=MAX_HOURS)? as i64;
     let catalog = s.catalog();
     let from = Utc::now();
     let to = from + Duration::hours(hours);
@@ -93,30 +80,8 @@ pub async fn sources(
     q: Result<Query<SourcesQuery>, QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     let q = super::query(q)?;
-    let before = match q.before.as_deref().filter(|x| !x.is_empty()) {
-        None => None,
-        Some(b) => Some(parse_id(b, "sub_").ok_or_else(|| {
-            ApiError::bad_request(
-                format!("before '{b}' is not a submission id"),
-                Some("before"),
-                "invalid_value",
-            )
-        })?),
-    };
-    let limit = match q.limit.as_deref() {
-        None => 20,
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|l| (1..=200).contains(l))
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    format!("limit '{l}' is not a number from 1 to 200"),
-                    Some("limit"),
-                    "invalid_value",
-                )
-            })?,
-    };
+    let before = id_param(q.before.as_deref(), "sub_", "before", "a submission id")?;
+    let limit = count_param(q.limit.as_deref(), "limit", 20, 1..=200)?;
     let mut rows = s
         .db(move |s| s.shared.store.list_sources(before, limit + 1))
         .await??;
