@@ -281,6 +281,7 @@ pub fn live_json(
         "limits": usage_json(&p.limits, &p.usage, at),
         "models": p.models.iter().map(|m| json!({"name": m.name, "limits": usage_json(&m.limits, &m.usage, at)})).collect::<Vec<_>>(),
         "budgets": budgets,
+        "flex_backoff_until": p.flex_off_until.map_or(Value::Null, instant),
     })
 }
 

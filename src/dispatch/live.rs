@@ -58,6 +58,9 @@ pub struct ProviderLive {
     pub models: Vec<ModelLive>,
     /// The budgets that apply to this provider.
     pub budgets: Vec<BudgetUse>,
+    /// Until when its flex channel is backed off after a refusal
+    /// (`429 resource_unavailable`); the standard channel is not.
+    pub flex_off_until: Option<DateTime<Utc>>,
 }
 
 impl ProviderLive {
@@ -269,6 +272,7 @@ pub fn snapshot(
                 usage: limits.provider(p).usage(now_ms),
                 models,
                 budgets,
+                flex_off_until: observed.flex_off_until(p, now),
             }
         })
         .collect();

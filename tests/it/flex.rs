@@ -136,6 +136,12 @@ async fn a_flex_refusal_is_answered_on_the_standard_channel_without_pausing_the_
     let later = &provider.seen()[before..];
     assert_eq!(later.len(), 6);
     assert!(!later.iter().any(is_flex));
+    // The dispatcher's live view says flex is backed off, not the provider.
+    let api = daemon.unix_client().await;
+    let providers = api.get("/v1/providers").await.unwrap();
+    let live = &providers["data"][0]["live"];
+    assert!(live["flex_backoff_until"].is_string(), "{live}");
+    assert!(live["paused"].is_null(), "{live}");
     daemon.terminate().await;
     let log = daemon.log_text();
     assert!(log.contains("resource_unavailable"), "{log}");

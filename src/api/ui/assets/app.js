@@ -332,9 +332,10 @@ function liveLine(live) {
 function liveState(live, health) {
   if (!live) return h("span", { class: "muted" }, health.dispatcher || health.status || "—");
   if (live.paused) return h("span", { class: "error" }, `paused until ${when(live.paused.until)} (${live.paused.reason}${live.paused.detail ? ": " + live.paused.detail : ""})`);
+  const flex = live.flex_backoff_until ? h("div", { class: "muted" }, "flex backed off until " + when(live.flex_backoff_until)) : null;
   const c = live.circuit || {};
-  if (c.state && c.state !== "closed") return h("span", { class: "error" }, `circuit ${c.state}${c.until ? " until " + when(c.until) : ""}`);
-  return h("span", { class: "ok" }, "circuit closed" + (c.consecutive_failures ? ` (${c.consecutive_failures} failures in a row)` : ""));
+  if (c.state && c.state !== "closed") return h("div", {}, h("span", { class: "error" }, `circuit ${c.state}${c.until ? " until " + when(c.until) : ""}`), flex);
+  return h("div", {}, h("span", { class: "ok" }, "circuit closed" + (c.consecutive_failures ? ` (${c.consecutive_failures} failures in a row)` : "")), flex);
 }
 
 async function providersView() {
