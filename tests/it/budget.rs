@@ -115,6 +115,31 @@ async fn a_provider_over_its_budget_hands_its_jobs_to_another() {
                 .is_some_and(|b| (b - left.max(0.0)).abs() < 1e-9)
     })
     .await;
+    // /v1/stats (the dashboard's overview) shows the same budget: its cap,
+    // what today's finished jobs on cheap cost, and its renewal at midnight.
+    let stats = client.get("/v1/stats").await.unwrap();
+    let budgets = stats["budgets"].as_array().unwrap();
+    assert_eq!(budgets.len(), 1, "{stats}");
+    let b = &budgets[0];
+    assert_eq!(
+        (&b["provider"], &b["period"]),
+        (&json!("cheap"), &json!("day")),
+        "{b}"
+    );
+    assert!(
+        (b["cap_usd"].as_f64().unwrap() - 0.000_25).abs() < 1e-12,
+        "{b}"
+    );
+    assert!(
+        (b["spent_usd"].as_f64().unwrap() - spent).abs() < 1e-9,
+        "{b}"
+    );
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1)).date_naive();
+    assert_eq!(
+        b["renews_at"].as_str().unwrap()[..10],
+        tomorrow.format("%Y-%m-%d").to_string(),
+        "{b}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -725,6 +725,37 @@ impl Daemon {
     }
 }
 
+/// A provider behaviour that refuses the first request whose text is
+/// `limited` with a 429 and `retry-after-ms: 300` (a rate limit and a
+/// pause), then answers every request as `then` does.
+pub fn limited_once(
+    then: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+) -> impl Fn(&Seen) -> Reply + Send + Sync + 'static {
+    let seen: Arc<Mutex<std::collections::HashMap<String, u32>>> = Default::default();
+    move |s: &Seen| {
+        let n = {
+            let mut m = seen.lock().unwrap();
+            let n = m.entry(s.text()).or_default();
+            *n += 1;
+            *n
+        };
+        if s.text() == "limited" && n == 1 {
+            return Reply {
+                headers: vec![("retry-after-ms", "300".into())],
+                ..Reply::json(
+                    429,
+                    openai_error(
+                        "Rate limit reached.",
+                        "requests",
+                        Some("rate_limit_exceeded"),
+                    ),
+                )
+            };
+        }
+        then(s)
+    }
+}
+
 /// One loopback provider `loop` with model `loop-model` (1 / 2 USD per Mtok).
 pub fn one_provider(p: &LoopbackProvider) -> Vec<ProviderSpec<'static>> {
     vec![ProviderSpec {

@@ -4,8 +4,7 @@
 //! variable's query) is a sample name of a real `GET /metrics` scrape,
 //! taken while every labelled family has samples.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -168,33 +167,13 @@ async fn every_metric_the_dashboard_queries_is_served() {
     // "limited" is refused once with 429 + Retry-After (a 429 and a pause);
     // "slow" holds the provider's one connection for 5 s, so that a job
     // after it is queued and planned to start now meanwhile.
-    let seen: Arc<Mutex<HashMap<String, u32>>> = Default::default();
-    let provider = LoopbackProvider::with(move |s: &Seen| {
-        let n = {
-            let mut m = seen.lock().unwrap();
-            let n = m.entry(s.text()).or_default();
-            *n += 1;
-            *n
-        };
-        if s.text() == "limited" && n == 1 {
-            return Reply {
-                headers: vec![("retry-after-ms", "300".into())],
-                ..Reply::json(
-                    429,
-                    openai_error(
-                        "Rate limit reached.",
-                        "requests",
-                        Some("rate_limit_exceeded"),
-                    ),
-                )
-            };
-        }
+    let provider = LoopbackProvider::with(limited_once(|s: &Seen| {
         let mut r = default_reply(s);
         if s.text() == "slow" {
             r.delay = Duration::from_secs(5);
         }
         r
-    })
+    }))
     .await;
     let dir = tempfile::tempdir().unwrap();
     let spec = vec![ProviderSpec {

@@ -1017,3 +1017,71 @@ async fn jobs_are_listed_by_source_and_custom_id() {
         "{table}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboards_views_page_and_bound_their_parameters() {
+    let provider = LoopbackProvider::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_toml(
+        dir.path(),
+        &[cheaper_later(provider.base_url(), later_window())],
+    );
+    let daemon = Daemon::start(dir.path(), &config);
+    let client = daemon.unix_client().await;
+    for name in ["one", "two", "three"] {
+        let sub = client
+            .json(
+                hyper::Method::POST,
+                &format!("/v1/jobs?name={name}"),
+                Some("application/jsonl"),
+                jsonl(&[chat_line(name, "chat", "hi", None)]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(sub["queued"], 1);
+    }
+    // Sources: newest first, paged with before=.
+    let page = client.get("/v1/sources?limit=2").await.unwrap();
+    let names: Vec<&str> = page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["three", "two"], "{page}");
+    assert_eq!(page["has_more"], true);
+    let last = page["last_id"].as_str().unwrap();
+    let rest = client
+        .get(&format!("/v1/sources?before={last}"))
+        .await
+        .unwrap();
+    assert_eq!(rest["data"][0]["name"], "one", "{rest}");
+    assert_eq!(rest["has_more"], false);
+    // Prices: the class's cheapest price steps where the window opens.
+    let prices = client.get("/v1/prices?hours=4").await.unwrap();
+    let steps = prices["classes"][0]["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2, "{prices}");
+    assert!(
+        steps[1]["typical_job_usd"].as_f64().unwrap()
+            < steps[0]["typical_job_usd"].as_f64().unwrap() / 10.0,
+        "{prices}"
+    );
+    // Out-of-range and malformed values are 400s naming the parameter.
+    for (path, param) in [
+        ("/v1/prices?hours=0", "hours"),
+        ("/v1/prices?hours=169", "hours"),
+        ("/v1/prices?hours=99999999999999999999999", "hours"),
+        ("/v1/sources?limit=0", "limit"),
+        ("/v1/sources?limit=201", "limit"),
+        ("/v1/sources?before=job_1", "before"),
+        ("/v1/sources?before=sub_01", "before"),
+    ] {
+        let (status, body) = api_error(client.get(path).await).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["param"], param, "{path}: {body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().len() < 200,
+            "{path}: the bad value is quoted short"
+        );
+    }
+}

@@ -1,8 +1,6 @@
 //! `GET /metrics` parses as Prometheus text (with a real parser) and counts
 //! what happened: jobs by state, requests by outcome, 429s, pauses, spend.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -28,30 +26,7 @@ fn value(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
     // The first request of "limited" is refused with 429 + Retry-After, then answered.
-    let seen: Arc<Mutex<HashMap<String, u32>>> = Default::default();
-    let provider = LoopbackProvider::with(move |s: &Seen| {
-        let n = {
-            let mut m = seen.lock().unwrap();
-            let n = m.entry(s.text()).or_default();
-            *n += 1;
-            *n
-        };
-        if s.text() == "limited" && n == 1 {
-            return Reply {
-                headers: vec![("retry-after-ms", "300".into())],
-                ..Reply::json(
-                    429,
-                    openai_error(
-                        "Rate limit reached.",
-                        "requests",
-                        Some("rate_limit_exceeded"),
-                    ),
-                )
-            };
-        }
-        default_reply(s)
-    })
-    .await;
+    let provider = LoopbackProvider::with(limited_once(|s: &Seen| default_reply(s))).await;
     let dir = tempfile::tempdir().unwrap();
     let spec = vec![ProviderSpec {
         name: "p",
