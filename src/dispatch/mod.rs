@@ -10,6 +10,7 @@
 //! This module reads the queue, applies those decisions to it, and runs the
 //! requests.
 
+pub mod batch_api;
 pub mod budget;
 pub mod decide;
 pub mod explain;
