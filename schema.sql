@@ -1,4 +1,4 @@
--- nightshift queue schema, version 7.
+-- nightshift queue schema, version 8.
 --
 -- Applied by `Store::open` (src/store/mod.rs embeds this file) to a new
 -- database (`PRAGMA user_version` 0). An older database is upgraded by the
@@ -174,3 +174,37 @@ CREATE TABLE IF NOT EXISTS sends (
     tokens   INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS sends_at ON sends (at_ms, provider, model, tokens);
+
+-- Version 8. Batches nightshift sends to providers' Batch APIs (the batch
+-- channel; see src/store/batches.rs). A batch and its jobs are recorded
+-- before anything is uploaded; `tag` names it at the provider (OpenAI batch
+-- metadata), so a daemon killed after "create" finds it again instead of
+-- creating it twice. Its jobs are 'running' with provider_batch_id set and
+-- no lease; lease recovery skips them (jobs_running leads with the batch).
+-- jobs_running is re-created with provider_batch_id first.
+CREATE TABLE IF NOT EXISTS provider_batches (
+    id            INTEGER PRIMARY KEY,
+    provider      TEXT    NOT NULL,
+    model         TEXT    NOT NULL,
+    endpoint      TEXT    NOT NULL,
+    state         TEXT    NOT NULL DEFAULT 'prepared'
+                  CHECK (state IN ('prepared', 'creating', 'submitted', 'cancelling', 'done')),
+    requests      INTEGER NOT NULL,
+    tag           TEXT    NOT NULL,
+    file_id       TEXT,
+    remote_id     TEXT,
+    remote_status TEXT,
+    created_at    INTEGER NOT NULL,
+    submitted_at  INTEGER,
+    fallback_at   INTEGER NOT NULL,
+    ended_at      INTEGER,
+    succeeded     INTEGER NOT NULL DEFAULT 0,
+    failed        INTEGER NOT NULL DEFAULT 0,
+    requeued      INTEGER NOT NULL DEFAULT 0,
+    late          INTEGER NOT NULL DEFAULT 0,
+    error         TEXT
+);
+CREATE INDEX IF NOT EXISTS provider_batches_open ON provider_batches (state) WHERE state <> 'done';
+ALTER TABLE jobs ADD COLUMN provider_batch_id INTEGER;
+DROP INDEX IF EXISTS jobs_running;
+CREATE INDEX IF NOT EXISTS jobs_running ON jobs (provider_batch_id, lease_until, lease_owner, provider) WHERE state = 'running';

@@ -29,6 +29,13 @@ pub struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BatchStateLabel {
+    pub provider: String,
+    /// prepared | creating | submitted | cancelling | done | failed
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClassLabel {
     pub class: String,
 }
@@ -47,6 +54,8 @@ pub struct Telemetry {
     registry: Registry,
     pub jobs: Family<StateLabel, Gauge>,
     pub queued_by_class: Family<ClassLabel, Gauge>,
+    /// Provider batches (the batch channel) by provider and state.
+    pub provider_batches: Family<BatchStateLabel, Gauge>,
     pub planned_now: Family<ProviderLabel, Gauge>,
     pub requests: Family<OutcomeLabel, Counter>,
     pub rate_limited: Family<ProviderLabel, Counter>,
@@ -96,6 +105,7 @@ impl Telemetry {
         let t = Telemetry {
             jobs: Family::default(),
             queued_by_class: Family::default(),
+            provider_batches: Family::default(),
             planned_now: Family::default(),
             requests: Family::default(),
             rate_limited: Family::default(),
@@ -119,6 +129,11 @@ impl Telemetry {
             "queued_jobs",
             "Queued jobs by requested model or class",
             t.queued_by_class.clone(),
+        );
+        registry.register(
+            "provider_batches",
+            "Batches sent to providers' Batch APIs, by provider and state (done: ended and applied; failed: abandoned, its jobs re-queued)",
+            t.provider_batches.clone(),
         );
         registry.register(
             "planned_now_jobs",

@@ -33,9 +33,13 @@ pub async fn healthz() -> Json<Value> {
 pub async fn metrics(State(s): State<S>) -> ApiResult<axum::response::Response> {
     use crate::telemetry::{ClassLabel, StateLabel};
     use axum::response::IntoResponse;
-    let (counts, by_route) = s
+    let (counts, by_route, batches) = s
         .db(|s| -> Result<_, crate::store::QueueError> {
-            Ok((s.shared.store.counts()?, s.shared.store.queued_by_route()?))
+            Ok((
+                s.shared.store.counts()?,
+                s.shared.store.queued_by_route()?,
+                s.shared.store.provider_batch_counts()?,
+            ))
         })
         .await?
         .map_err(ApiError::internal)?;
@@ -45,6 +49,12 @@ pub async fn metrics(State(s): State<S>) -> ApiResult<axum::response::Response> 
             .get_or_create(&StateLabel {
                 state: state.as_str().to_string(),
             })
+            .set(n as i64);
+    }
+    t.provider_batches.clear();
+    for (provider, state, n) in batches {
+        t.provider_batches
+            .get_or_create(&crate::telemetry::BatchStateLabel { provider, state })
             .set(n as i64);
     }
     t.queued_by_class.clear();

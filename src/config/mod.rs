@@ -19,8 +19,8 @@ use toml::Spanned;
 
 use crate::domain::bounds;
 use crate::domain::pricing::{
-    ALL_DAYS, Catalog, Channel, DailyRange, Endpoint, FlexTerms, Limits, Model, ModelId, Price,
-    PriceWindow, ProviderId, ProviderInfo, WindowEffect, Wire, weekday_set,
+    ALL_DAYS, BatchTerms, Catalog, Channel, DailyRange, Endpoint, FlexTerms, Limits, Model,
+    ModelId, Price, PriceWindow, ProviderId, ProviderInfo, WindowEffect, Wire, weekday_set,
 };
 use crate::domain::units::{parse_duration, parse_duration_within};
 
@@ -495,6 +495,27 @@ struct RawProvider {
     models: Vec<RawModel>,
     /// The flex channel: the same API with `"service_tier": "flex"`.
     flex: Option<Spanned<RawFlex>>,
+    /// The batch channel: the provider's asynchronous Batch API.
+    batch: Option<Spanned<RawBatch>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatch {
+    /// Batch price = standard price × this (0 < discount <= 1).
+    discount: Option<Spanned<f64>>,
+    /// The models offered in batches (default: every model).
+    models: Option<Spanned<Vec<Spanned<String>>>>,
+    /// What the provider promises (default "24h").
+    completion_window: Option<Spanned<String>>,
+    /// The planner's prior for a batch's turnaround (default 1h).
+    expected_turnaround: Option<Spanned<String>>,
+    /// Requests per batch at most (default 50000).
+    max_requests: Option<Spanned<u64>>,
+    /// Bytes per batch at most (default "200MB").
+    max_bytes: Option<Spanned<String>>,
+    /// How often an open batch is polled (default 30s).
+    poll_every: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -524,6 +545,9 @@ struct RawModel {
     /// Prices on the flex channel instead of the provider's flex discount.
     flex_input_per_mtok: Option<f64>,
     flex_output_per_mtok: Option<f64>,
+    /// Prices on the batch channel instead of the provider's batch discount.
+    batch_input_per_mtok: Option<f64>,
+    batch_output_per_mtok: Option<f64>,
     #[serde(default)]
     price_windows: Vec<RawWindow>,
     /// Per-model limits, for providers that limit each model separately.
@@ -810,6 +834,7 @@ impl Validator<'_> {
 
         let mut catalog = Catalog::default();
         let mut flex_pending: Vec<(ModelId, Price)> = Vec::new();
+        let mut batch_pending: Vec<(ModelId, Price)> = Vec::new();
         let mut transports = Vec::new();
         let mut budgets = Vec::new();
         if raw.providers.is_empty() {
@@ -1003,6 +1028,7 @@ impl Validator<'_> {
                     Transport::Simulated { .. } => Wire::OpenAi,
                 },
                 flex: None,
+                batch: None,
             });
             transports.push(transport);
             if p.models.is_empty() {
@@ -1079,16 +1105,35 @@ impl Validator<'_> {
                 for (wi, w) in m.price_windows.iter().enumerate() {
                     mwindows.push(self.window(w, &mfield(&format!("price_windows[{wi}]")))?);
                 }
-                for (v, f) in [
-                    (m.flex_input_per_mtok, "flex_input_per_mtok"),
-                    (m.flex_output_per_mtok, "flex_output_per_mtok"),
+                for (v, f, table) in [
+                    (
+                        m.flex_input_per_mtok,
+                        "flex_input_per_mtok",
+                        p.flex.is_some(),
+                    ),
+                    (
+                        m.flex_output_per_mtok,
+                        "flex_output_per_mtok",
+                        p.flex.is_some(),
+                    ),
+                    (
+                        m.batch_input_per_mtok,
+                        "batch_input_per_mtok",
+                        p.batch.is_some(),
+                    ),
+                    (
+                        m.batch_output_per_mtok,
+                        "batch_output_per_mtok",
+                        p.batch.is_some(),
+                    ),
                 ] {
                     if let Some(v) = v {
-                        if p.flex.is_none() {
+                        if !table {
+                            let channel = f.split('_').next().unwrap_or_default();
                             return Err(self.err(
                                 Some(m.name.span()),
                                 mfield(f),
-                                "needs a [providers.flex] table on its provider",
+                                format!("needs a [providers.{channel}] table on its provider"),
                             ));
                         }
                         self.number(
@@ -1148,11 +1193,20 @@ impl Validator<'_> {
                 catalog.providers[provider_id].flex = Some(terms);
                 flex_pending.extend(rows);
             }
+            if let Some(batch) = &p.batch {
+                let (terms, rows) = self.batch(batch, &p, provider_id, &catalog, &field)?;
+                catalog.providers[provider_id].batch = Some(terms);
+                batch_pending.extend(rows);
+            }
         }
-        // Flex rows come after every standard row, so a configuration
-        // without flex numbers its models as before.
+        // Flex rows, then batch rows, come after every standard row, so a
+        // configuration without them numbers its models as before.
         for (std, price) in flex_pending {
             let row = catalog.flex_row(std, price);
+            catalog.models.push(row);
+        }
+        for (std, price) in batch_pending {
+            let row = catalog.batch_row(std, price);
             catalog.models.push(row);
         }
 
@@ -1194,13 +1248,12 @@ impl Validator<'_> {
                     })?;
                 ids.push(id);
             }
-            // Each member's flex row joins the class after every standard
-            // member (the reference stays first).
-            let flex: Vec<ModelId> = ids
-                .iter()
-                .filter_map(|&id| catalog.models.iter().position(|m| m.standard == Some(id)))
-                .collect();
+            // Each member's flex and batch rows join the class after every
+            // standard member (the reference stays first).
+            let flex: Vec<ModelId> = ids.iter().filter_map(|&id| catalog.flex_of(id)).collect();
+            let batch: Vec<ModelId> = ids.iter().filter_map(|&id| catalog.batch_of(id)).collect();
             ids.extend(flex);
+            ids.extend(batch);
             catalog.classes.insert(class.clone(), ids);
         }
 
@@ -1366,6 +1419,161 @@ impl Validator<'_> {
                 discount: if discount.is_nan() { 1.0 } else { discount },
                 timeout,
                 backoff,
+            },
+            rows,
+        ))
+    }
+
+    /// `[providers.batch]`: its terms, and the batch price of each model
+    /// offered there (by its standard row).
+    fn batch(
+        &self,
+        batch: &Spanned<RawBatch>,
+        p: &RawProvider,
+        provider: ProviderId,
+        catalog: &Catalog,
+        field: &dyn Fn(&str) -> String,
+    ) -> Result<(BatchTerms, Vec<(ModelId, Price)>), ConfigError> {
+        let b = batch.get_ref();
+        let span = Some(batch.span());
+        let discount = match &b.discount {
+            Some(d) => {
+                let v = *d.get_ref();
+                if !(v.is_finite() && v > 0.0 && v <= 1.0) {
+                    return Err(self.err(
+                        Some(d.span()),
+                        field("batch.discount"),
+                        format!("{v} is not a fraction above 0 and at most 1 (0.5: half price)"),
+                    ));
+                }
+                v
+            }
+            None => f64::NAN,
+        };
+        let (completion_window, window) = match &b.completion_window {
+            None => ("24h".to_string(), Duration::from_secs(86_400)),
+            Some(w) => {
+                let d = self.positive_duration(
+                    &b.completion_window,
+                    &field("batch.completion_window"),
+                    Duration::from_secs(86_400),
+                    Duration::from_secs(7 * 86_400),
+                )?;
+                (w.get_ref().trim().to_string(), d)
+            }
+        };
+        let expected_turnaround = self.positive_duration(
+            &b.expected_turnaround,
+            &field("batch.expected_turnaround"),
+            Duration::from_secs(3600).min(window),
+            window,
+        )?;
+        let max_requests = match &b.max_requests {
+            None => 50_000,
+            Some(n) => {
+                let v = *n.get_ref();
+                if !(1..=100_000).contains(&v) {
+                    return Err(self.err(
+                        Some(n.span()),
+                        field("batch.max_requests"),
+                        format!("{v} is not from 1 to 100000"),
+                    ));
+                }
+                v as u32
+            }
+        };
+        let max_bytes = match &b.max_bytes {
+            None => 200_000_000,
+            Some(v) => match parse_size(v.get_ref()) {
+                Ok(n) if (1024..=1 << 30).contains(&n) => n,
+                Ok(n) => {
+                    return Err(self.err(
+                        Some(v.span()),
+                        field("batch.max_bytes"),
+                        format!("{n} bytes is not from 1KiB to 1GiB"),
+                    ));
+                }
+                Err(m) => return Err(self.err(Some(v.span()), field("batch.max_bytes"), m)),
+            },
+        };
+        let poll_every = self.duration_within(
+            &b.poll_every,
+            &field("batch.poll_every"),
+            Duration::from_secs(30),
+            Duration::from_secs(3600),
+        )?;
+        if poll_every < Duration::from_millis(100) {
+            return Err(self.err(
+                b.poll_every.as_ref().map(|v| v.span()),
+                field("batch.poll_every"),
+                "must be at least 100ms",
+            ));
+        }
+        let own: Vec<ModelId> = (0..catalog.models.len())
+            .filter(|&m| catalog.models[m].provider == provider)
+            .collect();
+        let offered: Vec<ModelId> = match &b.models {
+            None => own,
+            Some(list) => {
+                let mut ids = Vec::new();
+                for name in list.get_ref() {
+                    let id = own
+                        .iter()
+                        .copied()
+                        .find(|&m| catalog.models[m].name == name.get_ref().trim())
+                        .ok_or_else(|| {
+                            self.err(
+                                Some(name.span()),
+                                field("batch.models"),
+                                format!("no model '{}' in this provider", name.get_ref()),
+                            )
+                        })?;
+                    if !ids.contains(&id) {
+                        ids.push(id);
+                    }
+                }
+                ids
+            }
+        };
+        let priced = |id: ModelId| {
+            p.models.iter().any(|r| {
+                r.name.get_ref().trim() == catalog.models[id].name
+                    && r.batch_input_per_mtok.is_some()
+                    && r.batch_output_per_mtok.is_some()
+            })
+        };
+        if discount.is_nan() && !offered.iter().all(|&id| priced(id)) {
+            return Err(self.err(
+                span,
+                field("batch.discount"),
+                "required unless every batch model sets batch_input_per_mtok and batch_output_per_mtok",
+            ));
+        }
+        let rows = offered
+            .into_iter()
+            .map(|id| {
+                let m = &catalog.models[id];
+                let raw = p.models.iter().find(|r| r.name.get_ref().trim() == m.name);
+                let price = Price {
+                    input_per_mtok: raw
+                        .and_then(|r| r.batch_input_per_mtok)
+                        .unwrap_or(m.list.input_per_mtok * discount),
+                    output_per_mtok: raw
+                        .and_then(|r| r.batch_output_per_mtok)
+                        .unwrap_or(m.list.output_per_mtok * discount),
+                };
+                (id, price)
+            })
+            .collect();
+        Ok((
+            BatchTerms {
+                discount: if discount.is_nan() { 1.0 } else { discount },
+                completion_window,
+                window,
+                expected_turnaround,
+                max_requests,
+                max_bytes,
+                poll_every,
             },
             rows,
         ))

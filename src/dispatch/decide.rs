@@ -67,6 +67,8 @@ pub struct Observed {
     pub health: Vec<Health>,
     /// Per provider: its flex channel refused a request; no flex before then.
     pub flex_until: Vec<Option<DateTime<Utc>>>,
+    /// Per provider: what its batches showed (turnarounds, a refused creation).
+    pub batches: Vec<BatchSeen>,
     /// The earliest time a retried job becomes due again: re-plan then.
     pub next_retry: Option<DateTime<Utc>>,
     /// Spend against the budgets in their current periods.
@@ -87,6 +89,7 @@ impl Observed {
             output_ratio: HashMap::new(),
             health: vec![Health::default(); n],
             flex_until: vec![None; n],
+            batches: vec![BatchSeen::default(); n],
             next_retry: None,
             budget,
         }
@@ -111,6 +114,14 @@ impl Observed {
                     health.max(budget)
                 },
                 flex_unavailable_until: self.flex_off_until(p, now),
+                batch_turnaround: self.batches.get(p).map_or(Duration::ZERO, |b| {
+                    b.turnaround(info.batch.as_ref().map(|t| t.expected_turnaround))
+                }),
+                batch_unavailable_until: self
+                    .batches
+                    .get(p)
+                    .and_then(|b| b.refused_until)
+                    .filter(|&t| t > now),
                 ..ProviderCapacity::from_limits(&info.limits, Duration::ZERO, 0.0)
             })
             .collect()
@@ -155,6 +166,48 @@ impl Observed {
     }
 }
 
+/// What a provider's batches have shown.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BatchSeen {
+    /// Seconds from creation to results of the last batches that ended
+    /// (at most [`BatchSeen::KEPT`]).
+    pub turnarounds_s: std::collections::VecDeque<f64>,
+    /// Its Batch API refused a creation (429): no batch before then.
+    pub refused_until: Option<DateTime<Utc>>,
+}
+
+impl BatchSeen {
+    /// Turnarounds kept.
+    pub const KEPT: usize = 50;
+    /// Batches that must have ended before observations replace the prior.
+    pub const MIN_SAMPLES: usize = 5;
+    /// The quantile planned with.
+    pub const QUANTILE: f64 = 0.9;
+
+    pub fn observe(&mut self, turnaround: Duration) {
+        if self.turnarounds_s.len() == Self::KEPT {
+            self.turnarounds_s.pop_front();
+        }
+        self.turnarounds_s.push_back(turnaround.as_secs_f64());
+    }
+
+    /// The turnaround to plan with: the 90th percentile of what was
+    /// observed once [`BatchSeen::MIN_SAMPLES`] batches ended, before then
+    /// the larger of `prior` and the longest observed.
+    pub fn turnaround(&self, prior: Option<Duration>) -> Duration {
+        let prior = prior.unwrap_or(Duration::from_secs(3600)).as_secs_f64();
+        let mut seen: Vec<f64> = self.turnarounds_s.iter().copied().collect();
+        seen.sort_by(f64::total_cmp);
+        let secs = if seen.len() < Self::MIN_SAMPLES {
+            seen.last().copied().unwrap_or(0.0).max(prior)
+        } else {
+            let i = ((seen.len() as f64 * Self::QUANTILE).ceil() as usize).clamp(1, seen.len());
+            seen[i - 1]
+        };
+        Duration::from_secs_f64(secs.clamp(0.0, 30.0 * 86_400.0))
+    }
+}
+
 /// A queued job as the step sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidate {
@@ -189,7 +242,17 @@ impl CurrentPlan {
     ) -> Vec<usize> {
         let now_ms = now.timestamp_millis();
         let mut wanted = vec![0usize; self.groups.len()];
+        let mut batched = vec![0usize; self.groups.len()];
         for &(g, model, n) in &self.quotas.entries {
+            if catalog.is_batch(model) {
+                // A batch takes its whole quota at once, up to its size.
+                let max = catalog.providers[catalog.models[model].provider]
+                    .batch
+                    .as_ref()
+                    .map_or(0, |b| b.max_requests as usize);
+                batched[g] = (batched[g] + n as usize).min(max);
+                continue;
+            }
             let provider = catalog.models[model].provider;
             let open = observed.health[provider]
                 .available_from(now)
@@ -200,6 +263,9 @@ impl CurrentPlan {
                 0
             };
             wanted[g] = (wanted[g] + (n as usize).min(startable)).min(BATCH);
+        }
+        for (w, b) in wanted.iter_mut().zip(batched) {
+            *w += b;
         }
         wanted
     }
@@ -291,7 +357,27 @@ pub fn step(input: StepInput<'_>) -> Step {
     for idx in 0..plan.quotas.entries.len() {
         let (g, model, remaining) = plan.quotas.entries[idx];
         let provider = catalog.models[model].provider;
-        if remaining == 0 || blocked.contains(&provider) || blocked_models.contains(&model) {
+        let batch = catalog.is_batch(model);
+        if remaining == 0
+            || blocked_models.contains(&model)
+            || (!batch && blocked.contains(&provider))
+        {
+            continue;
+        }
+        if batch {
+            // A batch row: outside the synchronous rate limits, circuit and
+            // probes (the planner keeps it out while batch creation is
+            // refused, the provider is disabled or out of budget).
+            take_batch(
+                catalog,
+                plan,
+                idx,
+                &mut due[g],
+                all_read[g],
+                observed,
+                now,
+                &mut actions,
+            );
             continue;
         }
         if let Some(t) = observed
@@ -502,6 +588,7 @@ pub fn step(input: StepInput<'_>) -> Step {
     }
     let more = plan.quotas.entries.iter().any(|&(g, m, n)| {
         n > 0
+            && !catalog.is_batch(m)
             && (!due[g].is_empty() || !all_read[g])
             && !blocked.contains(&catalog.models[m].provider)
             && !blocked_models.contains(&m)
@@ -511,6 +598,55 @@ pub fn step(input: StepInput<'_>) -> Step {
         replan,
         more,
         next,
+    }
+}
+
+/// Takes the jobs of quota entry `idx` for its batch row: each within its
+/// `max_cost_usd` there (a job above it stays queued for the next plan,
+/// which puts it elsewhere) and within the provider's budget.
+#[allow(clippy::too_many_arguments)]
+fn take_batch(
+    catalog: &Catalog,
+    plan: &mut CurrentPlan,
+    idx: usize,
+    due: &mut std::collections::VecDeque<Candidate>,
+    all_read: bool,
+    observed: &mut Observed,
+    now: DateTime<Utc>,
+    actions: &mut Vec<Action>,
+) {
+    let (g, model, remaining) = plan.quotas.entries[idx];
+    let provider = catalog.models[model].provider;
+    let reference = plan.groups[g].reference;
+    let mut taken = 0u64;
+    let mut skipped = Vec::new();
+    while taken < remaining {
+        let Some(job) = due.pop_front() else {
+            if all_read {
+                plan.quotas.entries[idx].2 = 0;
+            }
+            break;
+        };
+        let cost = catalog.cost_at(model, now, job.est_input_tokens, job.est_output_tokens);
+        if job.max_cost_usd.is_some_and(|max| cost > max) || !observed.budget.fits(provider, cost) {
+            skipped.push(job);
+            continue;
+        }
+        plan.quotas.take(g, model);
+        taken += 1;
+        observed.budget.charge(provider, cost);
+        actions.push(Action::Start {
+            job: job.id,
+            group: g,
+            model,
+            reference,
+            tokens: 0,
+            cost,
+        });
+    }
+    // Left for the group's other quotas (another channel may suit them).
+    for job in skipped.into_iter().rev() {
+        due.push_front(job);
     }
 }
 
@@ -686,9 +822,13 @@ pub fn undo_start(
     } = action
     {
         let p = catalog.models[*model].provider;
+        observed.budget.charge(p, -cost);
+        if catalog.is_batch(*model) {
+            // A batch start takes no rate-limit slot and no probe.
+            return;
+        }
         let now_ms = now.timestamp_millis();
         limits.release(p, *model, *tokens, Some(0), now_ms, now_ms);
-        observed.budget.charge(p, -cost);
         observed.health[p].abandon_probe(now);
     }
 }

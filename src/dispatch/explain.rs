@@ -1381,6 +1381,7 @@ chat = ["deepseek/deepseek-chat", "openai/gpt-4o-mini"]
             output_tokens: None,
             cost_usd: None,
             list_cost_usd: None,
+            provider_batch: None,
         };
         let d = JobDetail {
             job: row,

@@ -1026,6 +1026,7 @@ mod tests {
             simulated: true,
             wire: Default::default(),
             flex: None,
+            batch: None,
         };
         let model = |name: &str, limits| Model {
             cached_input_per_mtok: None,

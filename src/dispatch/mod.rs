@@ -11,6 +11,7 @@
 //! requests.
 
 pub mod batch_api;
+pub mod batches;
 pub mod budget;
 pub mod decide;
 pub mod explain;
@@ -127,6 +128,8 @@ struct Loop {
     /// shows changed since (publish after this pass, not [`LIVE_EVERY`] later).
     live_published: Option<Instant>,
     live_changed: bool,
+    /// Provider batches being followed to their end, one task each.
+    batch_tasks: JoinSet<batches::BatchDone>,
 }
 
 /// Runs a closure against the store off the async threads.
@@ -162,6 +165,7 @@ impl Dispatcher {
             earliest_deadline: None,
             live_published: None,
             live_changed: true,
+            batch_tasks: JoinSet::new(),
         };
         // What earlier runs sent still counts against the rate limits.
         self.seed_limits(&mut st.limits, now).await;
@@ -184,6 +188,21 @@ impl Dispatcher {
         for p in 0..self.catalog.providers.len() {
             self.publish_health(p, &st.observed);
         }
+        // Batches an earlier run left open: follow them where they stood.
+        match blocking(&self.shared.store, |s| s.open_provider_batches()).await {
+            Ok(open) => {
+                if !open.is_empty() {
+                    info!(
+                        batches = open.len(),
+                        "resuming provider batches left open by an earlier run"
+                    );
+                }
+                for b in open {
+                    self.spawn_batch(&mut st, b, 0.0);
+                }
+            }
+            Err(e) => warn!("could not read the open provider batches: {e}"),
+        }
         loop {
             if self.shared.live.has_changed().unwrap_or(false) {
                 self.apply_reload(&mut st).await;
@@ -205,6 +224,16 @@ impl Dispatcher {
                     st.earliest_deadline = None;
                 }
                 _ = tokio::time::sleep_until(next) => {}
+                Some(done) = st.batch_tasks.join_next() => {
+                    st.replan = true;
+                    st.earliest_deadline = None;
+                    if let Ok(done) = done
+                        && self.account_batch(&mut st, done)
+                    {
+                        st.current = None;
+                        st.live_changed = true;
+                    }
+                }
                 Some(done) = st.tasks.join_next_with_id() => {
                     st.replan = true;
                     let mut changed = self.account(&mut st, done).await;
@@ -505,6 +534,15 @@ impl Dispatcher {
             );
             self.shared.finished.notify_one();
         }
+        let (batched, starts): (Vec<Action>, Vec<Action>) = starts.into_iter().partition(
+            |a| matches!(a, Action::Start { model, .. } if self.catalog.is_batch(*model)),
+        );
+        if !batched.is_empty() {
+            self.open_batches(st, batched, now).await;
+        }
+        let Some(cur) = st.current.as_mut() else {
+            return Ok(next);
+        };
         if starts.is_empty() {
             return Ok(next);
         }
@@ -626,6 +664,212 @@ impl Dispatcher {
         Ok(next)
     }
 
+    /// Records the batch starts of a step as provider batches (one model
+    /// each, within the provider's requests and bytes per batch), then
+    /// follows each in its own task.
+    async fn open_batches(&self, st: &mut Loop, starts: Vec<Action>, now: DateTime<Utc>) {
+        let Some(cur) = st.current.as_ref() else {
+            return;
+        };
+        let capacity = st.observed.capacities(&self.catalog, now);
+        let mut by_model: std::collections::BTreeMap<ModelId, Vec<Action>> = Default::default();
+        for a in starts {
+            if let Action::Start { model, .. } = a {
+                by_model.entry(model).or_default().push(a);
+            }
+        }
+        // The jobs' deadlines, sizes and endpoints, in one read.
+        let ids: Vec<i64> = by_model
+            .values()
+            .flatten()
+            .filter_map(|a| match a {
+                Action::Start { job, .. } => Some(*job),
+                Action::Fail { .. } => None,
+            })
+            .collect();
+        let jobs = match blocking(&self.shared.store, move |s| s.batch_jobs_by_id(&ids)).await {
+            Ok(j) => j
+                .into_iter()
+                .map(|j| (j.id, j))
+                .collect::<HashMap<i64, crate::store::BatchJob>>(),
+            Err(e) => {
+                warn!("could not read the jobs of a new provider batch: {e}");
+                for a in by_model.values().flatten() {
+                    decide::undo_start(&self.catalog, &mut st.limits, &mut st.observed, a, now);
+                }
+                return;
+            }
+        };
+        let mut opened = Vec::new();
+        for (model, actions) in by_model {
+            let m = &self.catalog.models[model];
+            let p = m.provider;
+            let Some(terms) = self.catalog.providers[p].batch.clone() else {
+                continue;
+            };
+            // Cut into batches within the provider's limits.
+            let mut chunks: Vec<Vec<Action>> = vec![Vec::new()];
+            let mut bytes = 0u64;
+            for a in actions {
+                let Action::Start { job, .. } = &a else {
+                    continue;
+                };
+                let size = jobs.get(job).map_or(0, |j| j.body.len() as u64 + 256);
+                let last = chunks.last_mut().expect("one chunk at least");
+                if !last.is_empty()
+                    && (last.len() >= terms.max_requests as usize || bytes + size > terms.max_bytes)
+                {
+                    chunks.push(Vec::new());
+                    bytes = 0;
+                }
+                bytes += size;
+                chunks.last_mut().expect("one chunk at least").push(a);
+            }
+            for chunk in chunks.into_iter().filter(|c| !c.is_empty()) {
+                let mut earliest = DateTime::<Utc>::MAX_UTC;
+                let mut tokens = 0u64;
+                let mut candidates: Vec<ModelId> = Vec::new();
+                let mut estimated = 0.0;
+                let mut endpoint = None;
+                for a in &chunk {
+                    if let Action::Start {
+                        job, group, cost, ..
+                    } = a
+                    {
+                        estimated += cost;
+                        if let Some(j) = jobs.get(job) {
+                            earliest = earliest.min(
+                                DateTime::<Utc>::from_timestamp_millis(j.deadline).unwrap_or(now),
+                            );
+                            tokens =
+                                tokens.saturating_add(j.est_input_tokens + j.est_output_tokens);
+                            endpoint.get_or_insert_with(|| j.endpoint.clone());
+                        }
+                        if let Some(g) = cur.plan.groups.get(*group) {
+                            for &c in &g.group.candidates {
+                                if !candidates.contains(&c) {
+                                    candidates.push(c);
+                                }
+                            }
+                        }
+                    }
+                }
+                let fallback_at = batches::rules::fallback_at(
+                    &self.catalog,
+                    &capacity,
+                    &candidates,
+                    chunk.len() as u64,
+                    tokens,
+                    earliest,
+                    self.plan_settings.safety_margin,
+                    terms.window,
+                    now,
+                );
+                let ids: Vec<i64> = chunk
+                    .iter()
+                    .filter_map(|a| match a {
+                        Action::Start { job, .. } => Some(*job),
+                        Action::Fail { .. } => None,
+                    })
+                    .collect();
+                let provider = self.catalog.providers[p].name.clone();
+                let wire = m.name.clone();
+                let endpoint =
+                    endpoint.unwrap_or_else(|| Endpoint::ChatCompletions.as_url().into());
+                let now_ms = now.timestamp_millis();
+                let created = blocking(&self.shared.store, move |s| {
+                    s.create_provider_batch(
+                        &crate::store::NewProviderBatch {
+                            provider: &provider,
+                            model: &wire,
+                            endpoint: &endpoint,
+                            fallback_at,
+                            now_ms,
+                        },
+                        &ids,
+                    )
+                })
+                .await;
+                let started: std::collections::HashSet<i64> = match &created {
+                    Ok(Some((_, started))) => started.iter().copied().collect(),
+                    Ok(None) => Default::default(),
+                    Err(e) => {
+                        warn!("could not record a provider batch: {e}");
+                        Default::default()
+                    }
+                };
+                for a in &chunk {
+                    if let Action::Start { job, cost, .. } = a
+                        && !started.contains(job)
+                    {
+                        // Cancelled meanwhile, or not recorded.
+                        estimated -= cost;
+                        decide::undo_start(&self.catalog, &mut st.limits, &mut st.observed, a, now);
+                    }
+                }
+                if let Ok(Some((id, _))) = created {
+                    opened.push((id, estimated));
+                }
+            }
+        }
+        for (id, estimated) in opened {
+            match blocking(&self.shared.store, move |s| s.provider_batch(id)).await {
+                Ok(Some(b)) => {
+                    info!(batch = b.id, provider = %b.provider, model = %b.model, requests = b.requests,
+                          "provider batch recorded");
+                    self.spawn_batch(st, b, estimated);
+                }
+                Ok(None) => {}
+                Err(e) => warn!(batch = id, "could not read the new provider batch: {e}"),
+            }
+        }
+    }
+
+    /// Follows one provider batch in its own task.
+    fn spawn_batch(&self, st: &mut Loop, b: crate::store::ProviderBatch, estimated: f64) {
+        // Its provider may have left the configuration: the task abandons it.
+        let client = self
+            .catalog
+            .provider_id(&b.provider)
+            .map(|p| self.clients[p].clone());
+        let ctx = batches::BatchContext {
+            shared: self.shared.clone(),
+            catalog: self.catalog.clone(),
+            client,
+            retry: self.retry,
+            estimated,
+        };
+        st.batch_tasks.spawn(ctx.run(b));
+    }
+
+    /// Books a provider batch that ended: its turnaround, a refused
+    /// creation (batches of that provider pause), the budget corrected
+    /// from the estimate to what was billed. True if a provider's
+    /// availability changed.
+    fn account_batch(&self, st: &mut Loop, done: batches::BatchDone) -> bool {
+        let Some(p) = self.catalog.provider_id(&done.provider) else {
+            return false;
+        };
+        debug!(batch = done.batch, provider = %done.provider, billed_usd = done.billed, "provider batch task ended");
+        let now = Utc::now();
+        st.observed.budget.charge(p, done.billed - done.estimated);
+        let seen = &mut st.observed.batches[p];
+        if let Some(t) = done.turnaround {
+            seen.observe(t);
+        }
+        self.shared.finished.notify_one();
+        match done.refused {
+            Some(pause) => {
+                let until = crate::domain::bounds::add(now, pause);
+                seen.refused_until = Some(seen.refused_until.map_or(until, |t| t.max(until)));
+                warn!(provider = %done.provider, until = %until.to_rfc3339(),
+                      "batch creation refused; this provider's batches pause (its synchronous channel is unaffected)");
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Takes a reloaded configuration: new catalog, clients and budgets;
     /// what was learned and the limits' in-flight counts carry over by
     /// provider name. Requests in flight finish on their old clients.
@@ -662,6 +906,7 @@ impl Dispatcher {
             output_ratio: std::mem::take(&mut observed.output_ratio),
             health: Vec::with_capacity(n),
             flex_until: Vec::with_capacity(n),
+            batches: Vec::with_capacity(n),
             next_retry: observed.next_retry,
             budget: observed.budget.clone(),
         };
@@ -675,6 +920,9 @@ impl Dispatcher {
                     fresh
                         .flex_until
                         .push(observed.flex_until.get(o).copied().flatten());
+                    fresh
+                        .batches
+                        .push(observed.batches.get(o).cloned().unwrap_or_default());
                     let idx = fresh.health.len() - 1;
                     new_limits
                         .provider(idx)
@@ -688,6 +936,7 @@ impl Dispatcher {
                     fresh.input_ratio.push(decide::Ewma::new(1.0));
                     fresh.health.push(Health::default());
                     fresh.flex_until.push(None);
+                    fresh.batches.push(Default::default());
                 }
             }
         }
@@ -1068,69 +1317,22 @@ impl RequestContext {
         let m = &self.catalog.models[model];
         let now = Utc::now();
         let completed_at = now.timestamp_millis();
-        let provider = &self.catalog.providers[m.provider].name;
         let attempts = job.attempts + 1; // this one included
-        let (mut finish, usage, signals) = match outcome {
-            Outcome::Success {
-                status,
-                request_id,
-                body,
-                usage,
-                signals,
-            } => {
-                let cost = self.catalog.billed_cost_at(model, dispatched_at, &usage);
-                let submitted = DateTime::<Utc>::from_timestamp_millis(job.submitted_at)
-                    .unwrap_or(dispatched_at);
-                let list = self.catalog.billed_cost_at(reference, submitted, &usage);
-                let finish = Finish {
-                    succeeded: true,
-                    completed_at,
-                    status_code: Some(status),
-                    request_id,
-                    response: Some(body),
-                    input_tokens: Some(usage.input_tokens),
-                    output_tokens: Some(usage.output_tokens),
-                    cost_usd: Some(cost),
-                    list_cost_usd: Some(list),
-                    ..Finish::default()
-                };
-                (
-                    finish,
-                    Some((usage.input_tokens, usage.output_tokens)),
-                    signals,
-                )
-            }
-            Outcome::HttpError {
-                status,
-                request_id,
-                body,
-                signals,
-            } => {
-                warn!(job = job.id, custom_id = %crate::domain::units::escaped(&job.custom_id), %provider, status, attempts, ?verdict,
-                      "provider answered with an error");
-                let finish = Finish {
-                    succeeded: false,
-                    completed_at,
-                    status_code: Some(status),
-                    request_id,
-                    response: Some(body),
-                    ..Finish::default()
-                };
-                (finish, None, signals)
-            }
-            Outcome::NoAnswer { code, message } => {
-                warn!(job = job.id, custom_id = %crate::domain::units::escaped(&job.custom_id), %provider, code, attempts, ?verdict,
-                      "request failed: {}", crate::domain::units::escaped(&message));
-                let finish = Finish {
-                    succeeded: false,
-                    completed_at,
-                    error_code: Some(code.to_string()),
-                    error_message: Some(message),
-                    ..Finish::default()
-                };
-                (finish, None, Signals::default())
-            }
-        };
+        let (mut finish, usage, signals) = finish_of(
+            &self.catalog,
+            outcome,
+            &Booking {
+                job: job.id,
+                custom_id: &job.custom_id,
+                model,
+                reference,
+                dispatched_at,
+                submitted_ms: job.submitted_at,
+                completed_at,
+                attempts,
+                verdict: &verdict,
+            },
+        );
         // The store has the channel the attempt started on; a fallback
         // answered on another.
         finish.channel = flex_refused.map(|_| m.channel.as_str());
@@ -1204,6 +1406,104 @@ impl RequestContext {
             },
             list_cost,
             status,
+        }
+    }
+}
+
+/// The attempt an outcome is booked for.
+pub(crate) struct Booking<'a> {
+    pub job: i64,
+    pub custom_id: &'a str,
+    /// The row that answered, and the one its list cost refers to.
+    pub model: ModelId,
+    pub reference: ModelId,
+    pub dispatched_at: DateTime<Utc>,
+    /// When the job was submitted (Unix ms): its list cost is priced then.
+    pub submitted_ms: i64,
+    /// Now (Unix ms).
+    pub completed_at: i64,
+    /// Attempts so far, this one included.
+    pub attempts: u32,
+    pub verdict: &'a Verdict,
+}
+
+/// What an outcome records (the job's final columns, or the last error of
+/// one queued again), the tokens the provider reported and its signals; a
+/// synchronous answer and a batch line are booked alike.
+pub(crate) fn finish_of(
+    catalog: &Catalog,
+    outcome: Outcome,
+    b: &Booking<'_>,
+) -> (Finish, Option<(u64, u64)>, Signals) {
+    let (catalog, model, reference, dispatched_at, completed_at, attempts, verdict) = (
+        catalog,
+        b.model,
+        b.reference,
+        b.dispatched_at,
+        b.completed_at,
+        b.attempts,
+        b.verdict,
+    );
+    let provider = &catalog.providers[catalog.models[model].provider].name;
+    match outcome {
+        Outcome::Success {
+            status,
+            request_id,
+            body,
+            usage,
+            signals,
+        } => {
+            let cost = catalog.billed_cost_at(model, dispatched_at, &usage);
+            let submitted =
+                DateTime::<Utc>::from_timestamp_millis(b.submitted_ms).unwrap_or(dispatched_at);
+            let list = catalog.billed_cost_at(reference, submitted, &usage);
+            let finish = Finish {
+                succeeded: true,
+                completed_at,
+                status_code: Some(status),
+                request_id,
+                response: Some(body),
+                input_tokens: Some(usage.input_tokens),
+                output_tokens: Some(usage.output_tokens),
+                cost_usd: Some(cost),
+                list_cost_usd: Some(list),
+                ..Finish::default()
+            };
+            (
+                finish,
+                Some((usage.input_tokens, usage.output_tokens)),
+                signals,
+            )
+        }
+        Outcome::HttpError {
+            status,
+            request_id,
+            body,
+            signals,
+        } => {
+            warn!(job = b.job, custom_id = %crate::domain::units::escaped(b.custom_id), %provider, status, attempts, ?verdict,
+                  "provider answered with an error");
+            let finish = Finish {
+                succeeded: false,
+                completed_at,
+                status_code: Some(status),
+                request_id,
+                response: Some(body),
+                ..Finish::default()
+            };
+            (finish, None, signals)
+        }
+        Outcome::NoAnswer { code, message } => {
+            warn!(job = b.job, custom_id = %crate::domain::units::escaped(b.custom_id), %provider, code, attempts, ?verdict,
+                  "request failed: {}", crate::domain::units::escaped(&message));
+            let finish = Finish {
+                succeeded: false,
+                completed_at,
+                error_code: Some(code.to_string()),
+                error_message: Some(message),
+                ..Finish::default()
+            };
+            (finish, None, Signals::default())
         }
     }
 }

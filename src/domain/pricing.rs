@@ -264,14 +264,17 @@ pub enum Wire {
 }
 
 /// How a request reaches a model: the provider's standard synchronous API,
-/// or the same API at a discount with `"service_tier": "flex"` (slower, and
-/// the provider may refuse it when short of capacity). Result lines and
-/// reports name it; `"batch"` is kept for the providers' Batch APIs.
+/// the same API at a discount with `"service_tier": "flex"` (slower, and
+/// the provider may refuse it when short of capacity), or the provider's
+/// asynchronous Batch API (about half price; nothing comes back until the
+/// batch ends, promised within its completion window). Result lines and
+/// reports name it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Channel {
     #[default]
     Sync,
     Flex,
+    Batch,
 }
 
 impl Channel {
@@ -280,6 +283,7 @@ impl Channel {
         match self {
             Channel::Sync => "sync",
             Channel::Flex => "flex",
+            Channel::Batch => "batch",
         }
     }
 
@@ -287,6 +291,7 @@ impl Channel {
         match s {
             "sync" => Some(Channel::Sync),
             "flex" => Some(Channel::Flex),
+            "batch" => Some(Channel::Batch),
             _ => None,
         }
     }
@@ -304,6 +309,27 @@ pub struct FlexTerms {
     pub backoff: std::time::Duration,
 }
 
+/// A provider's batch channel (`[providers.batch]`): its asynchronous Batch
+/// API (OpenAI's files + batches, Anthropic's Message Batches).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchTerms {
+    /// Batch price = standard price × this, where a model sets no batch prices.
+    pub discount: f64,
+    /// What the provider promises (`completion_window`, sent as written).
+    pub completion_window: String,
+    /// The same, as a duration: a batch not ended by then has expired.
+    pub window: std::time::Duration,
+    /// The planner's prior for how long a batch takes, before any has ended
+    /// (then a high quantile of what was observed).
+    pub expected_turnaround: std::time::Duration,
+    /// Requests per batch at most.
+    pub max_requests: u32,
+    /// Bytes of requests per batch at most.
+    pub max_bytes: u64,
+    /// How often an open batch is polled (backing off while it runs).
+    pub poll_every: std::time::Duration,
+}
+
 /// What the router needs to know about a provider.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProviderInfo {
@@ -318,6 +344,8 @@ pub struct ProviderInfo {
     pub wire: Wire,
     /// Its flex channel, if it has one.
     pub flex: Option<FlexTerms>,
+    /// Its batch channel, if it has one.
+    pub batch: Option<BatchTerms>,
 }
 
 /// A model offered by a provider.
@@ -340,11 +368,14 @@ pub struct Model {
     /// concurrency), where the provider sets them per model. A flex row
     /// shares its standard row's (see [`Model::standard`]).
     pub limits: Option<Limits>,
-    /// The channel this row sells the model on. A flex row is a copy of the
-    /// standard row (same provider, same wire name) at the flex price.
+    /// The channel this row sells the model on. A flex or batch row is a
+    /// copy of the standard row (same provider, same wire name) at the flex
+    /// or batch price.
     pub channel: Channel,
-    /// For a flex row: the standard row of the same model (the fallback
-    /// when flex refuses a request, and whose model limits it shares).
+    /// For a flex or batch row: the standard row of the same model (the
+    /// fallback when flex refuses a request or a batch comes back late; a
+    /// flex row shares its model limits, a batch row has none: batches do
+    /// not count against the synchronous rpm and tpm).
     pub standard: Option<ModelId>,
 }
 
@@ -442,11 +473,37 @@ impl Catalog {
         }
     }
 
+    /// A batch row for the standard row `standard` at list price `price`:
+    /// like [`Catalog::flex_row`], with the standard row's endpoints (an
+    /// OpenAI-style Batch API also takes embeddings).
+    pub fn batch_row(&self, standard: ModelId, price: Price) -> Model {
+        Model {
+            endpoints: self.models[standard].endpoints.clone(),
+            channel: Channel::Batch,
+            ..self.flex_row(standard, price)
+        }
+    }
+
     /// The flex row of `standard`, if its provider offers it on flex.
     pub fn flex_of(&self, standard: ModelId) -> Option<ModelId> {
+        self.channel_row(standard, Channel::Flex)
+    }
+
+    /// The batch row of `standard`, if its provider offers it in batches.
+    pub fn batch_of(&self, standard: ModelId) -> Option<ModelId> {
+        self.channel_row(standard, Channel::Batch)
+    }
+
+    fn channel_row(&self, standard: ModelId, channel: Channel) -> Option<ModelId> {
         self.models
             .iter()
-            .position(|m| m.standard == Some(standard))
+            .position(|m| m.standard == Some(standard) && m.channel == channel)
+    }
+
+    /// Whether `model` is a batch row (planned and sent in batches, outside
+    /// the synchronous rate limits).
+    pub fn is_batch(&self, model: ModelId) -> bool {
+        self.models[model].channel == Channel::Batch
     }
 
     /// The row whose model limits `model` uses: its standard row for a flex
@@ -792,6 +849,7 @@ mod tests {
                 simulated: true,
                 wire: Wire::OpenAi,
                 flex: None,
+                batch: None,
             }],
             models: vec![Model {
                 limits: None,

@@ -127,6 +127,14 @@ pub struct ProviderCapacity {
     /// flex row of this provider is planned before then. The standard
     /// channel is unaffected.
     pub flex_unavailable_until: Option<DateTime<Utc>>,
+    /// How long a batch of this provider is assumed to take from creation
+    /// to its results: a high quantile of the batches that ended, the
+    /// configured `expected_turnaround` before any did.
+    pub batch_turnaround: Duration,
+    /// Its Batch API refused a batch creation (429): no batch row of this
+    /// provider is planned before then. The synchronous channel is
+    /// unaffected.
+    pub batch_unavailable_until: Option<DateTime<Utc>>,
 }
 
 impl ProviderCapacity {
@@ -148,6 +156,8 @@ impl ProviderCapacity {
             input_token_ratio: 1.0,
             unavailable_until: None,
             flex_unavailable_until: None,
+            batch_turnaround: Duration::from_secs(3600),
+            batch_unavailable_until: None,
         }
     }
 
@@ -450,7 +460,9 @@ pub fn plan(
             }
             let t = slot.start.max(g.release);
             for &m in &g.candidates {
-                if !flex_fits(catalog, capacity, m, slot, t, g.deadline, margin) {
+                if !flex_fits(catalog, capacity, m, slot, t, g.deadline, margin)
+                    || !batch_fits(catalog, capacity, g, m, slot, t, settings)
+                {
                     continue;
                 }
                 options.push(Option_ {
@@ -544,17 +556,99 @@ fn flex_fits(
     !backed_off && bounds::add(bounds::add(t, terms.timeout), margin) <= deadline
 }
 
+/// Whether `model` may take jobs of group `g` in `slot` (a batch created at
+/// `t`): always where it is not a batch row; a batch row only while its
+/// provider takes batch creations, and only if the batch's turnaround, then
+/// running the group on its synchronous models should the batch come back
+/// late, and the margin, all fit before the deadline. (In lower-bound mode
+/// a batch row is as usable as any: every real schedule costs at least
+/// that.)
+fn batch_fits(
+    catalog: &Catalog,
+    capacity: &[ProviderCapacity],
+    g: &JobGroup,
+    model: ModelId,
+    slot: &Slot,
+    t: DateTime<Utc>,
+    settings: &PlanSettings,
+) -> bool {
+    if !catalog.is_batch(model) {
+        return true;
+    }
+    let p = catalog.models[model].provider;
+    let Some(c) = capacity.get(p) else {
+        return false;
+    };
+    if c.batch_unavailable_until.is_some_and(|u| u >= slot.end)
+        || c.unavailable_until.is_some_and(|u| u >= slot.end)
+    {
+        return false;
+    }
+    if settings.relaxed {
+        return true;
+    }
+    let fallback = sync_fallback_time(
+        catalog,
+        capacity,
+        &g.candidates,
+        g.jobs,
+        g.input_tokens + g.output_tokens,
+    );
+    let ready = bounds::add(bounds::add(t, c.batch_turnaround), fallback);
+    bounds::add(ready, settings.safety_margin) <= g.deadline
+}
+
+/// How long running `jobs` jobs (`tokens` in all) takes on the quickest of
+/// `candidates`' synchronous models, should a batch come back late: the
+/// binding one of its rpm, tpm and concurrency, plus one answer's latency.
+/// The deadline guard cancels a batch this long (and the safety margin)
+/// before the earliest deadline of its jobs.
+pub fn sync_fallback_time(
+    catalog: &Catalog,
+    capacity: &[ProviderCapacity],
+    candidates: &[ModelId],
+    jobs: u64,
+    tokens: u64,
+) -> Duration {
+    let n = jobs.max(1) as f64;
+    candidates
+        .iter()
+        .filter(|&&m| catalog.models[m].channel == crate::domain::pricing::Channel::Sync)
+        .filter_map(|&m| capacity.get(catalog.models[m].provider))
+        .map(|c| {
+            let usable = (1.0 - c.reserve).clamp(0.05, 1.0);
+            let attempts = n / c.success_rate.clamp(0.05, 1.0);
+            let latency = c.latency.as_secs_f64();
+            let by_rpm = c
+                .rpm
+                .map_or(0.0, |r| attempts / (r * usable).max(1e-9) * 60.0);
+            let by_tpm = c
+                .tpm
+                .map_or(0.0, |t| tokens as f64 / (t * usable).max(1e-9) * 60.0);
+            let by_conc = c
+                .concurrency
+                .map_or(0.0, |k| attempts * latency / f64::from(k.max(1)));
+            let secs = by_rpm.max(by_tpm).max(by_conc) + latency;
+            Duration::from_secs_f64(secs.clamp(0.0, bounds::MAX_CONFIG_DURATION.as_secs_f64()))
+        })
+        .min()
+        // No synchronous model: a late batch cannot be made up for.
+        .unwrap_or(bounds::MAX_CONFIG_DURATION)
+}
+
 /// The eligible model whose provider answers fastest (ties: cheapest list price).
 pub fn fastest_model(
     catalog: &Catalog,
     capacity: &[ProviderCapacity],
     candidates: &[ModelId],
 ) -> ModelId {
-    // Available providers first (an unavailable one cannot run anything now),
+    // Synchronous rows first (a batch answers in minutes to hours), then
+    // available providers (an unavailable one cannot run anything now),
     // then the fastest, then the cheapest.
     let key = |m: ModelId| {
         let c = capacity.get(catalog.models[m].provider);
         (
+            catalog.is_batch(m),
             c.is_some_and(|c| c.unavailable_until.is_some()),
             c.map_or(Duration::ZERO, |c| c.latency),
         )
@@ -613,6 +707,10 @@ fn solve_lp(
     let mut by_cap: BTreeMap<(ProviderId, usize), (Terms, Terms, Terms)> = BTreeMap::new();
     for (o, &v) in options.iter().zip(&vars) {
         by_group[o.group].push((v, 1.0));
+        if catalog.is_batch(o.model) {
+            // Batches do not count against the synchronous limits.
+            continue;
+        }
         let (i, out) = groups[o.group].tokens_per_job();
         let p = catalog.models[o.model].provider;
         let attempts = attempts_per_job(capacity, p);
@@ -695,6 +793,18 @@ fn solve_greedy(
     let mut allocations = Vec::new();
     for o in order {
         if left[o.group] <= 0.0 {
+            continue;
+        }
+        if catalog.is_batch(o.model) {
+            let fit = left[o.group].ceil();
+            left[o.group] = 0.0;
+            allocations.push(Allocation {
+                group: o.group,
+                model: o.model,
+                slot: o.slot,
+                jobs: fit,
+                cost_per_job: o.cost,
+            });
             continue;
         }
         let (i, out) = groups[o.group].tokens_per_job();

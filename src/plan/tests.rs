@@ -35,6 +35,7 @@ fn catalog(
             simulated: true,
             wire: Default::default(),
             flex: None,
+            batch: None,
         });
         c.models.push(Model {
             limits: None,
@@ -382,4 +383,70 @@ fn a_backlog_goes_to_flex_when_it_is_cheaper_and_the_deadline_allows() {
             .iter()
             .all(|a| p.slots[a.slot].end > at("2026-11-24T13:00:00Z"))
     );
+}
+
+fn with_batch(discount: f64, turnaround: Duration) -> (Catalog, Vec<ProviderCapacity>) {
+    let (mut c, mut caps) = catalog(&[("o", 1.0, Some(1000), vec![])]);
+    c.providers[0].batch = Some(crate::domain::pricing::BatchTerms {
+        discount,
+        completion_window: "24h".into(),
+        window: Duration::from_secs(86_400),
+        expected_turnaround: turnaround,
+        max_requests: 50_000,
+        max_bytes: 200_000_000,
+        poll_every: Duration::from_secs(30),
+    });
+    let row = c.batch_row(0, c.models[0].list.scaled_by(discount));
+    c.models.push(row);
+    c.classes.insert("chat".into(), vec![0, 1]);
+    caps[0].batch_turnaround = turnaround;
+    (c, caps)
+}
+
+#[test]
+fn a_backlog_goes_to_a_batch_only_when_turnaround_and_a_sync_fallback_fit_before_its_deadline() {
+    let now = at("2026-11-24T12:00:00Z");
+    let (c, caps) = with_batch(0.5, Duration::from_secs(3600));
+    // 6 h: turnaround 1 h, then 10,000 jobs at 1000 rpm take 10 min, then
+    // the 10-minute margin: a batch, created now, at half price.
+    let groups = [group(10_000, now, at("2026-11-24T18:00:00Z"), vec![0, 1])];
+    let p = plan(&groups, &c, &caps, now, &PlanSettings::default());
+    assert!(
+        (jobs_in(&p, |a| a.model == 1) - 10_000.0).abs() < 1e-6,
+        "{p:?}"
+    );
+    let q = Quotas::from_plan(&p, &groups, &c, &caps);
+    assert_eq!(q.entries, vec![(0, 1, 10_000)], "the batch is created now");
+    // No sync capacity is used by it: the batch row is outside the limits.
+    assert!((p.expected_cost - 0.5 * 10_000.0 * 2000.0 / 1e6).abs() < 1e-6);
+
+    // 1 h 15 min: the turnaround fits, the fallback after it does not.
+    let groups = [group(10_000, now, at("2026-11-24T13:15:00Z"), vec![0, 1])];
+    let p = plan(&groups, &c, &caps, now, &PlanSettings::default());
+    assert!(jobs_in(&p, |a| a.model == 1) < 1e-6, "{p:?}");
+
+    // Batch creation refused lately: no batch before the pause ends.
+    let mut caps = caps;
+    caps[0].batch_unavailable_until = Some(at("2026-11-24T14:00:00Z"));
+    let groups = [group(100, now, at("2026-11-24T18:00:00Z"), vec![0, 1])];
+    let p = plan(&groups, &c, &caps, now, &PlanSettings::default());
+    assert!(
+        p.allocations
+            .iter()
+            .filter(|a| a.model == 1)
+            .all(|a| p.slots[a.slot].end > at("2026-11-24T14:00:00Z")),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn the_sync_fallback_time_is_the_binding_limit_of_the_quickest_model() {
+    let (c, caps) = with_batch(0.5, Duration::from_secs(3600));
+    // 1000 rpm: 5000 jobs take 5 minutes, plus one answer's latency.
+    let t = super::sync_fallback_time(&c, &caps, &[0, 1], 5000, 0);
+    let latency = caps[0].latency.as_secs_f64();
+    assert!((t.as_secs_f64() - (300.0 + latency)).abs() < 1e-6, "{t:?}");
+    // With only the batch row, a late batch cannot be made up for.
+    let t = super::sync_fallback_time(&c, &caps, &[1], 5000, 0);
+    assert_eq!(t, crate::domain::bounds::MAX_CONFIG_DURATION);
 }

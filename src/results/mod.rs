@@ -73,6 +73,7 @@ pub fn result_line(job: &FinishedJob) -> Value {
             "provider": job.provider,
             "model": job.provider_model,
             "channel": job.channel(),
+            "batch_id": job.provider_batch,
             "dispatched_at": rfc3339(job.dispatched_at),
             "completed_at": rfc3339(job.completed_at),
             "attempts": job.attempts,

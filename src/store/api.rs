@@ -332,16 +332,16 @@ fn detail_select(with_response: bool) -> String {
 fn detail_from_row(r: &rusqlite::Row) -> rusqlite::Result<JobDetail> {
     Ok(JobDetail {
         job: finished_from_row(r)?,
-        source_id: r.get(19)?,
-        endpoint: r.get(20)?,
-        model: r.get(21)?,
-        route_key: r.get::<_, Option<String>>(22)?.unwrap_or_default(),
-        priority: r.get(23)?,
-        submitted_at: r.get(24)?,
-        deadline: r.get(25)?,
-        not_before: r.get(26)?,
-        est_input_tokens: r.get::<_, i64>(27)?.max(0) as u64,
-        est_output_tokens: r.get::<_, i64>(28)?.max(0) as u64,
+        source_id: r.get(20)?,
+        endpoint: r.get(21)?,
+        model: r.get(22)?,
+        route_key: r.get::<_, Option<String>>(23)?.unwrap_or_default(),
+        priority: r.get(24)?,
+        submitted_at: r.get(25)?,
+        deadline: r.get(26)?,
+        not_before: r.get(27)?,
+        est_input_tokens: r.get::<_, i64>(28)?.max(0) as u64,
+        est_output_tokens: r.get::<_, i64>(29)?.max(0) as u64,
     })
 }
 

@@ -18,6 +18,8 @@ use crate::domain::job::{LineError, NewJob};
 
 mod api;
 pub use api::*;
+mod batches;
+pub use batches::*;
 pub mod maintenance;
 
 /// The newest schema version; `schema.sql` describes it.
@@ -57,6 +59,9 @@ const MIGRATIONS: &[&str] = &[
     // 7: the channel a job ran on (sync, flex), for result lines and
     // `report --by channel` (see schema.sql).
     "ALTER TABLE jobs ADD COLUMN provider_channel TEXT;",
+    // 8: batches sent to providers' Batch APIs, and their jobs (see
+    // schema.sql and `store::batches`).
+    batches::PROVIDER_BATCHES_SCHEMA,
 ];
 
 /// Version 5's indexes, as in schema.sql.
@@ -65,9 +70,10 @@ CREATE INDEX IF NOT EXISTS sources_origin ON sources (origin);";
 
 /// Running jobs whose lease expired or that another daemon instance left:
 /// back to the queue. Reads jobs_running, not the table.
+/// A job in a provider batch has no lease (its batch is resumed instead).
 const RECOVER_LEASES: &str =
     "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_until = NULL
- WHERE state = 'running' AND (lease_until <= ?1 OR lease_owner IS NOT ?2)";
+ WHERE state = 'running' AND provider_batch_id IS NULL AND (lease_until <= ?1 OR lease_owner IS NOT ?2)";
 
 /// Version 6's indexes, as in schema.sql.
 const STATS_INDEXES: &str = "CREATE INDEX IF NOT EXISTS jobs_running ON jobs (lease_until, lease_owner, provider) WHERE state = 'running';
@@ -259,15 +265,22 @@ pub struct Recorded {
     pub finish: Finish,
 }
 
+/// The columns a final outcome sets, from parameters ?4 to ?13 in the
+/// order of [`Finish`]'s fields (the state is ?3).
+fn finish_columns() -> &'static str {
+    "completed_at = ?4, status_code = ?5, request_id = ?6, response = ?7,
+     error_code = ?8, error_message = ?9, input_tokens = ?10, output_tokens = ?11,
+     cost_usd = ?12, list_cost_usd = ?13"
+}
+
 fn finish_on(conn: &Connection, job_id: i64, owner: &str, f: &Finish) -> Result<bool> {
     let n = conn
-        .prepare_cached(
-            "UPDATE jobs SET state = ?3, completed_at = ?4, status_code = ?5, request_id = ?6, response = ?7,
-                    error_code = ?8, error_message = ?9, input_tokens = ?10, output_tokens = ?11,
-                    cost_usd = ?12, list_cost_usd = ?13, lease_owner = NULL, lease_until = NULL,
+        .prepare_cached(&format!(
+            "UPDATE jobs SET state = ?3, {}, lease_owner = NULL, lease_until = NULL,
                     provider_channel = COALESCE(?14, provider_channel)
              WHERE id = ?1 AND state = 'running' AND lease_owner = ?2",
-        )?
+            finish_columns()
+        ))?
         .execute(params![
             job_id,
             owner,
@@ -345,6 +358,8 @@ pub struct FinishedJob {
     pub output_tokens: Option<u64>,
     pub cost_usd: Option<f64>,
     pub list_cost_usd: Option<f64>,
+    /// The provider's id of the batch that answered it (batch channel).
+    pub provider_batch: Option<String>,
 }
 
 impl FinishedJob {
@@ -1051,7 +1066,8 @@ fn due_from_row(r: &rusqlite::Row) -> rusqlite::Result<DueJob> {
 
 const SELECT_FINISHED: &str = "SELECT id, line, custom_id, state, attempts, provider, provider_model, dispatched_at,
         completed_at, status_code, request_id, response, error_code, error_message, input_tokens, output_tokens,
-        cost_usd, list_cost_usd, provider_channel FROM jobs";
+        cost_usd, list_cost_usd, provider_channel,
+        (SELECT remote_id FROM provider_batches WHERE id = jobs.provider_batch_id) FROM jobs";
 
 fn finished_from_row(r: &rusqlite::Row) -> rusqlite::Result<FinishedJob> {
     let state: String = r.get(3)?;
@@ -1075,6 +1091,7 @@ fn finished_from_row(r: &rusqlite::Row) -> rusqlite::Result<FinishedJob> {
         cost_usd: r.get(16)?,
         list_cost_usd: r.get(17)?,
         channel: r.get(18)?,
+        provider_batch: r.get(19)?,
     })
 }
 
@@ -1358,6 +1375,9 @@ mod schema_tests {
                  DROP INDEX jobs_custom_id; DROP INDEX sources_origin;
                  CREATE INDEX jobs_route ON jobs (state, route_id, deadline, est_input_tokens, est_output_tokens);
                  ALTER TABLE jobs DROP COLUMN provider_channel;
+                 DROP INDEX jobs_running; DROP INDEX provider_batches_open;
+                 DROP TABLE provider_batches;
+                 ALTER TABLE jobs DROP COLUMN provider_batch_id;
                  PRAGMA user_version = 1;",
             )
             .unwrap();
