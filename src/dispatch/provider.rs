@@ -6,18 +6,24 @@
 //! answers in-process with a deterministic completion, realistic `usage` and
 //! latency, so the daemon runs with no API keys.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::config::{Secret, Transport};
+use crate::dispatch::batch_api::SimBatch;
 use crate::dispatch::reliability::{Outcome, Signals, Usage, parse_signals};
 use crate::domain::pricing::{Endpoint, Wire};
 use crate::domain::{anthropic, bounds, estimate};
 
 /// Upper bound on a provider response body we keep.
-const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+pub(super) const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+/// How long a simulated provider's batch runs unless the client is built
+/// [`ProviderClient::with_batch_turnaround`].
+const DEFAULT_BATCH_TURNAROUND: Duration = Duration::from_secs(20);
 
 /// One request to a provider.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +54,12 @@ pub enum ProviderClient {
         /// Fraction of requests answered with HTTP 500.
         failure_rate: f64,
         calls: std::sync::atomic::AtomicU64,
+        /// How long a simulated batch runs before it ends (wall clock).
+        batch_turnaround: Duration,
+        /// The batches created on this client, by id: in memory only, so a
+        /// restart forgets them (their ids are then not found). A std
+        /// mutex: it is held for a map lookup, never across an await.
+        batches: std::sync::Mutex<HashMap<String, SimBatch>>,
     },
 }
 
@@ -95,8 +107,22 @@ impl ProviderClient {
                 ms_per_output_token: *ms_per_output_token,
                 failure_rate: *failure_rate,
                 calls: Default::default(),
+                batch_turnaround: DEFAULT_BATCH_TURNAROUND,
+                batches: Default::default(),
             },
         })
+    }
+
+    /// Sets how long a simulated provider's batches run before they end;
+    /// no effect on an HTTP provider.
+    pub fn with_batch_turnaround(mut self, d: Duration) -> Self {
+        if let ProviderClient::Simulated {
+            batch_turnaround, ..
+        } = &mut self
+        {
+            *batch_turnaround = d;
+        }
+        self
     }
 
     /// Sends one request.
@@ -171,20 +197,12 @@ impl ProviderClient {
                 ms_per_output_token,
                 failure_rate,
                 calls,
+                ..
             } => {
                 let call = calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let roll = stable_hash(&[name, req.custom_id, &call.to_string()]) % 1_000_000;
-                if (roll as f64) < failure_rate * 1_000_000.0 {
+                if simulated_fails(*failure_rate, &[name, req.custom_id, &call.to_string()]) {
                     tokio::time::sleep(*latency).await;
-                    return Outcome::HttpError {
-                        status: 500,
-                        request_id: Some(format!("sim-fail-{call}")),
-                        body: json!({"error": {
-                            "message": "The server had an error while processing your request (simulated).",
-                            "type": "server_error", "param": null, "code": null}})
-                        .to_string(),
-                        signals: Signals::default(),
-                    };
+                    return simulated_failure(format!("sim-fail-{call}"));
                 }
                 simulate(name, *latency, *ms_per_output_token, req, &body).await
             }
@@ -192,7 +210,8 @@ impl ProviderClient {
     }
 }
 
-fn with_model(body: &str, model: &str) -> serde_json::Result<Map<String, Value>> {
+/// The request body `body` (a JSON object) with its `model` set to `model`.
+pub(super) fn with_model(body: &str, model: &str) -> serde_json::Result<Map<String, Value>> {
     let mut map: Map<String, Value> = serde_json::from_str(body)?;
     map.insert("model".into(), Value::String(model.to_string()));
     Ok(map)
@@ -260,7 +279,7 @@ pub fn parse_usage(body: &str) -> Option<Usage> {
 
 /// The usage of an Anthropic answer: `input_tokens` excludes the cache, so
 /// the input is the sum of the three; capped as [`parse_usage`] caps.
-fn anthropic_usage(u: &anthropic::MessagesUsage) -> Usage {
+pub(super) fn anthropic_usage(u: &anthropic::MessagesUsage) -> Usage {
     let cache_read = cap(u.cache_read, "cache_read_input_tokens");
     let cache_write = cap(u.cache_write, "cache_creation_input_tokens");
     let input = cap(u.input, "input_tokens")
@@ -275,32 +294,33 @@ fn anthropic_usage(u: &anthropic::MessagesUsage) -> Usage {
     }
 }
 
-/// An HTTP answer, read in full (up to [`MAX_RESPONSE_BYTES`]).
-struct Answer {
-    status: u16,
-    request_id: Option<String>,
-    body: String,
-    signals: Signals,
+/// An HTTP answer, read in full (up to a bound).
+pub(super) struct Answer {
+    pub(super) status: u16,
+    pub(super) request_id: Option<String>,
+    pub(super) body: String,
+    pub(super) signals: Signals,
 }
 
-/// Sends `request` and reads its answer; `Err` is the outcome when there is
-/// no usable answer.
-async fn send_http(request: reqwest::RequestBuilder, url: &str) -> Result<Answer, Outcome> {
-    let mut response = match request.send().await {
-        Ok(r) => r,
-        Err(e) => {
-            let code = if e.is_timeout() {
-                "timeout"
-            } else {
-                "connection_failed"
-            };
-            return Err(Outcome::NoAnswer {
-                code,
-                message: format!("{url}: {}", error_chain(&e)),
-            });
-        }
-    };
-    let status = response.status().as_u16();
+/// Sends `request` and reads its answer (up to [`MAX_RESPONSE_BYTES`]);
+/// `Err` is the outcome when there is no usable answer.
+pub(super) async fn send_http(
+    request: reqwest::RequestBuilder,
+    url: &str,
+) -> Result<Answer, Outcome> {
+    let mut response = request.send().await.map_err(|e| no_answer(&e, url))?;
+    let (status, request_id, signals) = answer_head(&response);
+    let bytes = read_body(&mut response, url, MAX_RESPONSE_BYTES).await?;
+    Ok(Answer {
+        status,
+        request_id,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+        signals,
+    })
+}
+
+/// The status, request id and rate-limit signals of an answer's head.
+pub(super) fn answer_head(response: &reqwest::Response) -> (u16, Option<String>, Signals) {
     let headers = response.headers();
     let signals = parse_signals(
         |name| headers.get(name).and_then(|v| v.to_str().ok()),
@@ -311,42 +331,61 @@ async fn send_http(request: reqwest::RequestBuilder, url: &str) -> Result<Answer
         .iter()
         .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
         .map(str::to_owned);
+    (response.status().as_u16(), request_id, signals)
+}
+
+/// The outcome of a request that got no answer at all.
+pub(super) fn no_answer(e: &reqwest::Error, url: &str) -> Outcome {
+    let code = if e.is_timeout() {
+        "timeout"
+    } else {
+        "connection_failed"
+    };
+    Outcome::NoAnswer {
+        code,
+        message: format!("{url}: {}", error_chain(e)),
+    }
+}
+
+/// The outcome of an answer whose body broke off.
+pub(super) fn truncated(e: &reqwest::Error, url: &str) -> Outcome {
+    let code = if e.is_timeout() {
+        "timeout"
+    } else {
+        "truncated_response"
+    };
+    Outcome::NoAnswer {
+        code,
+        message: format!("{url}: {}", error_chain(e)),
+    }
+}
+
+/// The body of `response`, if it is at most `limit` bytes.
+pub(super) async fn read_body(
+    response: &mut reqwest::Response,
+    url: &str,
+    limit: usize,
+) -> Result<Vec<u8>, Outcome> {
     let mut bytes = Vec::new();
     loop {
         match response.chunk().await {
             Ok(Some(chunk)) => {
-                if bytes.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                if bytes.len() + chunk.len() > limit {
                     return Err(Outcome::NoAnswer {
                         code: "response_too_large",
-                        message: format!("{url}: response body exceeds {MAX_RESPONSE_BYTES} bytes"),
+                        message: format!("{url}: response body exceeds {limit} bytes"),
                     });
                 }
                 bytes.extend_from_slice(&chunk);
             }
-            Ok(None) => break,
-            Err(e) => {
-                let code = if e.is_timeout() {
-                    "timeout"
-                } else {
-                    "truncated_response"
-                };
-                return Err(Outcome::NoAnswer {
-                    code,
-                    message: format!("{url}: {}", error_chain(&e)),
-                });
-            }
+            Ok(None) => return Ok(bytes),
+            Err(e) => return Err(truncated(&e, url)),
         }
     }
-    Ok(Answer {
-        status,
-        request_id,
-        body: String::from_utf8_lossy(&bytes).into_owned(),
-        signals,
-    })
 }
 
 /// A non-2xx answer, kept verbatim.
-fn http_error(a: Answer) -> Outcome {
+pub(super) fn http_error(a: Answer) -> Outcome {
     Outcome::HttpError {
         status: a.status,
         request_id: a.request_id,
@@ -395,6 +434,14 @@ fn finish_anthropic(answer: Result<Answer, Outcome>, url: &str) -> Outcome {
     if !(200..300).contains(&a.status) {
         return http_error(a);
     }
+    anthropic_success(a, url)
+}
+
+/// A 2xx Messages API answer as a `chat.completion` [`Outcome::Success`]
+/// with its usage (cache reads and writes counted in the prompt), or
+/// `NoAnswer` if it is not a message with usage. Also the outcome of a
+/// `succeeded` line of a Message Batch (`a` then holds its `message`).
+pub(super) fn anthropic_success(a: Answer, url: &str) -> Outcome {
     match anthropic::response(&a.body, chrono::Utc::now().timestamp()) {
         Some((body, usage)) => Outcome::Success {
             status: a.status,
@@ -413,7 +460,7 @@ fn finish_anthropic(answer: Result<Answer, Outcome>, url: &str) -> Outcome {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {
@@ -425,7 +472,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// FNV-1a: a stable hash so simulated answers are the same on every run.
-fn stable_hash(parts: &[&str]) -> u64 {
+pub(super) fn stable_hash(parts: &[&str]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for p in parts {
         for b in p.bytes().chain([0xff]) {
@@ -519,18 +566,34 @@ pub fn simulated_response(
     }
 }
 
-async fn simulate(
+/// Whether a simulated request fails (HTTP 500), for a provider failing
+/// `failure_rate` of them: deterministic in `key`.
+pub(super) fn simulated_fails(failure_rate: f64, key: &[&str]) -> bool {
+    let roll = stable_hash(key) % 1_000_000;
+    (roll as f64) < failure_rate * 1_000_000.0
+}
+
+/// A simulated provider's HTTP 500.
+pub(super) fn simulated_failure(request_id: String) -> Outcome {
+    Outcome::HttpError {
+        status: 500,
+        request_id: Some(request_id),
+        body: json!({"error": {
+            "message": "The server had an error while processing your request (simulated).",
+            "type": "server_error", "param": null, "code": null}})
+        .to_string(),
+        signals: Signals::default(),
+    }
+}
+
+/// A simulated provider's answer to `req` (its `body` parsed), without the
+/// wait: the [`simulated_response`] as a success.
+pub(super) fn simulated_success(
     provider: &str,
-    latency: Duration,
-    ms_per_output_token: f64,
     req: Request<'_>,
     body: &Map<String, Value>,
 ) -> Outcome {
     let (response, usage) = simulated_response(provider, req, body);
-    let extra =
-        Duration::try_from_secs_f64(ms_per_output_token * usage.output_tokens as f64 / 1000.0)
-            .unwrap_or(bounds::MAX_CONFIG_DURATION);
-    tokio::time::sleep(latency.saturating_add(extra)).await;
     Outcome::Success {
         status: 200,
         request_id: Some(format!(
@@ -541,6 +604,24 @@ async fn simulate(
         usage,
         signals: Signals::default(),
     }
+}
+
+async fn simulate(
+    provider: &str,
+    latency: Duration,
+    ms_per_output_token: f64,
+    req: Request<'_>,
+    body: &Map<String, Value>,
+) -> Outcome {
+    let outcome = simulated_success(provider, req, body);
+    let output_tokens = match &outcome {
+        Outcome::Success { usage, .. } => usage.output_tokens,
+        _ => 0,
+    };
+    let extra = Duration::try_from_secs_f64(ms_per_output_token * output_tokens as f64 / 1000.0)
+        .unwrap_or(bounds::MAX_CONFIG_DURATION);
+    tokio::time::sleep(latency.saturating_add(extra)).await;
+    outcome
 }
 
 #[cfg(test)]
