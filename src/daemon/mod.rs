@@ -137,9 +137,10 @@ pub async fn run(
                 info!(provider = %p.name, "provider (SIMULATED: answers in-process, no network, no cost)")
             }
         }
-        clients.push(Arc::new(
+        clients.push(Arc::new(crate::dispatch::client_for(
+            p,
             ProviderClient::new(&p.name, t, d.request_timeout).context("building HTTP client")?,
-        ));
+        )));
     }
 
     let catalog = Arc::new(config.catalog.clone());

@@ -132,6 +132,15 @@ struct Loop {
     batch_tasks: JoinSet<batches::BatchDone>,
 }
 
+/// A provider's client as configured: a simulated provider's batches end
+/// after its batch channel's `expected_turnaround`.
+pub fn client_for(p: &crate::domain::pricing::ProviderInfo, c: ProviderClient) -> ProviderClient {
+    match &p.batch {
+        Some(b) => c.with_batch_turnaround(b.expected_turnaround),
+        None => c,
+    }
+}
+
 /// Runs a closure against the store off the async threads.
 pub async fn blocking<T: Send + 'static>(
     store: &Arc<Store>,
@@ -878,7 +887,7 @@ impl Dispatcher {
         let mut clients = Vec::new();
         for (p, t) in live.catalog.providers.iter().zip(&live.transports) {
             match ProviderClient::new(&p.name, t, self.request_timeout) {
-                Ok(c) => clients.push(Arc::new(c)),
+                Ok(c) => clients.push(Arc::new(client_for(p, c))),
                 Err(e) => {
                     warn!(provider = %p.name, "reload not applied: cannot build the HTTP client: {e}");
                     return;
