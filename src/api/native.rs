@@ -478,6 +478,9 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
                 .recent_outcomes(now.timestamp_millis() - HEALTH_WINDOW_MS)
         })
         .await??;
+    let batches = s
+        .db(|s| s.shared.store.recent_provider_batches(200))
+        .await??;
     let c = &s.catalog();
     let next_change = c.next_price_change(now, chrono::Duration::days(8));
     let live = s.shared.telemetry.live::<crate::dispatch::live::LiveView>();
@@ -505,8 +508,8 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
                 .map(|(mi, m)| {
                     let window = c.window_at(mi, now).map(|w| w.name.clone());
                     let price = c.price_with_markup_at(mi, now);
-                    // The same model on the flex channel, priced beside it.
-                    let flex = c.flex_of(mi).map(|f| {
+                    // The same model on the flex and batch channels, priced beside it.
+                    let channel = |row: Option<usize>| row.map(|f| {
                         let fp = c.price_with_markup_at(f, now);
                         let fl = c.models[f].list;
                         json!({
@@ -514,6 +517,8 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
                             "current_price": {"input_per_mtok": fp.input_per_mtok, "output_per_mtok": fp.output_per_mtok},
                         })
                     });
+                    let flex = channel(c.flex_of(mi));
+                    let batch = channel(c.batch_of(mi));
                     json!({
                         "name": m.name,
                         "endpoints": m.endpoints.iter().map(|e| e.as_url()).collect::<Vec<_>>(),
@@ -524,6 +529,7 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
                         },
                         "price_window": window,
                         "flex": flex,
+                        "batch": batch,
                     })
                 })
                 .collect();
@@ -537,6 +543,17 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
                     "discount": f.discount,
                     "timeout_s": f.timeout.as_secs_f64(),
                     "backoff_s": f.backoff.as_secs_f64(),
+                })),
+                // The batch channel's terms and its recent batches (null: none).
+                "batch": p.batch.as_ref().map(|b| json!({
+                    "discount": b.discount,
+                    "completion_window": b.completion_window,
+                    "expected_turnaround_s": b.expected_turnaround.as_secs_f64(),
+                    "max_requests": b.max_requests,
+                    "max_bytes": b.max_bytes,
+                    "poll_every_s": b.poll_every.as_secs_f64(),
+                    "recent": batches.iter().filter(|x| x.provider == p.name).take(20)
+                        .map(objects::provider_batch_json).collect::<Vec<_>>(),
                 })),
                 "limits": {"rpm": p.limits.rpm, "tpm": p.limits.tpm, "rpd": p.limits.rpd,
                            "concurrency": p.limits.concurrency, "reserve": p.limits.reserve},

@@ -79,6 +79,7 @@ pub fn job_json(
         "provider": j.provider,
         "provider_model": j.provider_model,
         "channel": j.channel(),
+        "batch_id": j.provider_batch,
         "dispatched_at": rfc3339_opt(j.dispatched_at),
         "completed_at": rfc3339_opt(j.completed_at),
         "cost_usd": j.cost_usd.map(usd),
@@ -518,5 +519,32 @@ pub fn job_plan_json(
         "earliest_start": allocations.first().map(|a| a.1["start"].clone()),
         "allocations": allocations.into_iter().map(|a| a.1).collect::<Vec<_>>(),
         "overflow_jobs": overflow,
+    })
+}
+
+/// A batch nightshift sent to a provider's Batch API, as `/v1/providers`
+/// shows it.
+pub fn provider_batch_json(b: &crate::store::ProviderBatch) -> Value {
+    let at = |ms: Option<i64>| {
+        ms.and_then(chrono::DateTime::<chrono::Utc>::from_timestamp_millis)
+            .map_or(Value::Null, |t| Value::String(t.to_rfc3339()))
+    };
+    json!({
+        "id": b.id,
+        "remote_id": b.remote_id,
+        "model": b.model,
+        "endpoint": b.endpoint,
+        "state": b.stage.as_str(),
+        "remote_status": b.remote_status,
+        "requests": b.requests,
+        "created_at": at(Some(b.created_at)),
+        "submitted_at": at(b.submitted_at),
+        "fallback_at": at(Some(b.fallback_at)),
+        "ended_at": at(b.ended_at),
+        "succeeded": b.succeeded,
+        "failed": b.failed,
+        "requeued": b.requeued,
+        "late": b.late,
+        "error": b.error,
     })
 }
