@@ -681,16 +681,9 @@ impl Dispatcher {
             return;
         };
         let capacity = st.observed.capacities(&self.catalog, now);
-        let mut by_model: std::collections::BTreeMap<ModelId, Vec<Action>> = Default::default();
-        for a in starts {
-            if let Action::Start { model, .. } = a {
-                by_model.entry(model).or_default().push(a);
-            }
-        }
         // The jobs' deadlines, sizes and endpoints, in one read.
-        let ids: Vec<i64> = by_model
-            .values()
-            .flatten()
+        let ids: Vec<i64> = starts
+            .iter()
             .filter_map(|a| match a {
                 Action::Start { job, .. } => Some(*job),
                 Action::Fail { .. } => None,
@@ -703,14 +696,23 @@ impl Dispatcher {
                 .collect::<HashMap<i64, crate::store::BatchJob>>(),
             Err(e) => {
                 warn!("could not read the jobs of a new provider batch: {e}");
-                for a in by_model.values().flatten() {
+                for a in &starts {
                     decide::undo_start(&self.catalog, &mut st.limits, &mut st.observed, a, now);
                 }
                 return;
             }
         };
+        // One model and one endpoint per batch (as OpenAI's Batch API asks).
+        let mut by_model: std::collections::BTreeMap<(ModelId, String), Vec<Action>> =
+            Default::default();
+        for a in starts {
+            if let Action::Start { model, job, .. } = a {
+                let endpoint = jobs.get(&job).map(|j| j.endpoint.clone()).unwrap_or_default();
+                by_model.entry((model, endpoint)).or_default().push(a);
+            }
+        }
         let mut opened = Vec::new();
-        for (model, actions) in by_model {
+        for ((model, _), actions) in by_model {
             let m = &self.catalog.models[model];
             let p = m.provider;
             let Some(terms) = self.catalog.providers[p].batch.clone() else {
