@@ -4,7 +4,12 @@
 //!
 //! - `dispatch.start_attempts`: the store refuses to start a dispatch batch;
 //! - `dispatch.request_panic`: a request task panics before it sends;
-//! - `daemon.outbox_panic`: the outbox writer component panics.
+//! - `daemon.outbox_panic`: the outbox writer component panics;
+//! - `batch.die_after_upload`, `batch.die_after_create`,
+//!   `batch.die_after_download`: the daemon dies on the spot ([`die_at`]) at
+//!   that step of a provider batch: after its input file is uploaded and
+//!   recorded, after the provider created it and before its id is
+//!   recorded, after its results are downloaded and before they are applied.
 //!
 //! Hand-written rather than the `fail` crate: that one is active only when a
 //! cargo feature is on, and these tests drive the release binary unchanged.
@@ -38,5 +43,16 @@ pub fn fire(point: &str) -> bool {
             true
         }
         _ => false,
+    }
+}
+
+/// Ends the process on the spot if the fault at `point` is armed, as a
+/// SIGKILL would: no destructor runs, nothing is flushed or released
+/// (`abort`, so that the kill lands exactly between two steps, which a
+/// signal sent from outside cannot).
+pub fn die_at(point: &str) {
+    if fire(point) {
+        eprintln!("injected fault: {point}: dying now");
+        std::process::abort();
     }
 }

@@ -267,6 +267,7 @@ impl BatchContext {
                     s.provider_batch_creating(id, Some(&f))
                 })
                 .await?;
+                crate::faults::die_at("batch.die_after_upload");
                 b.file_id = Some(file);
                 b.stage = BatchStage::Creating;
                 Ok(())
@@ -323,7 +324,10 @@ impl BatchContext {
                     )
                     .await
                 {
-                    Ok(r) => r,
+                    Ok(r) => {
+                        crate::faults::die_at("batch.die_after_create");
+                        r
+                    }
                     Err(e) => return self.on_error(b, done, "create", e, true).await,
                 }
             }
@@ -444,6 +448,7 @@ impl BatchContext {
                 }
             }
         };
+        crate::faults::die_at("batch.die_after_download");
         // Jobs still in the batch, and (after the guard) jobs that were in
         // it: a line is matched to its job by the id in its custom_id.
         let jobs = self.jobs(b).await?;

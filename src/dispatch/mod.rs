@@ -707,7 +707,10 @@ impl Dispatcher {
             Default::default();
         for a in starts {
             if let Action::Start { model, job, .. } = a {
-                let endpoint = jobs.get(&job).map(|j| j.endpoint.clone()).unwrap_or_default();
+                let endpoint = jobs
+                    .get(&job)
+                    .map(|j| j.endpoint.clone())
+                    .unwrap_or_default();
                 by_model.entry((model, endpoint)).or_default().push(a);
             }
         }
