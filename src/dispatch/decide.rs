@@ -365,9 +365,21 @@ pub fn step(input: StepInput<'_>) -> Step {
             continue;
         }
         if batch {
+            if let Some(t) = observed
+                .batches
+                .get(provider)
+                .and_then(|b| b.refused_until)
+                .filter(|&t| t > now)
+            {
+                // Batch creation was refused lately: not before the pause
+                // ends (the next plan may move these jobs elsewhere).
+                blocked_models.insert(model);
+                later(&mut next, t);
+                continue;
+            }
             // A batch row: outside the synchronous rate limits, circuit and
-            // probes (the planner keeps it out while batch creation is
-            // refused, the provider is disabled or out of budget).
+            // probes (the planner keeps it out while the provider is
+            // disabled or out of budget).
             take_batch(
                 catalog,
                 plan,
