@@ -2,9 +2,12 @@
 //! binary against a loopback provider, one module per area, sharing the
 //! harness in [`common`].
 
+mod batch_server;
 mod common;
 
 mod anthropic;
+mod batch;
+mod batch_wire;
 mod budget;
 mod cli;
 mod connections;
