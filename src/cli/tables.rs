@@ -683,7 +683,10 @@ mod tests {
             .collect();
         assert_eq!(cheap.len(), 5, "{t}");
         assert!(
-            cheap[0].contains("Tue 24 00:00 – Tue 24 01:00") && cheap[0].contains("0.150/0.600*"),
+            cheap[0].contains("Tue 24 00:00 – Tue 24 01:00")
+                && cheap[0].contains("0.150/0.600 ")
+                // gpt-4o-mini through OpenAI's Batch API: half of off-peak.
+                && cheap[0].contains("0.075/0.300*"),
             "{t}"
         );
         assert!(

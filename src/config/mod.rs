@@ -516,6 +516,12 @@ struct RawBatch {
     max_bytes: Option<Spanned<String>>,
     /// How often an open batch is polled (default 30s).
     poll_every: Option<Spanned<String>>,
+    /// Simulated providers only: a batch's turnaround, uniform in
+    /// `[from, to]` (default expected_turnaround x [0.25, 1.5]).
+    simulated_turnaround: Option<Spanned<Vec<String>>>,
+    /// Simulated providers only: the fraction of batches that take the
+    /// whole completion window (default 0).
+    simulated_late_fraction: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -1509,6 +1515,52 @@ impl Validator<'_> {
                 "must be at least 100ms",
             ));
         }
+        let simulated = p.kind.get_ref().trim() == "simulated";
+        let not_simulated = |span: Range<usize>, name: &str| {
+            self.err(
+                Some(span),
+                field(name),
+                "only a simulated provider (kind = \"simulated\") takes this",
+            )
+        };
+        let simulated_turnaround = match &b.simulated_turnaround {
+            None => (
+                expected_turnaround.mul_f64(0.25),
+                expected_turnaround.mul_f64(1.5),
+            ),
+            Some(v) if !simulated => {
+                return Err(not_simulated(v.span(), "batch.simulated_turnaround"));
+            }
+            Some(v) => {
+                let bad =
+                    |m: String| self.err(Some(v.span()), field("batch.simulated_turnaround"), m);
+                let [from, to] = v.get_ref().as_slice() else {
+                    return Err(bad("must be two durations, [from, to]".into()));
+                };
+                let from = crate::domain::units::parse_duration(from).map_err(bad)?;
+                let to = crate::domain::units::parse_duration(to).map_err(bad)?;
+                if from > to || to > window {
+                    return Err(bad(format!(
+                        "needs from <= to <= the completion window ({completion_window})"
+                    )));
+                }
+                (from, to)
+            }
+        };
+        let simulated_late_fraction = match &b.simulated_late_fraction {
+            None => 0.0,
+            Some(v) if !simulated => {
+                return Err(not_simulated(v.span(), "batch.simulated_late_fraction"));
+            }
+            Some(v) => self.number(
+                *v.get_ref(),
+                Some(v.span()),
+                field("batch.simulated_late_fraction"),
+                0.0,
+                1.0,
+                "a fraction from 0 to 1",
+            )?,
+        };
         let own: Vec<ModelId> = (0..catalog.models.len())
             .filter(|&m| catalog.models[m].provider == provider)
             .collect();
@@ -1574,6 +1626,8 @@ impl Validator<'_> {
                 max_requests,
                 max_bytes,
                 poll_every,
+                simulated_turnaround,
+                simulated_late_fraction,
             },
             rows,
         ))

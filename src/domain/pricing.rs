@@ -328,6 +328,12 @@ pub struct BatchTerms {
     pub max_bytes: u64,
     /// How often an open batch is polled (backing off while it runs).
     pub poll_every: std::time::Duration,
+    /// Simulated providers: a batch's turnaround is drawn uniformly from
+    /// `[from, to]` (`nightshift simulate`).
+    pub simulated_turnaround: (std::time::Duration, std::time::Duration),
+    /// Simulated providers: the fraction of batches that take the whole
+    /// completion window (they come back late and trip the deadline guard).
+    pub simulated_late_fraction: f64,
 }
 
 /// What the router needs to know about a provider.

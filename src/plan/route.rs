@@ -94,6 +94,10 @@ mod tests {
                 crate::domain::pricing::Endpoint::ChatCompletions,
             )
             .unwrap();
+        // A per-request router: the synchronous rows (the class's batch
+        // rows are the planner's).
+        let mut cand = cand;
+        cand.models.retain(|&m| !c.catalog.is_batch(m));
         let est = TokenEstimate {
             input: 1000,
             output: 1000,

@@ -395,6 +395,8 @@ fn with_batch(discount: f64, turnaround: Duration) -> (Catalog, Vec<ProviderCapa
         max_requests: 50_000,
         max_bytes: 200_000_000,
         poll_every: Duration::from_secs(30),
+        simulated_turnaround: (turnaround / 4, turnaround * 3 / 2),
+        simulated_late_fraction: 0.0,
     });
     let row = c.batch_row(0, c.models[0].list.scaled_by(discount));
     c.models.push(row);

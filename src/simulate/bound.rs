@@ -30,6 +30,17 @@
 //! eventually succeeds; a failed attempt uses no tokens; the daemon-wide
 //! in-flight cap and the 99% limiter pacing are ignored; prices are exact
 //! (slots split at every price change).
+//!
+//! Batch channels: a batch row is a candidate like any other, at its batch
+//! price in each slot, usable in any slot that overlaps `[submission,
+//! deadline)`, the planner's relaxed `batch_fits`. Its **turnaround is
+//! ignored** (a batch job may "finish" the instant it starts, so even a
+//! 20-minute-deadline job may take the batch price), no sync fallback time
+//! is reserved, the deadline guard never fires, and batch rows use none of
+//! the provider's synchronous capacity nor any batch limit (requests per
+//! batch, creations per hour). Where short-deadline jobs have a batch row,
+//! the bound is therefore looser than any schedule that respects turnaround
+//! can reach. Flex rows count against their provider's capacity like sync.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -321,6 +332,12 @@ pub fn compute(config: &Config, workload: &[WorkloadJob], settings: &PlanSetting
     }
     let mut rows: BTreeMap<(usize, usize), Rows> = BTreeMap::new();
     for c in &columns {
+        if catalog.is_batch(c.model) {
+            // A batch row takes none of its provider's synchronous capacity
+            // (the daemon's batches do not count against rpm/tpm/rpd or
+            // concurrency), and its batch limits are not modelled.
+            continue;
+        }
         let b = &bins[c.bin];
         let p = catalog.models[c.model].provider;
         let sv = &services[p];

@@ -5,6 +5,20 @@
 //! Discrete events: job arrivals, request completions, and decision points
 //! (a plan's first slot ending, a provider's rate limit freeing up). At each
 //! event the policy decides what to send; nothing happens between events.
+//!
+//! Batch channels are simulated as the daemon runs them: the starts of one
+//! step on one batch row form one virtual batch (split by `max_requests`),
+//! created at that step's `now` with the deadline guard's instant from
+//! [`rules::fallback_at`], the same inputs as the daemon's. Its turnaround is
+//! drawn per batch from the provider's `simulated_turnaround` range (or, for
+//! `simulated_late_fraction` of batches, the whole completion window). It
+//! ends at created + turnaround, unless the guard comes first: then, as the
+//! daemon cancels it at the provider and the provider runs none of the
+//! lines not yet finished (a batch returns nothing before it ends), its jobs
+//! go back to the queue without counting the attempt and cost nothing. An
+//! ended batch's lines succeed or fail like simulated synchronous answers
+//! and cost the batch row's price at creation. Batches take no rate-limit
+//! slot and no concurrency.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -15,12 +29,13 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::{Config, Transport};
+use crate::dispatch::batches::rules;
 use crate::dispatch::budget::BudgetState;
 use crate::dispatch::decide::{self, Action, Answer, Attempt, Candidate, CurrentPlan, Observed};
 use crate::dispatch::limits::RateLimits;
 use crate::dispatch::reliability::{self, Outcome, Usage};
 use crate::domain::job::{self, JobContext, LineError, RouteKey};
-use crate::domain::pricing::{ModelId, ProviderId};
+use crate::domain::pricing::{Channel, ModelId, ProviderId};
 pub mod bound;
 
 use crate::plan::{self, Decision, PlanSettings, ProviderCapacity, Quotas};
@@ -194,6 +209,8 @@ pub struct TraceLine {
     pub completed_at: Option<DateTime<Utc>>,
     pub provider: Option<String>,
     pub model: Option<String>,
+    /// `sync`, `flex` or `batch`: the channel of the attempt that answered.
+    pub channel: Option<&'static str>,
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cost_usd: f64,
@@ -214,6 +231,45 @@ pub struct Summary {
     pub per_provider: BTreeMap<String, usize>,
     /// Requests that failed and were retried.
     pub retries: usize,
+    /// Succeeded jobs by the channel that answered (`sync`, `flex`, `batch`).
+    pub per_channel: BTreeMap<String, usize>,
+    /// Provider batches created.
+    pub batches_created: usize,
+    /// Batches the deadline guard cancelled (their jobs ran again).
+    pub batches_guarded: usize,
+    /// What the jobs answered on flex or batch rows would have cost on
+    /// their standard (sync) rows at the same instant, minus what they cost.
+    pub saved_vs_sync_usd: f64,
+}
+
+/// A virtual provider batch.
+struct SimBatch {
+    model: ModelId,
+    jobs: Vec<usize>,
+    created: DateTime<Utc>,
+    /// Unix ms.
+    ends_at: i64,
+    fallback_at: i64,
+}
+
+/// The turnaround of batch `n` of a provider with `terms`: uniform in its
+/// simulated range, or the whole window for the late fraction.
+fn batch_turnaround(
+    terms: &crate::domain::pricing::BatchTerms,
+    provider: &str,
+    n: u32,
+) -> Duration {
+    let mut h: u64 = 0x8422_2325_cbf2_9ce4;
+    for b in provider.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    if reliability::unit_draw(h, n.wrapping_mul(2)) < terms.simulated_late_fraction {
+        return terms.window;
+    }
+    let (from, to) = terms.simulated_turnaround;
+    let u = reliability::unit_draw(h, n.wrapping_mul(2).wrapping_add(1));
+    from + (to.saturating_sub(from)).mul_f64(u)
 }
 
 /// What the simulation knows about each provider.
@@ -375,6 +431,12 @@ pub fn run(
     // plan per half second of virtual time.
     let mut replan = false;
     let mut retries = 0usize;
+    // Virtual provider batches, and their next event: (ends or is guarded
+    // at, index).
+    let mut batches: Vec<SimBatch> = Vec::new();
+    let mut batch_events: BinaryHeap<Reverse<(i64, usize)>> = BinaryHeap::new();
+    let mut batches_per_provider = vec![0u32; catalog.providers.len()];
+    let mut batches_guarded = 0usize;
     let mut now = start;
     loop {
         let now_ms = now.timestamp_millis();
@@ -410,13 +472,7 @@ pub fn run(
             // A simulated failure is an HTTP 500, classified as the daemon does.
             let failed = draw(&j.w.custom_id, j.attempts) < providers[provider].failure_rate;
             let outcome = if failed {
-                Outcome::HttpError {
-                    status: 500,
-                    request_id: None,
-                    body: r#"{"error":{"message":"simulated failure","type":"server_error"}}"#
-                        .into(),
-                    signals: Default::default(),
-                }
+                simulated_failure()
             } else {
                 Outcome::Success {
                     status: 200,
@@ -472,6 +528,79 @@ pub fn run(
                 (true, None) => {
                     j.state = State::Failed;
                     j.completed_at = Some(now);
+                }
+            }
+        }
+        while let Some(&Reverse((t, b))) = batch_events.peek() {
+            if t > now_ms {
+                break;
+            }
+            batch_events.pop();
+            let batch = &batches[b];
+            let model = batch.model;
+            let provider = catalog.models[model].provider;
+            replan = true;
+            planned_at = None;
+            if batch.fallback_at < batch.ends_at {
+                // The deadline guard: cancelled at the provider, nothing
+                // returned; the jobs run again, the attempt not counted.
+                batches_guarded += 1;
+                for &i in &batch.jobs {
+                    let j = &mut jobs[i];
+                    let est = catalog.cost_at(
+                        model,
+                        batch.created,
+                        j.w.input_tokens,
+                        j.w.expected_output_tokens,
+                    );
+                    observed.budget.charge(provider, -est);
+                    j.attempts = j.attempts.saturating_sub(1);
+                    j.state = State::Queued;
+                    j.model = None;
+                    j.dispatched_at = None;
+                    queued.insert((j.w.route_key.clone(), j.w.deadline.timestamp_millis(), i));
+                }
+                continue;
+            }
+            observed.batches[provider].observe((now - batch.created).to_std().unwrap_or_default());
+            for &i in &batch.jobs {
+                let j = &mut jobs[i];
+                let failed = draw(&j.w.custom_id, j.attempts) < providers[provider].failure_rate;
+                let est = catalog.cost_at(
+                    model,
+                    batch.created,
+                    j.w.input_tokens,
+                    j.w.expected_output_tokens,
+                );
+                if !failed {
+                    let billed =
+                        catalog.cost_at(model, batch.created, j.w.input_tokens, j.w.output_tokens);
+                    observed.budget.charge(provider, billed - est);
+                    j.state = State::Succeeded;
+                    j.completed_at = Some(now);
+                    j.cost = billed;
+                    continue;
+                }
+                observed.budget.charge(provider, -est);
+                let verdict = reliability::classify(&simulated_failure());
+                let retry_at = reliability::next_attempt(
+                    &verdict,
+                    j.attempts,
+                    &retry_policy,
+                    j.w.deadline,
+                    now,
+                    draw(&j.w.custom_id, j.attempts.wrapping_add(1 << 16)),
+                );
+                match retry_at {
+                    Some(at) => {
+                        retries += 1;
+                        j.state = State::Queued;
+                        retrying.push(Reverse((at.timestamp_millis(), i)));
+                    }
+                    None => {
+                        j.state = State::Failed;
+                        j.completed_at = Some(now);
+                    }
                 }
             }
         }
@@ -596,8 +725,18 @@ pub fn run(
                 }
                 more = step.more;
                 step_next = step.next;
+                // This step's starts on batch rows, by row: one batch each.
+                let mut batched: BTreeMap<ModelId, Vec<(usize, usize)>> = BTreeMap::new();
                 for action in step.actions {
                     match action {
+                        Action::Start {
+                            job, group, model, ..
+                        } if catalog.is_batch(model) => {
+                            batched
+                                .entry(model)
+                                .or_default()
+                                .push((job as usize, group));
+                        }
                         Action::Start {
                             job,
                             group,
@@ -636,6 +775,73 @@ pub fn run(
                         }
                     }
                 }
+                if !batched.is_empty() {
+                    let capacity = observed.capacities(catalog, now);
+                    for (model, starts) in batched {
+                        let provider = catalog.models[model].provider;
+                        let terms = catalog.providers[provider]
+                            .batch
+                            .clone()
+                            .expect("a batch row's provider has batch terms");
+                        for chunk in starts.chunks(terms.max_requests.max(1) as usize) {
+                            let mut earliest = DateTime::<Utc>::MAX_UTC;
+                            let mut tokens = 0u64;
+                            let mut candidates: Vec<ModelId> = Vec::new();
+                            let mut members = Vec::with_capacity(chunk.len());
+                            for &(i, group) in chunk {
+                                let j = &mut jobs[i];
+                                earliest = earliest.min(j.w.deadline);
+                                tokens = tokens
+                                    .saturating_add(j.w.input_tokens + j.w.expected_output_tokens);
+                                if let Some(g) = current.groups.get(group) {
+                                    for &c in &g.group.candidates {
+                                        if !candidates.contains(&c) {
+                                            candidates.push(c);
+                                        }
+                                    }
+                                }
+                                queued.remove(&(
+                                    j.w.route_key.clone(),
+                                    j.w.deadline.timestamp_millis(),
+                                    i,
+                                ));
+                                j.state = State::Running;
+                                j.attempts += 1;
+                                j.model = Some(model);
+                                j.dispatched_at = Some(now);
+                                members.push(i);
+                            }
+                            let fallback_at = rules::fallback_at(
+                                catalog,
+                                &capacity,
+                                &candidates,
+                                members.len() as u64,
+                                tokens,
+                                earliest,
+                                settings.safety_margin,
+                                terms.window,
+                                now,
+                            );
+                            let n = batches_per_provider[provider];
+                            batches_per_provider[provider] += 1;
+                            let turnaround =
+                                batch_turnaround(&terms, &catalog.providers[provider].name, n);
+                            let ends_at =
+                                now_ms.saturating_add(crate::domain::bounds::millis(turnaround));
+                            batch_events.push(Reverse((
+                                ends_at.min(fallback_at).max(now_ms),
+                                batches.len(),
+                            )));
+                            batches.push(SimBatch {
+                                model,
+                                jobs: members,
+                                created: now,
+                                ends_at,
+                                fallback_at,
+                            });
+                        }
+                    }
+                }
             }
             Policy::CheapestNow | Policy::Fixed(_) => {
                 let mut exhausted: BTreeSet<ProviderId> = BTreeSet::new();
@@ -660,15 +866,15 @@ pub fn run(
                         break;
                     }
                     let w = jobs[i].w;
-                    let candidates: Vec<ModelId> = match fixed {
-                        Some(p) => w
-                            .candidates
-                            .iter()
-                            .copied()
-                            .filter(|&m| catalog.models[m].provider == p)
-                            .collect(),
-                        None => w.candidates.clone(),
-                    };
+                    // Per-request routers: never a batch row (flex is a
+                    // synchronous request, so it may be picked).
+                    let candidates: Vec<ModelId> = w
+                        .candidates
+                        .iter()
+                        .copied()
+                        .filter(|&m| !catalog.is_batch(m))
+                        .filter(|&m| fixed.is_none_or(|p| catalog.models[m].provider == p))
+                        .collect();
                     if candidates.is_empty() {
                         let k = (w.route_key.clone(), w.deadline.timestamp_millis(), i);
                         queued.remove(&k);
@@ -748,6 +954,9 @@ pub fn run(
         if let Some(&Reverse((t, _))) = retrying.peek() {
             consider(t);
         }
+        if let Some(&Reverse((t, _))) = batch_events.peek() {
+            consider(t);
+        }
         if !queued.is_empty() {
             if more {
                 consider(now_ms + 1);
@@ -784,6 +993,8 @@ pub fn run(
     let mut summary = empty_summary(policy);
     summary.jobs = jobs.len();
     summary.retries = retries;
+    summary.batches_created = batches.len();
+    summary.batches_guarded = batches_guarded;
     let mut trace = Vec::with_capacity(jobs.len());
     for j in &jobs {
         let late = j.completed_at.is_some_and(|c| c > j.w.deadline);
@@ -804,6 +1015,18 @@ pub fn run(
         {
             *summary.per_provider.entry(p.clone()).or_default() += 1;
         }
+        let channel = j.model.map(|m| catalog.models[m].channel);
+        if j.state == State::Succeeded
+            && let (Some(m), Some(c)) = (j.model, channel)
+        {
+            *summary.per_channel.entry(c.as_str().into()).or_default() += 1;
+            if c != Channel::Sync
+                && let (Some(standard), Some(at)) = (catalog.models[m].standard, j.dispatched_at)
+            {
+                summary.saved_vs_sync_usd +=
+                    catalog.cost_at(standard, at, j.w.input_tokens, j.w.output_tokens) - j.cost;
+            }
+        }
         trace.push(TraceLine {
             custom_id: j.w.custom_id.clone(),
             submitted_at: j.w.submit_at,
@@ -812,6 +1035,7 @@ pub fn run(
             completed_at: j.completed_at,
             provider,
             model: j.model.map(|m| catalog.models[m].name.clone()),
+            channel: channel.map(Channel::as_str),
             input_tokens: j.w.input_tokens,
             output_tokens: if j.state == State::Succeeded {
                 j.w.output_tokens
@@ -840,6 +1064,20 @@ fn empty_summary(policy: &Policy) -> Summary {
         total_cost_usd: 0.0,
         per_provider: BTreeMap::new(),
         retries: 0,
+        per_channel: BTreeMap::new(),
+        batches_created: 0,
+        batches_guarded: 0,
+        saved_vs_sync_usd: 0.0,
+    }
+}
+
+/// A simulated provider failure: an HTTP 500, classified as the daemon does.
+fn simulated_failure() -> Outcome {
+    Outcome::HttpError {
+        status: 500,
+        request_id: None,
+        body: r#"{"error":{"message":"simulated failure","type":"server_error"}}"#.into(),
+        signals: Default::default(),
     }
 }
 
@@ -884,6 +1122,22 @@ pub fn render_table(summaries: &[Summary], lower_bound: Option<(f64, f64)>) -> S
             s.failed,
             per.join(" ")
         ));
+        // What the channels did, where anything but sync was used.
+        if s.batches_created > 0 || s.per_channel.keys().any(|c| c != "sync") {
+            let channels: Vec<String> = s
+                .per_channel
+                .iter()
+                .map(|(c, n)| format!("{c}={n}"))
+                .collect();
+            out.push_str(&format!(
+                "{:<22} channels {}; batches {} (guarded {}); saved vs sync {:.6}\n",
+                "",
+                channels.join(" "),
+                s.batches_created,
+                s.batches_guarded,
+                s.saved_vs_sync_usd
+            ));
+        }
     }
     if let Some((c, overflow)) = lower_bound {
         out.push_str(&format!("{:<22} {:>14.6}", "lower bound", c));
@@ -1032,6 +1286,160 @@ chat = ["cheap-at-night/m1", "steady/m2"]
         assert!(
             fixed.deadline_misses > 0,
             "late completions still count as misses"
+        );
+    }
+
+    /// A batch provider at half price (turnaround from its config) beside a
+    /// sync-only one at 0.8.
+    const BATCH_CONFIG: &str = r#"
+[daemon]
+safety_margin = "5m"
+
+[[providers]]
+name = "batchy"
+kind = "simulated"
+latency = "1s"
+rpm = 600
+
+[providers.batch]
+discount = 0.5
+expected_turnaround = "1h"
+BATCH
+
+[[providers.models]]
+name = "m1"
+input_per_mtok = 1.0
+output_per_mtok = 1.0
+
+[[providers]]
+name = "steady"
+kind = "simulated"
+latency = "1s"
+rpm = 600
+
+[[providers.models]]
+name = "m2"
+input_per_mtok = 0.8
+output_per_mtok = 0.8
+
+[classes]
+chat = ["batchy/m1", "steady/m2"]
+"#;
+
+    fn batch_config(batch: &str) -> Config {
+        Config::parse(
+            &BATCH_CONFIG.replace("BATCH", batch),
+            "test.toml",
+            Path::new("."),
+        )
+        .unwrap()
+    }
+
+    fn margin(c: &Config) -> PlanSettings {
+        PlanSettings {
+            safety_margin: c.daemon.safety_margin,
+            ..PlanSettings::default()
+        }
+    }
+
+    #[test]
+    fn a_backlog_with_a_6h_deadline_goes_through_batches_at_the_batch_price() {
+        let c = batch_config("simulated_turnaround = [\"2m\", \"20m\"]");
+        let w = load_workload(&workload_with(200, "6h", true), &c, start()).unwrap();
+        let settings = margin(&c);
+        let (planner, trace) = run(&c, &w, &Policy::Planner, &settings).unwrap();
+        assert_eq!(
+            (planner.succeeded, planner.deadline_misses),
+            (200, 0),
+            "{planner:?}"
+        );
+        assert_eq!(planner.per_channel.get("batch"), Some(&200), "{planner:?}");
+        assert!(!planner.per_channel.contains_key("sync"), "zero sync calls");
+        assert!(planner.batches_created >= 1 && planner.batches_guarded == 0);
+        assert!(trace.iter().all(|t| t.channel == Some("batch")));
+        // Half of m1's sync price (what it saved equals what it paid), and
+        // below the cheapest sync price.
+        assert!((planner.saved_vs_sync_usd - planner.total_cost_usd).abs() < 1e-12);
+        let (now, _) = run(&c, &w, &Policy::CheapestNow, &settings).unwrap();
+        assert!(planner.total_cost_usd < now.total_cost_usd * (0.5 / 0.8) + 1e-12);
+        let table = render_table(&[planner], None);
+        assert!(table.contains("channels batch=200; batches"), "{table}");
+    }
+
+    #[test]
+    fn a_batch_drawn_late_is_guarded_and_its_jobs_still_succeed_by_sync() {
+        // Every batch takes the whole 24 h window: the guard must fire.
+        let c = batch_config("simulated_late_fraction = 1.0");
+        let w = load_workload(&workload_with(100, "6h", true), &c, start()).unwrap();
+        let (planner, trace) = run(&c, &w, &Policy::Planner, &margin(&c)).unwrap();
+        assert_eq!(
+            (planner.succeeded, planner.deadline_misses),
+            (100, 0),
+            "{planner:?}"
+        );
+        assert!(planner.batches_guarded >= 1, "{planner:?}");
+        assert_eq!(planner.batches_guarded, planner.batches_created);
+        assert!(!planner.per_channel.contains_key("batch"), "{planner:?}");
+        assert!(trace.iter().all(|t| t.completed_at.unwrap() <= t.deadline));
+    }
+
+    #[test]
+    fn per_request_routers_never_use_a_batch_row() {
+        let c = batch_config("");
+        let w = load_workload(&workload_with(50, "6h", true), &c, start()).unwrap();
+        for policy in [Policy::CheapestNow, Policy::Fixed("batchy".into())] {
+            let (s, trace) = run(&c, &w, &policy, &margin(&c)).unwrap();
+            assert_eq!(s.succeeded, 50, "{s:?}");
+            assert_eq!(s.batches_created, 0);
+            assert!(
+                trace.iter().all(|t| t.channel == Some("sync")),
+                "{policy:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_bound_is_at_most_the_planner_with_batch_rows() {
+        let c = batch_config("simulated_turnaround = [\"2m\", \"20m\"]");
+        let text = format!(
+            "{}\n{}",
+            workload_with(100, "6h", true),
+            workload_with(30, "20m", true).replace("\"j", "\"short")
+        );
+        let w = load_workload(&text, &c, start()).unwrap();
+        let settings = margin(&c);
+        let (bound, infeasible) = lower_bound(&c, &w, &settings);
+        assert_eq!(infeasible, 0.0);
+        for policy in [
+            Policy::Planner,
+            Policy::CheapestNow,
+            Policy::Fixed("steady".into()),
+        ] {
+            let (s, _) = run(&c, &w, &policy, &settings).unwrap();
+            assert!(
+                bound <= s.total_cost_usd + 1e-12,
+                "{policy:?}: {bound} > {s:?}"
+            );
+        }
+        // Not within 1.02 here: the bound ignores turnaround, so it puts the
+        // 20-minute jobs on the batch row too (see `bound`).
+    }
+
+    #[test]
+    fn simulated_batch_fields_are_refused_on_a_real_provider() {
+        let text = BATCH_CONFIG
+            .replacen(
+                "kind = \"simulated\"",
+                "kind = \"openai\"\nbase_url = \"http://127.0.0.1:1\"\napi_key_env = \"X\"",
+                1,
+            )
+            .replace("BATCH", "simulated_late_fraction = 0.1");
+        let e = Config::parse(&text, "test.toml", Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("test.toml:") && e.contains("simulated_late_fraction"),
+            "{e}"
         );
     }
 
