@@ -31,15 +31,9 @@ mod simulated;
 
 pub use simulated::SimBatch;
 
-/// One request of a batch.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BatchLine {
-    /// `ns<batch>_<job>`.
-    pub custom_id: String,
-    /// The job's request body, verbatim; its `model` is replaced by the
-    /// batch's wire model (and for Anthropic translated to Messages params).
-    pub body: String,
-}
+/// One request of a batch (defined beside the client, which keeps a
+/// simulated batch's lines).
+pub use crate::dispatch::provider::BatchLine;
 
 /// What a provider says about one batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -119,11 +113,11 @@ pub enum BatchError {
 /// output and error files together, or Anthropic's results): far above
 /// what nightshift's batch sizes produce, so only a hostile or broken
 /// provider reaches it. Lines are parsed as they arrive.
-const MAX_RESULTS_BYTES: usize = 256 * 1024 * 1024;
+pub const MAX_RESULTS_BYTES: usize = 256 * 1024 * 1024;
 
 /// Upper bound on one result line: a synchronous answer's bound plus room
 /// for the envelope around it. A longer line is skipped.
-const MAX_LINE_BYTES: usize = MAX_RESPONSE_BYTES + 64 * 1024;
+pub const MAX_LINE_BYTES: usize = MAX_RESPONSE_BYTES + 64 * 1024;
 
 /// Time allowed for an upload, an Anthropic create (the requests are
 /// inline) or a results download: the client's request timeout is sized

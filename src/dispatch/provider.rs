@@ -13,7 +13,6 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::config::{Secret, Transport};
-use crate::dispatch::batch_api::SimBatch;
 use crate::dispatch::reliability::{Outcome, Signals, Usage, parse_signals};
 use crate::domain::pricing::{Endpoint, Wire};
 use crate::domain::{anthropic, bounds, estimate};
@@ -37,6 +36,32 @@ pub struct Request<'a> {
     /// `Some(timeout)`: send it on the flex channel (`"service_tier":
     /// "flex"` in the body) with this timeout instead of the provider's.
     pub flex_timeout: Option<Duration>,
+}
+
+/// One simulated batch, held by its [`ProviderClient::Simulated`] client
+/// (the batch API's simulated side, `batch_api::simulated`, runs it). Its
+/// lines finish one after another over the turnaround (line `i` of `n` at
+/// `created + turnaround × (i + 1) / n`), so a cancel leaves the later ones
+/// not run. Defined here, with the client that holds it, so that this
+/// module needs nothing from the batch API above it.
+#[derive(Debug)]
+pub struct SimBatch {
+    pub(crate) created: chrono::DateTime<chrono::Utc>,
+    pub(crate) turnaround: Duration,
+    pub(crate) cancelled: Option<chrono::DateTime<chrono::Utc>>,
+    pub(crate) endpoint: Endpoint,
+    pub(crate) model: String,
+    pub(crate) lines: Vec<BatchLine>,
+}
+
+/// One request of a batch (`dispatch::batch_api::BatchLine`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchLine {
+    /// `ns<batch>_<job>`.
+    pub custom_id: String,
+    /// The job's request body, verbatim; its `model` is replaced by the
+    /// batch's wire model (and for Anthropic translated to Messages params).
+    pub body: String,
 }
 
 /// A client for one provider.

@@ -593,25 +593,22 @@ impl Server {
 
 // ---- OpenAI ---------------------------------------------------------------
 
-// The error is the answer itself, returned as is by the handler.
-#[allow(clippy::result_large_err)]
-fn openai_auth(headers: &HeaderMap) -> Result<(), Response> {
+/// The 401 for a request without the test key's bearer, if it has none.
+fn openai_unauthorised(headers: &HeaderMap) -> Option<Response> {
     let ok = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v == format!("Bearer {TEST_KEY}"));
-    if ok {
-        Ok(())
-    } else {
-        Err(json_reply(
+    (!ok).then(|| {
+        json_reply(
             401,
             openai_error(
                 "Incorrect API key provided.",
                 "invalid_request_error",
                 Some("invalid_api_key"),
             ),
-        ))
-    }
+        )
+    })
 }
 
 fn openai_bad(message: &str) -> Response {
@@ -630,7 +627,7 @@ async fn openai_upload(
     headers: HeaderMap,
     mut form: Multipart,
 ) -> Response {
-    if let Err(r) = openai_auth(&headers) {
+    if let Some(r) = openai_unauthorised(&headers) {
         return r;
     }
     let (mut purpose, mut file) = (None, None);
@@ -701,7 +698,7 @@ async fn openai_file_content(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(r) = openai_auth(&headers) {
+    if let Some(r) = openai_unauthorised(&headers) {
         return r;
     }
     let inner = s.inner.lock().unwrap();
@@ -716,7 +713,7 @@ async fn openai_create(
     headers: HeaderMap,
     axum::Json(body): axum::Json<Value>,
 ) -> Response {
-    if let Err(r) = openai_auth(&headers) {
+    if let Some(r) = openai_unauthorised(&headers) {
         return r;
     }
     let mut inner = s.inner.lock().unwrap();
@@ -808,7 +805,7 @@ async fn openai_get(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(r) = openai_auth(&headers) {
+    if let Some(r) = openai_unauthorised(&headers) {
         return r;
     }
     let mut inner = s.inner.lock().unwrap();
@@ -830,7 +827,7 @@ async fn openai_list(
     headers: HeaderMap,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    if let Err(r) = openai_auth(&headers) {
+    if let Some(r) = openai_unauthorised(&headers) {
         return r;
     }
     let mut inner = s.inner.lock().unwrap();
@@ -851,7 +848,7 @@ async fn openai_cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(r) = openai_auth(&headers) {
+    if let Some(r) = openai_unauthorised(&headers) {
         return r;
     }
     let mut inner = s.inner.lock().unwrap();
@@ -877,7 +874,7 @@ async fn openai_sync(
     headers: HeaderMap,
     axum::Json(body): axum::Json<Value>,
 ) -> Response {
-    if let Err(r) = openai_auth(&headers) {
+    if let Some(r) = openai_unauthorised(&headers) {
         return r;
     }
     let n = {
@@ -893,18 +890,17 @@ async fn openai_sync(
 
 // ---- Anthropic ------------------------------------------------------------
 
-// The error is the answer itself, returned as is by the handler.
-#[allow(clippy::result_large_err)]
-fn anthropic_auth(headers: &HeaderMap) -> Result<(), Response> {
+/// The 401 for a request without `x-api-key` (the test key) and
+/// `anthropic-version`, if it lacks them.
+fn anthropic_unauthorised(headers: &HeaderMap) -> Option<Response> {
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
-    if header("x-api-key") == Some(TEST_KEY) && header("anthropic-version").is_some() {
-        Ok(())
-    } else {
-        Err(json_reply(
+    let ok = header("x-api-key") == Some(TEST_KEY) && header("anthropic-version").is_some();
+    (!ok).then(|| {
+        json_reply(
             401,
             anthropic_error("authentication_error", "invalid x-api-key"),
-        ))
-    }
+        )
+    })
 }
 
 fn anthropic_bad(message: &str) -> Response {
@@ -930,7 +926,7 @@ async fn anthropic_create(
     headers: HeaderMap,
     axum::Json(body): axum::Json<Value>,
 ) -> Response {
-    if let Err(r) = anthropic_auth(&headers) {
+    if let Some(r) = anthropic_unauthorised(&headers) {
         return r;
     }
     let mut inner = s.inner.lock().unwrap();
@@ -1000,7 +996,7 @@ async fn anthropic_get(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(r) = anthropic_auth(&headers) {
+    if let Some(r) = anthropic_unauthorised(&headers) {
         return r;
     }
     let mut inner = s.inner.lock().unwrap();
@@ -1015,7 +1011,7 @@ async fn anthropic_list(
     headers: HeaderMap,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    if let Err(r) = anthropic_auth(&headers) {
+    if let Some(r) = anthropic_unauthorised(&headers) {
         return r;
     }
     let mut inner = s.inner.lock().unwrap();
@@ -1037,7 +1033,7 @@ async fn anthropic_cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(r) = anthropic_auth(&headers) {
+    if let Some(r) = anthropic_unauthorised(&headers) {
         return r;
     }
     let mut inner = s.inner.lock().unwrap();
@@ -1056,7 +1052,7 @@ async fn anthropic_results(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(r) = anthropic_auth(&headers) {
+    if let Some(r) = anthropic_unauthorised(&headers) {
         return r;
     }
     let mut inner = s.inner.lock().unwrap();
@@ -1075,7 +1071,7 @@ async fn anthropic_sync(
     headers: HeaderMap,
     axum::Json(body): axum::Json<Value>,
 ) -> Response {
-    if let Err(r) = anthropic_auth(&headers) {
+    if let Some(r) = anthropic_unauthorised(&headers) {
         return r;
     }
     let n = {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 
 use super::{BatchError, BatchLine, LineResult, RemoteBatch, RemoteState};
+pub use crate::dispatch::provider::SimBatch;
 use crate::dispatch::provider::{
     Request, simulated_fails, simulated_failure, simulated_success, with_model,
 };
@@ -18,19 +19,6 @@ use crate::domain::pricing::Endpoint;
 /// How long an ended simulated batch is kept for its results to be read;
 /// after that it is forgotten, as after a restart.
 const KEPT_AFTER_END: TimeDelta = TimeDelta::hours(24);
-
-/// One simulated batch. Its lines finish one after another over the
-/// turnaround (line `i` of `n` at `created + turnaround × (i + 1) / n`), so
-/// a cancel leaves the later ones not run.
-#[derive(Debug)]
-pub struct SimBatch {
-    created: DateTime<Utc>,
-    turnaround: Duration,
-    cancelled: Option<DateTime<Utc>>,
-    endpoint: Endpoint,
-    model: String,
-    lines: Vec<BatchLine>,
-}
 
 impl SimBatch {
     /// When line `i` finishes (if the batch is not cancelled first).
