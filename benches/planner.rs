@@ -51,9 +51,9 @@ fn scenarios() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/scenarios");
     println!("## Cost per scenario (USD; simulated, virtual time)\n");
     println!(
-        "| scenario | jobs | planner | cheapest-now | best fixed | lower bound | planner / bound | planner misses | saving vs cheapest-now |"
+        "| scenario | jobs | planner | cheapest-now | best fixed | lower bound | planner / bound | planner misses | saving vs cheapest-now | planner sync / flex / batch (batches, guarded) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut timings = Vec::new();
     for name in scenario_names(&root) {
         let dir = root.join(&name);
@@ -101,8 +101,17 @@ fn scenarios() {
             b.slots,
         ));
         let saving = 100.0 * (1.0 - planner.total_cost_usd / cheapest.total_cost_usd);
+        let channel = |c: &str| planner.per_channel.get(c).copied().unwrap_or(0);
+        let channels = format!(
+            "{} / {} / {} ({}, {})",
+            channel("sync"),
+            channel("flex"),
+            channel("batch"),
+            planner.batches_created,
+            planner.batches_guarded
+        );
         println!(
-            "| {name} | {} | {:.6} | {:.6} ({} misses) | {:.6} {} ({} misses) | {:.6}{} | {:.3}x | {} | {saving:.1}% |",
+            "| {name} | {} | {:.6} | {:.6} ({} misses) | {:.6} {} ({} misses) | {:.6}{} | {:.3}x | {} | {saving:.1}% | {channels} |",
             workload.len(),
             planner.total_cost_usd,
             cheapest.total_cost_usd,

@@ -364,6 +364,106 @@ bulk = ["mistral/mistral-small", "openai/gpt-4o-mini"]
     write("short-deadline", config, "2026-11-25T11:59:00Z", jobs)
 
 
+def batch_channels():
+    """Batch channels against off-peak windows and short deadlines. Starts
+    Tue 06:00 UTC, in DeepSeek's peak (off-peak from 10:00). OpenAI has a
+    Batch API at half price and flex on gpt-5-mini; Anthropic a Batch API;
+    DeepSeek none. 1,200 cheap-chat jobs due in 24 h (gpt-4o-mini batch
+    0.075/0.30 beats DeepSeek off-peak 0.15/0.60), 400 smart-chat jobs due in
+    6 h (batch), 300 due 20 minutes after submission, spread over two hours
+    (must stay synchronous: sync or flex), and 300 output-heavy pro-chat jobs
+    due in 12 h where DeepSeek off-peak (0.66/1.98) beats Anthropic's batch
+    (0.50/2.50). 5% of simulated batches come back late (the whole window)
+    and trip the deadline guard."""
+    config = DAEMON + """
+[[providers]]
+name = "deepseek"
+kind = "simulated"
+latency = "800ms"
+ms_per_output_token = 8.0
+rpm = 300
+tpm = 2_000_000
+concurrency = 64
+""" + DEEPSEEK_WINDOWS + """
+[[providers.models]]
+name = "deepseek-flash"
+input_per_mtok = 0.30
+output_per_mtok = 1.20
+
+[[providers.models]]
+name = "deepseek-v4-pro"
+input_per_mtok = 1.32
+output_per_mtok = 3.96
+
+[[providers]]
+name = "openai"
+kind = "simulated"
+latency = "500ms"
+ms_per_output_token = 2.0
+rpm = 500
+tpm = 4_000_000
+concurrency = 64
+
+[providers.batch]
+discount = 0.5
+expected_turnaround = "1h"
+simulated_turnaround = ["2m", "40m"]
+simulated_late_fraction = 0.05
+
+[providers.flex]
+discount = 0.5
+models = ["gpt-5-mini"]
+
+[[providers.models]]
+name = "gpt-4o-mini"
+input_per_mtok = 0.15
+output_per_mtok = 0.60
+
+[[providers.models]]
+name = "gpt-5-mini"
+input_per_mtok = 0.25
+output_per_mtok = 2.00
+
+[[providers]]
+name = "anthropic"
+kind = "simulated"
+latency = "700ms"
+ms_per_output_token = 4.0
+rpm = 200
+tpm = 1_000_000
+concurrency = 32
+
+[providers.batch]
+discount = 0.5
+expected_turnaround = "1h"
+simulated_turnaround = ["5m", "50m"]
+simulated_late_fraction = 0.05
+
+[[providers.models]]
+name = "claude-haiku-4-5"
+input_per_mtok = 1.00
+output_per_mtok = 5.00
+
+[classes]
+cheap-chat = ["deepseek/deepseek-flash", "openai/gpt-4o-mini"]
+smart-chat = ["openai/gpt-5-mini", "anthropic/claude-haiku-4-5"]
+pro-chat = ["deepseek/deepseek-v4-pro", "anthropic/claude-haiku-4-5"]
+"""
+    rng = random.Random(8)
+    jobs = []
+    jobs += [job(f"backlog-{i:05}", "cheap-chat", "+0s", "24h", rng) for i in range(1200)]
+    jobs += [job(f"six-{i:05}", "smart-chat", f"+{i * 3}s", "6h", rng) for i in range(400)]
+    for i in range(300):
+        model = "cheap-chat" if i % 2 == 0 else "smart-chat"
+        jobs.append(job(f"short-{i:05}", model, f"+{i * 24}s", "20m", rng))
+    for i in range(300):
+        j = job(f"pro-{i:05}", "pro-chat", "+0s", "12h", rng, max_tokens=1000)
+        j["sim"]["output_tokens"] = rng.randint(600, 1000)
+        jobs.append(j)
+    jobs.sort(key=lambda j: int(j["submit_at"][1:-1]))
+    write("batch-channels", config, "2026-11-24T06:00:00Z", jobs)
+
+
 if __name__ == "__main__":
     nightly_backlog()
     steady_mixed()
@@ -372,3 +472,4 @@ if __name__ == "__main__":
     flaky()
     rpd()
     short_deadline()
+    batch_channels()

@@ -1426,6 +1426,86 @@ chat = ["batchy/m1", "steady/m2"]
     }
 
     #[test]
+    fn a_cheap_chat_backlog_due_in_24h_pays_the_batch_price_not_off_peak() {
+        // The embedded default's cheap-chat providers (its reference
+        // prices), with a Batch API on openai.
+        let text = r#"
+[daemon]
+safety_margin = "10m"
+
+[[providers]]
+name = "deepseek"
+kind = "simulated"
+rpm = 300
+
+[[providers.price_windows]]
+name = "peak"
+days = ["mon", "tue", "wed", "thu", "fri"]
+hours = ["01:00-04:00", "06:00-10:00"]
+multiplier = 1.0
+
+[[providers.price_windows]]
+name = "off-peak"
+multiplier = 0.5
+
+[[providers.models]]
+name = "deepseek-flash"
+input_per_mtok = 0.30
+output_per_mtok = 1.20
+
+[[providers]]
+name = "openai"
+kind = "simulated"
+rpm = 500
+
+[providers.batch]
+discount = 0.5
+simulated_turnaround = ["2m", "20m"]
+
+[[providers.models]]
+name = "gpt-4o-mini"
+input_per_mtok = 0.15
+output_per_mtok = 0.60
+
+[[providers]]
+name = "google"
+kind = "simulated"
+rpm = 300
+
+[[providers.models]]
+name = "gemini-2.5-flash"
+input_per_mtok = 0.30
+output_per_mtok = 2.50
+
+[classes]
+cheap-chat = ["deepseek/deepseek-flash", "openai/gpt-4o-mini", "google/gemini-2.5-flash"]
+"#;
+        let c = Config::parse(text, "test.toml", Path::new(".")).unwrap();
+        let w = load_workload(
+            &workload_with(300, "24h", true).replace("\"chat\"", "\"cheap-chat\""),
+            &c,
+            start(),
+        )
+        .unwrap();
+        let (planner, trace) = run(&c, &w, &Policy::Planner, &margin(&c)).unwrap();
+        assert_eq!(
+            (planner.succeeded, planner.deadline_misses),
+            (300, 0),
+            "{planner:?}"
+        );
+        assert_eq!(planner.per_channel.get("batch"), Some(&300), "{planner:?}");
+        // 0.075/0.30: half of DeepSeek's off-peak 0.15/0.60.
+        let batch: f64 = trace
+            .iter()
+            .map(|t| (t.input_tokens as f64 * 0.075 + t.output_tokens as f64 * 0.30) / 1e6)
+            .sum();
+        assert!(
+            (planner.total_cost_usd - batch).abs() < 1e-12,
+            "{planner:?}"
+        );
+    }
+
+    #[test]
     fn simulated_batch_fields_are_refused_on_a_real_provider() {
         let text = BATCH_CONFIG
             .replacen(
