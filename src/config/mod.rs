@@ -1303,6 +1303,75 @@ impl Validator<'_> {
         })
     }
 
+    /// A flex or batch channel's `discount`: a fraction above 0 and at most
+    /// 1, or NaN where it is not set (every model then sets its own prices,
+    /// which `channel_rows` checks).
+    fn channel_discount(
+        &self,
+        value: &Option<Spanned<f64>>,
+        field: &str,
+    ) -> Result<f64, ConfigError> {
+        match value {
+            Some(d) => {
+                let v = *d.get_ref();
+                if !(v.is_finite() && v > 0.0 && v <= 1.0) {
+                    return Err(self.err(
+                        Some(d.span()),
+                        field,
+                        format!("{v} is not a fraction above 0 and at most 1 (0.5: half price)"),
+                    ));
+                }
+                Ok(v)
+            }
+            None => Ok(f64::NAN),
+        }
+    }
+
+    /// The price of each `offered` model (by its standard row) on a flex or
+    /// batch `channel`: the model's own channel prices (`prices` reads them
+    /// from its table), else its list price × `discount`, which is then
+    /// required.
+    #[allow(clippy::too_many_arguments)]
+    fn channel_rows(
+        &self,
+        p: &RawProvider,
+        catalog: &Catalog,
+        offered: Vec<ModelId>,
+        discount: f64,
+        prices: impl Fn(&RawModel) -> (Option<f64>, Option<f64>),
+        channel: &str,
+        span: Option<Range<usize>>,
+        discount_field: &str,
+    ) -> Result<Vec<(ModelId, Price)>, ConfigError> {
+        let raw = |id: ModelId| {
+            p.models
+                .iter()
+                .find(|r| r.name.get_ref().trim() == catalog.models[id].name)
+        };
+        let priced = |id: ModelId| raw(id).is_some_and(|r| matches!(prices(r), (Some(_), Some(_))));
+        if discount.is_nan() && !offered.iter().all(|&id| priced(id)) {
+            return Err(self.err(
+                span,
+                discount_field,
+                format!(
+                    "required unless every {channel} model sets {channel}_input_per_mtok and {channel}_output_per_mtok"
+                ),
+            ));
+        }
+        Ok(offered
+            .into_iter()
+            .map(|id| {
+                let list = catalog.models[id].list;
+                let (input, output) = raw(id).map_or((None, None), &prices);
+                let price = Price {
+                    input_per_mtok: input.unwrap_or(list.input_per_mtok * discount),
+                    output_per_mtok: output.unwrap_or(list.output_per_mtok * discount),
+                };
+                (id, price)
+            })
+            .collect())
+    }
+
     /// `[providers.flex]`: its terms, and the flex price of each model
     /// offered there (by its standard row).
     fn flex(
@@ -1322,20 +1391,7 @@ impl Validator<'_> {
                 "Anthropic's API has no flex tier (service_tier \"flex\" is OpenAI's and Gemini's)",
             ));
         }
-        let discount = match &f.discount {
-            Some(d) => {
-                let v = *d.get_ref();
-                if !(v.is_finite() && v > 0.0 && v <= 1.0) {
-                    return Err(self.err(
-                        Some(d.span()),
-                        field("flex.discount"),
-                        format!("{v} is not a fraction above 0 and at most 1 (0.5: half price)"),
-                    ));
-                }
-                v
-            }
-            None => f64::NAN,
-        };
+        let discount = self.channel_discount(&f.discount, &field("flex.discount"))?;
         let timeout = self.positive_duration(
             &f.timeout,
             &field("flex.timeout"),
@@ -1390,36 +1446,16 @@ impl Validator<'_> {
                 ids
             }
         };
-        let priced = |id: ModelId| {
-            p.models.iter().any(|r| {
-                r.name.get_ref().trim() == catalog.models[id].name
-                    && r.flex_input_per_mtok.is_some()
-                    && r.flex_output_per_mtok.is_some()
-            })
-        };
-        if discount.is_nan() && !offered.iter().all(|&id| priced(id)) {
-            return Err(self.err(
-                span,
-                field("flex.discount"),
-                "required unless every flex model sets flex_input_per_mtok and flex_output_per_mtok",
-            ));
-        }
-        let rows = offered
-            .into_iter()
-            .map(|id| {
-                let m = &catalog.models[id];
-                let raw = p.models.iter().find(|r| r.name.get_ref().trim() == m.name);
-                let price = Price {
-                    input_per_mtok: raw
-                        .and_then(|r| r.flex_input_per_mtok)
-                        .unwrap_or(m.list.input_per_mtok * discount),
-                    output_per_mtok: raw
-                        .and_then(|r| r.flex_output_per_mtok)
-                        .unwrap_or(m.list.output_per_mtok * discount),
-                };
-                (id, price)
-            })
-            .collect();
+        let rows = self.channel_rows(
+            p,
+            catalog,
+            offered,
+            discount,
+            |r| (r.flex_input_per_mtok, r.flex_output_per_mtok),
+            "flex",
+            span,
+            &field("flex.discount"),
+        )?;
         Ok((
             FlexTerms {
                 discount: if discount.is_nan() { 1.0 } else { discount },
@@ -1442,20 +1478,7 @@ impl Validator<'_> {
     ) -> Result<(BatchTerms, Vec<(ModelId, Price)>), ConfigError> {
         let b = batch.get_ref();
         let span = Some(batch.span());
-        let discount = match &b.discount {
-            Some(d) => {
-                let v = *d.get_ref();
-                if !(v.is_finite() && v > 0.0 && v <= 1.0) {
-                    return Err(self.err(
-                        Some(d.span()),
-                        field("batch.discount"),
-                        format!("{v} is not a fraction above 0 and at most 1 (0.5: half price)"),
-                    ));
-                }
-                v
-            }
-            None => f64::NAN,
-        };
+        let discount = self.channel_discount(&b.discount, &field("batch.discount"))?;
         let (completion_window, window) = match &b.completion_window {
             None => ("24h".to_string(), Duration::from_secs(86_400)),
             Some(w) => {
@@ -1587,36 +1610,16 @@ impl Validator<'_> {
                 ids
             }
         };
-        let priced = |id: ModelId| {
-            p.models.iter().any(|r| {
-                r.name.get_ref().trim() == catalog.models[id].name
-                    && r.batch_input_per_mtok.is_some()
-                    && r.batch_output_per_mtok.is_some()
-            })
-        };
-        if discount.is_nan() && !offered.iter().all(|&id| priced(id)) {
-            return Err(self.err(
-                span,
-                field("batch.discount"),
-                "required unless every batch model sets batch_input_per_mtok and batch_output_per_mtok",
-            ));
-        }
-        let rows = offered
-            .into_iter()
-            .map(|id| {
-                let m = &catalog.models[id];
-                let raw = p.models.iter().find(|r| r.name.get_ref().trim() == m.name);
-                let price = Price {
-                    input_per_mtok: raw
-                        .and_then(|r| r.batch_input_per_mtok)
-                        .unwrap_or(m.list.input_per_mtok * discount),
-                    output_per_mtok: raw
-                        .and_then(|r| r.batch_output_per_mtok)
-                        .unwrap_or(m.list.output_per_mtok * discount),
-                };
-                (id, price)
-            })
-            .collect();
+        let rows = self.channel_rows(
+            p,
+            catalog,
+            offered,
+            discount,
+            |r| (r.batch_input_per_mtok, r.batch_output_per_mtok),
+            "batch",
+            span,
+            &field("batch.discount"),
+        )?;
         Ok((
             BatchTerms {
                 discount: if discount.is_nan() { 1.0 } else { discount },
@@ -2575,6 +2578,93 @@ mod tests {
         c.resolve_keys().unwrap();
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(c.warnings().is_empty());
+    }
+
+    #[test]
+    fn batch_adds_a_row_per_model_at_the_discount_and_names_file_line_field_when_bad() {
+        let text = "[[providers]]\nname = \"o\"\nkind = \"simulated\"\n\
+                    [providers.batch]\ndiscount = 0.5\nexpected_turnaround = \"5m\"\n\
+                    [[providers.models]]\nname = \"a\"\ninput_per_mtok = 1.0\noutput_per_mtok = 4.0\n\
+                    [[providers.models]]\nname = \"b\"\ninput_per_mtok = 2.0\noutput_per_mtok = 8.0\n\
+                    batch_input_per_mtok = 0.3\nbatch_output_per_mtok = 1.0\n\
+                    [classes]\nc = [\"o/b\", \"o/a\"]\n";
+        let c = Config::parse(text, "f.toml", Path::new(".")).unwrap();
+        let cat = &c.catalog;
+        let a = cat.model_id("o/a@batch").unwrap();
+        let b = cat.model_id("o/b@batch").unwrap();
+        assert_eq!((a, b), (2, 3));
+        assert_eq!(cat.models[a].channel, Channel::Batch);
+        assert_eq!(cat.batch_of(0), Some(a));
+        assert_eq!(cat.models[a].list.output_per_mtok, 2.0);
+        // Explicit batch prices win over the discount.
+        assert_eq!(cat.models[b].list.input_per_mtok, 0.3);
+        assert_eq!(cat.classes["c"], vec![1, 0, 3, 2]);
+        let terms = cat.providers[0].batch.clone().unwrap();
+        assert_eq!(terms.completion_window, "24h");
+        assert_eq!(terms.expected_turnaround, Duration::from_secs(300));
+        assert_eq!((terms.max_requests, terms.max_bytes), (50_000, 200_000_000));
+
+        for (from, to, field) in [
+            ("discount = 0.5", "discount = 1.5", "batch.discount"),
+            (
+                "discount = 0.5",
+                "discount = 0.5\nmax_requests = 0",
+                "batch.max_requests",
+            ),
+            (
+                "discount = 0.5",
+                "discount = 0.5\nmax_requests = 100001",
+                "batch.max_requests",
+            ),
+            (
+                "discount = 0.5",
+                "discount = 0.5\nmax_bytes = \"10\"",
+                "batch.max_bytes",
+            ),
+            (
+                "discount = 0.5",
+                "discount = 0.5\npoll_every = \"10ms\"",
+                "batch.poll_every",
+            ),
+            (
+                "discount = 0.5",
+                "discount = 0.5\ncompletion_window = \"30d\"",
+                "batch.completion_window",
+            ),
+            (
+                "expected_turnaround = \"5m\"",
+                "expected_turnaround = \"25h\"",
+                "batch.expected_turnaround",
+            ),
+            ("discount = 0.5\n", "models = [\"a\"]\n", "batch.discount"),
+            (
+                "discount = 0.5\n",
+                "discount = 0.5\nmodels = [\"zz\"]\n",
+                "batch.models",
+            ),
+        ] {
+            let e = Config::parse(&text.replace(from, to), "f.toml", Path::new(".")).unwrap_err();
+            assert_eq!(e.field, format!("providers[0].{field}"), "{to}: {e}");
+            assert!(e.line.is_some(), "{to}: {e}");
+        }
+        // Batch prices without a [providers.batch] table.
+        let e = Config::parse(
+            &text.replace(
+                "[providers.batch]\ndiscount = 0.5\nexpected_turnaround = \"5m\"\n",
+                "",
+            ),
+            "f.toml",
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.field, "providers[0].models[1].batch_input_per_mtok",
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("needs a [providers.batch] table"),
+            "{e}"
+        );
     }
 
     #[test]
