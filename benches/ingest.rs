@@ -335,7 +335,7 @@ fn bare_insert(db: &Path, rows: &[NewJob], routes: &Routes) -> (Duration, Finger
         // The parameters below are Store::ingest's, in its order.
         assert_eq!(
             insert.parameter_count(),
-            13,
+            14,
             "store::bare_insert_statement() changed; update the bare insert's parameters"
         );
         for (i, job) in rows.iter().enumerate() {
@@ -353,7 +353,8 @@ fn bare_insert(db: &Path, rows: &[NewJob], routes: &Routes) -> (Duration, Finger
                     job.estimate.output as i64,
                     now_ms,
                     job.deadline.timestamp_millis(),
-                    routes.ids[i]
+                    routes.ids[i],
+                    nightshift::domain::estimate::size_bin(job.estimate.output)
                 ])
                 .expect("insert a job");
         }

@@ -377,7 +377,14 @@ pub fn job_explanation(
     let fallback;
     let (placement, catalog) = match plan {
         Some((p, catalog, capacities)) => (
-            explain::placement(p, catalog, capacities, &d.route_key, d.deadline),
+            explain::placement(
+                p,
+                catalog,
+                capacities,
+                &d.route_key,
+                crate::domain::estimate::size_bin(d.est_output_tokens),
+                d.deadline,
+            ),
             catalog,
         ),
         None => {
@@ -482,8 +489,12 @@ pub fn job_plan_json(
     catalog: &crate::domain::pricing::Catalog,
     d: &JobDetail,
 ) -> Value {
+    let bin = crate::domain::estimate::size_bin(d.est_output_tokens);
     let Some(gi) = p.groups.iter().position(|g| {
-        g.route_key == d.route_key && g.deadline_from <= d.deadline && d.deadline < g.deadline_to
+        g.route_key == d.route_key
+            && g.size_bin == bin
+            && g.deadline_from <= d.deadline
+            && d.deadline < g.deadline_to
     }) else {
         return Value::Null;
     };

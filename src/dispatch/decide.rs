@@ -909,6 +909,7 @@ chat = ["cheap/c1", "dear/d1"]
         CurrentPlan {
             groups: vec![PlannedGroup {
                 route_key: "class:chat".into(),
+                size_bin: 0,
                 deadline_from: 0,
                 deadline_to: i64::MAX,
                 reference: dear,
@@ -1230,6 +1231,7 @@ chat = ["solo/m"]
         CurrentPlan {
             groups: vec![PlannedGroup {
                 route_key: "class:chat".into(),
+                size_bin: 0,
                 deadline_from: 0,
                 deadline_to: i64::MAX,
                 reference: m,

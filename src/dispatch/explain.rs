@@ -145,16 +145,20 @@ pub struct Slotted {
 }
 
 /// The part of plan `q` (made with `catalog` and `capacities`) of a job of
-/// route `route_key` due at `deadline_ms`.
+/// route `route_key` and size bin `size_bin` due at `deadline_ms`.
 pub fn placement(
     q: &QueuePlan,
     catalog: &Catalog,
     capacities: &[ProviderCapacity],
     route_key: &str,
+    size_bin: i64,
     deadline_ms: i64,
 ) -> Placement {
     let Some(gi) = q.groups.iter().position(|g| {
-        g.route_key == route_key && g.deadline_from <= deadline_ms && deadline_ms < g.deadline_to
+        g.route_key == route_key
+            && g.size_bin == size_bin
+            && g.deadline_from <= deadline_ms
+            && deadline_ms < g.deadline_to
     }) else {
         return match q.unroutable.iter().find(|(k, _)| k == route_key) {
             Some((_, why)) => Placement::Unroutable(why.clone()),
@@ -938,6 +942,7 @@ chat = ["deepseek/deepseek-chat", "openai/gpt-4o-mini"]
             &w.catalog,
             &capacities,
             &key,
+            crate::domain::estimate::size_bin(100),
             deadline.timestamp_millis(),
         );
         let Placement::Planned(part) = &placement else {
@@ -971,7 +976,8 @@ chat = ["deepseek/deepseek-chat", "openai/gpt-4o-mini"]
     }
 
     fn placement_of(q: &QueuePlan, w: &World, key: &str, deadline: DateTime<Utc>) -> Placement {
-        placement(q, &w.catalog, &[], key, deadline.timestamp_millis())
+        let bin = crate::domain::estimate::size_bin(100);
+        placement(q, &w.catalog, &[], key, bin, deadline.timestamp_millis())
     }
 
     #[test]

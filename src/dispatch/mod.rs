@@ -477,7 +477,7 @@ impl Dispatcher {
         let wanted = cur
             .plan
             .wanted(&self.catalog, &mut st.limits, &st.observed, now);
-        let reads: Vec<(usize, String, i64, i64, usize)> = wanted
+        let reads: Vec<(usize, String, i64, i64, i64, usize)> = wanted
             .iter()
             .enumerate()
             .filter(|&(_, &n)| n > 0)
@@ -486,6 +486,7 @@ impl Dispatcher {
                 (
                     g,
                     group.route_key.clone(),
+                    group.size_bin,
                     group.deadline_from,
                     group.deadline_to,
                     n,
@@ -495,7 +496,9 @@ impl Dispatcher {
         let fetched = blocking(&self.shared.store, move |s| {
             reads
                 .into_iter()
-                .map(|(g, key, from, to, n)| Ok((g, s.queued_in_route(&key, from, to, now_ms, n)?)))
+                .map(|(g, key, bin, from, to, n)| {
+                    Ok((g, s.queued_in_route(&key, bin, from, to, now_ms, n)?))
+                })
                 .collect::<Result<Vec<_>, QueueError>>()
         })
         .await?;

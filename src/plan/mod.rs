@@ -896,11 +896,14 @@ impl Quotas {
     }
 }
 
-/// Queued jobs of one route whose deadlines fall in one fixed bucket, as the
-/// queue reports them (`GROUP BY route_key, deadline / bucket`).
+/// Queued jobs of one route and size bin whose deadlines fall in one fixed
+/// bucket, as the queue reports them (`GROUP BY route_key, size_bin,
+/// deadline / bucket`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueuedBucket {
     pub route_key: String,
+    /// [`crate::domain::estimate::size_bin`] of the jobs' expected output.
+    pub size_bin: i64,
     /// Deadlines in `[deadline_from, deadline_to)` (Unix ms).
     pub deadline_from: i64,
     pub deadline_to: i64,
@@ -911,16 +914,20 @@ pub struct QueuedBucket {
 }
 
 /// The queue summary the daemon's SQL produces (`GROUP BY route_key,
-/// deadline / BUCKET_MS`), computed from jobs in memory: (route key,
-/// deadline ms, estimated input tokens, expected output tokens) each.
+/// size_bin, deadline / BUCKET_MS`), computed from jobs in memory: (route
+/// key, deadline ms, estimated input tokens, expected output tokens) each.
+/// The bin is of the expected output as estimated at ingest (before any
+/// learned ratio), as the store records it.
 pub fn bucket_jobs<'a>(
     jobs: impl IntoIterator<Item = (&'a str, i64, u64, u64)>,
 ) -> Vec<QueuedBucket> {
-    let mut map: BTreeMap<(&'a str, i64), QueuedBucket> = BTreeMap::new();
+    let mut map: BTreeMap<(&'a str, i64, i64), QueuedBucket> = BTreeMap::new();
     for (key, deadline, input, output) in jobs {
         let b = deadline.div_euclid(BUCKET_MS);
-        let e = map.entry((key, b)).or_insert_with(|| QueuedBucket {
+        let size_bin = crate::domain::estimate::size_bin(output);
+        let e = map.entry((key, size_bin, b)).or_insert_with(|| QueuedBucket {
             route_key: key.to_string(),
+            size_bin,
             deadline_from: b * BUCKET_MS,
             deadline_to: (b + 1) * BUCKET_MS,
             jobs: 0,
@@ -985,10 +992,12 @@ pub fn plan_queue(
 /// Width of the queue's deadline buckets.
 pub const BUCKET_MS: i64 = 15 * 60 * 1000;
 
-/// A planned group and how to find its jobs in the queue.
+/// A planned group and how to find its jobs in the queue: a route's jobs of
+/// one size bin with deadlines in `[deadline_from, deadline_to)`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PlannedGroup {
     pub route_key: String,
+    pub size_bin: i64,
     pub deadline_from: i64,
     pub deadline_to: i64,
     /// The class's reference model, for list cost.
@@ -996,8 +1005,8 @@ pub struct PlannedGroup {
     pub group: JobGroup,
 }
 
-/// Merges queue buckets into planner groups: per route, deadline buckets as
-/// wide as the slots where the deadlines fall (finer distinctions would
+/// Merges queue buckets into planner groups: per route and size bin,
+/// deadline buckets as wide as the slots where the deadlines fall (finer distinctions would
 /// change little in the plan and cost LP size). `resolve` gives a route's
 /// candidates and reference model, or an error if it no longer has any.
 pub fn build_groups<E>(
@@ -1007,7 +1016,7 @@ pub fn build_groups<E>(
     output_scale: impl Fn(&str) -> f64,
     mut resolve: impl FnMut(&str) -> Result<(Vec<ModelId>, ModelId), E>,
 ) -> (Vec<PlannedGroup>, Vec<(String, E)>) {
-    let mut merged: BTreeMap<(String, i64), PlannedGroup> = BTreeMap::new();
+    let mut merged: BTreeMap<(String, i64, i64), PlannedGroup> = BTreeMap::new();
     let mut resolved: BTreeMap<String, Option<(Vec<ModelId>, ModelId)>> = BTreeMap::new();
     let mut errors = Vec::new();
     for b in buckets {
@@ -1032,9 +1041,10 @@ pub fn build_groups<E>(
         let scale = output_scale(&b.route_key);
         let output = (b.output_tokens as f64 * scale).round() as u64;
         let entry = merged
-            .entry((b.route_key.clone(), key_start))
+            .entry((b.route_key.clone(), b.size_bin, key_start))
             .or_insert_with(|| PlannedGroup {
                 route_key: b.route_key.clone(),
+                size_bin: b.size_bin,
                 deadline_from: b.deadline_from,
                 deadline_to: b.deadline_to,
                 reference: *reference,

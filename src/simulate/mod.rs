@@ -308,23 +308,36 @@ pub fn capacities(config: &Config) -> Vec<ProviderCapacity> {
     plan::configured_capacities(&config.catalog, &config.transports)
 }
 
-/// Queued jobs, indexed by (route key, deadline, index) for the planner's
-/// groups and by (deadline, index) for expiry, the next deadline and the
-/// baselines' most-urgent-first order.
+/// Queued jobs, indexed by (route key, size bin, deadline, index) for the
+/// planner's groups (the store's `jobs_due` order) and by (deadline, index)
+/// for expiry, the next deadline and the baselines' most-urgent-first order.
 #[derive(Default)]
 struct Queue {
-    by_route: BTreeSet<(String, i64, usize)>,
+    by_route: BTreeSet<QueueKey>,
     by_deadline: BTreeSet<(i64, usize)>,
 }
 
+/// (route key, size bin, deadline ms, job index).
+type QueueKey = (String, i64, i64, usize);
+
+/// Where job `i` stands in [`Queue::by_route`].
+fn queue_key(w: &WorkloadJob, i: usize) -> QueueKey {
+    (
+        w.route_key.clone(),
+        crate::domain::estimate::size_bin(w.expected_output_tokens),
+        w.deadline.timestamp_millis(),
+        i,
+    )
+}
+
 impl Queue {
-    fn insert(&mut self, key: (String, i64, usize)) {
-        self.by_deadline.insert((key.1, key.2));
+    fn insert(&mut self, key: QueueKey) {
+        self.by_deadline.insert((key.2, key.3));
         self.by_route.insert(key);
     }
 
-    fn remove(&mut self, key: &(String, i64, usize)) {
-        self.by_deadline.remove(&(key.1, key.2));
+    fn remove(&mut self, key: &QueueKey) {
+        self.by_deadline.remove(&(key.2, key.3));
         self.by_route.remove(key);
     }
 
@@ -444,11 +457,7 @@ pub fn run(
         while next_arrival < jobs.len() && jobs[next_arrival].w.submit_at <= now {
             let j = &mut jobs[next_arrival];
             j.state = State::Queued;
-            queued.insert((
-                j.w.route_key.clone(),
-                j.w.deadline.timestamp_millis(),
-                next_arrival,
-            ));
+            queued.insert(queue_key(j.w, next_arrival));
             next_arrival += 1;
             replan = true;
         }
@@ -458,7 +467,7 @@ pub fn run(
             }
             retrying.pop();
             let j = &jobs[i];
-            queued.insert((j.w.route_key.clone(), j.w.deadline.timestamp_millis(), i));
+            queued.insert(queue_key(j.w, i));
         }
         while let Some(&Reverse((t, i))) = completions.peek() {
             if t > now_ms {
@@ -558,7 +567,7 @@ pub fn run(
                     j.state = State::Queued;
                     j.model = None;
                     j.dispatched_at = None;
-                    queued.insert((j.w.route_key.clone(), j.w.deadline.timestamp_millis(), i));
+                    queued.insert(queue_key(j.w, i));
                 }
                 continue;
             }
@@ -607,22 +616,22 @@ pub fn run(
         // Queued jobs past their deadline expire (the daemon does the same),
         // unless the config says to run them anyway.
         if !config.daemon.run_after_deadline {
-            let overdue: Vec<(String, i64, usize)> = queued
+            let overdue: Vec<QueueKey> = queued
                 .by_deadline
                 .range(..=(now_ms, usize::MAX))
-                .map(|&(d, i)| (jobs[i].w.route_key.clone(), d, i))
+                .map(|&(_, i)| queue_key(jobs[i].w, i))
                 .collect();
             for key in overdue {
                 queued.remove(&key);
-                jobs[key.2].state = State::Expired;
-                jobs[key.2].completed_at = Some(now);
+                jobs[key.3].state = State::Expired;
+                jobs[key.3].completed_at = Some(now);
             }
         }
 
         let mut dispatch =
             |i: usize, model: ModelId, jobs: &mut Vec<SimJob>, queued: &mut Queue| {
                 let j = &mut jobs[i];
-                queued.remove(&(j.w.route_key.clone(), j.w.deadline.timestamp_millis(), i));
+                queued.remove(&queue_key(j.w, i));
                 j.state = State::Running;
                 j.attempts += 1;
                 j.model = Some(model);
@@ -661,7 +670,7 @@ pub fn run(
                 };
                 if stale {
                     let buckets =
-                        plan::bucket_jobs(queued.by_route.iter().map(|(key, deadline, i)| {
+                        plan::bucket_jobs(queued.by_route.iter().map(|(key, _, deadline, i)| {
                             (
                                 key.as_str(),
                                 *deadline,
@@ -696,11 +705,16 @@ pub fn run(
                         queued
                             .by_route
                             .range(
-                                (group.route_key.clone(), group.deadline_from, 0)
-                                    ..(group.route_key.clone(), group.deadline_to, 0),
+                                (group.route_key.clone(), group.size_bin, group.deadline_from, 0)
+                                    ..(
+                                        group.route_key.clone(),
+                                        group.size_bin,
+                                        group.deadline_to,
+                                        0,
+                                    ),
                             )
                             .take(n)
-                            .map(|&(_, deadline_ms, i)| Candidate {
+                            .map(|&(_, _, deadline_ms, i)| Candidate {
                                 id: i as i64,
                                 est_input_tokens: jobs[i].w.input_tokens,
                                 est_output_tokens: jobs[i].w.expected_output_tokens,
@@ -764,11 +778,7 @@ pub fn run(
                         }
                         Action::Fail { job, .. } => {
                             let i = job as usize;
-                            let k = (
-                                jobs[i].w.route_key.clone(),
-                                jobs[i].w.deadline.timestamp_millis(),
-                                i,
-                            );
+                            let k = queue_key(jobs[i].w, i);
                             queued.remove(&k);
                             jobs[i].state = State::Failed;
                             jobs[i].completed_at = Some(now);
@@ -800,11 +810,7 @@ pub fn run(
                                         }
                                     }
                                 }
-                                queued.remove(&(
-                                    j.w.route_key.clone(),
-                                    j.w.deadline.timestamp_millis(),
-                                    i,
-                                ));
+                                queued.remove(&queue_key(j.w, i));
                                 j.state = State::Running;
                                 j.attempts += 1;
                                 j.model = Some(model);
@@ -876,7 +882,7 @@ pub fn run(
                         .filter(|&m| fixed.is_none_or(|p| catalog.models[m].provider == p))
                         .collect();
                     if candidates.is_empty() {
-                        let k = (w.route_key.clone(), w.deadline.timestamp_millis(), i);
+                        let k = queue_key(w, i);
                         queued.remove(&k);
                         jobs[i].state = State::Failed;
                         jobs[i].completed_at = Some(now);
@@ -932,7 +938,7 @@ pub fn run(
                         }
                         Decision::Wait => {}
                         Decision::TooExpensive { .. } => {
-                            let k = (w.route_key.clone(), w.deadline.timestamp_millis(), i);
+                            let k = queue_key(w, i);
                             queued.remove(&k);
                             jobs[i].state = State::Failed;
                             jobs[i].completed_at = Some(now);

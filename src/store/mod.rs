@@ -26,14 +26,14 @@ pub mod maintenance;
 pub const SCHEMA_VERSION: i64 = 1 + MIGRATIONS.len() as i64;
 const SCHEMA_SQL: &str = include_str!("../../schema.sql");
 
-/// A group's queued jobs in dispatch order (most urgent first), read along
-/// `jobs_due` so that only the rows taken are read.
+/// A group's queued jobs (one route and size bin) in dispatch order (most
+/// urgent first), read along `jobs_due` so that only the rows taken are read.
 const QUEUED_IN_ROUTE: &str =
     "SELECT id, custom_id, endpoint, model, body, options, est_input_tokens, est_output_tokens,
         submitted_at, deadline, attempts
  FROM jobs INDEXED BY jobs_due
  WHERE state = 'queued' AND route_id = (SELECT id FROM routes WHERE key = ?1)
-   AND deadline >= ?2 AND deadline < ?3 AND not_before <= ?5
+   AND size_bin = ?6 AND deadline >= ?2 AND deadline < ?3 AND not_before <= ?5
  ORDER BY deadline, priority DESC, id LIMIT ?4";
 
 /// The upgrade steps of an existing database: `MIGRATIONS[i]` takes version
@@ -62,7 +62,27 @@ const MIGRATIONS: &[&str] = &[
     // 8: batches sent to providers' Batch APIs, and their jobs (see
     // schema.sql and `store::batches`).
     batches::PROVIDER_BATCHES_SCHEMA,
+    // 9: each job's size bin, and jobs_due by route, size bin and deadline
+    // (see schema.sql and `domain::estimate::size_bin`).
+    SIZE_BINS_SCHEMA,
 ];
+
+/// Version 9, as in schema.sql. The CASE is `domain::estimate::size_bin`
+/// (a test checks the two agree at every boundary); only jobs that may
+/// still be dispatched need their bin.
+const SIZE_BINS_SCHEMA: &str = "ALTER TABLE jobs ADD COLUMN size_bin INTEGER NOT NULL DEFAULT 0;
+UPDATE jobs SET size_bin = CASE
+    WHEN est_output_tokens < 1 THEN 0 WHEN est_output_tokens < 2 THEN 1
+    WHEN est_output_tokens < 4 THEN 2 WHEN est_output_tokens < 8 THEN 3
+    WHEN est_output_tokens < 16 THEN 4 WHEN est_output_tokens < 32 THEN 5
+    WHEN est_output_tokens < 64 THEN 6 WHEN est_output_tokens < 128 THEN 7
+    WHEN est_output_tokens < 256 THEN 8 WHEN est_output_tokens < 512 THEN 9
+    WHEN est_output_tokens < 1024 THEN 10 WHEN est_output_tokens < 2048 THEN 11
+    WHEN est_output_tokens < 4096 THEN 12 WHEN est_output_tokens < 8192 THEN 13
+    WHEN est_output_tokens < 16384 THEN 14 ELSE 15 END
+  WHERE state IN ('queued', 'running');
+DROP INDEX IF EXISTS jobs_due;
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (route_id, size_bin, deadline, priority DESC, id, est_input_tokens, est_output_tokens, state) WHERE state = 'queued';";
 
 /// Version 5's indexes, as in schema.sql.
 const LISTING_INDEXES: &str = "CREATE INDEX IF NOT EXISTS jobs_custom_id ON jobs (custom_id);
@@ -510,7 +530,8 @@ impl Store {
                         job.estimate.output as i64,
                         source.now_ms,
                         job.deadline.timestamp_millis(),
-                        routes.id(&job.route_key)?
+                        routes.id(&job.route_key)?,
+                        crate::domain::estimate::size_bin(job.estimate.output)
                     ]) {
                         Ok(_) => {
                             queued += 1;
@@ -616,39 +637,33 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Queued jobs by route and deadline bucket: the planner's input.
-    /// Runs on a read connection, so it never holds up the writer.
+    /// Queued jobs by route, size bin and deadline bucket: the planner's
+    /// input. Runs on a read connection, so it never holds up the writer.
     ///
-    /// SQLite groups by `(route_id, deadline)`, the order of `jobs_due`, so it
-    /// walks that covering index once with no temporary B-tree; deadlines
-    /// are folded into [`crate::plan::BUCKET_MS`] buckets here (grouping by
-    /// `deadline / bucket` in SQL sorted every queued job first: four times
-    /// slower at 100k queued). Token sums are `TOTAL()` (floating point: a
-    /// sum of integers never fails with "integer overflow", whatever the
-    /// rows hold) and saturate as `u64`.
+    /// SQLite groups by `(route_id, size_bin, deadline)`, the order of
+    /// `jobs_due`, so it walks that covering index once with no temporary
+    /// B-tree; deadlines are folded into [`crate::plan::BUCKET_MS`] buckets
+    /// here (grouping by `deadline / bucket` in SQL sorted every queued job
+    /// first: four times slower at 100k queued). Token sums are `TOTAL()`
+    /// (floating point: a sum of integers never fails with "integer
+    /// overflow", whatever the rows hold) and saturate as `u64`.
     pub fn queued_buckets(&self) -> Result<Vec<crate::plan::QueuedBucket>> {
         let conn = self.reader()?;
-        let mut stmt = conn.prepare_cached(
-            "SELECT r.key, b.deadline, b.n, b.input, b.output
-             FROM (SELECT route_id, deadline, COUNT(*) AS n, TOTAL(est_input_tokens) AS input,
-                          TOTAL(est_output_tokens) AS output
-                   FROM jobs INDEXED BY jobs_due WHERE state = 'queued'
-                   GROUP BY route_id, deadline) AS b
-             JOIN routes r ON r.id = b.route_id",
-        )?;
+        let mut stmt = conn.prepare_cached(QUEUED_BUCKETS)?;
         let bucket = crate::plan::BUCKET_MS;
         let mut out: Vec<crate::plan::QueuedBucket> = Vec::new();
-        let mut at: HashMap<(String, i64), usize> = HashMap::new();
+        let mut at: HashMap<(String, i64, i64), usize> = HashMap::new();
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
             let key: String = r.get(0)?;
-            let deadline: i64 = r.get(1)?;
-            let jobs = r.get::<_, i64>(2)?.max(0) as u64;
+            let size_bin: i64 = r.get(1)?;
+            let deadline: i64 = r.get(2)?;
+            let jobs = r.get::<_, i64>(3)?.max(0) as u64;
             // `as` saturates (and maps NaN to 0).
-            let input = r.get::<_, f64>(3)? as u64;
-            let output = r.get::<_, f64>(4)? as u64;
+            let input = r.get::<_, f64>(4)? as u64;
+            let output = r.get::<_, f64>(5)? as u64;
             let from = deadline.div_euclid(bucket) * bucket;
-            match at.get(&(key.clone(), from)) {
+            match at.get(&(key.clone(), size_bin, from)) {
                 Some(&i) => {
                     let b = &mut out[i];
                     b.jobs += jobs;
@@ -657,9 +672,10 @@ impl Store {
                     b.min_deadline = b.min_deadline.min(deadline);
                 }
                 None => {
-                    at.insert((key.clone(), from), out.len());
+                    at.insert((key.clone(), size_bin, from), out.len());
                     out.push(crate::plan::QueuedBucket {
                         route_key: key,
+                        size_bin,
                         deadline_from: from,
                         deadline_to: from + bucket,
                         jobs,
@@ -673,11 +689,13 @@ impl Store {
         Ok(out)
     }
 
-    /// The most urgent queued jobs of one route with deadlines in `[from, to)`.
-    /// Only jobs whose `not_before` (retry backoff) has passed at `now_ms`.
+    /// The most urgent queued jobs of one route and size bin with deadlines
+    /// in `[from, to)`. Only jobs whose `not_before` (retry backoff) has
+    /// passed at `now_ms`.
     pub fn queued_in_route(
         &self,
         route_key: &str,
+        size_bin: i64,
         from: i64,
         to: i64,
         now_ms: i64,
@@ -686,7 +704,7 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(QUEUED_IN_ROUTE)?;
         let rows = stmt.query_map(
-            params![route_key, from, to, limit as i64, now_ms],
+            params![route_key, from, to, limit as i64, now_ms, size_bin],
             due_from_row,
         )?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
@@ -1045,8 +1063,8 @@ pub enum ResultsError {
 
 const INSERT_JOB: &str =
     "INSERT INTO jobs (source_id, line, custom_id, endpoint, model, body, options, priority,
-        est_input_tokens, est_output_tokens, submitted_at, deadline, route_id)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+        est_input_tokens, est_output_tokens, submitted_at, deadline, route_id, size_bin)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
 
 fn due_from_row(r: &rusqlite::Row) -> rusqlite::Result<DueJob> {
     Ok(DueJob {
@@ -1172,12 +1190,22 @@ fn unique_stem(conn: &Connection, wanted: &str) -> rusqlite::Result<String> {
     unreachable!("the loop returns")
 }
 
-/// [`Store::expire_overdue`]: a range on `jobs_due` per route, so a pass
-/// reads only the overdue jobs, however deep the queue.
+/// [`Store::queued_buckets`]: `jobs_due` in its own order, covered.
+const QUEUED_BUCKETS: &str = "SELECT r.key, b.size_bin, b.deadline, b.n, b.input, b.output
+     FROM (SELECT route_id, size_bin, deadline, COUNT(*) AS n, TOTAL(est_input_tokens) AS input,
+                  TOTAL(est_output_tokens) AS output
+           FROM jobs INDEXED BY jobs_due WHERE state = 'queued'
+           GROUP BY route_id, size_bin, deadline) AS b
+     JOIN routes r ON r.id = b.route_id";
+
+/// [`Store::expire_overdue`]: a range on `jobs_due` per route and size bin
+/// (every bin of `domain::estimate::size_bin` is listed), so a pass reads
+/// only the overdue jobs, however deep the queue.
 const EXPIRE_OVERDUE: &str =
     "UPDATE jobs SET state = 'expired', completed_at = ?1, error_code = 'expired',
         error_message = 'the deadline passed before the job could be dispatched'
-     WHERE state = 'queued' AND route_id IN (SELECT id FROM routes) AND deadline <= ?1
+     WHERE state = 'queued' AND route_id IN (SELECT id FROM routes)
+       AND size_bin IN (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15) AND deadline <= ?1
      RETURNING id, custom_id";
 
 /// [`Store::spent_since`]: a range on `jobs_completed`, which covers it, so
@@ -1253,8 +1281,8 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The statement ingest uses to insert a job (13 parameters, the last the
-/// job's `routes.id`), for benchmarks that compare against a bare insert
+/// The statement ingest uses to insert a job (14 parameters, the last two
+/// the job's `routes.id` and size bin), for benchmarks that compare against a bare insert
 /// into the same table.
 pub fn bare_insert_statement() -> &'static str {
     INSERT_JOB
@@ -1267,6 +1295,48 @@ mod tests;
 #[cfg(test)]
 mod schema_tests {
     use super::*;
+
+    /// Migration 9's CASE gives every job the bin ingest would give it.
+    #[test]
+    fn the_migrations_size_bins_are_the_ingest_size_bins() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE jobs (est_output_tokens INTEGER NOT NULL, state TEXT NOT NULL)",
+        )
+        .unwrap();
+        let mut values: Vec<u64> = vec![0, 1, 1_000_000, i64::MAX as u64];
+        for b in 0..20 {
+            let p = 1u64 << b;
+            values.extend([p - 1, p, p + 1]);
+        }
+        for v in &values {
+            conn.execute(
+                "INSERT INTO jobs VALUES (?1, 'queued')",
+                params![(*v).min(i64::MAX as u64) as i64],
+            )
+            .unwrap();
+        }
+        // The migration minus its index (there is no jobs_due here).
+        let steps = SIZE_BINS_SCHEMA.split("DROP INDEX").next().unwrap();
+        conn.execute_batch(steps).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT est_output_tokens, size_bin FROM jobs")
+            .unwrap();
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+            .unwrap();
+        let mut n = 0;
+        for row in rows {
+            let (tokens, bin) = row.unwrap();
+            assert_eq!(
+                bin,
+                crate::domain::estimate::size_bin(tokens as u64),
+                "{tokens} tokens"
+            );
+            n += 1;
+        }
+        assert_eq!(n, values.len());
+    }
 
     /// `EXPLAIN QUERY PLAN` of `sql`, one line per step.
     fn plan_of(conn: &Connection, sql: &str) -> String {
@@ -1336,6 +1406,13 @@ mod schema_tests {
         let plan = plan_of(conn, QUEUED_IN_ROUTE);
         assert!(plan.contains("USING INDEX jobs_due"), "plan:\n{plan}");
         assert!(!plan.contains("TEMP B-TREE"), "plan:\n{plan}");
+        // The planner's summary walks the index in its GROUP BY order.
+        let plan = plan_of(conn, QUEUED_BUCKETS);
+        assert!(
+            plan.contains("USING COVERING INDEX jobs_due"),
+            "plan:\n{plan}"
+        );
+        assert!(!plan.contains("TEMP B-TREE"), "plan:\n{plan}");
     }
 
     fn schema_of(conn: &Connection) -> Vec<(String, String, Option<String>)> {
@@ -1378,6 +1455,7 @@ mod schema_tests {
                  DROP INDEX jobs_running; DROP INDEX provider_batches_open;
                  DROP TABLE provider_batches;
                  ALTER TABLE jobs DROP COLUMN provider_batch_id;
+                 ALTER TABLE jobs DROP COLUMN size_bin;
                  PRAGMA user_version = 1;",
             )
             .unwrap();

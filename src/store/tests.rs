@@ -7,6 +7,7 @@ use super::*;
 use chrono::{DateTime, Utc};
 
 use crate::config::Config;
+use crate::domain::estimate::size_bin;
 use crate::domain::job::{JobContext, parse_line};
 
 const OWNER: &str = "me";
@@ -50,7 +51,7 @@ fn store_with(n: usize) -> (tempfile::TempDir, Store, String) {
 
 fn due(store: &Store, route: &str, now_ms: i64) -> Vec<i64> {
     store
-        .queued_in_route(route, 0, i64::MAX, now_ms, 100)
+        .queued_in_route(route, size_bin(10 / 2), 0, i64::MAX, now_ms, 100)
         .unwrap()
         .into_iter()
         .map(|j| j.id)
