@@ -255,8 +255,9 @@ bulk = ["mistral/mistral-small", "openai/gpt-4o-mini"]
 
 def skewed():
     """10,000 jobs at once, due in 4 hours, most short and a fifth long
-    (800-1,200 output tokens): the cheap provider's 25 rpm takes a third of
-    them, so which jobs go there matters: the long ones should."""
+    (800-1,200 output tokens, max_tokens 2400 against 120 for the short
+    ones): the cheap provider's 25 rpm takes a third of them, so which jobs
+    go there matters: the long ones should."""
     config = DAEMON + """
 [[providers]]
 name = "mistral"
@@ -270,8 +271,10 @@ concurrency = 32
     rng = random.Random(4)
     jobs = []
     for i in range(10000):
-        j = job(f"skewed-{i:05}", "bulk", "+0s", "4h", rng, max_tokens=1200)
+        # The long jobs ask for more (max_tokens), as real long-form
+        # requests do: the skew is visible before the job runs.
         long = rng.random() < 0.2
+        j = job(f"skewed-{i:05}", "bulk", "+0s", "4h", rng, max_tokens=2400 if long else 120)
         j["sim"]["output_tokens"] = rng.randint(800, 1200) if long else rng.randint(20, 60)
         jobs.append(j)
     write("skewed", config, "2026-11-25T12:00:00Z", jobs)
