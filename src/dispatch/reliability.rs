@@ -453,18 +453,26 @@ impl Health {
 
     /// For planning: until when the provider gets no work (`MAX_UTC` =
     /// indefinitely), or `None` if it may be planned now. An open circuit
-    /// plans nothing there until its probe is due: a provider that keeps
-    /// failing must not hold jobs back on the hope it recovers.
+    /// plans nothing there until its probe is due, and the provider's
+    /// capacity after that is discounted by its learned success rate (the
+    /// planner's extra attempts). Planning it out *indefinitely* would hand
+    /// its whole share to dearer providers the moment five failures happen
+    /// in a row — on a provider failing a quarter of its requests that is
+    /// every few hundred requests (issue 10's flaky scenario: 306 of 4,000
+    /// jobs on the cheap provider, against ~3,000 that fit). A provider that
+    /// keeps failing keeps its circuit open (cooldowns double up to 10 min)
+    /// and its success rate falls, so its planned share shrinks with it.
     pub fn plan_excluded_until(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         if self.disabled.is_some() {
             return Some(DateTime::<Utc>::MAX_UTC);
         }
+        let paused = self.paused_until.filter(|p| *p > now);
         if let Circuit::Open { until, .. } = self.circuit
             && now < until
         {
-            return Some(DateTime::<Utc>::MAX_UTC);
+            return Some(paused.map_or(until, |p| p.max(until)));
         }
-        self.paused_until.filter(|p| *p > now)
+        paused
     }
 
     /// When an open circuit's probe is due (re-plan then to include it).
@@ -997,6 +1005,39 @@ mod tests {
         h.record(&Verdict::Succeeded, t2);
         assert_eq!(h.circuit, Circuit::Closed);
         assert!(h.admit(t2));
+    }
+
+    /// An open circuit keeps the provider out of the plan until its probe
+    /// is due, not for ever (a disabled provider is out for ever).
+    #[test]
+    fn an_open_circuit_is_planned_out_only_until_its_probe() {
+        let mut h = Health::default();
+        let t0 = at("2026-11-24T12:00:00Z");
+        assert_eq!(h.plan_excluded_until(t0), None);
+        for _ in 0..FAILURES_TO_OPEN {
+            h.record(&Verdict::Retry { pause: None }, t0);
+        }
+        let probe = t0 + chrono::Duration::seconds(10);
+        assert_eq!(h.plan_excluded_until(t0), Some(probe));
+        assert_eq!(h.probe_due(), Some(probe));
+        // A longer pause wins; at the probe's time the plan includes it.
+        h.pause(t0, Duration::from_secs(30));
+        assert_eq!(
+            h.plan_excluded_until(t0),
+            Some(t0 + chrono::Duration::seconds(30))
+        );
+        let mut h = Health::default();
+        for _ in 0..FAILURES_TO_OPEN {
+            h.record(&Verdict::Retry { pause: None }, t0);
+        }
+        assert_eq!(h.plan_excluded_until(probe), None);
+        h.record(
+            &Verdict::DisableProvider {
+                reason: "key refused".into(),
+            },
+            t0,
+        );
+        assert_eq!(h.plan_excluded_until(t0), Some(DateTime::<Utc>::MAX_UTC));
     }
 
     #[test]

@@ -925,16 +925,18 @@ pub fn bucket_jobs<'a>(
     for (key, deadline, input, output) in jobs {
         let b = deadline.div_euclid(BUCKET_MS);
         let size_bin = crate::domain::estimate::size_bin(output);
-        let e = map.entry((key, size_bin, b)).or_insert_with(|| QueuedBucket {
-            route_key: key.to_string(),
-            size_bin,
-            deadline_from: b * BUCKET_MS,
-            deadline_to: (b + 1) * BUCKET_MS,
-            jobs: 0,
-            input_tokens: 0,
-            output_tokens: 0,
-            min_deadline: deadline,
-        });
+        let e = map
+            .entry((key, size_bin, b))
+            .or_insert_with(|| QueuedBucket {
+                route_key: key.to_string(),
+                size_bin,
+                deadline_from: b * BUCKET_MS,
+                deadline_to: (b + 1) * BUCKET_MS,
+                jobs: 0,
+                input_tokens: 0,
+                output_tokens: 0,
+                min_deadline: deadline,
+            });
         e.jobs += 1;
         e.input_tokens += input;
         e.output_tokens += output;

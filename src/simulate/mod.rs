@@ -705,7 +705,12 @@ pub fn run(
                         queued
                             .by_route
                             .range(
-                                (group.route_key.clone(), group.size_bin, group.deadline_from, 0)
+                                (
+                                    group.route_key.clone(),
+                                    group.size_bin,
+                                    group.deadline_from,
+                                    0,
+                                )
                                     ..(
                                         group.route_key.clone(),
                                         group.size_bin,
