@@ -2,7 +2,9 @@
 //! to "done" — upload, create, poll, the deadline guard, results — with
 //! every step at the provider recorded in the store right after it
 //! happens (see [`crate::store::BatchStage`]). A daemon killed at any point
-//! resumes each open batch where it stood: [`resume`] on start-up.
+//! resumes each open batch where it stood when its dispatcher starts
+//! again. A reload (SIGHUP) that drops a batch's channel cancels it at
+//! the provider and abandons it: its jobs go back to the queue.
 //!
 //! The rules are [`rules`] (pure, shared with the simulator): when the
 //! deadline guard cancels, how a line's outcome books its job.
