@@ -1,8 +1,9 @@
 //! The dashboard in a real headless browser (Debian's `chromium` through
 //! `chromedriver`, over WebDriver): logging in with `nightshift ui`'s link,
 //! the overview's counts and the plan chart's bars against the JSON API, a
-//! job's explanation, cancelling from the page, cross-site posts refused,
-//! and no request to anything but the daemon. Without chromium and
+//! job's explanation, cancelling from the page, a provider batch on the
+//! providers page, cross-site posts refused, and no request to anything
+//! but the daemon. Without chromium and
 //! chromedriver these tests fail and say how to install them (`.ci/run`
 //! installs them).
 //!
@@ -497,6 +498,17 @@ async fn the_providers_page_shows_the_batch_channel_and_its_batches() {
     for want in ["openai", "× 0.5", "24h", "5 s", "m 0.500/1.000"] {
         assert!(terms.contains(want), "{want} in {terms:?}");
     }
+    b.execute(
+        "document.querySelector('main h2:nth-of-type(2)').scrollIntoView(); return null;",
+        vec![],
+    )
+    .await
+    .unwrap();
+    std::fs::write(
+        screenshot_dir().join("provider-batches.png"),
+        b.screenshot().await.unwrap(),
+    )
+    .unwrap();
     assert_loopback_only(&requested_urls(b).await);
 }
 

@@ -375,7 +375,7 @@ function batchChannels(providers) {
     const b = x.batch;
     return [
       h("strong", {}, x.name),
-      "× " + b.discount + " of the standard price",
+      "standard price × " + b.discount,
       b.completion_window,
       duration(b.expected_turnaround_s),
       `${num(b.max_requests)} requests, ${num(b.max_bytes / 1e6)} MB`,
