@@ -16,7 +16,7 @@
 //! | ingest   | [`ingest`] | the watched folder: inbox → queue → processed/ or rejected/ | files |
 //! | queue    | [`store`]  | the SQLite store: every state change one transaction; retention | SQLite |
 //! | plan     | [`plan`]   | where and when each job goes (an LP over job groups) | pure |
-//! | dispatch | [`dispatch`] | the step that decides what starts now ([`dispatch::decide`]) with rate limits ([`dispatch::limits`]), budgets ([`dispatch::budget`]) and retry/health ([`dispatch::reliability`]); each provider's live view ([`dispatch::live`]) and why a job waits ([`dispatch::explain`]); provider clients ([`dispatch::provider`]); the loop that applies it | pure step, async shell |
+//! | dispatch | [`dispatch`] | the step that decides what starts now ([`dispatch::decide`]) with rate limits ([`dispatch::limits`]), budgets ([`dispatch::budget`]) and retry/health ([`dispatch::reliability`]); each provider's live view ([`dispatch::live`]) and why a job waits ([`dispatch::explain`]); provider clients ([`dispatch::provider`]) and the Batch API wire clients, OpenAI files/batches and Anthropic Message Batches ([`dispatch::batch_api`]); the batch runner, upload → create → poll → guard → apply ([`dispatch::batches`]; its pure rules in [`dispatch::batches::rules`]); the loop that applies it | pure step, async shell |
 //! | results  | [`results`] | result lines and atomic outbox files | files |
 //! | api      | [`api`]    | HTTP API (native + OpenAI Batch) on a Unix socket and loopback TCP; the dashboard ([`api::ui`]) | sockets |
 //! |          | [`telemetry`] | Prometheus metrics and the dispatcher's live view | — |

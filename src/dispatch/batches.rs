@@ -2,7 +2,9 @@
 //! to "done" — upload, create, poll, the deadline guard, results — with
 //! every step at the provider recorded in the store right after it
 //! happens (see [`crate::store::BatchStage`]). A daemon killed at any point
-//! resumes each open batch where it stood: [`resume`] on start-up.
+//! resumes each open batch where it stood when its dispatcher starts
+//! again. A reload (SIGHUP) that drops a batch's channel cancels it at
+//! the provider and abandons it: its jobs go back to the queue.
 //!
 //! The rules are [`rules`] (pure, shared with the simulator): when the
 //! deadline guard cancels, how a line's outcome books its job.
@@ -104,6 +106,19 @@ impl BatchContext {
             .model_id(&format!("{}/{}@batch", b.provider, b.model))
     }
 
+    /// A reloaded configuration (SIGHUP) no longer offers the batch's
+    /// channel: its provider, the provider's batch terms or the model's
+    /// batch row is gone. The task keeps the catalog and client it was
+    /// started with, so it asks the live configuration.
+    fn withdrawn(&self, b: &ProviderBatch) -> bool {
+        let live = self.shared.live.borrow();
+        let c = &live.catalog;
+        c.model_id(&format!("{}/{}@batch", b.provider, b.model))
+            .is_none()
+            || c.provider_id(&b.provider)
+                .is_none_or(|p| c.providers[p].batch.is_none())
+    }
+
     /// Runs the batch to its end. Store errors are retried (the batch is
     /// where the store says it is); a daemon stop aborts the task, and the
     /// next start resumes it.
@@ -144,6 +159,9 @@ impl BatchContext {
                 .abandon(b, "its provider or model has no batch channel any more")
                 .await;
         };
+        if self.withdrawn(b) {
+            return self.withdraw(b).await;
+        }
         match b.stage {
             BatchStage::Done => Err(Stop::Finished),
             BatchStage::Prepared => self.upload(b, done, row).await,
@@ -184,6 +202,24 @@ impl BatchContext {
         b.stage = BatchStage::Done;
         self.shared.wake.notify_one();
         Err(Stop::Finished)
+    }
+
+    /// The reloaded configuration dropped the batch's channel: cancelled at
+    /// the provider if it was created there (best effort: its answers
+    /// would be billed and never read), then abandoned, so its jobs run on
+    /// what the configuration still offers.
+    async fn withdraw(&self, b: &mut ProviderBatch) -> Result<(), Stop> {
+        if b.stage == BatchStage::Submitted
+            && let Some(remote_id) = b.remote_id.clone()
+            && let Err(e) = self.client().batch_cancel(&remote_id).await
+        {
+            warn!(batch = b.id, provider = %b.provider, "provider batch: cancel failed: {e}");
+        }
+        self.abandon(
+            b,
+            "the reloaded configuration has no batch channel for its provider and model",
+        )
+        .await
     }
 
     /// What a failed provider call means for the batch: a pause of batch
@@ -360,7 +396,14 @@ impl BatchContext {
             return self.abandon(b, "no provider id was recorded").await;
         };
         let mut polls = 0u32;
+        // Woken by a reload, so a withdrawn channel is noticed now, not a
+        // poll later.
+        let mut live = self.shared.live.clone();
+        live.borrow_and_update();
         loop {
+            if self.withdrawn(b) {
+                return self.withdraw(b).await;
+            }
             let now = Utc::now();
             if b.stage == BatchStage::Submitted && rules::guard_due(b.fallback_at, now) {
                 self.guard(b, &remote_id).await?;
@@ -401,7 +444,12 @@ impl BatchContext {
             } else {
                 wait
             };
-            tokio::time::sleep(wait.max(Duration::from_millis(10))).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait.max(Duration::from_millis(10))) => {}
+                Ok(()) = live.changed() => {
+                    live.borrow_and_update();
+                }
+            }
         }
     }
 

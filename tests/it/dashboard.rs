@@ -1,8 +1,9 @@
 //! The dashboard in a real headless browser (Debian's `chromium` through
 //! `chromedriver`, over WebDriver): logging in with `nightshift ui`'s link,
 //! the overview's counts and the plan chart's bars against the JSON API, a
-//! job's explanation, cancelling from the page, cross-site posts refused,
-//! and no request to anything but the daemon. Without chromium and
+//! job's explanation, cancelling from the page, a provider batch on the
+//! providers page, cross-site posts refused, and no request to anything
+//! but the daemon. Without chromium and
 //! chromedriver these tests fail and say how to install them (`.ci/run`
 //! installs them).
 //!
@@ -397,6 +398,118 @@ async fn the_dashboard_logs_in_and_its_pages_agree_with_the_api() {
     // Nothing but the daemon was asked for anything.
     assert_loopback_only(&requested_urls(b).await);
     assert_eq!(provider.count(), 0, "every job is still held back");
+}
+
+/// The providers page shows a batch channel's terms and a real batch: a
+/// daemon whose one provider has a Batch API (the loopback OpenAI files +
+/// batches server) sends a backlog due in 6 h through one batch; once the
+/// batch is done in `/v1/providers`, its row on the page says the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_providers_page_shows_the_batch_channel_and_its_batches() {
+    let provider =
+        crate::batch_server::LoopbackBatchProvider::openai(crate::batch_server::BatchBehaviour {
+            turnaround: Duration::from_millis(300),
+            ..Default::default()
+        })
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ProviderSpec {
+        name: "openai",
+        base_url: provider.base_url(),
+        model: "m",
+        input_per_mtok: 1.0,
+        output_per_mtok: 2.0,
+        extra: "[providers.batch]\ndiscount = 0.5\nexpected_turnaround = \"5s\"\npoll_every = \"200ms\"",
+    };
+    let daemon = Daemon::start(dir.path(), &api_config_toml(dir.path(), &[spec], ""));
+    daemon.wait_ready().await;
+    let api = daemon.unix_client().await;
+    let body: String = (0..4)
+        .map(|i| {
+            chat_line(
+                &format!("b{i}"),
+                "chat",
+                "hello",
+                Some(json!({"deadline": "6h"})),
+            ) + "\n"
+        })
+        .collect();
+    let sub = api
+        .json(
+            hyper::Method::POST,
+            "/v1/jobs",
+            Some("application/jsonl"),
+            body,
+        )
+        .await
+        .unwrap();
+    assert_eq!(sub["queued"], 4, "{sub}");
+    let mut batch = Value::Null;
+    wait_until_async("a provider batch done in /v1/providers", WAIT, async || {
+        let p = api.get("/v1/providers").await.unwrap();
+        batch = p["data"][0]["batch"]["recent"][0].clone();
+        batch["state"] == "done" && batch["succeeded"] == 4
+    })
+    .await;
+    assert_eq!(provider.creates(), 1);
+    let remote = batch["remote_id"].as_str().unwrap().to_string();
+    assert!(!remote.is_empty(), "{batch}");
+
+    let h = headless().await;
+    let b = &h.browser;
+    b.goto(&login_url(&api).await).await.unwrap();
+    wait_overview_matches_stats(b, &api).await;
+    let base = daemon.tcp_base().await.0;
+    b.goto(&format!("{base}/ui/#/providers")).await.unwrap();
+    let script = format!(
+        "const r = document.querySelector(\"#provider-batches tr.provider-batch[data-provider='openai'][data-batch='{}']\"); \
+         return r ? [...r.cells].map(c => c.textContent) : null;",
+        batch["id"]
+    );
+    let cells = wait_js(b, "the batch's row on the providers page", &script).await;
+    let cells: Vec<&str> = cells
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(cells[0], "openai", "{cells:?}");
+    assert_eq!(cells[1], batch["id"].to_string(), "{cells:?}");
+    assert_eq!(cells[2], remote, "{cells:?}");
+    assert_eq!(cells[3], "m", "{cells:?}");
+    assert!(cells[4].starts_with("done"), "{cells:?}");
+    assert_eq!(cells[5], "4", "{cells:?}");
+    assert_eq!(cells[6], "4 / 0 / 0", "{cells:?}");
+    assert!(
+        cells[7].ends_with(" UTC") && cells[8].ends_with(" UTC"),
+        "{cells:?}"
+    );
+    assert!(cells[9].ends_with(" UTC"), "ended: {cells:?}");
+    // The channel's terms: the discount, the window, the prior turnaround
+    // and the model's batch price.
+    let terms = wait_js(
+        b,
+        "the batch channel's terms",
+        "const t = [...document.querySelectorAll('main h2')].find(e => e.textContent === 'Batch channels'); \
+         return t ? t.nextElementSibling.querySelector('tbody tr').textContent : null;",
+    )
+    .await;
+    let terms = terms.as_str().unwrap();
+    for want in ["openai", "× 0.5", "24h", "5 s", "m 0.500/1.000"] {
+        assert!(terms.contains(want), "{want} in {terms:?}");
+    }
+    b.execute(
+        "document.querySelector('main h2:nth-of-type(2)').scrollIntoView(); return null;",
+        vec![],
+    )
+    .await
+    .unwrap();
+    std::fs::write(
+        screenshot_dir().join("provider-batches.png"),
+        b.screenshot().await.unwrap(),
+    )
+    .unwrap();
+    assert_loopback_only(&requested_urls(b).await);
 }
 
 /// A loopback "other site": serves one page whose script posts a form to

@@ -355,7 +355,63 @@ async function providersView() {
     ];
   });
   return [h("h2", {}, "Providers"),
-    table(["provider", "", "limits", "use now", "health", "last 15 min", "last failure", "models (USD/1M in/out now)"], rows)];
+    table(["provider", "", "limits", "use now", "health", "last 15 min", "last failure", "models (USD/1M in/out now)"], rows),
+    ...batchChannels(p.data)];
+}
+
+function duration(sec) {
+  if (sec === null || sec === undefined) return "—";
+  if (sec >= 3600) return num(sec / 3600) + " h";
+  if (sec >= 60) return num(sec / 60) + " min";
+  return num(sec) + " s";
+}
+
+// Each provider's Batch API channel: its terms, its models' batch prices,
+// and the batches recently sent (newest first, as /v1/providers lists them).
+function batchChannels(providers) {
+  const withBatch = providers.filter(x => x.batch);
+  if (!withBatch.length) return [];
+  const terms = withBatch.map(x => {
+    const b = x.batch;
+    return [
+      h("strong", {}, x.name),
+      "standard price × " + b.discount,
+      b.completion_window,
+      duration(b.expected_turnaround_s),
+      `${num(b.max_requests)} requests, ${num(b.max_bytes / 1e6)} MB`,
+      duration(b.poll_every_s),
+      h("div", {}, x.models.filter(m => m.batch).map(m => h("div", {},
+        `${m.name} ${m.batch.current_price.input_per_mtok.toFixed(3)}/${m.batch.current_price.output_per_mtok.toFixed(3)}`))),
+    ];
+  });
+  const rows = [];
+  for (const x of withBatch) {
+    for (const b of x.batch.recent || []) {
+      rows.push(h("tr", { class: "provider-batch", "data-provider": x.name, "data-batch": b.id, "data-state": b.state },
+        h("td", {}, x.name),
+        h("td", { class: "num" }, String(b.id)),
+        h("td", {}, b.remote_id || "—"),
+        h("td", {}, b.model),
+        h("td", {}, b.state + (b.remote_status ? " (" + b.remote_status + ")" : "")),
+        h("td", { class: "num" }, num(b.requests)),
+        h("td", { class: "num" }, `${num(b.succeeded)} / ${num(b.failed)} / ${num(b.requeued)}` + (b.late ? ` (${num(b.late)} late)` : "")),
+        h("td", {}, when(b.created_at)),
+        h("td", {}, when(b.fallback_at)),
+        h("td", {}, when(b.ended_at)),
+        h("td", { class: b.error ? "error" : null }, b.error || "")));
+    }
+  }
+  const heads = ["provider", "id", "provider's id", "model", "state", "requests", "ok / failed / re-queued", "created", "fallback at", "ended", "error"];
+  return [
+    h("h2", {}, "Batch channels"),
+    table(["provider", "price", "window", "expected turnaround", "at most", "polled every", "models (USD/1M in/out, batch)"], terms),
+    h("h2", {}, "Recent provider batches"),
+    rows.length
+      ? h("table", { id: "provider-batches" },
+        h("thead", {}, h("tr", {}, heads.map((x, i) => h("th", { class: [1, 5, 6].includes(i) ? "num" : null }, x)))),
+        h("tbody", {}, rows))
+      : h("p", { class: "muted", id: "provider-batches-none" }, "No batches sent yet."),
+  ];
 }
 
 // ---- routing and refresh ---------------------------------------------------
