@@ -32,15 +32,15 @@
 //! (slots split at every price change).
 //!
 //! Batch channels: a batch row is a candidate like any other, at its batch
-//! price in each slot, usable in any slot that overlaps `[submission,
-//! deadline)`, the planner's relaxed `batch_fits`. Its **turnaround is
-//! ignored** (a batch job may "finish" the instant it starts, so even a
-//! 20-minute-deadline job may take the batch price), no sync fallback time
-//! is reserved, the deadline guard never fires, and batch rows use none of
-//! the provider's synchronous capacity nor any batch limit (requests per
-//! batch, creations per hour). Where short-deadline jobs have a batch row,
-//! the bound is therefore looser than any schedule that respects turnaround
-//! can reach. Flex rows count against their provider's capacity like sync.
+//! price in each slot, usable in a slot if a batch created at the slot's
+//! start (or the jobs' submission, if later) can answer by the deadline
+//! with the **shortest** turnaround the provider draws (the low end of
+//! `simulated_turnaround`: no schedule gets a batch back sooner). The rest
+//! is relaxed: no sync fallback time is reserved, the deadline guard never
+//! fires, late batches are not drawn, and batch rows use none of the
+//! provider's synchronous capacity nor any batch limit (requests per batch,
+//! creations per hour). Flex rows count against their provider's capacity
+//! like sync.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -218,6 +218,18 @@ pub fn compute(config: &Config, workload: &[WorkloadJob], settings: &PlanSetting
         let k = (1.0 + catalog.providers[catalog.models[m].provider].markup) / 1e6;
         (price.input_per_mtok * k, price.output_per_mtok * k)
     };
+    // No batch answers sooner than the shortest turnaround its provider can
+    // draw: a bin whose deadline comes first cannot take the batch price in
+    // slot `s` in any schedule that meets the deadline.
+    let batch_too_slow = |m: ModelId, s: &Slot, b: &Bin| {
+        catalog.is_batch(m)
+            && catalog.providers[catalog.models[m].provider]
+                .batch
+                .as_ref()
+                .is_some_and(|t| {
+                    bounds::add(s.start.max(b.release), t.simulated_turnaround.0) > b.deadline
+                })
+    };
     // The capacity-free bound: each job at its cheapest price in its window.
     let capacity_free = |b: &Bin| {
         let mut best = f64::INFINITY;
@@ -226,6 +238,9 @@ pub fn compute(config: &Config, workload: &[WorkloadJob], settings: &PlanSetting
             .filter(|s| s.end > b.release && s.start < b.deadline)
         {
             for &m in &b.candidates {
+                if batch_too_slow(m, s, b) {
+                    continue;
+                }
                 let (a, o) = unit(m, s.start);
                 best = best.min(b.input * a + b.output * o);
             }
@@ -261,6 +276,9 @@ pub fn compute(config: &Config, workload: &[WorkloadJob], settings: &PlanSetting
                 continue;
             }
             for &m in &b.candidates {
+                if batch_too_slow(m, s, b) {
+                    continue;
+                }
                 let (a, o) = unit(m, s.start);
                 let cost_n = b.in_min * a + b.out_min * o;
                 let n = problem.add_var(cost_n * scale, (0.0, f64::INFINITY));

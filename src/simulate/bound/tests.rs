@@ -215,3 +215,51 @@ fn a_group_averaging_sizes_or_dividing_prices_by_success_would_overshoot() {
     assert!(old > optimum * 1.05, "old {old} vs optimum {optimum}");
     assert!(compute(&config, &jobs, &settings).cost <= optimum * (1.0 + 1e-9));
 }
+
+/// A batch row whose shortest turnaround ends after the jobs' deadline
+/// cannot lower the bound; once the deadline leaves room, it does.
+#[test]
+fn a_batch_slower_than_the_deadline_does_not_lower_the_bound() {
+    let config_with = |turnaround: &str| {
+        let text = format!(
+            r#"
+[[providers]]
+name = "steady"
+kind = "simulated"
+latency = "1s"
+ms_per_output_token = 0.0
+
+[providers.batch]
+discount = 0.5
+expected_turnaround = "{turnaround}"
+simulated_turnaround = ["{turnaround}", "{turnaround}"]
+
+[[providers.models]]
+name = "m3"
+input_per_mtok = 2.0
+output_per_mtok = 2.0
+
+[classes]
+chat = ["steady/m3"]
+"#
+        );
+        Config::parse(&text, "test.toml", Path::new(".")).unwrap()
+    };
+    let start = DateTime::parse_from_rfc3339("2026-11-24T03:45:00Z")
+        .unwrap()
+        .with_timezone(&Utc);
+    let settings = PlanSettings::default();
+    let cost = |turnaround: &str| {
+        let config = config_with(turnaround);
+        // Due in 30 minutes (see `workload`).
+        let jobs = workload(&[100, 100, 100], &config, start);
+        compute(&config, &jobs, &settings).cost
+    };
+    let slow = cost("40m");
+    let quick = cost("5m");
+    assert!(slow > 0.0);
+    assert!(
+        (quick - slow / 2.0).abs() <= slow * 1e-6,
+        "a 5 m batch halves the cost: {quick} vs {slow}"
+    );
+}
