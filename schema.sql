@@ -208,22 +208,18 @@ CREATE INDEX IF NOT EXISTS provider_batches_open ON provider_batches (state) WHE
 ALTER TABLE jobs ADD COLUMN provider_batch_id INTEGER;
 DROP INDEX IF EXISTS jobs_running;
 CREATE INDEX IF NOT EXISTS jobs_running ON jobs (provider_batch_id, lease_until, lease_owner, provider) WHERE state = 'running';
--- Version 9. Each job's size bin (the bit length of its expected output
--- tokens, capped at 15: `domain::estimate::size_bin`), written at ingest.
+-- Version 9. Each job's size bin (bins of expected output tokens growing by
+-- 4x, 0..7: `domain::estimate::size_bin`), written at ingest.
 -- The planner groups jobs by route, size bin and deadline, so long and short
 -- jobs are not averaged; jobs_due leads with (route_id, size_bin) so that
 -- the summary walks it in GROUP BY order and a pass reads a group's most
 -- urgent jobs along it. Expiry ranges over deadline per (route, bin).
 ALTER TABLE jobs ADD COLUMN size_bin INTEGER NOT NULL DEFAULT 0;
 UPDATE jobs SET size_bin = CASE
-    WHEN est_output_tokens < 1 THEN 0 WHEN est_output_tokens < 2 THEN 1
-    WHEN est_output_tokens < 4 THEN 2 WHEN est_output_tokens < 8 THEN 3
-    WHEN est_output_tokens < 16 THEN 4 WHEN est_output_tokens < 32 THEN 5
-    WHEN est_output_tokens < 64 THEN 6 WHEN est_output_tokens < 128 THEN 7
-    WHEN est_output_tokens < 256 THEN 8 WHEN est_output_tokens < 512 THEN 9
-    WHEN est_output_tokens < 1024 THEN 10 WHEN est_output_tokens < 2048 THEN 11
-    WHEN est_output_tokens < 4096 THEN 12 WHEN est_output_tokens < 8192 THEN 13
-    WHEN est_output_tokens < 16384 THEN 14 ELSE 15 END
+    WHEN est_output_tokens < 1 THEN 0 WHEN est_output_tokens < 4 THEN 1
+    WHEN est_output_tokens < 16 THEN 2 WHEN est_output_tokens < 64 THEN 3
+    WHEN est_output_tokens < 256 THEN 4 WHEN est_output_tokens < 1024 THEN 5
+    WHEN est_output_tokens < 4096 THEN 6 ELSE 7 END
   WHERE state IN ('queued', 'running');
 DROP INDEX IF EXISTS jobs_due;
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (route_id, size_bin, deadline, priority DESC, id, est_input_tokens, est_output_tokens, state) WHERE state = 'queued';

@@ -44,17 +44,21 @@ pub fn expected_output_tokens_n(max_tokens: Option<u64>, n: u64) -> u64 {
 }
 
 /// How many size bins [`size_bin`] has.
-pub const SIZE_BINS: i64 = 16;
+pub const SIZE_BINS: i64 = 8;
 
-/// The size bin of a job expecting `output_tokens`: the bit length of the
-/// count (bin `b` holds `[2^(b-1), 2^b)`), the last bin open-ended. Jobs of
-/// one route and deadline are interchangeable for planning only within a
-/// bin: a rate-limited cheap provider is worth most to the longest jobs, so
-/// the planner must not average them with the short ones (issue 10). The
-/// queue stores each job's bin (`jobs.size_bin`, indexed by `jobs_due`), so
-/// a dispatch pass reads a group's jobs along the index.
+/// The size bin of a job expecting `output_tokens`: bins grow by 4× (bin
+/// `b ≥ 1` holds `[4^(b-1), 4^b)`: 1–3, 4–15, 16–63, 64–255, 256–1023,
+/// 1024–4095 tokens), the last open-ended from 4096. Jobs of one route and
+/// deadline are interchangeable for planning only within a bin: a
+/// rate-limited cheap provider is worth most to the longest jobs, so the
+/// planner must not average them with the short ones (issue 10). 4× rather
+/// than 2×: every bin is another group in the LP, and jobs within 4× of
+/// each other rarely change where a plan sends them. The queue stores each
+/// job's bin (`jobs.size_bin`, indexed by `jobs_due`), so a dispatch pass
+/// reads a group's jobs along the index.
 pub fn size_bin(output_tokens: u64) -> i64 {
-    ((u64::BITS - output_tokens.leading_zeros()) as i64).min(SIZE_BINS - 1)
+    let bits = (u64::BITS - output_tokens.leading_zeros()) as i64;
+    ((bits + 1) / 2).min(SIZE_BINS - 1)
 }
 
 #[cfg(test)]
@@ -62,13 +66,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn size_bins_double_and_the_last_is_open_ended() {
+    fn size_bins_grow_by_four_and_the_last_is_open_ended() {
         assert_eq!(size_bin(0), 0);
-        assert_eq!(size_bin(1), 1);
-        assert_eq!((size_bin(2), size_bin(3), size_bin(4)), (2, 2, 3));
-        assert_eq!((size_bin(511), size_bin(512)), (9, 10));
-        assert_eq!(size_bin(16_383), 14);
-        assert_eq!(size_bin(16_384), SIZE_BINS - 1);
+        assert_eq!((size_bin(1), size_bin(3), size_bin(4)), (1, 1, 2));
+        assert_eq!((size_bin(15), size_bin(16)), (2, 3));
+        assert_eq!((size_bin(63), size_bin(64), size_bin(255)), (3, 4, 4));
+        assert_eq!((size_bin(1023), size_bin(1024), size_bin(4095)), (5, 6, 6));
+        assert_eq!(size_bin(4096), SIZE_BINS - 1);
         assert_eq!(size_bin(u64::MAX), SIZE_BINS - 1);
     }
 

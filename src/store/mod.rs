@@ -72,14 +72,10 @@ const MIGRATIONS: &[&str] = &[
 /// still be dispatched need their bin.
 const SIZE_BINS_SCHEMA: &str = "ALTER TABLE jobs ADD COLUMN size_bin INTEGER NOT NULL DEFAULT 0;
 UPDATE jobs SET size_bin = CASE
-    WHEN est_output_tokens < 1 THEN 0 WHEN est_output_tokens < 2 THEN 1
-    WHEN est_output_tokens < 4 THEN 2 WHEN est_output_tokens < 8 THEN 3
-    WHEN est_output_tokens < 16 THEN 4 WHEN est_output_tokens < 32 THEN 5
-    WHEN est_output_tokens < 64 THEN 6 WHEN est_output_tokens < 128 THEN 7
-    WHEN est_output_tokens < 256 THEN 8 WHEN est_output_tokens < 512 THEN 9
-    WHEN est_output_tokens < 1024 THEN 10 WHEN est_output_tokens < 2048 THEN 11
-    WHEN est_output_tokens < 4096 THEN 12 WHEN est_output_tokens < 8192 THEN 13
-    WHEN est_output_tokens < 16384 THEN 14 ELSE 15 END
+    WHEN est_output_tokens < 1 THEN 0 WHEN est_output_tokens < 4 THEN 1
+    WHEN est_output_tokens < 16 THEN 2 WHEN est_output_tokens < 64 THEN 3
+    WHEN est_output_tokens < 256 THEN 4 WHEN est_output_tokens < 1024 THEN 5
+    WHEN est_output_tokens < 4096 THEN 6 ELSE 7 END
   WHERE state IN ('queued', 'running');
 DROP INDEX IF EXISTS jobs_due;
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (route_id, size_bin, deadline, priority DESC, id, est_input_tokens, est_output_tokens, state) WHERE state = 'queued';";
@@ -1205,7 +1201,7 @@ const EXPIRE_OVERDUE: &str =
     "UPDATE jobs SET state = 'expired', completed_at = ?1, error_code = 'expired',
         error_message = 'the deadline passed before the job could be dispatched'
      WHERE state = 'queued' AND route_id IN (SELECT id FROM routes)
-       AND size_bin IN (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15) AND deadline <= ?1
+       AND size_bin IN (0, 1, 2, 3, 4, 5, 6, 7) AND deadline <= ?1
      RETURNING id, custom_id";
 
 /// [`Store::spent_since`]: a range on `jobs_completed`, which covers it, so
