@@ -127,6 +127,28 @@ impl Observed {
             .collect()
     }
 
+    /// [`Observed::capacities`] for a plan: with the requests each provider
+    /// already has in its rolling 24 h (`rpd`), so that the plan does not
+    /// hand out a day's allowance that was spent before it.
+    pub fn plan_capacities(
+        &self,
+        catalog: &Catalog,
+        limits: &mut RateLimits,
+        now: DateTime<Utc>,
+    ) -> Vec<ProviderCapacity> {
+        let mut caps = self.capacities(catalog, now);
+        for (p, c) in caps.iter_mut().enumerate() {
+            if let Some(day) = limits
+                .provider(p)
+                .usage(now.timestamp_millis())
+                .day_requests
+            {
+                c.rpd_used = day.used as f64;
+            }
+        }
+        caps
+    }
+
     /// Until when `provider`'s flex channel is backed off after a refusal,
     /// if it still is at `now`.
     pub fn flex_off_until(

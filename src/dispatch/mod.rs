@@ -461,7 +461,7 @@ impl Dispatcher {
             }
         };
         if stale {
-            st.current = Some(self.make_plan(&st.observed).await?);
+            st.current = Some(self.make_plan(&st.observed, &mut st.limits).await?);
             st.replan = false;
         }
         let Some(cur) = st.current.as_mut() else {
@@ -1084,11 +1084,15 @@ impl Dispatcher {
     }
 
     /// Re-plans the queue from its summary in SQLite.
-    async fn make_plan(&self, observed: &Observed) -> Result<Current, QueueError> {
+    async fn make_plan(
+        &self,
+        observed: &Observed,
+        limits: &mut RateLimits,
+    ) -> Result<Current, QueueError> {
         let buckets = blocking(&self.shared.store, |s| s.queued_buckets()).await?;
         let now = Utc::now();
         let catalog = self.catalog.clone();
-        let capacities = observed.capacities(&catalog, now);
+        let capacities = observed.plan_capacities(&catalog, limits, now);
         let published_capacities = capacities.clone();
         let output_scale: HashMap<String, f64> = observed
             .output_ratio

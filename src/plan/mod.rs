@@ -135,6 +135,10 @@ pub struct ProviderCapacity {
     /// provider is planned before then. The synchronous channel is
     /// unaffected.
     pub batch_unavailable_until: Option<DateTime<Utc>>,
+    /// Requests already counted in the provider's rolling 24 h (`rpd`)
+    /// when the plan is made: the daily allowance the plan may still use
+    /// is `rpd` less these, until they leave the window.
+    pub rpd_used: f64,
 }
 
 impl ProviderCapacity {
@@ -158,6 +162,7 @@ impl ProviderCapacity {
             flex_unavailable_until: None,
             batch_turnaround: Duration::from_secs(3600),
             batch_unavailable_until: None,
+            rpd_used: 0.0,
         }
     }
 
@@ -493,14 +498,15 @@ pub fn plan(
         })
         .collect();
 
-    let (allocations, overflow, method) =
-        match solve_lp(groups, &options, &caps, capacity, catalog, settings) {
-            Some((a, o)) => (a, o, Method::Lp),
-            None => {
-                let (a, o) = solve_greedy(groups, &options, &caps, capacity, catalog);
-                (a, o, Method::Greedy)
-            }
-        };
+    let (allocations, overflow, method) = match solve_lp(
+        groups, &options, &caps, &slots, now, capacity, catalog, settings,
+    ) {
+        Some((a, o)) => (a, o, Method::Lp),
+        None => {
+            let (a, o) = solve_greedy(groups, &options, &caps, capacity, catalog);
+            (a, o, Method::Greedy)
+        }
+    };
     let mut expected_cost: f64 = allocations.iter().map(|a| a.jobs * a.cost_per_job).sum();
     for &(g, jobs) in &overflow {
         let m = fastest_model(catalog, capacity, &groups[g].candidates);
@@ -672,10 +678,13 @@ type Cap = (f64, f64, f64);
 /// Terms of one LP constraint row.
 type Terms = Vec<(microlp::Variable, f64)>;
 
+#[allow(clippy::too_many_arguments)]
 fn solve_lp(
     groups: &[JobGroup],
     options: &[Option_],
     caps: &BTreeMap<(ProviderId, usize), Cap>,
+    slots: &[Slot],
+    now: DateTime<Utc>,
     capacity: &[ProviderCapacity],
     catalog: &Catalog,
     settings: &PlanSettings,
@@ -724,6 +733,27 @@ fn solve_lp(
     for (gi, mut terms) in by_group.into_iter().enumerate() {
         terms.push((overflow[gi], 1.0));
         problem.add_constraint(terms.as_slice(), ComparisonOp::Eq, groups[gi].jobs as f64);
+    }
+    // rpd over rolling days: the attempts planned in the slots of any 24 h
+    // ending at a slot's end, plus the requests already in the provider's
+    // window while that day still overlaps now, are at most rpd. (A slot's
+    // own row caps it at one day's allowance; without these rows the plan
+    // could give every slot a whole day's allowance.)
+    for (p, c) in capacity.iter().enumerate() {
+        let Some(rpd) = c.rpd else { continue };
+        for (k, end) in slots.iter().map(|s| s.end).enumerate() {
+            let from = end - chrono::Duration::hours(24);
+            let terms: Vec<(microlp::Variable, f64)> = (0..=k)
+                .filter(|&j| slots[j].start >= from)
+                .filter_map(|j| by_cap.get(&(p, j)))
+                .flat_map(|(requests, _, _)| requests.iter().copied())
+                .collect();
+            if terms.is_empty() {
+                continue;
+            }
+            let used = if from < now { c.rpd_used } else { 0.0 };
+            problem.add_constraint(terms.as_slice(), ComparisonOp::Le, (rpd - used).max(0.0));
+        }
     }
     for (key, (requests, tokens, seconds)) in by_cap {
         let (req_cap, tok_cap, sec_cap) =

@@ -215,6 +215,82 @@ pub struct TraceLine {
     pub output_tokens: u64,
     pub cost_usd: f64,
     pub state: &'static str,
+    /// Every attempt, the failed and retried ones too (each used its
+    /// provider's rate limits), in the order sent.
+    pub attempts: Vec<TraceAttempt>,
+}
+
+/// One attempt of a job: when it was sent, where, on which channel.
+#[derive(Debug, Clone, Serialize)]
+pub struct TraceAttempt {
+    pub sent_at: DateTime<Utc>,
+    pub provider: String,
+    pub model: String,
+    pub channel: &'static str,
+}
+
+/// The most requests a provider received in any sliding 60 s and in any
+/// rolling 24 h, from every synchronous (and flex) attempt of the run,
+/// next to its configured rpm and rpd. Batch requests count against
+/// neither.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RateUse {
+    pub provider: String,
+    pub max_requests_per_minute: usize,
+    pub rpm: Option<u32>,
+    pub max_requests_per_day: usize,
+    pub rpd: Option<u32>,
+}
+
+impl RateUse {
+    /// The larger of the two utilisations (used ÷ limit), if a limit is set.
+    pub fn peak(&self) -> Option<f64> {
+        let minute = self
+            .rpm
+            .map(|r| self.max_requests_per_minute as f64 / f64::from(r.max(1)));
+        let day = self
+            .rpd
+            .map(|r| self.max_requests_per_day as f64 / f64::from(r.max(1)));
+        minute.into_iter().chain(day).reduce(f64::max)
+    }
+}
+
+/// The most sends in any window of `width` ms over sorted `sends` (Unix
+/// ms): a window `[t, t + width)` starting at each send.
+fn max_in_window(sends: &[i64], width: i64) -> usize {
+    let mut best = 0;
+    let mut lo = 0;
+    for (hi, &t) in sends.iter().enumerate() {
+        while sends[lo] <= t - width {
+            lo += 1;
+        }
+        best = best.max(hi + 1 - lo);
+    }
+    best
+}
+
+/// Each provider's peak request rate in a run, from its trace.
+pub fn rate_use(catalog: &crate::domain::pricing::Catalog, trace: &[TraceLine]) -> Vec<RateUse> {
+    catalog
+        .providers
+        .iter()
+        .map(|p| {
+            let mut sends: Vec<i64> = trace
+                .iter()
+                .flat_map(|t| &t.attempts)
+                .filter(|a| a.provider == p.name && a.channel != "batch")
+                .map(|a| a.sent_at.timestamp_millis())
+                .collect();
+            sends.sort_unstable();
+            RateUse {
+                provider: p.name.clone(),
+                max_requests_per_minute: max_in_window(&sends, 60_000),
+                rpm: p.limits.rpm,
+                max_requests_per_day: max_in_window(&sends, 86_400_000),
+                rpd: p.limits.rpd,
+            }
+        })
+        .collect()
 }
 
 /// The outcome of one policy's run.
@@ -240,6 +316,8 @@ pub struct Summary {
     /// What the jobs answered on flex or batch rows would have cost on
     /// their standard (sync) rows at the same instant, minus what they cost.
     pub saved_vs_sync_usd: f64,
+    /// Each provider's peak requests in a sliding minute and a rolling day.
+    pub rate_use: Vec<RateUse>,
 }
 
 /// A virtual provider batch.
@@ -364,6 +442,8 @@ struct SimJob<'a> {
     completed_at: Option<DateTime<Utc>>,
     model: Option<ModelId>,
     cost: f64,
+    /// Every attempt: (sent at, model).
+    sent: Vec<(DateTime<Utc>, ModelId)>,
 }
 
 /// The deterministic draw of attempt `n` of a job, in [0, 1): the same
@@ -412,6 +492,7 @@ pub fn run(
             completed_at: None,
             model: None,
             cost: 0.0,
+            sent: Vec::new(),
         })
         .collect();
     let mut limits = RateLimits::for_catalog(catalog, start.timestamp_millis())
@@ -634,6 +715,7 @@ pub fn run(
                 queued.remove(&queue_key(j.w, i));
                 j.state = State::Running;
                 j.attempts += 1;
+                j.sent.push((now, model));
                 j.model = Some(model);
                 j.dispatched_at = Some(now);
                 let p = &providers[catalog.models[model].provider];
@@ -678,7 +760,7 @@ pub fn run(
                                 jobs[*i].w.expected_output_tokens,
                             )
                         }));
-                    let capacity = observed.capacities(catalog, now);
+                    let capacity = observed.plan_capacities(catalog, &mut limits, now);
                     let q = plan::plan_queue(
                         &buckets,
                         catalog,
@@ -818,6 +900,7 @@ pub fn run(
                                 queued.remove(&queue_key(j.w, i));
                                 j.state = State::Running;
                                 j.attempts += 1;
+                                j.sent.push((now, model));
                                 j.model = Some(model);
                                 j.dispatched_at = Some(now);
                                 members.push(i);
@@ -1059,8 +1142,19 @@ pub fn run(
                 State::Expired => "expired",
                 State::Pending | State::Queued | State::Running | State::Failed => "failed",
             },
+            attempts: j
+                .sent
+                .iter()
+                .map(|&(sent_at, m)| TraceAttempt {
+                    sent_at,
+                    provider: catalog.providers[catalog.models[m].provider].name.clone(),
+                    model: catalog.models[m].name.clone(),
+                    channel: catalog.models[m].channel.as_str(),
+                })
+                .collect(),
         });
     }
+    summary.rate_use = rate_use(catalog, &trace);
     Ok((summary, trace))
 }
 
@@ -1079,6 +1173,7 @@ fn empty_summary(policy: &Policy) -> Summary {
         batches_created: 0,
         batches_guarded: 0,
         saved_vs_sync_usd: 0.0,
+        rate_use: Vec::new(),
     }
 }
 
@@ -1228,6 +1323,67 @@ chat = ["cheap-at-night/m1", "steady/m2"]
         DateTime::parse_from_rfc3339("2026-11-24T02:00:00Z")
             .unwrap()
             .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn max_in_window_counts_the_busiest_window() {
+        assert_eq!(max_in_window(&[], 60_000), 0);
+        assert_eq!(max_in_window(&[0, 59_999, 60_000, 60_001], 60_000), 3);
+        assert_eq!(max_in_window(&[0, 1, 2, 100_000], 60_000), 3);
+    }
+
+    /// The trace records every attempt, the failed ones too, and the peak
+    /// rates computed from it stay within the flaky provider's rpm and rpd.
+    #[test]
+    fn the_trace_records_every_attempt_and_rates_stay_within_limits() {
+        let text = r#"
+[daemon]
+safety_margin = "5m"
+
+[[providers]]
+name = "flaky"
+kind = "simulated"
+latency = "1s"
+failure_rate = 0.3
+rpm = 30
+rpd = 200
+
+[[providers.models]]
+name = "m1"
+input_per_mtok = 0.5
+output_per_mtok = 0.5
+
+[[providers]]
+name = "steady"
+kind = "simulated"
+latency = "1s"
+
+[[providers.models]]
+name = "m2"
+input_per_mtok = 1.0
+output_per_mtok = 1.0
+
+[classes]
+chat = ["flaky/m1", "steady/m2"]
+"#;
+        let c = Config::parse(text, "test.toml", Path::new(".")).unwrap();
+        let w = load_workload(&workload_with(300, "1h", true), &c, start()).unwrap();
+        let (summary, trace) = run(&c, &w, &Policy::Planner, &PlanSettings::default()).unwrap();
+        assert_eq!(summary.succeeded, 300, "{summary:?}");
+        assert!(trace.iter().all(|t| !t.attempts.is_empty()));
+        // A retried job shows its failed attempt on flaky before the answer.
+        let retried: Vec<&TraceLine> = trace.iter().filter(|t| t.attempts.len() > 1).collect();
+        assert!(!retried.is_empty());
+        assert!(retried.iter().all(|t| t.attempts[0].provider == "flaky"
+            && t.attempts.windows(2).all(|a| a[0].sent_at <= a[1].sent_at)));
+        let attempts: usize = trace.iter().map(|t| t.attempts.len()).sum();
+        assert_eq!(attempts, summary.succeeded + summary.retries);
+        let flaky = &summary.rate_use[0];
+        assert_eq!(flaky.provider, "flaky");
+        assert!(flaky.max_requests_per_minute >= 20, "{flaky:?}");
+        assert!(flaky.max_requests_per_minute <= 30, "{flaky:?}");
+        assert!(flaky.max_requests_per_day <= 200, "{flaky:?}");
+        assert!(flaky.peak().unwrap() <= 1.0);
     }
 
     #[test]
