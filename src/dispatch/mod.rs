@@ -135,6 +135,12 @@ struct Loop {
 /// A provider's client as configured: a simulated provider's batches end
 /// after its batch channel's `expected_turnaround`.
 pub fn client_for(p: &crate::domain::pricing::ProviderInfo, c: ProviderClient) -> ProviderClient {
+    let c = c.with_simulated_channels(
+        p.flex.map_or(0.0, |f| f.simulated_refusal_fraction),
+        p.batch
+            .as_ref()
+            .map_or(0.0, |b| b.simulated_expire_fraction),
+    );
     match &p.batch {
         Some(b) => c.with_batch_turnaround(b.expected_turnaround),
         None => c,
