@@ -1504,7 +1504,7 @@ impl Validator<'_> {
             field(name),
             0.0,
             1.0,
-            "a fraction from 0 to 1",
+            "a fraction",
         )
     }
 

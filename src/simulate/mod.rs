@@ -287,9 +287,15 @@ fn batch_draw(
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    let expire = h ^ 0x9e37_79b9_7f4a_7c15;
-    if reliability::unit_draw(expire, n.wrapping_mul(2)) < terms.simulated_expire_fraction {
-        let share = reliability::unit_draw(expire, n.wrapping_mul(2).wrapping_add(1));
+    // Expiry draws: independent of the turnaround's (splitmix64 keys).
+    let expire = |k: u32| {
+        let mut x = h ^ 0x5851_f42d_4c95_7f2d_u64.wrapping_add(u64::from(k));
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        reliability::unit_draw(x ^ (x >> 31), 0)
+    };
+    if expire(n.wrapping_mul(2)) < terms.simulated_expire_fraction {
+        let share = expire(n.wrapping_mul(2).wrapping_add(1));
         return BatchDraw {
             turnaround: terms.window,
             expired_after: Some(((lines as f64 * share) as usize).min(lines)),
@@ -1753,7 +1759,9 @@ chat = ["flexy/m1"]
                 .unwrap_err()
                 .to_string();
             assert!(
-                e.contains("test.toml:") && e.contains(field) && e.contains("from 0 to 1"),
+                e.contains("test.toml:")
+                    && e.contains(field)
+                    && e.contains("not a fraction from 0 to 1"),
                 "{e}"
             );
             let real = text
