@@ -378,7 +378,9 @@ def batch_channels():
     back late (the whole window), and 20% of OpenAI's are expired by the
     provider at the window with a drawn share of their lines not run: a
     batch of 24 h jobs is then cancelled first by the deadline guard, a
-    batch of 36 h jobs expires and its unrun lines run again."""
+    batch of 36 h jobs expires and its unrun lines run again. 10% of flex
+    requests are refused (429 resource_unavailable): sent again on the
+    standard channel, and flex backs off."""
     config = DAEMON + """
 [[providers]]
 name = "deepseek"
@@ -419,6 +421,7 @@ simulated_expire_fraction = 0.2
 [providers.flex]
 discount = 0.5
 models = ["gpt-5-mini"]
+simulated_refusal_fraction = 0.1
 
 [[providers.models]]
 name = "gpt-4o-mini"
