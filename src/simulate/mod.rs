@@ -1745,6 +1745,28 @@ chat = ["flexy/m1"]
         let table = render_table(&[refused], None);
         assert!(table.contains("; flex refused "), "{table}");
         assert!(reliability::is_flex_refusal(&flex_refusal()));
+
+        // A max_cost_usd only flex meets: no fallback, the job is queued
+        // again (the attempt counted) and waits for flex, which refuses it
+        // every time, until its attempts run out.
+        let mut jobs = w(&c);
+        let standard = c.catalog.models[jobs[0].candidates[0]]
+            .standard
+            .unwrap_or(0);
+        for j in &mut jobs {
+            let est =
+                c.catalog
+                    .cost_at(standard, start(), j.input_tokens, j.expected_output_tokens);
+            j.max_cost_usd = Some(0.75 * est);
+        }
+        let (capped, trace) = run(&c, &jobs, &Policy::Planner, &margin(&c)).unwrap();
+        assert_eq!((capped.succeeded, capped.failed), (0, 20), "{capped:?}");
+        assert!(
+            capped.flex_refusals > 20 && capped.retries > 0,
+            "{capped:?}"
+        );
+        assert_eq!(capped.total_cost_usd, 0.0);
+        assert!(trace.iter().all(|t| t.attempts > 1), "{trace:?}");
     }
 
     #[test]
