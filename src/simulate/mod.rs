@@ -18,7 +18,16 @@
 //! go back to the queue without counting the attempt and cost nothing. An
 //! ended batch's lines succeed or fail like simulated synchronous answers
 //! and cost the batch row's price at creation. Batches take no rate-limit
-//! slot and no concurrency.
+//! slot and no concurrency. For `simulated_expire_fraction` of batches the
+//! provider ends the batch at its completion window having run only a drawn
+//! share of its lines: the others go back to the queue, the attempt not
+//! counted (the store's `LineEffect::NotRun`); the guard is unchanged.
+//!
+//! Flex: `simulated_refusal_fraction` of flex requests are refused (429
+//! `resource_unavailable`) after the provider's base latency, and handled
+//! by the daemon's own rule, [`decide::FlexRefusal::of`]: sent again at once
+//! on the standard row if `max_cost_usd` allows (one attempt), else queued
+//! again; [`decide::settle`] starts the provider's flex back-off.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
