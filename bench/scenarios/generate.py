@@ -376,8 +376,14 @@ def batch_channels():
     6 h (batch), 300 due 20 minutes after submission, spread over two hours
     (must stay synchronous: sync or flex), and 300 output-heavy pro-chat jobs
     due in 12 h where DeepSeek off-peak (0.66/1.98) beats Anthropic's batch
-    (0.50/2.50). 5% of simulated batches come back late (the whole window)
-    and trip the deadline guard."""
+    (0.50/2.50), and 200 cheap-chat jobs submitted an hour in, due in 36 h.
+    OpenAI's batches hold at most 150 requests; 5% of simulated batches come
+    back late (the whole window), and 20% of OpenAI's are expired by the
+    provider at the window with a drawn share of their lines not run: a
+    batch of 24 h jobs is then cancelled first by the deadline guard, a
+    batch of 36 h jobs expires and its unrun lines run again. 10% of flex
+    requests are refused (429 resource_unavailable): sent again on the
+    standard channel, and flex backs off."""
     config = DAEMON + """
 [[providers]]
 name = "deepseek"
@@ -410,12 +416,15 @@ concurrency = 64
 [providers.batch]
 discount = 0.5
 expected_turnaround = "1h"
+max_requests = 150
 simulated_turnaround = ["2m", "40m"]
 simulated_late_fraction = 0.05
+simulated_expire_fraction = 0.2
 
 [providers.flex]
 discount = 0.5
 models = ["gpt-5-mini"]
+simulated_refusal_fraction = 0.1
 
 [[providers.models]]
 name = "gpt-4o-mini"
@@ -463,6 +472,7 @@ pro-chat = ["deepseek/deepseek-v4-pro", "anthropic/claude-haiku-4-5"]
         j = job(f"pro-{i:05}", "pro-chat", "+0s", "12h", rng, max_tokens=1000)
         j["sim"]["output_tokens"] = rng.randint(600, 1000)
         jobs.append(j)
+    jobs += [job(f"later-{i:05}", "cheap-chat", "+3600s", "36h", rng) for i in range(200)]
     jobs.sort(key=lambda j: int(j["submit_at"][1:-1]))
     write("batch-channels", config, "2026-11-24T06:00:00Z", jobs)
 

@@ -522,6 +522,10 @@ struct RawBatch {
     /// Simulated providers only: the fraction of batches that take the
     /// whole completion window (default 0).
     simulated_late_fraction: Option<Spanned<f64>>,
+    /// Simulated providers only: the fraction of batches the provider
+    /// expires at the end of the completion window, a drawn share (possibly
+    /// all) of their lines not run (default 0).
+    simulated_expire_fraction: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -535,6 +539,9 @@ struct RawFlex {
     timeout: Option<Spanned<String>>,
     /// No flex on this provider this long after a refusal (default 60s).
     backoff: Option<Spanned<String>>,
+    /// Simulated providers only: the fraction of flex requests refused
+    /// (429 `resource_unavailable`; default 0).
+    simulated_refusal_fraction: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -1399,6 +1406,12 @@ impl Validator<'_> {
             bounds::MAX_CONFIG_DURATION,
         )?;
         let backoff = self.duration(&f.backoff, &field("flex.backoff"), Duration::from_secs(60))?;
+        let simulated_refusal_fraction = self.simulated_fraction(
+            &f.simulated_refusal_fraction,
+            p,
+            "flex.simulated_refusal_fraction",
+            field,
+        )?;
         let own: Vec<ModelId> = (0..catalog.models.len())
             .filter(|&m| catalog.models[m].provider == provider)
             .collect();
@@ -1461,9 +1474,38 @@ impl Validator<'_> {
                 discount: if discount.is_nan() { 1.0 } else { discount },
                 timeout,
                 backoff,
+                simulated_refusal_fraction,
             },
             rows,
         ))
+    }
+
+    /// A simulated-only fraction of `[providers.flex]` or `[providers.batch]`
+    /// (`name`, e.g. "batch.simulated_late_fraction"): 0 by default, from 0
+    /// to 1, refused on a provider that is not `kind = "simulated"`.
+    fn simulated_fraction(
+        &self,
+        v: &Option<Spanned<f64>>,
+        p: &RawProvider,
+        name: &str,
+        field: &dyn Fn(&str) -> String,
+    ) -> Result<f64, ConfigError> {
+        let Some(v) = v else { return Ok(0.0) };
+        if p.kind.get_ref().trim() != "simulated" {
+            return Err(self.err(
+                Some(v.span()),
+                field(name),
+                "only a simulated provider (kind = \"simulated\") takes this",
+            ));
+        }
+        self.number(
+            *v.get_ref(),
+            Some(v.span()),
+            field(name),
+            0.0,
+            1.0,
+            "a fraction",
+        )
     }
 
     /// `[providers.batch]`: its terms, and the batch price of each model
@@ -1570,20 +1612,18 @@ impl Validator<'_> {
                 (from, to)
             }
         };
-        let simulated_late_fraction = match &b.simulated_late_fraction {
-            None => 0.0,
-            Some(v) if !simulated => {
-                return Err(not_simulated(v.span(), "batch.simulated_late_fraction"));
-            }
-            Some(v) => self.number(
-                *v.get_ref(),
-                Some(v.span()),
-                field("batch.simulated_late_fraction"),
-                0.0,
-                1.0,
-                "a fraction from 0 to 1",
-            )?,
-        };
+        let simulated_late_fraction = self.simulated_fraction(
+            &b.simulated_late_fraction,
+            p,
+            "batch.simulated_late_fraction",
+            field,
+        )?;
+        let simulated_expire_fraction = self.simulated_fraction(
+            &b.simulated_expire_fraction,
+            p,
+            "batch.simulated_expire_fraction",
+            field,
+        )?;
         let own: Vec<ModelId> = (0..catalog.models.len())
             .filter(|&m| catalog.models[m].provider == provider)
             .collect();
@@ -1631,6 +1671,7 @@ impl Validator<'_> {
                 poll_every,
                 simulated_turnaround,
                 simulated_late_fraction,
+                simulated_expire_fraction,
             },
             rows,
         ))

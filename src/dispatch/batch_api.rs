@@ -311,12 +311,14 @@ impl ProviderClient {
                 name,
                 failure_rate,
                 batch_turnaround,
+                batch_expire_fraction,
                 batches,
                 ..
             } => Channel::Simulated(simulated::Sim {
                 name,
                 failure_rate: *failure_rate,
                 turnaround: *batch_turnaround,
+                expire_fraction: *batch_expire_fraction,
                 batches,
             }),
         }

@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use crate::dispatch::budget::BudgetState;
 use crate::dispatch::limits::RateLimits;
 use crate::dispatch::reliability::{Health, Signals, Verdict};
-use crate::domain::pricing::{Catalog, ModelId, ProviderId};
+use crate::domain::pricing::{Catalog, Channel, ModelId, ProviderId};
 use crate::plan::{PlannedGroup, ProviderCapacity, Quotas};
 
 /// How many jobs of one group one step starts at most.
@@ -727,6 +727,53 @@ pub struct FlexRefusal {
     /// The job was sent again on the standard channel within the same
     /// attempt (the answer is that request's); else it was queued again.
     pub fell_back: bool,
+}
+
+impl FlexRefusal {
+    /// What a flex request on row `model` that flex refused becomes, as the
+    /// daemon and the simulator both apply it: the standard row it is sent
+    /// again on right away (if `job`'s max_cost_usd allows it priced at
+    /// `dispatched_at`; `None`: the job is queued again), and the refusal to
+    /// book in [`settle`] (its provider's flex back-off). `None` if `model`
+    /// is not a flex row of a provider with flex terms.
+    pub fn of(
+        catalog: &Catalog,
+        model: ModelId,
+        job: &Candidate,
+        dispatched_at: DateTime<Utc>,
+    ) -> Option<(Option<ModelId>, FlexRefusal)> {
+        let m = &catalog.models[model];
+        if m.channel != Channel::Flex {
+            return None;
+        }
+        let terms = catalog.providers[m.provider].flex?;
+        let fallback = m.standard.filter(|&s| {
+            job.max_cost_usd.is_none_or(|max| {
+                catalog.cost_at(
+                    s,
+                    dispatched_at,
+                    job.est_input_tokens,
+                    job.est_output_tokens,
+                ) <= max
+            })
+        });
+        Some((
+            fallback,
+            FlexRefusal {
+                backoff: terms.backoff,
+                fell_back: fallback.is_some(),
+            },
+        ))
+    }
+
+    /// The attempt's verdict: a refusal not sent again is queued again (the
+    /// next plan waits for flex, or moves the job); else the fallback's.
+    pub fn verdict(refusal: Option<FlexRefusal>, answered: impl FnOnce() -> Verdict) -> Verdict {
+        match refusal {
+            Some(r) if !r.fell_back => Verdict::Retry { pause: None },
+            _ => answered(),
+        }
+    }
 }
 
 /// Books an ended attempt: rate-limit correction, budget correction, health,

@@ -135,6 +135,12 @@ struct Loop {
 /// A provider's client as configured: a simulated provider's batches end
 /// after its batch channel's `expected_turnaround`.
 pub fn client_for(p: &crate::domain::pricing::ProviderInfo, c: ProviderClient) -> ProviderClient {
+    let c = c.with_simulated_channels(
+        p.flex.map_or(0.0, |f| f.simulated_refusal_fraction),
+        p.batch
+            .as_ref()
+            .map_or(0.0, |b| b.simulated_expire_fraction),
+    );
     match &p.batch {
         Some(b) => c.with_batch_turnaround(b.expected_turnaround),
         None => c,
@@ -1296,19 +1302,12 @@ impl RequestContext {
         // the standard channel right away, if the job's max_cost_usd allows.
         let mut answered = model;
         let mut flex_refused = None;
-        if let Some(terms) = flex.filter(|_| reliability::is_flex_refusal(&outcome)) {
-            let fallback = m.standard.filter(|&s| {
-                candidate(&job).max_cost_usd.is_none_or(|max| {
-                    self.catalog.cost_at(
-                        s,
-                        dispatched_at,
-                        job.est_input_tokens,
-                        job.est_output_tokens,
-                    ) <= max
-                })
-            });
+        if let Some((fallback, refusal)) = reliability::is_flex_refusal(&outcome)
+            .then(|| decide::FlexRefusal::of(&self.catalog, model, &candidate(&job), dispatched_at))
+            .flatten()
+        {
             info!(job = job.id, provider = %self.catalog.providers[m.provider].name, model = %m.name,
-                  backoff = ?terms.backoff, fallback = fallback.is_some(),
+                  backoff = ?refusal.backoff, fallback = fallback.is_some(),
                   "flex refused the request (429 resource_unavailable); not a rate limit");
             if let Some(s) = fallback {
                 answered = s;
@@ -1323,17 +1322,11 @@ impl RequestContext {
                     })
                     .await;
             }
-            flex_refused = Some(decide::FlexRefusal {
-                backoff: terms.backoff,
-                fell_back: fallback.is_some(),
-            });
+            flex_refused = Some(refusal);
         }
         let latency = sent.elapsed();
-        let verdict = match flex_refused {
-            // Queued again (the next plan waits for flex, or moves the job).
-            Some(r) if !r.fell_back => Verdict::Retry { pause: None },
-            _ => reliability::classify(&outcome),
-        };
+        let verdict =
+            decide::FlexRefusal::verdict(flex_refused, || reliability::classify(&outcome));
         let model = answered;
         let m = &self.catalog.models[model];
         let now = Utc::now();

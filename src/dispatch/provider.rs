@@ -49,6 +49,9 @@ pub struct SimBatch {
     pub(crate) created: chrono::DateTime<chrono::Utc>,
     pub(crate) turnaround: Duration,
     pub(crate) cancelled: Option<chrono::DateTime<chrono::Utc>>,
+    /// `Some(k)`: the provider expires the batch when it ends, only its
+    /// first `k` lines run.
+    pub(crate) expired_after: Option<usize>,
     pub(crate) endpoint: Endpoint,
     pub(crate) model: String,
     pub(crate) lines: Vec<BatchLine>,
@@ -81,6 +84,11 @@ pub enum ProviderClient {
         calls: std::sync::atomic::AtomicU64,
         /// How long a simulated batch runs before it ends (wall clock).
         batch_turnaround: Duration,
+        /// Fraction of flex requests refused (429 `resource_unavailable`).
+        flex_refusal_fraction: f64,
+        /// Fraction of batches expired when they end (a drawn share of
+        /// their lines not run).
+        batch_expire_fraction: f64,
         /// The batches created on this client, by id: in memory only, so a
         /// restart forgets them (their ids are then not found). A std
         /// mutex: it is held for a map lookup, never across an await.
@@ -133,6 +141,8 @@ impl ProviderClient {
                 failure_rate: *failure_rate,
                 calls: Default::default(),
                 batch_turnaround: DEFAULT_BATCH_TURNAROUND,
+                flex_refusal_fraction: 0.0,
+                batch_expire_fraction: 0.0,
                 batches: Default::default(),
             },
         })
@@ -146,6 +156,21 @@ impl ProviderClient {
         } = &mut self
         {
             *batch_turnaround = d;
+        }
+        self
+    }
+
+    /// Sets a simulated provider's `simulated_refusal_fraction` (flex) and
+    /// `simulated_expire_fraction` (batches); no effect on an HTTP provider.
+    pub fn with_simulated_channels(mut self, flex_refusal: f64, batch_expire: f64) -> Self {
+        if let ProviderClient::Simulated {
+            flex_refusal_fraction,
+            batch_expire_fraction,
+            ..
+        } = &mut self
+        {
+            *flex_refusal_fraction = flex_refusal;
+            *batch_expire_fraction = batch_expire;
         }
         self
     }
@@ -222,9 +247,19 @@ impl ProviderClient {
                 ms_per_output_token,
                 failure_rate,
                 calls,
+                flex_refusal_fraction,
                 ..
             } => {
                 let call = calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if req.flex_timeout.is_some()
+                    && simulated_fails(
+                        *flex_refusal_fraction,
+                        &[name, req.custom_id, "flex", &call.to_string()],
+                    )
+                {
+                    tokio::time::sleep(*latency).await;
+                    return simulated_flex_refusal(format!("sim-flex-{call}"));
+                }
                 if simulated_fails(*failure_rate, &[name, req.custom_id, &call.to_string()]) {
                     tokio::time::sleep(*latency).await;
                     return simulated_failure(format!("sim-fail-{call}"));
@@ -596,6 +631,20 @@ pub fn simulated_response(
 pub(super) fn simulated_fails(failure_rate: f64, key: &[&str]) -> bool {
     let roll = stable_hash(key) % 1_000_000;
     (roll as f64) < failure_rate * 1_000_000.0
+}
+
+/// A simulated provider's flex refusal: `429 resource_unavailable`, not
+/// billed, not the account's rate limit.
+pub(super) fn simulated_flex_refusal(request_id: String) -> Outcome {
+    Outcome::HttpError {
+        status: 429,
+        request_id: Some(request_id),
+        body: json!({"error": {
+            "message": "Resource unavailable for the flex tier (simulated).",
+            "type": "invalid_request_error", "param": null, "code": "resource_unavailable"}})
+        .to_string(),
+        signals: Signals::default(),
+    }
 }
 
 /// A simulated provider's HTTP 500.

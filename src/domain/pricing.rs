@@ -307,6 +307,9 @@ pub struct FlexTerms {
     /// After a flex refusal (429 `resource_unavailable`), flex is not used
     /// on this provider for this long; its standard channel is unaffected.
     pub backoff: std::time::Duration,
+    /// Simulated providers: the fraction of flex requests refused (429
+    /// `resource_unavailable`).
+    pub simulated_refusal_fraction: f64,
 }
 
 /// A provider's batch channel (`[providers.batch]`): its asynchronous Batch
@@ -334,6 +337,10 @@ pub struct BatchTerms {
     /// Simulated providers: the fraction of batches that take the whole
     /// completion window (they come back late and trip the deadline guard).
     pub simulated_late_fraction: f64,
+    /// Simulated providers: the fraction of batches the provider expires at
+    /// the end of the completion window, with a drawn share (possibly all)
+    /// of their lines not run.
+    pub simulated_expire_fraction: f64,
 }
 
 /// What the router needs to know about a provider.

@@ -343,6 +343,7 @@ fn with_flex(discount: f64) -> (Catalog, Vec<ProviderCapacity>) {
         discount,
         timeout: Duration::from_secs(15 * 60),
         backoff: Duration::from_secs(60),
+        simulated_refusal_fraction: 0.0,
     });
     let row = c.flex_row(0, c.models[0].list.scaled_by(discount));
     c.models.push(row);
@@ -397,6 +398,7 @@ fn with_batch(discount: f64, turnaround: Duration) -> (Catalog, Vec<ProviderCapa
         poll_every: Duration::from_secs(30),
         simulated_turnaround: (turnaround / 4, turnaround * 3 / 2),
         simulated_late_fraction: 0.0,
+        simulated_expire_fraction: 0.0,
     });
     let row = c.batch_row(0, c.models[0].list.scaled_by(discount));
     c.models.push(row);

@@ -18,7 +18,16 @@
 //! go back to the queue without counting the attempt and cost nothing. An
 //! ended batch's lines succeed or fail like simulated synchronous answers
 //! and cost the batch row's price at creation. Batches take no rate-limit
-//! slot and no concurrency.
+//! slot and no concurrency. For `simulated_expire_fraction` of batches the
+//! provider ends the batch at its completion window having run only a drawn
+//! share of its lines: the others go back to the queue, the attempt not
+//! counted (the store's `LineEffect::NotRun`); the guard is unchanged.
+//!
+//! Flex: `simulated_refusal_fraction` of flex requests are refused (429
+//! `resource_unavailable`) after the provider's base latency, and handled
+//! by the daemon's own rule, [`decide::FlexRefusal::of`]: sent again at once
+//! on the standard row if `max_cost_usd` allows (one attempt), else queued
+//! again; [`decide::settle`] starts the provider's flex back-off.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -211,13 +220,15 @@ pub struct TraceLine {
     pub model: Option<String>,
     /// `sync`, `flex` or `batch`: the channel of the attempt that answered.
     pub channel: Option<&'static str>,
+    /// Attempts counted (a batch line not run is not one).
+    pub attempts: u32,
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cost_usd: f64,
     pub state: &'static str,
-    /// Every attempt, the failed and retried ones too (each used its
-    /// provider's rate limits), in the order sent.
-    pub attempts: Vec<TraceAttempt>,
+    /// Every request sent for the job, the failed and retried ones too
+    /// (each used its provider's rate limits), in the order sent.
+    pub sent: Vec<TraceAttempt>,
 }
 
 /// One attempt of a job: when it was sent, where, on which channel.
@@ -277,7 +288,7 @@ pub fn rate_use(catalog: &crate::domain::pricing::Catalog, trace: &[TraceLine]) 
         .map(|p| {
             let mut sends: Vec<i64> = trace
                 .iter()
-                .flat_map(|t| &t.attempts)
+                .flat_map(|t| &t.sent)
                 .filter(|a| a.provider == p.name && a.channel != "batch")
                 .map(|a| a.sent_at.timestamp_millis())
                 .collect();
@@ -313,6 +324,11 @@ pub struct Summary {
     pub batches_created: usize,
     /// Batches the deadline guard cancelled (their jobs ran again).
     pub batches_guarded: usize,
+    /// Lines of batches the provider expired that were not run (their jobs
+    /// went back to the queue, the attempt not counted).
+    pub batch_lines_expired: usize,
+    /// Flex requests the provider refused (429 `resource_unavailable`).
+    pub flex_refusals: usize,
     /// What the jobs answered on flex or batch rows would have cost on
     /// their standard (sync) rows at the same instant, minus what they cost.
     pub saved_vs_sync_usd: f64,
@@ -328,26 +344,62 @@ struct SimBatch {
     /// Unix ms.
     ends_at: i64,
     fallback_at: i64,
+    /// Lines the provider runs before the batch ends: all of them, unless
+    /// it expires the batch (then the others are not run).
+    runs: usize,
 }
 
-/// The turnaround of batch `n` of a provider with `terms`: uniform in its
-/// simulated range, or the whole window for the late fraction.
-fn batch_turnaround(
+/// What the provider does with a batch: when it ends, and, if it expires
+/// it, how many of its lines it ran first.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct BatchDraw {
+    turnaround: Duration,
+    /// `Some(k)`: expired at the completion window, the first `k` lines run.
+    expired_after: Option<usize>,
+}
+
+/// What the provider does with batch `n` (of `lines` lines) of a provider
+/// with `terms`: its turnaround is uniform in the simulated range, or the
+/// whole window for the late fraction; for the expire fraction (an
+/// independent draw) it ends at the window having run a drawn share
+/// (possibly none) of its lines.
+fn batch_draw(
     terms: &crate::domain::pricing::BatchTerms,
     provider: &str,
     n: u32,
-) -> Duration {
+    lines: usize,
+) -> BatchDraw {
     let mut h: u64 = 0x8422_2325_cbf2_9ce4;
     for b in provider.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    if reliability::unit_draw(h, n.wrapping_mul(2)) < terms.simulated_late_fraction {
-        return terms.window;
+    // Expiry draws: independent of the turnaround's (splitmix64 keys).
+    let expire = |k: u32| {
+        let mut x = h ^ 0x5851_f42d_4c95_7f2d_u64.wrapping_add(u64::from(k));
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        reliability::unit_draw(x ^ (x >> 31), 0)
+    };
+    if expire(n.wrapping_mul(2)) < terms.simulated_expire_fraction {
+        let share = expire(n.wrapping_mul(2).wrapping_add(1));
+        return BatchDraw {
+            turnaround: terms.window,
+            expired_after: Some(((lines as f64 * share) as usize).min(lines)),
+        };
     }
-    let (from, to) = terms.simulated_turnaround;
-    let u = reliability::unit_draw(h, n.wrapping_mul(2).wrapping_add(1));
-    from + (to.saturating_sub(from)).mul_f64(u)
+    let turnaround = if reliability::unit_draw(h, n.wrapping_mul(2)) < terms.simulated_late_fraction
+    {
+        terms.window
+    } else {
+        let (from, to) = terms.simulated_turnaround;
+        let u = reliability::unit_draw(h, n.wrapping_mul(2).wrapping_add(1));
+        from + (to.saturating_sub(from)).mul_f64(u)
+    };
+    BatchDraw {
+        turnaround,
+        expired_after: None,
+    }
 }
 
 /// What the simulation knows about each provider.
@@ -531,6 +583,10 @@ pub fn run(
     let mut batch_events: BinaryHeap<Reverse<(i64, usize)>> = BinaryHeap::new();
     let mut batches_per_provider = vec![0u32; catalog.providers.len()];
     let mut batches_guarded = 0usize;
+    let mut batch_lines_expired = 0usize;
+    // Flex refusals: how many, and those of the requests in flight.
+    let mut flex_refusals = 0usize;
+    let mut refused: BTreeMap<usize, decide::FlexRefusal> = BTreeMap::new();
     let mut now = start;
     loop {
         let now_ms = now.timestamp_millis();
@@ -559,9 +615,16 @@ pub fn run(
             let model = j.model.expect("a running job has a model");
             let provider = catalog.models[model].provider;
             let dispatched = j.dispatched_at.expect("dispatched");
+            // A flex refusal not sent again (the job is queued again), or
+            // the answer of the request (the standard fallback's, if any).
+            let refusal = refused.remove(&i);
+            let refused_only = refusal.is_some_and(|r| !r.fell_back);
             // A simulated failure is an HTTP 500, classified as the daemon does.
-            let failed = draw(&j.w.custom_id, j.attempts) < providers[provider].failure_rate;
-            let outcome = if failed {
+            let failed =
+                refused_only || draw(&j.w.custom_id, j.attempts) < providers[provider].failure_rate;
+            let outcome = if refused_only {
+                flex_refusal()
+            } else if failed {
                 simulated_failure()
             } else {
                 Outcome::Success {
@@ -576,7 +639,7 @@ pub fn run(
                     signals: Default::default(),
                 }
             };
-            let verdict = reliability::classify(&outcome);
+            let verdict = decide::FlexRefusal::verdict(refusal, || reliability::classify(&outcome));
             let billed = if failed {
                 0.0
             } else {
@@ -597,7 +660,7 @@ pub fn run(
                 billed,
                 latency: (now - dispatched).to_std().unwrap_or_default(),
                 retry_at,
-                flex_refused: None,
+                flex_refused: refusal,
             };
             let attempt = attempts_in_flight.remove(&i).expect("charged at start");
             if decide::settle(&mut limits, &mut observed, &attempt, &answer, now) {
@@ -631,12 +694,11 @@ pub fn run(
             let provider = catalog.models[model].provider;
             replan = true;
             planned_at = None;
-            if batch.fallback_at < batch.ends_at {
-                // The deadline guard: cancelled at the provider, nothing
-                // returned; the jobs run again, the attempt not counted.
-                batches_guarded += 1;
-                for &i in &batch.jobs {
-                    let j = &mut jobs[i];
+            // A line not run (cancelled by the guard, or expired by the
+            // provider) costs nothing: its job goes back to the queue, the
+            // attempt not counted (the store's `LineEffect::NotRun`).
+            let not_run =
+                |j: &mut SimJob, i: usize, queued: &mut Queue, observed: &mut Observed| {
                     let est = catalog.cost_at(
                         model,
                         batch.created,
@@ -649,12 +711,25 @@ pub fn run(
                     j.model = None;
                     j.dispatched_at = None;
                     queued.insert(queue_key(j.w, i));
+                };
+            if batch.fallback_at < batch.ends_at {
+                // The deadline guard: cancelled at the provider, nothing
+                // returned; the jobs run again.
+                batches_guarded += 1;
+                for &i in &batch.jobs {
+                    not_run(&mut jobs[i], i, &mut queued, &mut observed);
                 }
                 continue;
             }
             observed.batches[provider].observe((now - batch.created).to_std().unwrap_or_default());
-            for &i in &batch.jobs {
+            for (k, &i) in batch.jobs.iter().enumerate() {
                 let j = &mut jobs[i];
+                if k >= batch.runs {
+                    // Expired by the provider before this line ran.
+                    batch_lines_expired += 1;
+                    not_run(j, i, &mut queued, &mut observed);
+                    continue;
+                }
                 let failed = draw(&j.w.custom_id, j.attempts) < providers[provider].failure_rate;
                 let est = catalog.cost_at(
                     model,
@@ -719,12 +794,42 @@ pub fn run(
                 j.model = Some(model);
                 j.dispatched_at = Some(now);
                 let p = &providers[catalog.models[model].provider];
-                let latency = p.latency.saturating_add(
+                let mut latency = p.latency.saturating_add(
                     Duration::try_from_secs_f64(
                         p.ms_per_output_token * j.w.output_tokens as f64 / 1000.0,
                     )
                     .unwrap_or(Duration::MAX),
                 );
+                // A flex request the simulated provider refuses (after its
+                // base latency): what the daemon does about it, from the
+                // same code (sent again on the standard row, or queued).
+                let refusal_fraction = catalog.providers[catalog.models[model].provider]
+                    .flex
+                    .map_or(0.0, |f| f.simulated_refusal_fraction);
+                if draw(&j.w.custom_id, j.attempts.wrapping_add(2 << 16)) < refusal_fraction
+                    && let Some((fallback, refusal)) = decide::FlexRefusal::of(
+                        catalog,
+                        model,
+                        &Candidate {
+                            id: i as i64,
+                            est_input_tokens: j.w.input_tokens,
+                            est_output_tokens: j.w.expected_output_tokens,
+                            deadline_ms: j.w.deadline.timestamp_millis(),
+                            max_cost_usd: j.w.max_cost_usd,
+                        },
+                        now,
+                    )
+                {
+                    flex_refusals += 1;
+                    refused.insert(i, refusal);
+                    match fallback {
+                        Some(standard) => {
+                            j.model = Some(standard);
+                            latency = latency.saturating_add(p.latency);
+                        }
+                        None => latency = p.latency,
+                    }
+                }
                 completions.push(Reverse((
                     now_ms.saturating_add(crate::domain::bounds::millis(latency)),
                     i,
@@ -918,20 +1023,26 @@ pub fn run(
                             );
                             let n = batches_per_provider[provider];
                             batches_per_provider[provider] += 1;
-                            let turnaround =
-                                batch_turnaround(&terms, &catalog.providers[provider].name, n);
-                            let ends_at =
-                                now_ms.saturating_add(crate::domain::bounds::millis(turnaround));
+                            let draw = batch_draw(
+                                &terms,
+                                &catalog.providers[provider].name,
+                                n,
+                                members.len(),
+                            );
+                            let ends_at = now_ms
+                                .saturating_add(crate::domain::bounds::millis(draw.turnaround));
                             batch_events.push(Reverse((
                                 ends_at.min(fallback_at).max(now_ms),
                                 batches.len(),
                             )));
+                            let runs = draw.expired_after.unwrap_or(members.len());
                             batches.push(SimBatch {
                                 model,
                                 jobs: members,
                                 created: now,
                                 ends_at,
                                 fallback_at,
+                                runs,
                             });
                         }
                     }
@@ -1089,6 +1200,8 @@ pub fn run(
     summary.retries = retries;
     summary.batches_created = batches.len();
     summary.batches_guarded = batches_guarded;
+    summary.batch_lines_expired = batch_lines_expired;
+    summary.flex_refusals = flex_refusals;
     let mut trace = Vec::with_capacity(jobs.len());
     for j in &jobs {
         let late = j.completed_at.is_some_and(|c| c > j.w.deadline);
@@ -1130,6 +1243,7 @@ pub fn run(
             provider,
             model: j.model.map(|m| catalog.models[m].name.clone()),
             channel: channel.map(Channel::as_str),
+            attempts: j.attempts,
             input_tokens: j.w.input_tokens,
             output_tokens: if j.state == State::Succeeded {
                 j.w.output_tokens
@@ -1142,7 +1256,7 @@ pub fn run(
                 State::Expired => "expired",
                 State::Pending | State::Queued | State::Running | State::Failed => "failed",
             },
-            attempts: j
+            sent: j
                 .sent
                 .iter()
                 .map(|&(sent_at, m)| TraceAttempt {
@@ -1172,6 +1286,8 @@ fn empty_summary(policy: &Policy) -> Summary {
         per_channel: BTreeMap::new(),
         batches_created: 0,
         batches_guarded: 0,
+        batch_lines_expired: 0,
+        flex_refusals: 0,
         saved_vs_sync_usd: 0.0,
         rate_use: Vec::new(),
     }
@@ -1183,6 +1299,16 @@ fn simulated_failure() -> Outcome {
         status: 500,
         request_id: None,
         body: r#"{"error":{"message":"simulated failure","type":"server_error"}}"#.into(),
+        signals: Default::default(),
+    }
+}
+
+/// A simulated flex refusal: `429 resource_unavailable`, as OpenAI sends it.
+fn flex_refusal() -> Outcome {
+    Outcome::HttpError {
+        status: 429,
+        request_id: None,
+        body: r#"{"error":{"message":"simulated flex refusal","type":"invalid_request_error","code":"resource_unavailable"}}"#.into(),
         signals: Default::default(),
     }
 }
@@ -1229,18 +1355,29 @@ pub fn render_table(summaries: &[Summary], lower_bound: Option<(f64, f64)>) -> S
             per.join(" ")
         ));
         // What the channels did, where anything but sync was used.
-        if s.batches_created > 0 || s.per_channel.keys().any(|c| c != "sync") {
+        if s.batches_created > 0 || s.flex_refusals > 0 || s.per_channel.keys().any(|c| c != "sync")
+        {
             let channels: Vec<String> = s
                 .per_channel
                 .iter()
                 .map(|(c, n)| format!("{c}={n}"))
                 .collect();
             out.push_str(&format!(
-                "{:<22} channels {}; batches {} (guarded {}); saved vs sync {:.6}\n",
+                "{:<22} channels {}; batches {} (guarded {}{}){}; saved vs sync {:.6}\n",
                 "",
                 channels.join(" "),
                 s.batches_created,
                 s.batches_guarded,
+                if s.batch_lines_expired > 0 {
+                    format!(", lines expired {}", s.batch_lines_expired)
+                } else {
+                    String::new()
+                },
+                if s.flex_refusals > 0 {
+                    format!("; flex refused {}", s.flex_refusals)
+                } else {
+                    String::new()
+                },
                 s.saved_vs_sync_usd
             ));
         }
@@ -1370,13 +1507,13 @@ chat = ["flaky/m1", "steady/m2"]
         let w = load_workload(&workload_with(300, "1h", true), &c, start()).unwrap();
         let (summary, trace) = run(&c, &w, &Policy::Planner, &PlanSettings::default()).unwrap();
         assert_eq!(summary.succeeded, 300, "{summary:?}");
-        assert!(trace.iter().all(|t| !t.attempts.is_empty()));
+        assert!(trace.iter().all(|t| t.sent.len() == t.attempts as usize));
         // A retried job shows its failed attempt on flaky before the answer.
-        let retried: Vec<&TraceLine> = trace.iter().filter(|t| t.attempts.len() > 1).collect();
+        let retried: Vec<&TraceLine> = trace.iter().filter(|t| t.sent.len() > 1).collect();
         assert!(!retried.is_empty());
-        assert!(retried.iter().all(|t| t.attempts[0].provider == "flaky"
-            && t.attempts.windows(2).all(|a| a[0].sent_at <= a[1].sent_at)));
-        let attempts: usize = trace.iter().map(|t| t.attempts.len()).sum();
+        assert!(retried.iter().all(|t| t.sent[0].provider == "flaky"
+            && t.sent.windows(2).all(|a| a[0].sent_at <= a[1].sent_at)));
+        let attempts: usize = trace.iter().map(|t| t.sent.len()).sum();
         assert_eq!(attempts, summary.succeeded + summary.retries);
         let flaky = &summary.rate_use[0];
         assert_eq!(flaky.provider, "flaky");
@@ -1688,6 +1825,162 @@ cheap-chat = ["deepseek/deepseek-flash", "openai/gpt-4o-mini", "google/gemini-2.
             e.contains("test.toml:") && e.contains("simulated_late_fraction"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn an_expired_batchs_lines_rerun_by_sync_before_their_deadline_the_attempt_not_counted() {
+        // Every batch is expired by the provider at its 24 h window, with a
+        // drawn share of its lines not run; the deadline (30 h) is past the
+        // window plus the time to run them, so the guard does not fire.
+        let c = batch_config(
+            "simulated_turnaround = [\"2m\", \"20m\"]\nsimulated_expire_fraction = 1.0",
+        );
+        let w = load_workload(&workload_with(100, "30h", true), &c, start()).unwrap();
+        let (planner, trace) = run(&c, &w, &Policy::Planner, &margin(&c)).unwrap();
+        assert_eq!(
+            (planner.succeeded, planner.deadline_misses, planner.retries),
+            (100, 0, 0),
+            "{planner:?}"
+        );
+        assert!(planner.batches_created >= 1, "{planner:?}");
+        assert_eq!(planner.batches_guarded, 0, "{planner:?}");
+        assert!(planner.batch_lines_expired > 0, "{planner:?}");
+        // Each expired line ran again, on sync, once: its batch attempt
+        // was not counted.
+        let sync: Vec<&TraceLine> = trace.iter().filter(|t| t.channel == Some("sync")).collect();
+        assert_eq!(sync.len(), planner.batch_lines_expired, "{planner:?}");
+        assert!(sync.iter().all(|t| t.attempts == 1), "{sync:?}");
+        let window = chrono::Duration::hours(24);
+        for t in &sync {
+            assert!(t.dispatched_at.unwrap() >= t.submitted_at + window, "{t:?}");
+            assert!(t.completed_at.unwrap() <= t.deadline, "{t:?}");
+        }
+        // Lines the provider ran before it expired the batch answered there.
+        assert_eq!(
+            planner.per_channel.get("batch").copied().unwrap_or(0) + sync.len(),
+            100
+        );
+        let table = render_table(&[planner], None);
+        assert!(table.contains("(guarded 0, lines expired "), "{table}");
+    }
+
+    /// One simulated provider with a flex channel at half price.
+    const FLEX_CONFIG: &str = r#"
+[daemon]
+safety_margin = "5m"
+
+[[providers]]
+name = "flexy"
+kind = "simulated"
+latency = "1s"
+rpm = 600
+
+[providers.flex]
+discount = 0.5
+FLEX
+
+[[providers.models]]
+name = "m1"
+input_per_mtok = 1.0
+output_per_mtok = 1.0
+
+[classes]
+chat = ["flexy/m1"]
+"#;
+
+    #[test]
+    fn a_flex_refusal_falls_back_to_standard_in_the_same_attempt() {
+        let flex = |f: &str| {
+            Config::parse(&FLEX_CONFIG.replace("FLEX", f), "test.toml", Path::new(".")).unwrap()
+        };
+        let w = |c: &Config| load_workload(&workload_with(20, "6h", true), c, start()).unwrap();
+        // Never refused: every job on flex.
+        let c = flex("");
+        let (open, _) = run(&c, &w(&c), &Policy::Planner, &margin(&c)).unwrap();
+        assert_eq!(open.per_channel.get("flex"), Some(&20), "{open:?}");
+        assert_eq!(open.flex_refusals, 0);
+        // Always refused: each request sent again on the standard row
+        // right away (the daemon's `FlexRefusal::of`), one attempt.
+        let c = flex("simulated_refusal_fraction = 1.0");
+        let (refused, trace) = run(&c, &w(&c), &Policy::Planner, &margin(&c)).unwrap();
+        assert_eq!(
+            (refused.succeeded, refused.deadline_misses, refused.retries),
+            (20, 0, 0),
+            "{refused:?}"
+        );
+        assert!(refused.flex_refusals >= 1, "{refused:?}");
+        assert_eq!(refused.per_channel.get("sync"), Some(&20), "{refused:?}");
+        assert!(
+            trace
+                .iter()
+                .all(|t| t.channel == Some("sync") && t.attempts == 1),
+            "{trace:?}"
+        );
+        // At the standard price: twice what flex cost.
+        assert!((refused.total_cost_usd - 2.0 * open.total_cost_usd).abs() < 1e-12);
+        let table = render_table(&[refused], None);
+        assert!(table.contains("; flex refused "), "{table}");
+        assert!(reliability::is_flex_refusal(&flex_refusal()));
+
+        // A max_cost_usd only flex meets: no fallback, the job is queued
+        // again (the attempt counted) and waits for flex, which refuses it
+        // every time, until its attempts run out.
+        let mut jobs = w(&c);
+        let standard = c.catalog.models[jobs[0].candidates[0]]
+            .standard
+            .unwrap_or(0);
+        for j in &mut jobs {
+            let est =
+                c.catalog
+                    .cost_at(standard, start(), j.input_tokens, j.expected_output_tokens);
+            j.max_cost_usd = Some(0.75 * est);
+        }
+        let (capped, trace) = run(&c, &jobs, &Policy::Planner, &margin(&c)).unwrap();
+        assert_eq!((capped.succeeded, capped.failed), (0, 20), "{capped:?}");
+        assert!(
+            capped.flex_refusals > 20 && capped.retries > 0,
+            "{capped:?}"
+        );
+        assert_eq!(capped.total_cost_usd, 0.0);
+        assert!(trace.iter().all(|t| t.attempts > 1), "{trace:?}");
+    }
+
+    #[test]
+    fn simulated_expire_and_refusal_fractions_are_bounded_and_simulated_only() {
+        let flex = FLEX_CONFIG.replace("FLEX", "simulated_refusal_fraction = 1.5");
+        let batch = BATCH_CONFIG.replace("BATCH", "simulated_expire_fraction = -0.1");
+        for (text, field) in [
+            (flex.as_str(), "flex.simulated_refusal_fraction"),
+            (batch.as_str(), "batch.simulated_expire_fraction"),
+        ] {
+            let e = Config::parse(text, "test.toml", Path::new("."))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("test.toml:")
+                    && e.contains(field)
+                    && e.contains("not a fraction from 0 to 1"),
+                "{e}"
+            );
+            let real = text
+                .replacen(
+                    "kind = \"simulated\"",
+                    "kind = \"openai\"\nbase_url = \"http://127.0.0.1:1\"\napi_key_env = \"X\"",
+                    1,
+                )
+                .replace("1.5", "0.5")
+                .replace("-0.1", "0.5");
+            let e = Config::parse(&real, "test.toml", Path::new("."))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("test.toml:") && e.contains(field) && e.contains("only a simulated"),
+                "{e}"
+            );
+        }
+        let c = batch_config("simulated_expire_fraction = 0.25");
+        let terms = c.catalog.providers[0].batch.clone().unwrap();
+        assert_eq!(terms.simulated_expire_fraction, 0.25);
     }
 
     #[test]

@@ -830,6 +830,44 @@ async fn simulated_batch_runs_then_ends_after_its_turnaround_with_the_sync_answe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_expired_batches_and_flex_refusals() {
+    // Every batch expired when it ends: the first lines answered, at least
+    // one not run (the daemon puts those back in the queue).
+    let client = simulated_client(0.0)
+        .with_simulated_channels(1.0, 1.0)
+        .with_batch_turnaround(Duration::from_millis(100));
+    let lines = lines(4);
+    let batch = submit(&client, "ns43", &lines).await;
+    let ended = wait_ended(&client, &batch.id).await;
+    assert_eq!(ended.status, "expired", "{ended:?}");
+    assert!(ended.finished < 4, "{ended:?}");
+    let results = by_id(client.batch_results(&ended).await.unwrap());
+    let run: Vec<bool> = lines
+        .iter()
+        .map(|l| results[&l.custom_id].is_some())
+        .collect();
+    assert_eq!(run.iter().filter(|&&r| r).count() as u64, ended.finished);
+    assert!(run.windows(2).all(|w| w[0] >= w[1]), "{run:?}");
+    // Every flex request refused (429 resource_unavailable); standard
+    // requests answered.
+    let send = |flex: Option<Duration>| {
+        client.send(Request {
+            endpoint: Endpoint::ChatCompletions,
+            model: "wire-model",
+            body: &lines[0].body,
+            custom_id: &lines[0].custom_id,
+            flex_timeout: flex,
+        })
+    };
+    let refused = send(Some(Duration::from_secs(5))).await;
+    assert!(
+        nightshift::dispatch::reliability::is_flex_refusal(&refused),
+        "{refused:?}"
+    );
+    assert!(matches!(send(None).await, Outcome::Success { .. }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulated_batch_cancel_and_failures_and_restart() {
     // A cancel ends it at once; lines not finished are not run.
     let client = simulated_client(0.0).with_batch_turnaround(Duration::from_secs(600));

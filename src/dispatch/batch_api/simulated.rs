@@ -11,7 +11,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use super::{BatchError, BatchLine, LineResult, RemoteBatch, RemoteState};
 pub use crate::dispatch::provider::SimBatch;
 use crate::dispatch::provider::{
-    Request, simulated_fails, simulated_failure, simulated_success, with_model,
+    Request, simulated_fails, simulated_failure, simulated_success, stable_hash, with_model,
 };
 use crate::dispatch::reliability::Outcome;
 use crate::domain::pricing::Endpoint;
@@ -39,12 +39,13 @@ impl SimBatch {
         self.cancelled.map_or(natural, |c| c.min(natural))
     }
 
-    /// Lines finished by `now`.
+    /// Lines finished by `now` (an expired batch runs only its first ones).
     fn finished(&self, now: DateTime<Utc>) -> usize {
         let cut = now.min(self.ends());
         (0..self.lines.len())
             .take_while(|&i| self.line_done(i) <= cut)
             .count()
+            .min(self.expired_after.unwrap_or(usize::MAX))
     }
 
     fn remote(&self, id: &str, now: DateTime<Utc>) -> RemoteBatch {
@@ -56,7 +57,11 @@ impl SimBatch {
                     output: Some(id.to_string()),
                     errors: None,
                 },
-                if cancelled { "cancelled" } else { "completed" },
+                match (cancelled, self.expired_after) {
+                    (true, _) => "cancelled",
+                    (false, Some(_)) => "expired",
+                    (false, None) => "completed",
+                },
             ),
         };
         RemoteBatch {
@@ -84,6 +89,10 @@ pub(super) struct Sim<'a> {
     pub(super) name: &'a str,
     pub(super) failure_rate: f64,
     pub(super) turnaround: Duration,
+    /// The fraction of batches expired when they end (at their turnaround
+    /// here, not the completion window: the daemon's simulated batches are
+    /// short), a drawn share (possibly none, never all) of their lines run.
+    pub(super) expire_fraction: f64,
     pub(super) batches: &'a Mutex<HashMap<String, SimBatch>>,
 }
 
@@ -101,10 +110,16 @@ impl Sim<'_> {
     ) -> RemoteBatch {
         let now = Utc::now();
         let id = format!("sim_batch_{}", next_number());
+        let expired_after = simulated_fails(self.expire_fraction, &[self.name, &id, "expire"])
+            .then(|| {
+                (stable_hash(&[self.name, &id, "expire-share"]) % (lines.len().max(1) as u64))
+                    as usize
+            });
         let batch = SimBatch {
             created: now,
             turnaround: self.turnaround,
             cancelled: None,
+            expired_after,
             endpoint,
             model: model.to_string(),
             lines: lines.to_vec(),
