@@ -459,27 +459,34 @@ impl Health {
     }
 
     /// For planning: until when the provider gets no work (`MAX_UTC` =
-    /// indefinitely), or `None` if it may be planned now. An open circuit
-    /// plans nothing there until its probe is due, and the provider's
+    /// indefinitely), or `None` if it may be planned now.
+    ///
+    /// A circuit that has just opened (five failures in a row, no probe
+    /// yet) plans nothing there until its probe is due; the provider's
     /// capacity after that is discounted by its learned success rate (the
-    /// planner's extra attempts). Planning it out *indefinitely* would hand
-    /// its whole share to dearer providers the moment five failures happen
-    /// in a row — on a provider failing a quarter of its requests that is
-    /// every few hundred requests (issue 10's flaky scenario: 306 of 4,000
-    /// jobs on the cheap provider, against ~3,000 that fit). A provider that
-    /// keeps failing keeps its circuit open (cooldowns double up to 10 min)
-    /// and its success rate falls, so its planned share shrinks with it.
+    /// planner's extra attempts). Planning it out indefinitely at once would
+    /// hand its whole share to dearer providers whenever five failures
+    /// happen in a row — on a provider failing a quarter of its requests
+    /// that is every few hundred requests (issue 10's flaky scenario: 306 of
+    /// 4,000 jobs on the cheap provider, against ~3,000 that fit). Once a
+    /// probe has failed too (the cooldown has doubled), the provider is
+    /// planned out entirely until its next probe is due (and re-planned
+    /// then, [`Health::probe_due`]): one that keeps failing must not hold
+    /// jobs back on the hope it recovers.
     pub fn plan_excluded_until(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         if self.disabled.is_some() {
             return Some(DateTime::<Utc>::MAX_UTC);
         }
         let paused = self.paused_until.filter(|p| *p > now);
-        if let Circuit::Open { until, .. } = self.circuit
-            && now < until
-        {
-            return Some(paused.map_or(until, |p| p.max(until)));
+        match self.circuit {
+            Circuit::Open {
+                cooldown, until, ..
+            } if cooldown > FIRST_COOLDOWN && now < until => Some(DateTime::<Utc>::MAX_UTC),
+            Circuit::Open { until, .. } if now < until => {
+                Some(paused.map_or(until, |p| p.max(until)))
+            }
+            _ => paused,
         }
-        paused
     }
 
     /// When an open circuit's probe is due (re-plan then to include it).
@@ -1034,8 +1041,9 @@ mod tests {
         }
     }
 
-    /// An open circuit keeps the provider out of the plan until its probe
-    /// is due, not for ever (a disabled provider is out for ever).
+    /// A circuit that has just opened keeps the provider out of the plan
+    /// until its probe is due; after a failed probe, until a probe succeeds
+    /// (a disabled provider is out for ever).
     #[test]
     fn an_open_circuit_is_planned_out_only_until_its_probe() {
         let mut h = Health::default();
@@ -1058,6 +1066,15 @@ mod tests {
             h.record(&Verdict::Retry { pause: None }, t0);
         }
         assert_eq!(h.plan_excluded_until(probe), None);
+        // The probe fails: planned out entirely until the next probe, which
+        // the plan then includes.
+        assert!(h.admit(probe));
+        h.record(&Verdict::Retry { pause: None }, probe);
+        let later = probe + chrono::Duration::seconds(5);
+        assert_eq!(h.plan_excluded_until(later), Some(DateTime::<Utc>::MAX_UTC));
+        let next_probe = probe + chrono::Duration::seconds(20);
+        assert_eq!(h.probe_due(), Some(next_probe));
+        assert_eq!(h.plan_excluded_until(next_probe), None);
         h.record(
             &Verdict::DisableProvider {
                 reason: "key refused".into(),
