@@ -108,7 +108,7 @@ impl Observed {
                 success_rate: self.success[p].value,
                 input_token_ratio: self.input_ratio[p].value.clamp(0.25, 4.0),
                 unavailable_until: {
-                    let health = self.health[p].plan_excluded_until(now);
+                    let health = self.health[p].plan_excluded_until(now, self.success[p].value);
                     let budget = (self.budget.remaining(p) <= 1e-9)
                         .then(|| self.budget.renews_at(p, 1e-9, now));
                     health.max(budget)

@@ -423,6 +423,10 @@ pub enum Circuit {
 
 /// Consecutive failures that open the circuit.
 pub const FAILURES_TO_OPEN: u32 = 5;
+/// A success rate under which a provider whose circuit probe failed is
+/// planned out entirely while the circuit is open
+/// ([`Health::plan_excluded_until`]).
+pub const DEAD_BELOW: f64 = 0.5;
 const FIRST_COOLDOWN: Duration = Duration::from_secs(10);
 const MAX_COOLDOWN: Duration = Duration::from_secs(600);
 
@@ -459,21 +463,26 @@ impl Health {
     }
 
     /// For planning: until when the provider gets no work (`MAX_UTC` =
-    /// indefinitely), or `None` if it may be planned now.
+    /// indefinitely), or `None` if it may be planned now. `success_rate`
+    /// is the provider's learned fraction of requests that succeed.
     ///
-    /// A circuit that has just opened (five failures in a row, no probe
-    /// yet) plans nothing there until its probe is due; the provider's
-    /// capacity after that is discounted by its learned success rate (the
-    /// planner's extra attempts). Planning it out indefinitely at once would
-    /// hand its whole share to dearer providers whenever five failures
-    /// happen in a row — on a provider failing a quarter of its requests
-    /// that is every few hundred requests (issue 10's flaky scenario: 306 of
-    /// 4,000 jobs on the cheap provider, against ~3,000 that fit). Once a
-    /// probe has failed too (the cooldown has doubled), the provider is
-    /// planned out entirely until its next probe is due (and re-planned
-    /// then, [`Health::probe_due`]): one that keeps failing must not hold
-    /// jobs back on the hope it recovers.
-    pub fn plan_excluded_until(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    /// An open circuit plans nothing there until its probe is due; the
+    /// provider's capacity after that is discounted by its success rate
+    /// (the planner's extra attempts). Planning it out indefinitely whenever
+    /// the circuit opens would hand its whole share to dearer providers each
+    /// time five failures happen in a row — on a provider failing a quarter
+    /// of its requests that is every few hundred requests (issue 10's flaky
+    /// scenario: 306 of 4,000 jobs on the cheap provider, against ~3,000
+    /// that fit). But a provider whose probe failed too and that fails most
+    /// of what it is sent (success rate under [`DEAD_BELOW`]) is planned out
+    /// entirely until its next probe is due (re-planned then,
+    /// [`Health::probe_due`]): one that keeps failing must not hold jobs
+    /// back on the hope it recovers.
+    pub fn plan_excluded_until(
+        &self,
+        now: DateTime<Utc>,
+        success_rate: f64,
+    ) -> Option<DateTime<Utc>> {
         if self.disabled.is_some() {
             return Some(DateTime::<Utc>::MAX_UTC);
         }
@@ -481,9 +490,12 @@ impl Health {
         match self.circuit {
             Circuit::Open {
                 cooldown, until, ..
-            } if cooldown > FIRST_COOLDOWN && now < until => Some(DateTime::<Utc>::MAX_UTC),
-            Circuit::Open { until, .. } if now < until => {
-                Some(paused.map_or(until, |p| p.max(until)))
+            } if now < until => {
+                if cooldown > FIRST_COOLDOWN && success_rate < DEAD_BELOW {
+                    Some(DateTime::<Utc>::MAX_UTC)
+                } else {
+                    Some(paused.map_or(until, |p| p.max(until)))
+                }
             }
             _ => paused,
         }
@@ -1041,47 +1053,58 @@ mod tests {
         }
     }
 
-    /// A circuit that has just opened keeps the provider out of the plan
-    /// until its probe is due; after a failed probe, until a probe succeeds
-    /// (a disabled provider is out for ever).
+    /// An open circuit keeps the provider out of the plan until its probe
+    /// is due; after a failed probe, a provider failing most requests is
+    /// out entirely until then (a disabled provider is out for ever).
     #[test]
     fn an_open_circuit_is_planned_out_only_until_its_probe() {
         let mut h = Health::default();
         let t0 = at("2026-11-24T12:00:00Z");
-        assert_eq!(h.plan_excluded_until(t0), None);
+        assert_eq!(h.plan_excluded_until(t0, 1.0), None);
         for _ in 0..FAILURES_TO_OPEN {
             h.record(&Verdict::Retry { pause: None }, t0);
         }
         let probe = t0 + chrono::Duration::seconds(10);
-        assert_eq!(h.plan_excluded_until(t0), Some(probe));
+        assert_eq!(h.plan_excluded_until(t0, 1.0), Some(probe));
         assert_eq!(h.probe_due(), Some(probe));
         // A longer pause wins; at the probe's time the plan includes it.
         h.pause(t0, Duration::from_secs(30));
         assert_eq!(
-            h.plan_excluded_until(t0),
+            h.plan_excluded_until(t0, 1.0),
             Some(t0 + chrono::Duration::seconds(30))
         );
         let mut h = Health::default();
         for _ in 0..FAILURES_TO_OPEN {
             h.record(&Verdict::Retry { pause: None }, t0);
         }
-        assert_eq!(h.plan_excluded_until(probe), None);
-        // The probe fails: planned out entirely until the next probe, which
-        // the plan then includes.
+        assert_eq!(h.plan_excluded_until(probe, 1.0), None);
+        // The probe fails.
         assert!(h.admit(probe));
         h.record(&Verdict::Retry { pause: None }, probe);
         let later = probe + chrono::Duration::seconds(5);
-        assert_eq!(h.plan_excluded_until(later), Some(DateTime::<Utc>::MAX_UTC));
+        // A provider that still answers most requests is planned back at
+        // the probe; one that fails most of them is out until then.
+        assert_eq!(
+            h.plan_excluded_until(later, 0.75),
+            Some(probe + chrono::Duration::seconds(20))
+        );
+        assert_eq!(
+            h.plan_excluded_until(later, 0.3),
+            Some(DateTime::<Utc>::MAX_UTC)
+        );
         let next_probe = probe + chrono::Duration::seconds(20);
         assert_eq!(h.probe_due(), Some(next_probe));
-        assert_eq!(h.plan_excluded_until(next_probe), None);
+        assert_eq!(h.plan_excluded_until(next_probe, 0.1), None);
         h.record(
             &Verdict::DisableProvider {
                 reason: "key refused".into(),
             },
             t0,
         );
-        assert_eq!(h.plan_excluded_until(t0), Some(DateTime::<Utc>::MAX_UTC));
+        assert_eq!(
+            h.plan_excluded_until(t0, 1.0),
+            Some(DateTime::<Utc>::MAX_UTC)
+        );
     }
 
     #[test]
