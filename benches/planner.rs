@@ -55,6 +55,7 @@ fn scenarios() {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut timings = Vec::new();
+    let mut rates = Vec::new();
     for name in scenario_names(&root) {
         let dir = root.join(&name);
         let config = Config::load(&dir.join("config.toml")).expect("scenario config");
@@ -88,6 +89,29 @@ fn scenarios() {
             })
             .unwrap();
         let others_wall = t.elapsed();
+        // The planner's peak use of each limited provider, from its trace
+        // (every attempt, retries too), against the configured limit.
+        for r in planner
+            .rate_use
+            .iter()
+            .filter(|r| r.rpm.is_some() || r.rpd.is_some())
+        {
+            let ratio = |used: usize, limit: Option<u32>| {
+                limit.map_or("-".to_string(), |l| {
+                    format!("{:.3}", used as f64 / f64::from(l.max(1)))
+                })
+            };
+            rates.push(format!(
+                "| {name} | {} | {} / {} | {} | {} / {} | {} |",
+                r.provider,
+                r.max_requests_per_minute,
+                r.rpm.map_or("-".to_string(), |l| l.to_string()),
+                ratio(r.max_requests_per_minute, r.rpm),
+                r.max_requests_per_day,
+                r.rpd.map_or("-".to_string(), |l| l.to_string()),
+                ratio(r.max_requests_per_day, r.rpd),
+            ));
+        }
         let t = Instant::now();
         let b = simulate::bound::compute(&config, &workload, &settings);
         let bound_wall = t.elapsed();
@@ -140,6 +164,15 @@ fn scenarios() {
     println!("|---|---|---|---|---|");
     for t in timings {
         println!("{t}");
+    }
+    println!();
+    println!("## Planner's peak requests per limited provider (from the trace: every attempt)\n");
+    println!(
+        "| scenario | provider | max in any sliding 60 s / rpm | utilisation | max in any rolling 24 h / rpd | utilisation |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for r in rates {
+        println!("{r}");
     }
     println!();
 }
