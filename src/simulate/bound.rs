@@ -58,6 +58,11 @@ use crate::plan::{self, PlanSettings, Slot};
 const MIN_BIN_JOBS: usize = 12;
 /// Size bins per group, at most.
 const MAX_BINS: usize = 8;
+/// Size bins in all, at most: a long stream has many (submission, deadline)
+/// groups, and 8 bins each made rpd's LP (720 bins × 194 slots) miss its
+/// time limit. Fewer, wider bins keep the bound valid (each bin's min/max
+/// still bound its sizes), only looser.
+const MAX_TOTAL_BINS: usize = 200;
 
 /// Jobs interchangeable up to their size, within a token range.
 #[derive(Debug, Clone)]
@@ -108,9 +113,10 @@ fn bins(workload: &[WorkloadJob]) -> Vec<Bin> {
             .push(w);
     }
     let mut out = Vec::new();
+    let max_bins = (MAX_TOTAL_BINS / groups.len().max(1)).clamp(1, MAX_BINS);
     for mut jobs in groups.into_values() {
         jobs.sort_by_key(|w| (w.output_tokens, w.input_tokens));
-        let n = (jobs.len() / MIN_BIN_JOBS).clamp(1, MAX_BINS);
+        let n = (jobs.len() / MIN_BIN_JOBS).clamp(1, max_bins);
         let per = jobs.len().div_ceil(n);
         for chunk in jobs.chunks(per) {
             let f = |g: fn(&WorkloadJob) -> u64| chunk.iter().map(move |w| g(w) as f64);
