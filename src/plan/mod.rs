@@ -755,6 +755,30 @@ fn solve_lp(
             problem.add_constraint(terms.as_slice(), ComparisonOp::Le, (rpd - used).max(0.0));
         }
     }
+    // Equal prices spread over providers by capacity: in the first slot
+    // (what the dispatcher starts now), a provider's requests are priced in
+    // tiers of 1/64, 1/64, 1/32, …, 1/2 of its request capacity at 1..7 × a
+    // cost far below any price difference and below the tie-break between
+    // slots. A cheaper provider still takes all it can, and nothing moves to
+    // a later slot to spread; but among equal prices the LP fills every
+    // provider's small tiers before anyone's large ones, so each gets work in
+    // proportion to its capacity (the run ends when all do) instead of one
+    // taking the whole group while the others idle.
+    for (&(p, slot), (requests, _, _)) in &by_cap {
+        let cap = caps.get(&(p, slot)).map_or(f64::INFINITY, |c| c.0);
+        if slot != 0 || !cap.is_finite() || cap <= 0.0 || requests.is_empty() {
+            continue;
+        }
+        let mut sum: Vec<(microlp::Variable, f64)> = requests.clone();
+        for (k, share) in [64.0, 64.0, 32.0, 16.0, 8.0, 4.0, 2.0]
+            .into_iter()
+            .enumerate()
+        {
+            let y = problem.add_var(1e-8 * (k + 1) as f64, (0.0, cap / share));
+            sum.push((y, -1.0));
+        }
+        problem.add_constraint(sum.as_slice(), ComparisonOp::Le, 0.0);
+    }
     for (key, (requests, tokens, seconds)) in by_cap {
         let (req_cap, tok_cap, sec_cap) =
             caps.get(&key)

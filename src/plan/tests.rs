@@ -454,3 +454,26 @@ fn the_sync_fallback_time_is_the_binding_limit_of_the_quickest_model() {
     let t = super::sync_fallback_time(&c, &caps, &[1], 5000, 0);
     assert_eq!(t, crate::domain::bounds::MAX_CONFIG_DURATION);
 }
+
+/// Equal prices: the first slot's work is spread over the providers in
+/// proportion to their capacity, not all given to one while the other idles;
+/// a cheaper provider still takes everything it can.
+#[test]
+fn equal_prices_spread_the_first_slot_by_capacity() {
+    let now = at("2026-11-24T12:00:00Z");
+    let (c, caps) = catalog(&[("a", 1.0, Some(120), vec![]), ("b", 1.0, Some(60), vec![])]);
+    let groups = [group(150, now, at("2026-11-24T14:00:00Z"), vec![0, 1])];
+    let p = plan(&groups, &c, &caps, now, &PlanSettings::default());
+    let a = jobs_in(&p, |x| x.model == 0 && x.slot == 0);
+    let b = jobs_in(&p, |x| x.model == 1 && x.slot == 0);
+    assert!((a + b - 150.0).abs() < 1e-6, "{p:?}");
+    // 2:1 by capacity, within a tier's width.
+    assert!(a > 80.0 && b > 35.0, "a {a}, b {b}: {p:?}");
+    // A cheaper provider is not spread away from.
+    let (c, caps) = catalog(&[("a", 1.0, Some(120), vec![]), ("b", 1.01, Some(60), vec![])]);
+    let p = plan(&groups, &c, &caps, now, &PlanSettings::default());
+    assert!(
+        (jobs_in(&p, |x| x.model == 0) - 150.0).abs() < 1e-6,
+        "{p:?}"
+    );
+}

@@ -1462,6 +1462,50 @@ chat = ["cheap-at-night/m1", "steady/m2"]
             .with_timezone(&Utc)
     }
 
+    /// Two equally priced 120-rpm providers and a burst: both serve it, so
+    /// it ends in about half the time one alone would take.
+    #[test]
+    fn equal_prices_share_a_burst_between_providers() {
+        let text = r#"
+[[providers]]
+name = "a"
+kind = "simulated"
+latency = "1s"
+rpm = 120
+
+[[providers.models]]
+name = "m1"
+input_per_mtok = 1.0
+output_per_mtok = 1.0
+
+[[providers]]
+name = "b"
+kind = "simulated"
+latency = "1s"
+rpm = 120
+
+[[providers.models]]
+name = "m2"
+input_per_mtok = 1.0
+output_per_mtok = 1.0
+
+[classes]
+chat = ["a/m1", "b/m2"]
+"#;
+        let c = Config::parse(text, "test.toml", Path::new(".")).unwrap();
+        let w = load_workload(&workload_with(152, "1h", true), &c, start()).unwrap();
+        let (summary, trace) = run(&c, &w, &Policy::Planner, &PlanSettings::default()).unwrap();
+        assert_eq!(summary.succeeded, 152, "{summary:?}");
+        let (a, b) = (summary.per_provider["a"], summary.per_provider["b"]);
+        assert!(a >= 50 && b >= 50, "a {a}, b {b}");
+        let last = trace.iter().filter_map(|t| t.completed_at).max().unwrap();
+        // One 120-rpm provider alone needs ~76 s for 152 requests.
+        assert!(
+            last - start() <= chrono::Duration::seconds(50),
+            "ended at {last}"
+        );
+    }
+
     #[test]
     fn max_in_window_counts_the_busiest_window() {
         assert_eq!(max_in_window(&[], 60_000), 0);
