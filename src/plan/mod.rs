@@ -702,10 +702,18 @@ fn solve_lp(
     let mut problem = Problem::new(OptimizationDirection::Minimize);
     problem.set_time_limit(settings.time_limit);
     // Among equal costs, earlier is better (less risk, results sooner): a
-    // tie-break far below any real price difference.
+    // tie-break far below any real price difference. At an equal price a
+    // synchronous row beats a batch row (answers sooner, no guard), also
+    // when the spreading tiers below add to the synchronous row's cost.
     let vars: Vec<_> = options
         .iter()
-        .map(|o| problem.add_var(o.cost * scale + o.slot as f64 * 1e-7, (0.0, f64::INFINITY)))
+        .map(|o| {
+            let batch = if catalog.is_batch(o.model) { 8e-8 } else { 0.0 };
+            problem.add_var(
+                o.cost * scale + o.slot as f64 * 1e-7 + batch,
+                (0.0, f64::INFINITY),
+            )
+        })
         .collect();
     // Overflow costs more than any real option, so it is used only when needed.
     let overflow: Vec<_> = groups
