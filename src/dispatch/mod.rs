@@ -298,7 +298,11 @@ impl Dispatcher {
     /// a restart does not begin with full allowances.
     async fn seed_limits(&self, limits: &mut RateLimits, now: DateTime<Utc>) {
         let now_ms = now.timestamp_millis();
-        let sends = match blocking(&self.shared.store, move |s| s.recent_sends(now_ms)).await {
+        let sends = match blocking(&self.shared.store, move |s| {
+            s.recent_sends(now_ms, limits::MINUTE_MS + limits::ARRIVAL_MARGIN_MS)
+        })
+        .await
+        {
             Ok(sends) => sends,
             Err(e) => {
                 warn!("could not read the recent sends (the rate limits start empty): {e}");

@@ -772,13 +772,13 @@ impl Store {
 
     /// The requests sent in the last [`SENDS_KEPT_MS`] before `now_ms`, in
     /// time order, for seeding the rate limits: one row per instant in the
-    /// last minute and the limiter's margin (rpm and tpm count them to the
-    /// millisecond), one per second before that (rpd only needs the count).
-    pub fn recent_sends(&self, now_ms: i64) -> Result<Vec<SentGroup>> {
+    /// last `minute_held` ms (the per-minute windows and the limiter's
+    /// margin, which count them to the millisecond: the dispatcher, which
+    /// owns those windows, says how long), one per second before that (rpd
+    /// only needs the count).
+    pub fn recent_sends(&self, now_ms: i64, minute_held: i64) -> Result<Vec<SentGroup>> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(RECENT_SENDS)?;
-        let minute_held =
-            crate::dispatch::limits::MINUTE_MS + crate::dispatch::limits::ARRIVAL_MARGIN_MS;
         let rows = stmt.query_map(params![now_ms, SENDS_KEPT_MS, minute_held], |r| {
             Ok(SentGroup {
                 provider: r.get(0)?,

@@ -11,6 +11,9 @@ use crate::domain::estimate::size_bin;
 use crate::domain::job::{JobContext, parse_line};
 
 const OWNER: &str = "me";
+/// What the dispatcher asks `recent_sends` to keep to the millisecond.
+const MINUTE_HELD: i64 =
+    crate::dispatch::limits::MINUTE_MS + crate::dispatch::limits::ARRIVAL_MARGIN_MS;
 const T0: i64 = 1_800_000_000_000;
 
 /// A store holding `n` queued chat jobs (ids 1..=n), due an hour after T0,
@@ -303,7 +306,7 @@ fn sends_are_recorded_with_their_starts_read_back_and_pruned_after_a_day() {
         .start_attempts(&[at(1, 99), at(3, 5)], T0 + 90_500, T0 + 150_000, OWNER)
         .unwrap();
     let now = T0 + 100_000;
-    let sends = store.recent_sends(now).unwrap();
+    let sends = store.recent_sends(now, MINUTE_HELD).unwrap();
     let row = |at_ms, requests, tokens| SentGroup {
         provider: "deepseek".into(),
         model: "deepseek-flash".into(),
@@ -324,7 +327,7 @@ fn sends_are_recorded_with_their_starts_read_back_and_pruned_after_a_day() {
     // others, in the same second, are one row)...
     let day = crate::dispatch::limits::DAY_MS;
     assert_eq!(
-        store.recent_sends(T0 + day).unwrap(),
+        store.recent_sends(T0 + day, MINUTE_HELD).unwrap(),
         [row(T0 + 90_500, 2, 35)]
     );
     // ... and the next start deletes them from the table.
@@ -340,7 +343,7 @@ fn sends_are_recorded_with_their_starts_read_back_and_pruned_after_a_day() {
         .start_attempts(&[at(5, 1)], T0 + day + 90_501, T0 + day + 150_000, OWNER)
         .unwrap();
     assert_eq!(
-        store.recent_sends(T0 + day + 90_501).unwrap(),
+        store.recent_sends(T0 + day + 90_501, MINUTE_HELD).unwrap(),
         [row(T0 + day + 1, 1, 1), row(T0 + day + 90_501, 1, 1)]
     );
 }
