@@ -364,11 +364,12 @@ pub fn make_slots_with(
             .iter()
             .map(|&t| {
                 // Within the first slot's length of `now` (short deadlines,
-                // a window opening in the next minutes) to the minute, so
-                // no cheap capacity is lost to the grid; further out to a
-                // quarter of the step.
+                // a window opening in the next minutes) to the second, so
+                // no cheap capacity is lost to the grid (snapping a 12:03:30
+                // stop down to 12:03 lost the last 30 s of a cheap window:
+                // 180 of 210 jobs); further out to a quarter of the step.
                 if t < bounds::add(now, settings.fine_slot) {
-                    return align_down(t, Duration::from_secs(60)).max(now);
+                    return align_down(t, Duration::from_secs(1)).max(now);
                 }
                 let step = settings.step_at(now, t);
                 align_down(t, (step / 4).max(settings.fine_slot).min(step))

@@ -477,3 +477,29 @@ fn equal_prices_spread_the_first_slot_by_capacity() {
         "{p:?}"
     );
 }
+
+/// 240 jobs due in 5 minutes, a 60-rpm provider half price from the first
+/// minute on: the plan fills its window up to the deadline minus the 30 s
+/// margin (3.5 min × 60 = 210), not to the minute before (180).
+#[test]
+fn a_short_deadline_uses_the_cheap_window_up_to_the_margin() {
+    let now = at("2026-11-24T11:59:00Z");
+    let (c, caps) = catalog(&[
+        (
+            "cheap",
+            1.0,
+            Some(60),
+            vec![half_price("2026-11-24T12:00:00Z", "2026-11-24T13:00:00Z")],
+        ),
+        ("dear", 0.8, None, vec![]),
+    ]);
+    let settings = PlanSettings {
+        safety_margin: Duration::from_secs(30),
+        ..PlanSettings::default()
+    };
+    let groups = [group(240, now, at("2026-11-24T12:04:00Z"), vec![0, 1])];
+    let p = plan(&groups, &c, &caps, now, &settings);
+    let cheap = jobs_in(&p, |a| a.model == 0);
+    assert!(cheap >= 205.0, "{cheap} on the cheap window: {p:?}");
+    assert!(p.overflow.is_empty());
+}
