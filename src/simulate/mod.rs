@@ -1462,37 +1462,31 @@ chat = ["cheap-at-night/m1", "steady/m2"]
             .with_timezone(&Utc)
     }
 
+    /// A `chat` class over two simulated providers (1 s latency), each
+    /// (name, extra provider lines, price per 1M tokens in and out), with
+    /// models `m1` and `m2`.
+    fn two_providers(a: (&str, &str, f64), b: (&str, &str, f64)) -> Config {
+        let provider = |(name, extra, price): (&str, &str, f64), model: &str| {
+            format!(
+                "[[providers]]\nname = \"{name}\"\nkind = \"simulated\"\nlatency = \"1s\"\n{extra}\n\n\
+                 [[providers.models]]\nname = \"{model}\"\ninput_per_mtok = {price:?}\noutput_per_mtok = {price:?}\n\n"
+            )
+        };
+        let text = format!(
+            "{}{}[classes]\nchat = [\"{}/m1\", \"{}/m2\"]\n",
+            provider(a, "m1"),
+            provider(b, "m2"),
+            a.0,
+            b.0
+        );
+        Config::parse(&text, "test.toml", Path::new(".")).unwrap()
+    }
+
     /// Two equally priced 120-rpm providers and a burst: both serve it, so
     /// it ends in about half the time one alone would take.
     #[test]
     fn equal_prices_share_a_burst_between_providers() {
-        let text = r#"
-[[providers]]
-name = "a"
-kind = "simulated"
-latency = "1s"
-rpm = 120
-
-[[providers.models]]
-name = "m1"
-input_per_mtok = 1.0
-output_per_mtok = 1.0
-
-[[providers]]
-name = "b"
-kind = "simulated"
-latency = "1s"
-rpm = 120
-
-[[providers.models]]
-name = "m2"
-input_per_mtok = 1.0
-output_per_mtok = 1.0
-
-[classes]
-chat = ["a/m1", "b/m2"]
-"#;
-        let c = Config::parse(text, "test.toml", Path::new(".")).unwrap();
+        let c = two_providers(("a", "rpm = 120", 1.0), ("b", "rpm = 120", 1.0));
         let w = load_workload(&workload_with(152, "1h", true), &c, start()).unwrap();
         let (summary, trace) = run(&c, &w, &Policy::Planner, &PlanSettings::default()).unwrap();
         assert_eq!(summary.succeeded, 152, "{summary:?}");
@@ -1517,37 +1511,10 @@ chat = ["a/m1", "b/m2"]
     /// rates computed from it stay within the flaky provider's rpm and rpd.
     #[test]
     fn the_trace_records_every_attempt_and_rates_stay_within_limits() {
-        let text = r#"
-[daemon]
-safety_margin = "5m"
-
-[[providers]]
-name = "flaky"
-kind = "simulated"
-latency = "1s"
-failure_rate = 0.3
-rpm = 30
-rpd = 200
-
-[[providers.models]]
-name = "m1"
-input_per_mtok = 0.5
-output_per_mtok = 0.5
-
-[[providers]]
-name = "steady"
-kind = "simulated"
-latency = "1s"
-
-[[providers.models]]
-name = "m2"
-input_per_mtok = 1.0
-output_per_mtok = 1.0
-
-[classes]
-chat = ["flaky/m1", "steady/m2"]
-"#;
-        let c = Config::parse(text, "test.toml", Path::new(".")).unwrap();
+        let c = two_providers(
+            ("flaky", "failure_rate = 0.3\nrpm = 30\nrpd = 200", 0.5),
+            ("steady", "", 1.0),
+        );
         let w = load_workload(&workload_with(300, "1h", true), &c, start()).unwrap();
         let (summary, trace) = run(&c, &w, &Policy::Planner, &PlanSettings::default()).unwrap();
         assert_eq!(summary.succeeded, 300, "{summary:?}");

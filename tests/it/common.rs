@@ -594,6 +594,21 @@ pub fn chat_line(custom_id: &str, model: &str, text: &str, nightshift: Option<Va
     line.to_string()
 }
 
+/// `POST /v1/jobs` with a JSONL body: the native API's submission.
+pub async fn post_jsonl(
+    client: &Client,
+    body: String,
+) -> Result<Value, nightshift::api::client::CallError> {
+    client
+        .json(
+            hyper::Method::POST,
+            "/v1/jobs",
+            Some("application/jsonl"),
+            body,
+        )
+        .await
+}
+
 /// Both outbox files of `stem`, once they exist.
 pub async fn wait_for_outbox(
     jobs: &Path,

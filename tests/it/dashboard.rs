@@ -434,15 +434,7 @@ async fn the_providers_page_shows_the_batch_channel_and_its_batches() {
             ) + "\n"
         })
         .collect();
-    let sub = api
-        .json(
-            hyper::Method::POST,
-            "/v1/jobs",
-            Some("application/jsonl"),
-            body,
-        )
-        .await
-        .unwrap();
+    let sub = post_jsonl(&api, body).await.unwrap();
     assert_eq!(sub["queued"], 4, "{sub}");
     let mut batch = Value::Null;
     wait_until_async("a provider batch done in /v1/providers", WAIT, async || {
@@ -760,15 +752,7 @@ async fn the_embedded_default_dashboard_renders_the_example_backlog() {
             ) + "\n"
         })
         .collect();
-    let sub = api
-        .json(
-            hyper::Method::POST,
-            "/v1/jobs",
-            Some("application/jsonl"),
-            backlog,
-        )
-        .await
-        .unwrap();
+    let sub = post_jsonl(&api, backlog).await.unwrap();
     assert_eq!(sub["queued"], 400, "{sub}");
     let example = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("jobs/examples/tickets.jsonl"),

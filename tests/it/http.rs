@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nightshift::api::client::{CallError, Client};
+use nightshift::api::client::CallError;
 use serde_json::{Value, json};
 
 use crate::common::*;
@@ -50,17 +50,6 @@ async fn api_error(r: Result<Value, CallError>) -> (u16, Value) {
 
 fn jsonl(lines: &[String]) -> String {
     lines.join("\n") + "\n"
-}
-
-async fn post_jsonl(client: &Client, body: String) -> Result<Value, CallError> {
-    client
-        .json(
-            hyper::Method::POST,
-            "/v1/jobs",
-            Some("application/jsonl"),
-            body,
-        )
-        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
