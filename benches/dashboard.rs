@@ -67,10 +67,12 @@ fn main() {
     let runs = 5;
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::embedded_default();
-    config.daemon.database = dir.path().join("dash.db");
+    config.daemon.database =
+        nightshift::config::database::Database::Sqlite(dir.path().join("dash.db"));
     config.http.socket = dir.path().join("api.sock");
     config.http.tcp = None;
-    let store = std::sync::Arc::new(Store::open(&config.daemon.database).unwrap());
+    let store =
+        std::sync::Arc::new(Store::open(config.daemon.database.sqlite_path().unwrap()).unwrap());
     let t = Instant::now();
     fill(&config, &store, jobs);
     println!(
@@ -79,7 +81,7 @@ fn main() {
     );
 
     // The reference: the cheapest aggregate over the same table.
-    let conn = rusqlite::Connection::open(&config.daemon.database).unwrap();
+    let conn = rusqlite::Connection::open(config.daemon.database.sqlite_path().unwrap()).unwrap();
     let reference = median(
         (0..runs)
             .map(|_| {

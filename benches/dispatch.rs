@@ -256,7 +256,7 @@ fn queue_jobs(dir: &Path, config: &str, n: u64) {
     let folders = Folders::new(&config.daemon.jobs_dir);
     folders.create().unwrap();
     std::fs::create_dir_all(&config.daemon.state_dir).unwrap();
-    let store = Store::open(&config.daemon.database).unwrap();
+    let store = Store::open(config.daemon.database.sqlite_path().unwrap()).unwrap();
     let outcome = ingest::ingest_file(
         &store,
         &config.catalog,

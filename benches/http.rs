@@ -61,10 +61,10 @@ async fn server(
     dir: &std::path::Path,
 ) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>, Arc<Store>) {
     let mut config = config.clone();
-    config.daemon.database = dir.join("http.db");
+    config.daemon.database = nightshift::config::database::Database::Sqlite(dir.join("http.db"));
     config.http.socket = dir.join("api.sock");
     config.http.max_body = 100_000_000;
-    let store = Arc::new(Store::open(&config.daemon.database).unwrap());
+    let store = Arc::new(Store::open(config.daemon.database.sqlite_path().unwrap()).unwrap());
     let shared = nightshift::shared::Shared::fixed(store.clone(), &config);
     let s = nightshift::api::Server::bind(&config, shared)
         .await

@@ -8,7 +8,7 @@ use std::fs;
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use chrono::Utc;
 
 use crate::config::Config;
@@ -20,13 +20,8 @@ use crate::store::Store;
 /// database (safe while the daemon runs: WAL readers do not block it).
 pub fn plan(config: &Config) -> anyhow::Result<String> {
     let db = &config.daemon.database;
-    if !db.exists() {
-        bail!(
-            "no database at {} (has the daemon run with this config?)",
-            db.display()
-        );
-    }
-    let store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
+    let store =
+        Store::open_existing(db, &config.daemon.node).with_context(|| format!("opening {db}"))?;
     let buckets = store.queued_buckets()?;
     let now = Utc::now();
     let settings = PlanSettings {
@@ -57,12 +52,6 @@ pub fn report(
 ) -> anyhow::Result<String> {
     use std::fmt::Write as _;
     let db = &config.daemon.database;
-    if !db.exists() {
-        bail!(
-            "no database at {} (has the daemon run with this config?)",
-            db.display()
-        );
-    }
     let since_ms = match since {
         None => 0,
         Some(s) => match chrono::DateTime::parse_from_rfc3339(s) {
@@ -79,7 +68,8 @@ pub fn report(
             }
         },
     };
-    let store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
+    let store =
+        Store::open_existing(db, &config.daemon.node).with_context(|| format!("opening {db}"))?;
     let rows = store.spend(since_ms, by)?;
     let mut out = String::new();
     let label = match by {

@@ -392,7 +392,24 @@ pub fn effective_config(config: &crate::config::Config) -> String {
     let _ = writeln!(out, "[daemon]");
     let _ = writeln!(out, "state_dir = {:?}", d.state_dir.display().to_string());
     let _ = writeln!(out, "jobs_dir = {:?}", d.jobs_dir.display().to_string());
-    let _ = writeln!(out, "database = {:?}", d.database.display().to_string());
+    match &d.database {
+        crate::config::database::Database::Sqlite(path) => {
+            let _ = writeln!(out, "database = {:?}  # SQLite", path.display().to_string());
+        }
+        crate::config::database::Database::Postgres(t) => {
+            let _ = writeln!(
+                out,
+                "database = {:?}  # PostgreSQL, shared by every daemon on it; password {}",
+                t.to_string(),
+                if t.has_password() {
+                    "set (not shown)"
+                } else {
+                    "not set"
+                }
+            );
+        }
+    }
+    let _ = writeln!(out, "node = {:?}", d.node);
     for (k, v) in [
         ("default_deadline", d.default_deadline),
         ("rescan_interval", d.rescan_interval),

@@ -4,6 +4,7 @@
 //! The embedded default (`src/default_config.toml`) goes through the same
 //! path, so it doubles as the reference example of the format.
 
+pub mod database;
 pub mod live;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -225,7 +226,12 @@ impl KeyRef {
 pub struct DaemonSettings {
     pub state_dir: PathBuf,
     pub jobs_dir: PathBuf,
-    pub database: PathBuf,
+    /// The queue: a SQLite file (default `<state_dir>/nightshift.db`) or a
+    /// PostgreSQL URL that several daemons share.
+    pub database: database::Database,
+    /// This daemon's name among those sharing a PostgreSQL queue (default:
+    /// the host name): the files its inbox receives are its to answer.
+    pub node: String,
     pub default_deadline: Duration,
     pub rescan_interval: Duration,
     pub request_timeout: Duration,
@@ -416,7 +422,9 @@ struct RawConfig {
 struct RawDaemon {
     state_dir: Option<PathBuf>,
     jobs_dir: Option<PathBuf>,
-    database: Option<PathBuf>,
+    database: Option<Spanned<String>>,
+    database_password_file: Option<PathBuf>,
+    node: Option<Spanned<String>>,
     default_deadline: Option<Spanned<String>>,
     rescan_interval: Option<Spanned<String>>,
     request_timeout: Option<Spanned<String>>,
@@ -586,6 +594,28 @@ struct RawWindow {
     output_per_mtok: Option<f64>,
 }
 
+/// The host name, as `[daemon] node`'s default (`localhost` if unreadable).
+fn default_node() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_str()
+        .ok()
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            n.chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .take(64)
+                .collect()
+        })
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
 // ---- validation -----------------------------------------------------------
 
 struct Validator<'a> {
@@ -744,11 +774,46 @@ impl Validator<'_> {
         let state_dir = abs(d.state_dir.as_deref().unwrap_or(Path::new("state")));
         let daemon = DaemonSettings {
             jobs_dir: abs(d.jobs_dir.as_deref().unwrap_or(Path::new("jobs"))),
-            database: d
-                .database
-                .as_deref()
-                .map(abs)
-                .unwrap_or_else(|| state_dir.join("nightshift.db")),
+            database: match &d.database {
+                None => database::Database::Sqlite(state_dir.join("nightshift.db")),
+                Some(v) if database::Database::is_postgres_url(v.get_ref()) => {
+                    let file = d.database_password_file.as_deref().map(abs);
+                    database::Database::Postgres(Box::new(
+                        database::Target::parse(v.get_ref(), file.as_deref())
+                            .map_err(|m| self.err(Some(v.span()), "daemon.database", m))?,
+                    ))
+                }
+                Some(v) if v.get_ref().is_empty() => {
+                    return Err(self.err(
+                        Some(v.span()),
+                        "daemon.database",
+                        "is empty: give a file path or a postgresql:// URL",
+                    ));
+                }
+                Some(v) => database::Database::Sqlite(abs(Path::new(v.get_ref()))),
+            },
+            node: match &d.node {
+                None => default_node(),
+                Some(v) => {
+                    let n = v.get_ref();
+                    if n.is_empty()
+                        || n.len() > 64
+                        || !n
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                    {
+                        return Err(self.err(
+                            Some(v.span()),
+                            "daemon.node",
+                            format!(
+                                "{:?} is not 1 to 64 letters, digits, '-', '_' or '.'",
+                                crate::domain::units::escaped(n)
+                            ),
+                        ));
+                    }
+                    n.clone()
+                }
+            },
             state_dir,
             default_deadline: self.positive_duration(
                 &d.default_deadline,

@@ -16,7 +16,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use chrono::{DateTime, Utc};
 use tokio::sync::{Mutex, Notify, watch};
 use tokio_cron_scheduler::{Job, JobScheduler};
@@ -164,13 +164,8 @@ fn log_checkpoint(c: &Checkpoint) {
 /// serialises the writes). Returns what to print.
 pub fn command(config: &Config) -> anyhow::Result<String> {
     let db = &config.daemon.database;
-    if !db.exists() {
-        bail!(
-            "no database at {} (has the daemon run with this config?)",
-            db.display()
-        );
-    }
-    let store = Store::open(db).with_context(|| format!("opening {}", db.display()))?;
+    let store =
+        Store::open_existing(db, &config.daemon.node).with_context(|| format!("opening {db}"))?;
     let o = run_once(&store, config.daemon.retention, Utc::now(), &|| true)?;
     Ok(format!("{o}"))
 }

@@ -99,11 +99,11 @@ pub async fn run(
         .create()
         .with_context(|| format!("creating job folders under {}", d.jobs_dir.display()))?;
 
-    let db = d.database.clone();
+    let (db, node) = (d.database.clone(), d.node.clone());
     let store = Arc::new(
-        tokio::task::spawn_blocking(move || Store::open(&db))
+        tokio::task::spawn_blocking(move || Store::open_database(&db, &node))
             .await?
-            .with_context(|| format!("opening database {}", d.database.display()))?,
+            .with_context(|| format!("opening database {}", d.database))?,
     );
     let owner = format!("{}-{}", std::process::id(), Utc::now().timestamp_millis());
     let now_ms = Utc::now().timestamp_millis();
@@ -117,7 +117,8 @@ pub async fn run(
     }
     let counts = blocking(&store, |s| s.counts()).await?;
     info!(
-        database = %d.database.display(),
+        database = %d.database,
+        backend = store.kind(),
         queued = counts[&crate::store::JobState::Queued],
         running_recovered = recovered,
         "queue open"

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::{FinishedJob, JobState, Origin, Result, SELECT_FINISHED, Store, finished_from_row};
+use super::{FinishedJob, JobState, Origin, Result, SELECT_FINISHED, Sqlite, finished_from_row};
 
 /// What a file of the OpenAI-compatible API holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -389,7 +389,7 @@ pub(super) const STATS_FINAL: &str =
 pub(super) const STATS_LATE: &str = "SELECT TOTAL(late_cost_usd), COALESCE(SUM(late_answers), 0)
  FROM jobs INDEXED BY jobs_late WHERE late_answers > 0";
 
-impl Store {
+impl Sqlite {
     /// One job with its route, deadline and result.
     pub fn job_detail(&self, id: i64) -> Result<Option<JobDetail>> {
         let conn = self.conn();
@@ -900,7 +900,7 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{NewSource, Origin, Store};
+    use super::super::{NewSource, Origin, Sqlite};
     use super::NewBatch;
 
     /// A crash after a batch's jobs are committed but before the batch is
@@ -910,7 +910,7 @@ mod tests {
     #[test]
     fn a_batch_is_linked_to_its_source_in_the_ingest_transaction() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("q.db")).unwrap();
+        let store = Sqlite::open(&dir.path().join("q.db")).unwrap();
         let taken = NewSource {
             origin: Origin::Inbox,
             name: "batch_1.jsonl",

@@ -22,7 +22,7 @@
 
 use rusqlite::{OptionalExtension, TransactionBehavior, params};
 
-use super::{Finish, Result, Store, finish_columns};
+use super::{Finish, Result, Sqlite, finish_columns};
 
 /// Version 8: provider batches and their jobs (see schema.sql).
 pub(super) const PROVIDER_BATCHES_SCHEMA: &str =
@@ -228,7 +228,7 @@ const REQUEUE_BATCH_JOBS: &str = "UPDATE jobs SET state = 'queued', provider_bat
         attempts = CASE WHEN ?2 THEN MAX(attempts - 1, 0) ELSE attempts END
  WHERE state = 'running' AND provider_batch_id = ?1";
 
-impl Store {
+impl Sqlite {
     /// Records a provider batch and moves its jobs from queued to running
     /// in it, counting an attempt, in one transaction (before anything is
     /// uploaded). Returns the batch id and the jobs that were still queued;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rusqlite::{TransactionBehavior, params};
 
-use super::{Result, Store};
+use super::{Result, Sqlite};
 
 /// Rows purged per write transaction by the daemon and the CLI.
 pub const PURGE_BATCH: usize = 10_000;
@@ -83,7 +83,7 @@ const TRUNCATE_WAIT: Duration = Duration::from_secs(1);
 /// restored after a TRUNCATE checkpoint.
 const WRITER_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-impl Store {
+impl Sqlite {
     /// Drops the body, options and provider response of every finished job
     /// (succeeded, failed, expired, cancelled) that completed before
     /// `cutoff_ms` and whose results were delivered: for a file of the
@@ -222,7 +222,7 @@ mod tests {
     /// Queues `ids` as one source submitted at `at_ms`; returns the source
     /// id and the job ids in order.
     fn ingest(
-        store: &Store,
+        store: &Sqlite,
         config: &Config,
         origin: Origin,
         stem: &str,
@@ -263,7 +263,7 @@ mod tests {
         (summary.source_id, jobs)
     }
 
-    fn start(store: &Store, id: i64, at_ms: i64) {
+    fn start(store: &Sqlite, id: i64, at_ms: i64) {
         let started = store
             .start_attempts(
                 &[Start {
@@ -281,7 +281,7 @@ mod tests {
         assert_eq!(started, [id]);
     }
 
-    fn succeed(store: &Store, id: i64, at_ms: i64) {
+    fn succeed(store: &Sqlite, id: i64, at_ms: i64) {
         start(store, id, at_ms - 1_000);
         let f = Finish {
             succeeded: true,
@@ -299,7 +299,7 @@ mod tests {
     }
 
     /// (body, options, response) as stored.
-    fn payload(store: &Store, id: i64) -> (String, Option<String>, Option<String>) {
+    fn payload(store: &Sqlite, id: i64) -> (String, Option<String>, Option<String>) {
         store
             .conn()
             .query_row(
@@ -310,14 +310,14 @@ mod tests {
             .unwrap()
     }
 
-    fn purged(store: &Store, id: i64) -> bool {
+    fn purged(store: &Sqlite, id: i64) -> bool {
         payload(store, id) == (String::new(), None, None)
     }
 
     #[test]
     fn retention_purges_only_finished_delivered_jobs_older_than_the_cutoff() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("q.db")).unwrap();
+        let store = Sqlite::open(&dir.path().join("q.db")).unwrap();
         let config = Config::embedded_default();
         let now = Utc::now().timestamp_millis();
         let old = now - 40 * DAY;
@@ -449,7 +449,7 @@ mod tests {
     #[test]
     fn retention_stops_between_batches_when_asked() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("q.db")).unwrap();
+        let store = Sqlite::open(&dir.path().join("q.db")).unwrap();
         let config = Config::embedded_default();
         let now = Utc::now().timestamp_millis();
         let ids: Vec<(String, &str)> = (0..5).map(|i| (format!("c{i}"), "100d")).collect();
@@ -473,7 +473,7 @@ mod tests {
     #[test]
     fn old_uploads_lose_their_content_unless_an_open_batch_reads_them() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("q.db")).unwrap();
+        let store = Sqlite::open(&dir.path().join("q.db")).unwrap();
         let now = Utc::now().timestamp_millis();
         let old = now - 40 * DAY;
         let content = b"{\"custom_id\":\"a\"}\n".as_slice();
@@ -521,7 +521,7 @@ mod tests {
     #[test]
     fn the_candidate_scan_walks_job_ids_not_the_state_index() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("q.db")).unwrap();
+        let store = Sqlite::open(&dir.path().join("q.db")).unwrap();
         let plan: Vec<String> = store
             .conn()
             .prepare(&format!("EXPLAIN QUERY PLAN {JOB_CANDIDATES}"))
@@ -539,7 +539,7 @@ mod tests {
     fn checkpoints_report_frames_and_truncate_empties_the_wal() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("q.db");
-        let store = Store::open(&path).unwrap();
+        let store = Sqlite::open(&path).unwrap();
         let config = Config::embedded_default();
         let now = Utc::now().timestamp_millis();
         ingest(&store, &config, Origin::Api, "a", &[("x", "1d")], now);
@@ -566,7 +566,7 @@ mod tests {
     fn a_truncate_checkpoint_behind_a_reader_gives_up_within_its_wait() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("q.db");
-        let store = Store::open(&path).unwrap();
+        let store = Sqlite::open(&path).unwrap();
         let config = Config::embedded_default();
         let now = Utc::now().timestamp_millis();
         ingest(&store, &config, Origin::Api, "a", &[("x", "1d")], now);

@@ -18,7 +18,10 @@ use crate::domain::job::{LineError, NewJob};
 
 mod api;
 pub use api::*;
+mod backend;
+pub use backend::{Backend, Store};
 mod batches;
+pub mod pg;
 pub use batches::*;
 pub mod maintenance;
 
@@ -122,6 +125,15 @@ pub enum QueueError {
     /// A fault injected by a test (see [`crate::faults`]).
     #[error("injected fault: {0}")]
     Injected(&'static str),
+    #[error("database: {0}")]
+    Postgres(#[from] postgres::Error),
+    /// No connection could be had from the pool in time (the database is
+    /// down or unreachable); the caller retries.
+    #[error("database unavailable: {0}")]
+    Pool(String),
+    /// What this backend cannot do.
+    #[error("not supported on this database backend: {0}")]
+    Unsupported(&'static str),
 }
 
 pub type Result<T> = std::result::Result<T, QueueError>;
@@ -398,7 +410,7 @@ pub struct StoredLineError {
 }
 
 /// The SQLite-backed job queue.
-pub struct Store {
+pub struct Sqlite {
     conn: Mutex<Connection>,
     path: PathBuf,
 }
@@ -410,10 +422,10 @@ fn setup_err(path: &Path, message: impl Into<String>) -> QueueError {
     }
 }
 
-impl Store {
+impl Sqlite {
     /// Opens (creating if needed) the database at `path`, asserts its pragmas
     /// and migrates it to [`SCHEMA_VERSION`].
-    pub fn open(path: &Path) -> Result<Store> {
+    pub fn open(path: &Path) -> Result<Sqlite> {
         owner_only(path)
             .map_err(|e| setup_err(path, format!("making it owner-only (0600): {e}")))?;
         let mut conn = Connection::open(path)?;
@@ -438,7 +450,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", true)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrate(&mut conn, path)?;
-        Ok(Store {
+        Ok(Sqlite {
             conn: Mutex::new(conn),
             path: path.to_path_buf(),
         })
@@ -1055,6 +1067,8 @@ pub enum ResultsError {
     Sqlite(#[from] rusqlite::Error),
     #[error("writing results: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Queue(#[from] QueueError),
 }
 
 const INSERT_JOB: &str =
@@ -1424,7 +1438,7 @@ mod schema_tests {
     #[test]
     fn expire_overdue_and_spent_since_use_an_index() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("q.db")).unwrap();
+        let store = Sqlite::open(&dir.path().join("q.db")).unwrap();
         assert_indexed(&store.conn());
         // And they still do what they did.
         assert_eq!(store.expire_overdue(i64::MAX).unwrap(), []);
@@ -1435,13 +1449,13 @@ mod schema_tests {
     #[test]
     fn a_version_1_database_is_upgraded_to_the_current_schema() {
         let dir = tempfile::tempdir().unwrap();
-        let fresh = Store::open(&dir.path().join("fresh.db")).unwrap();
+        let fresh = Sqlite::open(&dir.path().join("fresh.db")).unwrap();
         let fresh_schema = schema_of(&fresh.conn());
 
         // Version 1: jobs_route instead of the per-pass indexes.
         let old = dir.path().join("old.db");
         {
-            let store = Store::open(&old).unwrap();
+            let store = Sqlite::open(&old).unwrap();
             let conn = store.conn();
             conn.execute_batch(
                 "DROP INDEX jobs_completed; DROP INDEX jobs_due;
@@ -1456,7 +1470,7 @@ mod schema_tests {
             )
             .unwrap();
         }
-        let store = Store::open(&old).unwrap();
+        let store = Sqlite::open(&old).unwrap();
         let conn = store.conn();
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -1473,7 +1487,7 @@ mod schema_tests {
     #[test]
     fn every_job_listing_filter_reads_an_index() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("q.db")).unwrap();
+        let store = Sqlite::open(&dir.path().join("q.db")).unwrap();
         let conn = store.conn();
         let sources = [
             None,
@@ -1537,13 +1551,15 @@ mod schema_tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("q.db");
         {
-            let store = Store::open(&path).unwrap();
+            let store = Sqlite::open(&path).unwrap();
             store
                 .conn()
                 .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
                 .unwrap();
         }
-        let e = Store::open(&path).err().expect("a newer schema is refused");
+        let e = Sqlite::open(&path)
+            .err()
+            .expect("a newer schema is refused");
         assert!(e.to_string().contains("newer"), "{e}");
     }
 }

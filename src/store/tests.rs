@@ -18,9 +18,9 @@ const T0: i64 = 1_800_000_000_000;
 
 /// A store holding `n` queued chat jobs (ids 1..=n), due an hour after T0,
 /// and their route key.
-fn store_with(n: usize) -> (tempfile::TempDir, Store, String) {
+fn store_with(n: usize) -> (tempfile::TempDir, Sqlite, String) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("q.db")).unwrap();
+    let store = Sqlite::open(&dir.path().join("q.db")).unwrap();
     let config = Config::embedded_default();
     let ctx = JobContext {
         catalog: &config.catalog,
@@ -52,7 +52,7 @@ fn store_with(n: usize) -> (tempfile::TempDir, Store, String) {
     (dir, store, route)
 }
 
-fn due(store: &Store, route: &str, now_ms: i64) -> Vec<i64> {
+fn due(store: &Sqlite, route: &str, now_ms: i64) -> Vec<i64> {
     store
         .queued_in_route(route, size_bin(10 / 2), 0, i64::MAX, now_ms, 100)
         .unwrap()
@@ -61,7 +61,7 @@ fn due(store: &Store, route: &str, now_ms: i64) -> Vec<i64> {
         .collect()
 }
 
-fn start(store: &Store, ids: &[i64], lease_until: i64) -> Vec<i64> {
+fn start(store: &Sqlite, ids: &[i64], lease_until: i64) -> Vec<i64> {
     let starts: Vec<Start> = ids
         .iter()
         .map(|&job_id| Start {
@@ -77,7 +77,7 @@ fn start(store: &Store, ids: &[i64], lease_until: i64) -> Vec<i64> {
         .unwrap()
 }
 
-fn state(store: &Store, id: i64) -> (JobState, u32) {
+fn state(store: &Sqlite, id: i64) -> (JobState, u32) {
     let d = store.job_detail(id).unwrap().unwrap();
     (d.job.state, d.job.attempts)
 }
@@ -201,7 +201,7 @@ fn overdue_queued_jobs_expire_and_running_ones_do_not() {
 #[test]
 fn the_queue_summary_matches_the_planners_buckets() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&dir.path().join("q.db")).unwrap();
+    let store = Sqlite::open(&dir.path().join("q.db")).unwrap();
     let config = Config::embedded_default();
     let ctx = JobContext {
         catalog: &config.catalog,
