@@ -201,3 +201,20 @@ fn whoami() -> String {
 pub fn socket_of(server: &Server) -> &Path {
     &server.socket_dir
 }
+
+/// One store on each backend (SQLite in a temporary directory, PostgreSQL
+/// in a fresh database), for tests that run the same steps on both and
+/// compare what they answer. The directory lives as long as the store.
+#[cfg(test)]
+pub fn backends() -> Vec<(crate::store::Store, Option<tempfile::TempDir>)> {
+    use crate::config::database::{Database, Target};
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = crate::store::Store::open(&dir.path().join("q.db")).unwrap();
+    let url = fresh_database();
+    let pg = crate::store::Store::open_database(
+        &Database::Postgres(Box::new(Target::parse(&url, None).unwrap())),
+        "test-node",
+    )
+    .unwrap();
+    vec![(sqlite, Some(dir)), (pg, None)]
+}
