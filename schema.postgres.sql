@@ -159,6 +159,9 @@ CREATE INDEX IF NOT EXISTS batches_open ON batches (status)
 -- limits count it (`store::pg::coord`), and a daemon seeds its own pacing
 -- from it.
 CREATE TABLE IF NOT EXISTS sends (
+    -- In commit order per provider (sends are inserted holding the
+    -- provider's admission lock): the cursor other daemons read from.
+    id       BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     at_ms    BIGINT NOT NULL,
     provider TEXT   NOT NULL,
     model    TEXT   NOT NULL,
@@ -166,6 +169,7 @@ CREATE TABLE IF NOT EXISTS sends (
     owner    TEXT   NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS sends_at ON sends (provider, at_ms) INCLUDE (model, tokens, owner);
+CREATE INDEX IF NOT EXISTS sends_cursor ON sends (provider, id) INCLUDE (owner, model, at_ms, tokens);
 
 -- The daemons sharing this queue: one row per running daemon (its lease
 -- owner id), renewed every heartbeat. A daemon whose heartbeat is older than

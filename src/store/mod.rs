@@ -19,6 +19,7 @@ use crate::domain::job::{LineError, NewJob};
 mod api;
 pub use api::*;
 mod backend;
+pub mod coord;
 pub use backend::{Backend, Store};
 mod batches;
 pub mod pg;

@@ -64,6 +64,12 @@ pub struct Postgres {
     /// This daemon's node name: the sources its inbox receives are its to
     /// write to its outbox.
     node: String,
+    /// The limits admission holds for the sum over every daemon, per
+    /// provider (from this daemon's catalog: every daemon sharing an
+    /// account must configure the same limits).
+    shares: std::sync::RwLock<coord::Shares>,
+    /// The session holding the planner lock, while this daemon plans.
+    planner: std::sync::Mutex<Option<postgres::Client>>,
 }
 
 impl Postgres {
@@ -84,6 +90,8 @@ impl Postgres {
             pool,
             target: target.clone(),
             node: node.to_string(),
+            shares: Default::default(),
+            planner: Default::default(),
         };
         pg.run(migrate)
             .map_err(|e| setup(target, format!("migrating the schema: {e}")))?;
