@@ -118,7 +118,7 @@ const RECENT_SENDS: &str =
      WHERE at_ms > $1::BIGINT - $2::BIGINT
      GROUP BY provider, model,
               CASE WHEN at_ms > $1::BIGINT - $3::BIGINT THEN at_ms ELSE -1 - at_ms / 1000 END
-     ORDER BY 3, 1 COLLATE \"C\", 2 COLLATE \"C\"";
+     ORDER BY 3, provider COLLATE \"C\", model COLLATE \"C\"";
 
 /// [`Postgres::spent_since`]: a range on `jobs_completed`.
 const SPENT_SINCE: &str =
@@ -977,7 +977,7 @@ impl Postgres {
                             COALESCE(SUM(list_cost_usd), 0)::DOUBLE PRECISION,
                             COALESCE(SUM(late_cost_usd), 0)::DOUBLE PRECISION
                      FROM jobs WHERE state = 'succeeded' AND completed_at >= $1
-                     GROUP BY 1 ORDER BY 1 COLLATE \"C\" NULLS FIRST"
+                     GROUP BY 1 ORDER BY {key} COLLATE \"C\" NULLS FIRST"
                 ),
                 &[&since_ms],
             )?
@@ -1016,5 +1016,683 @@ impl Postgres {
                     .map(|r| finished_from_row(&r)),
             )
         })
+    }
+}
+
+/// The same steps on both backends through the [`Store`] facade, and the
+/// same answers; then what only a shared queue does.
+#[cfg(test)]
+mod tests {
+    use std::fmt::Debug;
+
+    use chrono::{DateTime, Utc};
+
+    use crate::config::Config;
+    use crate::config::database::{Database, Target};
+    use crate::domain::job::{JobContext, parse_line};
+    use crate::store::pg::testing;
+    use crate::store::*;
+
+    const T0: i64 = 1_800_000_000_000;
+    const OWNER: &str = "me";
+    const MINUTE_HELD: i64 =
+        crate::dispatch::limits::MINUTE_MS + crate::dispatch::limits::ARRIVAL_MARGIN_MS;
+
+    /// A chat request line.
+    fn chat(id: &str, class: &str, deadline: &str, max_tokens: u32, words: usize) -> String {
+        let text = "word ".repeat(words);
+        format!(
+            r#"{{"custom_id":"{id}","method":"POST","url":"/v1/chat/completions","body":{{"model":"{class}","messages":[{{"role":"user","content":"{text}"}}],"max_tokens":{max_tokens}}},"nightshift":{{"deadline":"{deadline}"}}}}"#
+        )
+    }
+
+    /// `n` cheap-chat lines j1..jn, due in an hour.
+    fn plain(n: usize) -> Vec<String> {
+        (1..=n)
+            .map(|i| chat(&format!("j{i}"), "cheap-chat", "1h", 10, 1))
+            .collect()
+    }
+
+    fn ingest_as(
+        store: &Store,
+        origin: Origin,
+        lines: &[String],
+        stem: &str,
+        sha: &str,
+    ) -> IngestSummary {
+        let config = Config::embedded_default();
+        let ctx = JobContext {
+            catalog: &config.catalog,
+            now: DateTime::<Utc>::from_timestamp_millis(T0).unwrap(),
+            default_deadline: std::time::Duration::from_secs(3600),
+        };
+        let outcomes = lines.iter().enumerate().map(|(i, l)| {
+            Ok(LineOutcome {
+                line: i as u64 + 1,
+                job: parse_line(l, &ctx),
+            })
+        });
+        let source = NewSource {
+            origin,
+            name: "t.jsonl",
+            stem,
+            sha256: (origin == Origin::Inbox).then_some(sha),
+            now_ms: T0,
+        };
+        store.ingest(&source, outcomes).unwrap()
+    }
+
+    fn ingest(store: &Store, lines: &[String], stem: &str, sha: &str) -> IngestSummary {
+        ingest_as(store, Origin::Inbox, lines, stem, sha)
+    }
+
+    fn start(job_id: i64, tokens: u64) -> Start {
+        Start {
+            job_id,
+            provider: "deepseek".into(),
+            provider_model: "deepseek-flash".into(),
+            channel: "sync",
+            tokens,
+        }
+    }
+
+    fn starts(ids: &[i64]) -> Vec<Start> {
+        ids.iter().map(|&id| start(id, 7)).collect()
+    }
+
+    fn succeeded(cost: f64) -> Finish {
+        Finish {
+            succeeded: true,
+            completed_at: T0 + 1000,
+            status_code: Some(200),
+            request_id: Some("req".into()),
+            response: Some("{}".into()),
+            input_tokens: Some(5),
+            output_tokens: Some(3),
+            cost_usd: Some(cost),
+            list_cost_usd: Some(2.0 * cost),
+            channel: Some("flex"),
+            ..Finish::default()
+        }
+    }
+
+    fn failed(code: u16) -> Finish {
+        Finish {
+            completed_at: T0 + 500,
+            status_code: Some(code),
+            error_code: Some("server_error".into()),
+            error_message: Some("boom".into()),
+            ..Finish::default()
+        }
+    }
+
+    fn jobs_of(store: &Store, source_id: i64) -> Vec<String> {
+        let mut out = Vec::new();
+        store
+            .for_each_job_of(source_id, |j| {
+                out.push(format!("{j:?}"));
+                Ok(())
+            })
+            .unwrap();
+        out
+    }
+
+    fn route_of(store: &Store) -> String {
+        store.queued_by_route().unwrap()[0].0.clone()
+    }
+
+    /// Runs `steps` on SQLite and on PostgreSQL and asserts both return the
+    /// same (each step's answer, formatted).
+    fn conform(steps: impl Fn(&Store, &mut Vec<String>)) {
+        let mut answers: Vec<Vec<String>> = Vec::new();
+        for (store, _dir) in testing::backends() {
+            let mut log = Vec::new();
+            steps(&store, &mut log);
+            answers.push(log);
+        }
+        let (sqlite, pg) = (&answers[0], &answers[1]);
+        for (i, (a, b)) in sqlite.iter().zip(pg).enumerate() {
+            assert_eq!(
+                a, b,
+                "step {i}: sqlite (left) and postgresql (right) differ"
+            );
+        }
+        assert_eq!(sqlite.len(), pg.len());
+        assert!(!sqlite.is_empty());
+    }
+
+    fn say(log: &mut Vec<String>, what: &str, x: impl Debug) {
+        log.push(format!("{what}: {x:?}"));
+    }
+
+    #[test]
+    fn ingest_and_the_queue_reads_agree() {
+        conform(|store, log| {
+            let mut lines = vec![
+                chat("a", "cheap-chat", "1h", 10, 1),
+                "{not json".to_string(),
+                chat("b", "cheap-chat", "1h1m", 11, 40),
+                chat("a", "cheap-chat", "1h", 10, 1),
+                chat("c", "cheap-chat", "1h14m", 200, 80),
+                chat("d", "cheap-chat", "1h16m", 5000, 120),
+                chat("e", "budget-chat", "1h1m", 10, 160),
+                chat("f", "budget-chat", "5h", 10, 200),
+                chat("g", "no-such-class", "5h", 10, 1),
+                chat("c", "budget-chat", "1h", 10, 1),
+            ];
+            lines.push(String::new());
+            let a = ingest(store, &lines, "t", "sha-a");
+            say(log, "ingest a", &a);
+            // The same stem again: a numeric suffix.
+            let b = ingest_as(store, Origin::Upload, &plain(2), "t", "");
+            say(log, "ingest b", &b);
+            say(log, "by hash", store.inbox_source_by_hash("sha-a").unwrap());
+            say(log, "by hash", store.inbox_source_by_hash("nope").unwrap());
+            say(
+                log,
+                "line errors",
+                store.line_errors_of(a.source_id).unwrap(),
+            );
+            say(log, "jobs of a", jobs_of(store, a.source_id));
+            say(log, "jobs of b", jobs_of(store, b.source_id));
+            say(log, "job 1", store.job(1).unwrap());
+            say(log, "job 99", store.job(99).unwrap());
+            say(log, "counts", store.counts().unwrap());
+            let mut by_route = store.queued_by_route().unwrap();
+            by_route.sort();
+            say(log, "by route", &by_route);
+            let mut buckets = store.queued_buckets().unwrap();
+            buckets.sort_by(|x, y| {
+                (&x.route_key, x.size_bin, x.deadline_from).cmp(&(
+                    &y.route_key,
+                    y.size_bin,
+                    y.deadline_from,
+                ))
+            });
+            say(log, "buckets", &buckets);
+            for b in &buckets {
+                let due = store
+                    .queued_in_route(&b.route_key, b.size_bin, 0, i64::MAX, T0, 100)
+                    .unwrap();
+                say(log, "due", format!("{due:?}"));
+                let first = store
+                    .queued_in_route(
+                        &b.route_key,
+                        b.size_bin,
+                        b.deadline_from,
+                        b.deadline_to,
+                        T0,
+                        1,
+                    )
+                    .unwrap();
+                say(log, "first", format!("{first:?}"));
+            }
+            say(log, "earliest", store.earliest_queued_deadline().unwrap());
+            say(log, "ratios", store.learned_token_ratios(7).unwrap());
+        });
+    }
+
+    /// Enough lines for several `COPY` chunks, with repeats across them.
+    #[test]
+    fn a_large_ingest_with_repeats_across_chunks_agrees() {
+        conform(|store, log| {
+            let n = 2 * super::INGEST_CHUNK + 100;
+            let mut lines = plain(n);
+            for i in [1, 5_000, 8_200, 16_000] {
+                lines.push(chat(&format!("j{i}"), "cheap-chat", "1h", 10, 1));
+            }
+            lines.push("[]".into());
+            let s = ingest(store, &lines, "big", "sha-big");
+            say(log, "ingest", &s);
+            say(
+                log,
+                "line errors",
+                store.line_errors_of(s.source_id).unwrap(),
+            );
+            say(log, "counts", store.counts().unwrap());
+            let jobs = jobs_of(store, s.source_id);
+            say(log, "jobs", jobs.len());
+            say(log, "first and last", (&jobs[0], &jobs[jobs.len() - 1]));
+        });
+    }
+
+    #[test]
+    fn claims_outcomes_and_spend_agree() {
+        conform(|store, log| {
+            let s = ingest(store, &plain(8), "t", "sha");
+            let route = route_of(store);
+            let bin = crate::domain::estimate::size_bin(5);
+            let due = |now| -> Vec<i64> {
+                store
+                    .queued_in_route(&route, bin, 0, i64::MAX, now, 100)
+                    .unwrap()
+                    .iter()
+                    .map(|j| j.id)
+                    .collect()
+            };
+            say(log, "due", due(T0));
+            // A job listed twice is claimed once; a claimed job is not again.
+            let claimed = store
+                .start_attempts(&starts(&[3, 1, 2, 4, 1]), T0, T0 + 60_000, OWNER)
+                .unwrap();
+            say(log, "claimed", claimed);
+            say(
+                log,
+                "again",
+                store
+                    .start_attempts(&starts(&[1]), T0, T0 + 60_000, OWNER)
+                    .unwrap(),
+            );
+            say(log, "due", due(T0));
+            say(
+                log,
+                "finish by another",
+                store.finish(1, "other", &succeeded(0.5)).unwrap(),
+            );
+            say(
+                log,
+                "finish",
+                store.finish(1, OWNER, &succeeded(0.5)).unwrap(),
+            );
+            say(
+                log,
+                "finish again",
+                store.finish(1, OWNER, &succeeded(0.5)).unwrap(),
+            );
+            say(
+                log,
+                "retry",
+                store
+                    .retry_later(2, OWNER, T0 + 10_000, &failed(500))
+                    .unwrap(),
+            );
+            say(log, "due before", due(T0 + 9_999));
+            say(log, "due after", due(T0 + 10_000));
+            let recorded = store
+                .record_attempts(
+                    OWNER,
+                    &[
+                        Recorded {
+                            job_id: 3,
+                            retry_at: None,
+                            finish: failed(400),
+                        },
+                        Recorded {
+                            job_id: 4,
+                            retry_at: Some(T0 + 5_000),
+                            finish: failed(503),
+                        },
+                        Recorded {
+                            job_id: 5,
+                            retry_at: None,
+                            finish: succeeded(0.25),
+                        },
+                    ],
+                )
+                .unwrap();
+            say(log, "recorded", recorded);
+            store.record_late_answer(1, 0.25).unwrap();
+            say(
+                log,
+                "claim 4, 5, 6",
+                store
+                    .start_attempts(&starts(&[4, 5, 6]), T0 + 6_000, T0 + 60_000, OWNER)
+                    .unwrap(),
+            );
+            say(
+                log,
+                "finish 5",
+                store.finish(5, OWNER, &succeeded(0.125)).unwrap(),
+            );
+            say(log, "requeue 6", store.requeue_running(6, OWNER).unwrap());
+            say(
+                log,
+                "requeue 6 again",
+                store.requeue_running(6, OWNER).unwrap(),
+            );
+            say(log, "release", store.release_running(OWNER).unwrap());
+            say(log, "release again", store.release_running(OWNER).unwrap());
+            say(
+                log,
+                "fail queued 6",
+                store
+                    .fail_queued(6, T0 + 7_000, "no_provider", "none fits")
+                    .unwrap(),
+            );
+            say(
+                log,
+                "fail queued 6 again",
+                store
+                    .fail_queued(6, T0 + 7_000, "no_provider", "none fits")
+                    .unwrap(),
+            );
+            say(log, "counts", store.counts().unwrap());
+            say(log, "spent", store.spent_since(None, 0).unwrap());
+            say(
+                log,
+                "spent deepseek",
+                store.spent_since(Some("deepseek"), 0).unwrap(),
+            );
+            say(
+                log,
+                "spent other",
+                store.spent_since(Some("other"), 0).unwrap(),
+            );
+            say(
+                log,
+                "spent later",
+                store.spent_since(None, T0 + 2_000).unwrap(),
+            );
+            for by in [
+                SpendBy::Provider,
+                SpendBy::Class,
+                SpendBy::Day,
+                SpendBy::Channel,
+            ] {
+                say(log, "spend", store.spend(0, by).unwrap());
+            }
+            say(log, "ratios", store.learned_token_ratios(7).unwrap());
+            say(log, "jobs", jobs_of(store, s.source_id));
+            for id in 1..=8 {
+                say(log, "job", store.job(id).unwrap());
+            }
+            say(
+                log,
+                "fail route",
+                store
+                    .fail_route(&route, T0 + 8_000, "gone", "no model")
+                    .unwrap(),
+            );
+            say(log, "counts", store.counts().unwrap());
+            say(log, "by route", store.queued_by_route().unwrap());
+            say(log, "buckets", store.queued_buckets().unwrap());
+        });
+    }
+
+    #[test]
+    fn expiry_and_lease_recovery_agree() {
+        conform(|store, log| {
+            ingest(store, &plain(3), "t", "sha");
+            let late = vec![
+                chat("x", "cheap-chat", "5h", 10, 1),
+                chat("y", "cheap-chat", "5h", 10, 1),
+            ];
+            ingest(store, &late, "u", "sha-u");
+            let claim = |ids: &[i64], lease: i64, owner: &str| {
+                store
+                    .start_attempts(&starts(ids), T0, lease, owner)
+                    .unwrap()
+            };
+            say(log, "claim", claim(&[1], T0 + 7_200_000, OWNER));
+            say(log, "earliest", store.earliest_queued_deadline().unwrap());
+            say(
+                log,
+                "expire early",
+                store.expire_overdue(T0 + 3_599_999).unwrap(),
+            );
+            say(log, "expire", store.expire_overdue(T0 + 3_600_000).unwrap());
+            say(
+                log,
+                "expire again",
+                store.expire_overdue(T0 + 3_600_000).unwrap(),
+            );
+            say(log, "earliest", store.earliest_queued_deadline().unwrap());
+            say(log, "counts", store.counts().unwrap());
+            // Leases: an expired one and (on SQLite, another instance's; on
+            // PostgreSQL, a daemon with no heartbeat) another owner's.
+            say(log, "claim", claim(&[4], T0 + 60_000, OWNER));
+            say(log, "claim", claim(&[5], T0 + 36_000_000, "vanished"));
+            say(
+                log,
+                "recover early",
+                store.recover_leases(T0 + 30_000, OWNER).unwrap(),
+            );
+            say(
+                log,
+                "recover",
+                store.recover_leases(T0 + 60_000, OWNER).unwrap(),
+            );
+            say(
+                log,
+                "recover again",
+                store.recover_leases(T0 + 60_000, OWNER).unwrap(),
+            );
+            for id in 1..=5 {
+                say(log, "job", store.job(id).unwrap());
+            }
+            say(log, "earliest", store.earliest_queued_deadline().unwrap());
+            say(log, "expire all", store.expire_overdue(i64::MAX).unwrap());
+            say(log, "earliest", store.earliest_queued_deadline().unwrap());
+            say(log, "counts", store.counts().unwrap());
+        });
+    }
+
+    #[test]
+    fn sends_are_recorded_read_back_and_pruned_alike() {
+        conform(|store, log| {
+            ingest(store, &plain(5), "t", "sha");
+            let at = start;
+            store
+                .start_attempts(&[at(1, 10), at(2, 20)], T0, T0 + 60_000, OWNER)
+                .unwrap();
+            say(log, "release", store.release_running(OWNER).unwrap());
+            store
+                .start_attempts(&[at(1, 30)], T0 + 90_000, T0 + 150_000, OWNER)
+                .unwrap();
+            store
+                .start_attempts(&[at(1, 99), at(3, 5)], T0 + 90_500, T0 + 150_000, OWNER)
+                .unwrap();
+            say(
+                log,
+                "sends",
+                store.recent_sends(T0 + 100_000, MINUTE_HELD).unwrap(),
+            );
+            let day = crate::dispatch::limits::DAY_MS;
+            say(
+                log,
+                "a day later",
+                store.recent_sends(T0 + day, MINUTE_HELD).unwrap(),
+            );
+            store
+                .start_attempts(&[at(4, 1)], T0 + day + 1, T0 + day + 60_000, OWNER)
+                .unwrap();
+            store
+                .start_attempts(&[at(5, 1)], T0 + day + 90_501, T0 + day + 150_000, OWNER)
+                .unwrap();
+            say(
+                log,
+                "after",
+                store.recent_sends(T0 + day + 90_501, MINUTE_HELD).unwrap(),
+            );
+        });
+    }
+
+    #[test]
+    fn outbox_readiness_agrees() {
+        conform(|store, log| {
+            let a = ingest(store, &plain(2), "a", "sha-a");
+            let b = ingest(store, &plain(1), "b", "sha-b");
+            let up = ingest_as(store, Origin::Upload, &plain(1), "up", "");
+            let ready = |store: &Store| -> Vec<String> {
+                store
+                    .sources_ready_for_outbox()
+                    .unwrap()
+                    .iter()
+                    .map(|s| format!("{} {} {} {}", s.id, s.origin, s.name, s.stem))
+                    .collect()
+            };
+            say(log, "ready", ready(store));
+            store
+                .start_attempts(&starts(&[1, 2]), T0, T0 + 60_000, OWNER)
+                .unwrap();
+            store.finish(1, OWNER, &succeeded(0.5)).unwrap();
+            say(log, "one running", ready(store));
+            store.finish(2, OWNER, &failed(400)).unwrap();
+            store.fail_queued(4, T0, "x", "y").unwrap();
+            say(log, "a done", ready(store));
+            store.mark_outbox_written(a.source_id, T0 + 2_000).unwrap();
+            say(log, "a written", ready(store));
+            store.fail_queued(3, T0, "x", "y").unwrap();
+            say(log, "b done", ready(store));
+            say(log, "ids", (a.source_id, b.source_id, up.source_id));
+        });
+    }
+
+    fn open(url: &str, node: &str) -> Store {
+        Store::open_database(
+            &Database::Postgres(Box::new(Target::parse(url, None).unwrap())),
+            node,
+        )
+        .unwrap()
+    }
+
+    fn postgres(store: &Store) -> &super::Postgres {
+        match store.backend() {
+            Backend::Postgres(p) => p,
+            Backend::Sqlite(_) => unreachable!("a PostgreSQL store"),
+        }
+    }
+
+    /// Two daemons claiming the same jobs at the same moment, in opposite
+    /// orders and overlapping chunks: each job is claimed exactly once, and
+    /// neither fails (no deadlock).
+    #[test]
+    fn two_daemons_claim_each_job_exactly_once() {
+        let url = testing::fresh_database();
+        let (a, b) = (open(&url, "a"), open(&url, "b"));
+        let n = 400;
+        ingest(&a, &plain(n), "t", "sha");
+        let ids: Vec<i64> = (1..=n as i64).collect();
+        let barrier = std::sync::Barrier::new(2);
+        let claim = |store: &Store, owner: &str, ids: Vec<i64>| -> Vec<i64> {
+            barrier.wait();
+            let mut got = Vec::new();
+            for chunk in ids.chunks(37) {
+                got.extend(
+                    store
+                        .start_attempts(&starts(chunk), T0, T0 + 60_000, owner)
+                        .unwrap(),
+                );
+            }
+            got
+        };
+        let (got_a, got_b) = std::thread::scope(|s| {
+            let ha = s.spawn(|| claim(&a, "owner-a", ids.clone()));
+            let hb = s.spawn(|| claim(&b, "owner-b", ids.iter().rev().copied().collect()));
+            (ha.join().unwrap(), hb.join().unwrap())
+        });
+        let mut all: Vec<i64> = got_a.iter().chain(&got_b).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, ids, "every job claimed once, by one daemon");
+        let counts = a.counts().unwrap();
+        assert_eq!(counts[&JobState::Running], n as u64);
+        for id in [1, n as i64 / 2, n as i64] {
+            assert_eq!(a.job(id).unwrap().unwrap().attempts, 1);
+        }
+        // The sends ledger holds one send per claim, with its owner.
+        let owners: Vec<(String, i64)> = postgres(&a)
+            .run(|c| {
+                Ok(c.query(
+                    "SELECT owner, COUNT(*) FROM sends GROUP BY owner ORDER BY owner",
+                    &[],
+                )?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect())
+            })
+            .unwrap();
+        let want: Vec<(String, i64)> = [("owner-a", got_a.len()), ("owner-b", got_b.len())]
+            .into_iter()
+            .filter(|(_, k)| *k > 0)
+            .map(|(o, k)| (o.to_string(), k as i64))
+            .collect();
+        assert_eq!(owners, want);
+    }
+
+    /// Another owner's running job is recovered only when that daemon's
+    /// heartbeat is stale or missing; a live daemon's waits for its lease.
+    #[test]
+    fn recovery_spares_a_live_daemons_jobs() {
+        let url = testing::fresh_database();
+        let store = open(&url, "n");
+        ingest(&store, &plain(4), "t", "sha");
+        let lease = T0 + 36_000_000;
+        for (id, owner) in [(1, "live"), (2, "stale"), (3, "unknown"), (4, "edge")] {
+            assert_eq!(
+                store
+                    .start_attempts(&starts(&[id]), T0, lease, owner)
+                    .unwrap(),
+                vec![id]
+            );
+        }
+        let dead_after = super::super::coord::DEAD_AFTER_MS;
+        postgres(&store)
+            .run(|c| {
+                for (owner, beat) in [
+                    ("live", T0 - 1_000),
+                    ("stale", T0 - dead_after - 1),
+                    ("edge", T0 - dead_after),
+                ] {
+                    c.execute(
+                        "INSERT INTO daemons (owner, node, host, pid, version, started_at, heartbeat_at)
+                         VALUES ($1, 'n', 'h', 1, 'v', 0, $2)",
+                        &[&owner, &beat],
+                    )?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(store.recover_leases(T0, OWNER).unwrap(), 2);
+        let state = |id| store.job(id).unwrap().unwrap().state;
+        assert_eq!(state(1), JobState::Running, "a live daemon's job");
+        assert_eq!(state(2), JobState::Queued, "a stale heartbeat");
+        assert_eq!(state(3), JobState::Queued, "no heartbeat row");
+        assert_eq!(
+            state(4),
+            JobState::Running,
+            "a heartbeat just within the limit"
+        );
+        assert_eq!(store.recover_leases(T0, OWNER).unwrap(), 0);
+        // The caller's own jobs are never recovered for their owner, only
+        // when their lease expires; a live daemon's likewise.
+        assert_eq!(store.recover_leases(lease, "live").unwrap(), 2);
+        assert_eq!(state(1), JobState::Queued);
+        assert_eq!(state(4), JobState::Queued);
+    }
+
+    /// A source's outbox is written by the daemon whose inbox received it;
+    /// every daemon sees every job.
+    #[test]
+    fn each_node_writes_the_outbox_of_the_sources_it_received() {
+        let url = testing::fresh_database();
+        let (a, b) = (open(&url, "nodeA"), open(&url, "nodeB"));
+        let sa = ingest(&a, &plain(1), "a", "sha-a");
+        let sb = ingest(&b, &plain(1), "b", "sha-b");
+        for store in [&a, &b] {
+            assert!(store.sources_ready_for_outbox().unwrap().is_empty());
+        }
+        // Node B answers both jobs.
+        assert_eq!(
+            b.start_attempts(&starts(&[1, 2]), T0, T0 + 60_000, "b")
+                .unwrap(),
+            vec![1, 2]
+        );
+        for id in [1, 2] {
+            assert!(b.finish(id, "b", &succeeded(0.5)).unwrap());
+        }
+        let ready = |store: &Store| -> Vec<i64> {
+            store
+                .sources_ready_for_outbox()
+                .unwrap()
+                .iter()
+                .map(|s| s.id)
+                .collect()
+        };
+        assert_eq!(ready(&a), vec![sa.source_id]);
+        assert_eq!(ready(&b), vec![sb.source_id]);
+        assert_eq!(jobs_of(&b, sa.source_id), jobs_of(&a, sa.source_id));
+        a.mark_outbox_written(sa.source_id, T0).unwrap();
+        assert!(ready(&a).is_empty());
+        assert_eq!(ready(&b), vec![sb.source_id]);
     }
 }
