@@ -1653,8 +1653,8 @@ mod tests {
             "a heartbeat just within the limit"
         );
         assert_eq!(store.recover_leases(T0, OWNER).unwrap(), 0);
-        // The caller's own jobs are never recovered for their owner, only
-        // when their lease expires; a live daemon's likewise.
+        // Once their leases expire, a live daemon's jobs are recovered too
+        // (here by that daemon itself).
         assert_eq!(store.recover_leases(lease, "live").unwrap(), 2);
         assert_eq!(state(1), JobState::Queued);
         assert_eq!(state(4), JobState::Queued);
