@@ -1609,6 +1609,40 @@ mod tests {
         assert_eq!(owners, want);
     }
 
+    /// Two daemons recovering a dead daemon's jobs, and expiring overdue
+    /// ones, at the same moment: each job is taken once, by one of them,
+    /// and neither waits for the other (no deadlock).
+    #[test]
+    fn two_daemons_recover_and_expire_each_job_once() {
+        let url = testing::fresh_database();
+        let (a, b) = (open(&url, "a"), open(&url, "b"));
+        let n = 300;
+        ingest(&a, &plain(2 * n), "t", "sha");
+        let ids: Vec<i64> = (1..=n as i64).collect();
+        for chunk in ids.chunks(50) {
+            a.start_attempts(&starts(chunk), T0, T0 + 36_000_000, "dead")
+                .unwrap();
+        }
+        let barrier = std::sync::Barrier::new(2);
+        let run = |store: &Store, owner: &str| -> (usize, usize) {
+            barrier.wait();
+            let recovered = store.recover_leases(T0, owner).unwrap();
+            barrier.wait();
+            // The recovered jobs are queued again, and every queued job is
+            // past its deadline.
+            let expired = store.expire_overdue(T0 + 3_600_000).unwrap().len();
+            (recovered, expired)
+        };
+        let ((ra, ea), (rb, eb)) = std::thread::scope(|s| {
+            let ha = s.spawn(|| run(&a, "owner-a"));
+            let hb = s.spawn(|| run(&b, "owner-b"));
+            (ha.join().unwrap(), hb.join().unwrap())
+        });
+        assert_eq!(ra + rb, n, "every dead lease recovered once");
+        assert_eq!(ea + eb, 2 * n, "every overdue job expired once");
+        assert_eq!(a.counts().unwrap()[&JobState::Expired], 2 * n as u64);
+    }
+
     /// Another owner's running job is recovered only when that daemon's
     /// heartbeat is stale or missing; a live daemon's waits for its lease.
     #[test]
