@@ -842,6 +842,19 @@ mod tests {
             assert_eq!(sizes, [1 << 20, 1 << 20, 1 << 20, 5]);
             assert!(read == big, "the big file reads back as stored");
             t.push(format!("{sizes:?} {:?}", store.file(b.id).unwrap()));
+            if let Backend::Postgres(p) = store.backend() {
+                let storage: i8 = p
+                    .run(|c| {
+                        Ok(c.query_one(
+                            "SELECT attstorage FROM pg_attribute
+                             WHERE attrelid = 'files'::regclass AND attname = 'content'",
+                            &[],
+                        )?
+                        .get(0))
+                    })
+                    .unwrap();
+                assert_eq!(storage as u8, b'e', "files.content is STORAGE EXTERNAL");
+            }
             t
         });
     }
@@ -933,6 +946,10 @@ mod tests {
             for file in [b.output_file_id.unwrap(), b.error_file_id.unwrap()] {
                 let row = store.file(file).unwrap().unwrap();
                 assert_eq!(row.batch_id, Some(id));
+                // Produced from the jobs, not stored: no content to stream.
+                store
+                    .file_content(file, 7, |_| panic!("an output file has no stored content"))
+                    .unwrap();
                 t.push(format!("{row:?}"));
             }
             assert!(store.done_batches().unwrap().is_empty());
@@ -1426,5 +1443,91 @@ mod tests {
             t.push(format!("{swapped:?}"));
             t
         });
+    }
+
+    /// A read error while a batch's lines are ingested rolls everything
+    /// back: no source, no jobs, the batch still unlinked.
+    #[test]
+    fn a_failed_batch_ingest_leaves_nothing_alike() {
+        conform(|store| {
+            let f = store.insert_file("batch", "in.jsonl", b"{}", T0).unwrap();
+            let id = store.create_batch(&new_batch(f.id)).unwrap();
+            let good = lines(&["x1"]);
+            let failing = outcomes(&good).chain(std::iter::once(Err(std::io::Error::other(
+                "the disk went away",
+            ))));
+            let err = store
+                .ingest_batch(id, &source(Origin::Upload, "in.jsonl", "batch_1"), failing)
+                .unwrap_err();
+            assert!(matches!(err, QueueError::Read(_)), "{err}");
+            assert!(store.list_sources(None, 10).unwrap().is_empty());
+            assert!(
+                store
+                    .list_jobs(&JobFilter::default(), 0, 10)
+                    .unwrap()
+                    .is_empty()
+            );
+            let open = store.validating_batches().unwrap();
+            assert_eq!(open[0].1, None);
+            vec![format!("{open:?}")]
+        });
+    }
+
+    /// Daemons closing (or cancelling) the same batch at once: one does,
+    /// the others find it closed, and only one set of files is written.
+    #[test]
+    fn a_batch_closed_by_several_daemons_at_once_is_closed_once() {
+        let stores = backends();
+        let (store, _) = &stores[1];
+        assert_eq!(store.kind(), "postgresql");
+        let f = store.insert_file("batch", "in.jsonl", b"{}", T0).unwrap();
+        let id = store.create_batch(&new_batch(f.id)).unwrap();
+        let s = store
+            .ingest_batch(
+                id,
+                &source(Origin::Upload, "in.jsonl", "batch_1"),
+                outcomes(&lines(&["z1", "z2"])),
+            )
+            .unwrap();
+        store
+            .start_batch(id, Some(s.source_id), false, None, T0)
+            .unwrap();
+        let cancelled: Vec<Option<usize>> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..4)
+                .map(|i| sc.spawn(move || store.cancel_batch(id, T0 + i).unwrap()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let mut cancelled: Vec<_> = cancelled.into_iter().flatten().collect();
+        cancelled.sort();
+        assert_eq!(cancelled, [2], "one cancel, of both queued jobs");
+        let close = BatchClose {
+            status: "cancelled",
+            at: T0 + 10,
+            output: None,
+            errors: Some(("e.jsonl".into(), 1)),
+        };
+        let closed: Vec<bool> = std::thread::scope(|sc| {
+            let hs: Vec<_> = (0..4)
+                .map(|_| sc.spawn(|| store.close_batch(id, &close).unwrap()))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(closed.iter().filter(|&&c| c).count(), 1, "{closed:?}");
+        let Backend::Postgres(p) = store.backend() else {
+            unreachable!()
+        };
+        let files: i64 = p
+            .run(|c| {
+                Ok(
+                    c.query_one("SELECT COUNT(*) FROM files WHERE batch_id = $1", &[&id])?
+                        .get(0),
+                )
+            })
+            .unwrap();
+        assert_eq!(files, 1);
+        let b = store.batch(id).unwrap().unwrap();
+        assert_eq!(b.status, "cancelled");
+        assert_eq!(b.error_file_id.map(|_| ()), Some(()));
     }
 }
