@@ -21,14 +21,14 @@ pub enum FileKind {
 }
 
 impl FileKind {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             FileKind::Input => "input",
             FileKind::Output => "output",
             FileKind::Errors => "errors",
         }
     }
-    fn parse(s: &str) -> FileKind {
+    pub(crate) fn parse(s: &str) -> FileKind {
         match s {
             "output" => FileKind::Output,
             "errors" => FileKind::Errors,
@@ -272,7 +272,7 @@ pub struct RecentOutcomes {
     pub last_failure: Option<(i64, String, Option<String>)>,
 }
 
-const BATCH_COLUMNS: &str =
+pub(crate) const BATCH_COLUMNS: &str =
     "id, input_file_id, source_id, endpoint, completion_window, metadata, status, errors,
     created_at, in_progress_at, expires_at, finalizing_at, completed_at, failed_at, expired_at,
     cancelling_at, cancelled_at, output_file_id, error_file_id";
@@ -301,7 +301,7 @@ fn batch_from_row(r: &rusqlite::Row) -> rusqlite::Result<BatchRow> {
     })
 }
 
-const FILE_COLUMNS: &str = "id, purpose, filename, bytes, created_at, kind, batch_id";
+pub(crate) const FILE_COLUMNS: &str = "id, purpose, filename, bytes, created_at, kind, batch_id";
 
 fn file_from_row(r: &rusqlite::Row) -> rusqlite::Result<FileRow> {
     Ok(FileRow {
@@ -316,7 +316,7 @@ fn file_from_row(r: &rusqlite::Row) -> rusqlite::Result<FileRow> {
 }
 
 /// The columns of [`SELECT_FINISHED`] followed by the detail columns.
-fn detail_select(with_response: bool) -> String {
+pub(crate) fn detail_select(with_response: bool) -> String {
     let base = if with_response {
         SELECT_FINISHED.to_string()
     } else {

@@ -34,6 +34,7 @@ pub use crate::config::database::Target;
 mod api;
 mod batches;
 pub mod coord;
+mod ingest_shim;
 mod queue;
 #[doc(hidden)]
 pub mod testing;
