@@ -590,3 +590,1042 @@ impl Postgres {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The same steps on both backends through the `Store` facade, with the
+    //! same answers; and what only a shared database needs (two daemons).
+
+    use super::*;
+    use crate::config::Config;
+    use crate::config::database::{Database, Target};
+    use crate::domain::job::{JobContext, NewJob, parse_line};
+    use crate::store::pg::testing;
+    use chrono::{DateTime, Utc};
+
+    const T0: i64 = 1_800_000_000_000;
+    const DAY: i64 = 86_400_000;
+    const PROVIDER: &str = "openai";
+    const MODEL: &str = "gpt-test";
+    const CHAT: &str = "/v1/chat/completions";
+
+    /// Valid jobs named `ids`, submitted at `at_ms`.
+    fn new_jobs(ids: &[&str], at_ms: i64) -> Vec<NewJob> {
+        let config = Config::embedded_default();
+        let ctx = JobContext {
+            catalog: &config.catalog,
+            now: DateTime::<Utc>::from_timestamp_millis(at_ms).unwrap(),
+            default_deadline: std::time::Duration::from_secs(86_400),
+        };
+        ids.iter()
+            .map(|id| {
+                parse_line(
+                    &format!(
+                        r#"{{"custom_id":"{id}","method":"POST","url":"{CHAT}","body":{{"model":"cheap-chat","messages":[{{"role":"user","content":"text of {id}"}}],"max_tokens":16}},"nightshift":{{"deadline":"100d"}}}}"#
+                    ),
+                    &ctx,
+                )
+                .unwrap()
+            })
+            .collect()
+    }
+
+    /// Queues `jobs` as one source: `Store::ingest` on SQLite; on
+    /// PostgreSQL (whose `ingest` is ported elsewhere) the same rows written
+    /// with plain SQL. Returns the source id and the job ids in line order.
+    fn queue(
+        store: &Store,
+        origin: Origin,
+        stem: &str,
+        jobs: &[NewJob],
+        at_ms: i64,
+    ) -> (i64, Vec<i64>) {
+        let source = NewSource {
+            origin,
+            name: stem,
+            stem,
+            sha256: None,
+            now_ms: at_ms,
+        };
+        match store.backend() {
+            Backend::Sqlite(s) => {
+                let summary = s
+                    .ingest(
+                        &source,
+                        jobs.iter().enumerate().map(|(i, j)| {
+                            Ok(LineOutcome {
+                                line: i as u64 + 1,
+                                job: Ok(j.clone()),
+                            })
+                        }),
+                    )
+                    .unwrap();
+                assert_eq!(summary.queued as usize, jobs.len());
+                let ids = s
+                    .job_ids_of(summary.source_id)
+                    .unwrap()
+                    .into_iter()
+                    .map(|(id, _, _)| id)
+                    .collect();
+                (summary.source_id, ids)
+            }
+            Backend::Postgres(p) => pg_ingest(p, &source, jobs),
+        }
+    }
+
+    /// What SQLite's `ingest` writes for valid lines, in PostgreSQL.
+    fn pg_ingest(p: &Postgres, source: &NewSource, jobs: &[NewJob]) -> (i64, Vec<i64>) {
+        p.run(|c| {
+            let mut tx = c.transaction()?;
+            let n = jobs.len() as i64;
+            let source_id: i64 = tx
+                .query_one(
+                    "INSERT INTO sources (origin, name, stem, sha256, ingested_at, total_lines, valid_jobs,
+                                          invalid_lines, node)
+                     VALUES ($1, $2, $3, $4, $5, $6, $6, 0, $7) RETURNING id",
+                    &[
+                        &source.origin.as_str(),
+                        &source.name,
+                        &source.stem,
+                        &source.sha256,
+                        &source.now_ms,
+                        &n,
+                        &p.node,
+                    ],
+                )?
+                .get(0);
+            let mut ids = Vec::with_capacity(jobs.len());
+            for (i, job) in jobs.iter().enumerate() {
+                tx.execute(
+                    "INSERT INTO routes (key) VALUES ($1) ON CONFLICT (key) DO NOTHING",
+                    &[&job.route_key],
+                )?;
+                let route: i64 = tx
+                    .query_one("SELECT id FROM routes WHERE key = $1", &[&job.route_key])?
+                    .get(0);
+                let id: i64 = tx
+                    .query_one(
+                        "INSERT INTO jobs (source_id, line, custom_id, endpoint, model, body, options, priority,
+                                           est_input_tokens, est_output_tokens, submitted_at, deadline,
+                                           route_id, size_bin)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) RETURNING id",
+                        &[
+                            &source_id,
+                            &(i as i64 + 1),
+                            &job.custom_id,
+                            &job.endpoint.as_url(),
+                            &job.model,
+                            &job.body,
+                            &job.options,
+                            &job.priority,
+                            &(job.estimate.input as i64),
+                            &(job.estimate.output as i64),
+                            &source.now_ms,
+                            &job.deadline.timestamp_millis(),
+                            &route,
+                            &crate::domain::estimate::size_bin(job.estimate.output),
+                        ],
+                    )?
+                    .get(0);
+                ids.push(id);
+            }
+            tx.commit()?;
+            Ok((source_id, ids))
+        })
+        .unwrap()
+    }
+
+    /// Runs one statement of the tests' own SQL (written to mean the same
+    /// on both backends).
+    fn exec(store: &Store, sql: &str) {
+        match store.backend() {
+            Backend::Sqlite(s) => {
+                s.conn().execute_batch(sql).unwrap();
+            }
+            Backend::Postgres(p) => p
+                .run(|c| {
+                    c.batch_execute(sql)?;
+                    Ok(())
+                })
+                .unwrap(),
+        }
+    }
+
+    /// One BIGINT answer.
+    fn int(store: &Store, sql: &str) -> Option<i64> {
+        match store.backend() {
+            Backend::Sqlite(s) => s.conn().query_row(sql, [], |r| r.get(0)).unwrap(),
+            Backend::Postgres(p) => p.run(|c| Ok(c.query_one(sql, &[])?.get(0))).unwrap(),
+        }
+    }
+
+    /// A job's row, as far as batches touch it.
+    #[derive(Debug, Clone, PartialEq)]
+    struct Snap {
+        state: String,
+        attempts: i64,
+        batch: Option<i64>,
+        provider: Option<String>,
+        provider_model: Option<String>,
+        channel: Option<String>,
+        lease_owner: Option<String>,
+        dispatched_at: Option<i64>,
+        not_before: i64,
+        completed_at: Option<i64>,
+        status_code: Option<i64>,
+        request_id: Option<String>,
+        error_code: Option<String>,
+        input_tokens: Option<i64>,
+        output_tokens: Option<i64>,
+        cost_usd: Option<f64>,
+        late_answers: i64,
+        late_cost_usd: f64,
+        body: String,
+        options: Option<String>,
+        response: Option<String>,
+    }
+
+    const SNAP: &str = "SELECT state, attempts, provider_batch_id, provider, provider_model, provider_channel,
+            lease_owner, dispatched_at, not_before, completed_at, status_code, request_id, error_code,
+            input_tokens, output_tokens, cost_usd, late_answers, late_cost_usd, body, options, response
+     FROM jobs WHERE id = ";
+
+    fn snap(store: &Store, id: i64) -> Snap {
+        let sql = format!("{SNAP}{id}");
+        macro_rules! snap_of {
+            ($r:expr, $get:ident) => {
+                Snap {
+                    state: $r.$get(0),
+                    attempts: $r.$get(1),
+                    batch: $r.$get(2),
+                    provider: $r.$get(3),
+                    provider_model: $r.$get(4),
+                    channel: $r.$get(5),
+                    lease_owner: $r.$get(6),
+                    dispatched_at: $r.$get(7),
+                    not_before: $r.$get(8),
+                    completed_at: $r.$get(9),
+                    status_code: $r.$get(10),
+                    request_id: $r.$get(11),
+                    error_code: $r.$get(12),
+                    input_tokens: $r.$get(13),
+                    output_tokens: $r.$get(14),
+                    cost_usd: $r.$get(15),
+                    late_answers: $r.$get(16),
+                    late_cost_usd: $r.$get(17),
+                    body: $r.$get(18),
+                    options: $r.$get(19),
+                    response: $r.$get(20),
+                }
+            };
+        }
+        match store.backend() {
+            Backend::Sqlite(s) => s
+                .conn()
+                .query_row(&sql, [], |r| {
+                    trait Get {
+                        fn g<T: rusqlite::types::FromSql>(&self, i: usize) -> T;
+                    }
+                    impl Get for rusqlite::Row<'_> {
+                        fn g<T: rusqlite::types::FromSql>(&self, i: usize) -> T {
+                            self.get(i).unwrap()
+                        }
+                    }
+                    Ok(snap_of!(r, g))
+                })
+                .unwrap(),
+            Backend::Postgres(p) => p
+                .run(|c| {
+                    let r = c.query_one(&sql, &[])?;
+                    Ok(snap_of!(r, get))
+                })
+                .unwrap(),
+        }
+    }
+
+    fn new_batch(now_ms: i64) -> NewProviderBatch<'static> {
+        NewProviderBatch {
+            provider: PROVIDER,
+            model: MODEL,
+            endpoint: CHAT,
+            fallback_at: now_ms + DAY,
+            now_ms,
+        }
+    }
+
+    fn ok(at_ms: i64, cost: f64) -> Finish {
+        Finish {
+            succeeded: true,
+            completed_at: at_ms,
+            status_code: Some(200),
+            request_id: Some("req".into()),
+            response: Some(r#"{"choices":[]}"#.into()),
+            input_tokens: Some(30),
+            output_tokens: Some(5),
+            cost_usd: Some(cost),
+            list_cost_usd: Some(2.0 * cost),
+            ..Finish::default()
+        }
+    }
+
+    fn line(job_id: i64, effect: LineEffect, cost_usd: f64) -> LineRecord {
+        LineRecord {
+            job_id,
+            effect,
+            cost_usd,
+        }
+    }
+
+    fn ids(jobs: &[BatchJob]) -> Vec<i64> {
+        jobs.iter().map(|j| j.id).collect()
+    }
+
+    fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
+        v.sort();
+        v
+    }
+
+    /// Runs `steps` on each backend and checks that both observed the same.
+    fn on_both<T: PartialEq + std::fmt::Debug>(steps: impl Fn(&Store) -> T) {
+        let seen: Vec<(&'static str, T)> = testing::backends()
+            .iter()
+            .map(|(store, _dir)| (store.kind(), steps(store)))
+            .collect();
+        assert_eq!(seen[0].0, "sqlite");
+        assert_eq!(seen[1].0, "postgresql");
+        assert_eq!(seen[0].1, seen[1].1, "the backends disagree");
+    }
+
+    #[test]
+    fn a_provider_batch_lives_from_creation_to_its_applied_results_alike_on_both_backends() {
+        on_both(|store| {
+            let (_, j) = queue(
+                store,
+                Origin::Api,
+                "api",
+                &new_jobs(&["a", "b", "c", "d", "e", "f"], T0),
+                T0,
+            );
+            let mut seen = Vec::new();
+            // One job no longer queued: left out, like one that does not exist.
+            exec(
+                store,
+                &format!("UPDATE jobs SET state = 'cancelled' WHERE id = {}", j[5]),
+            );
+            let asked = [j[0], j[1], j[2], j[3], j[4], j[5], 999, j[0]];
+            let (id, started) = store
+                .create_provider_batch(&new_batch(T0), &asked)
+                .unwrap()
+                .expect("a batch");
+            assert_eq!(started, j[..5]);
+            // None of them queued any more: nothing is recorded.
+            assert_eq!(
+                store
+                    .create_provider_batch(&new_batch(T0), &j[..2])
+                    .unwrap(),
+                None
+            );
+            assert_eq!(
+                store.create_provider_batch(&new_batch(T0), &[]).unwrap(),
+                None
+            );
+
+            let b = store.provider_batch(id).unwrap().unwrap();
+            assert_eq!(
+                (
+                    b.stage,
+                    b.requests,
+                    b.tag.as_str(),
+                    b.created_at,
+                    b.fallback_at
+                ),
+                (
+                    BatchStage::Prepared,
+                    5,
+                    format!("nightshift-{id}-{T0}").as_str(),
+                    T0,
+                    T0 + DAY
+                )
+            );
+            assert_eq!(
+                store.open_provider_batches().unwrap(),
+                std::slice::from_ref(&b)
+            );
+            assert_eq!(store.provider_batch(id + 1).unwrap(), None);
+            let s = snap(store, j[0]);
+            assert_eq!(
+                (
+                    s.state.as_str(),
+                    s.attempts,
+                    s.batch,
+                    s.channel.as_deref(),
+                    s.dispatched_at
+                ),
+                ("running", 1, Some(id), Some("batch"), Some(T0))
+            );
+            let jobs = store.provider_batch_jobs(id).unwrap();
+            assert_eq!(ids(&jobs), j[..5]);
+            assert!(jobs.iter().all(|x| x.attempts == 1 && x.endpoint == CHAT));
+            // By id: in the order asked, repeats repeated, unknown ids left out.
+            assert_eq!(
+                ids(&store
+                    .batch_jobs_by_id(&[j[2], j[0], 999, j[2], j[5]])
+                    .unwrap()),
+                [j[2], j[0], j[2], j[5]]
+            );
+            seen.push(format!("{jobs:?}"));
+
+            store.provider_batch_creating(id, Some("file-1")).unwrap();
+            store.provider_batch_creating(id, None).unwrap();
+            let b = store.provider_batch(id).unwrap().unwrap();
+            assert_eq!(
+                (b.stage, b.file_id.as_deref()),
+                (BatchStage::Creating, Some("file-1"))
+            );
+            store
+                .provider_batch_submitted(id, "remote-1", "validating", T0 + 1_000)
+                .unwrap();
+            // Once submitted, a second "submitted" (or "creating") changes nothing.
+            store
+                .provider_batch_submitted(id, "remote-2", "validating", T0 + 2_000)
+                .unwrap();
+            store.provider_batch_creating(id, Some("file-2")).unwrap();
+            store.provider_batch_status(id, "in_progress").unwrap();
+            let b = store.provider_batch(id).unwrap().unwrap();
+            assert_eq!(
+                (
+                    b.stage,
+                    b.remote_id.as_deref(),
+                    b.remote_status.as_deref(),
+                    b.submitted_at,
+                    b.file_id.as_deref()
+                ),
+                (
+                    BatchStage::Submitted,
+                    Some("remote-1"),
+                    Some("in_progress"),
+                    Some(T0 + 1_000),
+                    Some("file-1")
+                )
+            );
+            seen.push(format!("{:?}", store.provider_batch_counts().unwrap()));
+
+            let failed = Finish {
+                succeeded: false,
+                completed_at: T0 + 3_000,
+                status_code: Some(400),
+                error_code: Some("invalid_request".into()),
+                error_message: Some("bad".into()),
+                ..Finish::default()
+            };
+            let retry = Finish {
+                completed_at: T0 + 3_000,
+                status_code: Some(500),
+                error_code: Some("server_error".into()),
+                ..Finish::default()
+            };
+            let lines = [
+                line(j[0], LineEffect::Finish(ok(T0 + 3_000, 0.01)), 0.01),
+                line(j[1], LineEffect::Finish(failed), 0.0),
+                line(
+                    j[2],
+                    LineEffect::Retry {
+                        not_before: T0 + 5_000,
+                        last: retry,
+                    },
+                    0.0,
+                ),
+                line(j[3], LineEffect::NotRun, 0.0),
+                // j[4]: no line (nothing ran). j[5] was never this batch's:
+                // an answer for it is late; an unknown job's is nothing.
+                line(j[5], LineEffect::Finish(ok(T0 + 3_000, 0.02)), 0.02),
+                line(999, LineEffect::Finish(ok(T0 + 3_000, 0.02)), 0.02),
+            ];
+            let applied = store
+                .apply_provider_batch(&b, &lines, "completed", T0 + 4_000)
+                .unwrap();
+            assert_eq!(
+                applied,
+                Applied {
+                    succeeded: 1,
+                    failed: 1,
+                    requeued: 3,
+                    late: 1
+                }
+            );
+            let s = snap(store, j[0]);
+            assert_eq!(
+                (
+                    s.state.as_str(),
+                    s.attempts,
+                    s.batch,
+                    s.completed_at,
+                    s.status_code,
+                    s.input_tokens,
+                    s.cost_usd,
+                    s.provider.as_deref(),
+                    s.provider_model.as_deref(),
+                    s.channel.as_deref()
+                ),
+                (
+                    "succeeded",
+                    1,
+                    Some(id),
+                    Some(T0 + 3_000),
+                    Some(200),
+                    Some(30),
+                    Some(0.01),
+                    Some(PROVIDER),
+                    Some(MODEL),
+                    Some("batch")
+                )
+            );
+            let s = snap(store, j[1]);
+            assert_eq!(
+                (s.state.as_str(), s.error_code.as_deref(), s.status_code),
+                ("failed", Some("invalid_request"), Some(400))
+            );
+            let s = snap(store, j[2]);
+            assert_eq!(
+                (
+                    s.state.as_str(),
+                    s.attempts,
+                    s.batch,
+                    s.not_before,
+                    s.status_code
+                ),
+                ("queued", 1, None, T0 + 5_000, Some(500))
+            );
+            for k in [3, 4] {
+                let s = snap(store, j[k]);
+                assert_eq!((s.state.as_str(), s.attempts, s.batch), ("queued", 0, None));
+            }
+            let s = snap(store, j[5]);
+            assert_eq!(
+                (s.state.as_str(), s.late_answers, s.late_cost_usd),
+                ("cancelled", 1, 0.02)
+            );
+            let done = store.provider_batch(id).unwrap().unwrap();
+            assert_eq!(
+                (
+                    done.stage,
+                    done.remote_status.as_deref(),
+                    done.ended_at,
+                    done.succeeded,
+                    done.failed,
+                    done.requeued,
+                    done.late
+                ),
+                (
+                    BatchStage::Done,
+                    Some("completed"),
+                    Some(T0 + 4_000),
+                    1,
+                    1,
+                    3,
+                    1
+                )
+            );
+            // Applied twice, applied once.
+            assert_eq!(
+                store
+                    .apply_provider_batch(&b, &lines, "completed", T0 + 9_000)
+                    .unwrap(),
+                Applied::default()
+            );
+            assert_eq!(store.provider_batch(id).unwrap().unwrap(), done);
+            assert!(store.provider_batch_jobs(id).unwrap().is_empty());
+            assert!(store.open_provider_batches().unwrap().is_empty());
+            assert_eq!(
+                store.provider_batch_counts().unwrap(),
+                [(PROVIDER.to_string(), "done".to_string(), 1)]
+            );
+            seen.push(format!("{done:?}"));
+            seen.extend(j.iter().map(|&x| format!("{:?}", snap(store, x))));
+            seen
+        });
+    }
+
+    #[test]
+    fn cancelling_and_abandoning_requeue_their_jobs_and_listings_agree_on_both_backends() {
+        on_both(|store| {
+            let (_, j) = queue(
+                store,
+                Origin::Api,
+                "api",
+                &new_jobs(&["a", "b", "c", "d", "e"], T0),
+                T0,
+            );
+            let (a, _) = store
+                .create_provider_batch(&new_batch(T0), &j[..2])
+                .unwrap()
+                .unwrap();
+            let (b, _) = store
+                .create_provider_batch(&new_batch(T0 + 1), &j[2..4])
+                .unwrap()
+                .unwrap();
+            store.provider_batch_creating(a, None).unwrap();
+            store
+                .provider_batch_submitted(a, "ra", "in_progress", T0 + 10)
+                .unwrap();
+            let open = || -> Vec<i64> {
+                store
+                    .open_provider_batches()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.id)
+                    .collect()
+            };
+            assert_eq!(open(), [a, b]);
+
+            // The deadline guard: A's jobs back to the queue, attempt not counted.
+            assert_eq!(store.provider_batch_cancelling(a, "cancelling").unwrap(), 2);
+            assert_eq!(store.provider_batch_cancelling(a, "cancelling").unwrap(), 0);
+            for &x in &j[..2] {
+                let s = snap(store, x);
+                assert_eq!((s.state.as_str(), s.attempts, s.batch), ("queued", 0, None));
+            }
+            let pa = store.provider_batch(a).unwrap().unwrap();
+            assert_eq!(
+                (pa.stage, pa.requeued, pa.remote_status.as_deref()),
+                (BatchStage::Cancelling, 2, Some("cancelling"))
+            );
+            // B untouched.
+            assert_eq!(ids(&store.provider_batch_jobs(b).unwrap()), j[2..4]);
+
+            // j[1] is re-run meanwhile (in batch C); the cancelled batch's
+            // answers still arrive: j[0]'s is its result, j[1]'s is late.
+            let (c, _) = store
+                .create_provider_batch(&new_batch(T0 + 2), &[j[1], j[4]])
+                .unwrap()
+                .unwrap();
+            let applied = store
+                .apply_provider_batch(
+                    &pa,
+                    &[
+                        line(j[0], LineEffect::Finish(ok(T0 + 50, 0.01)), 0.01),
+                        line(j[1], LineEffect::Finish(ok(T0 + 50, 0.03)), 0.03),
+                    ],
+                    "cancelled",
+                    T0 + 60,
+                )
+                .unwrap();
+            assert_eq!(
+                applied,
+                Applied {
+                    succeeded: 1,
+                    failed: 0,
+                    requeued: 0,
+                    late: 1
+                }
+            );
+            let s = snap(store, j[0]);
+            assert_eq!(
+                (s.state.as_str(), s.attempts, s.batch, s.dispatched_at),
+                ("succeeded", 0, Some(a), Some(T0))
+            );
+            let s = snap(store, j[1]);
+            assert_eq!(
+                (s.state.as_str(), s.batch, s.late_answers, s.late_cost_usd),
+                ("running", Some(c), 1, 0.03)
+            );
+
+            // B will not run: its jobs back, it is done with the error.
+            assert_eq!(
+                store
+                    .provider_batch_abandoned(b, "refused", T0 + 70)
+                    .unwrap(),
+                2
+            );
+            assert_eq!(
+                store
+                    .provider_batch_abandoned(b, "refused", T0 + 70)
+                    .unwrap(),
+                0
+            );
+            for &x in &j[2..4] {
+                let s = snap(store, x);
+                assert_eq!((s.state.as_str(), s.attempts, s.batch), ("queued", 0, None));
+            }
+            let pb = store.provider_batch(b).unwrap().unwrap();
+            assert_eq!(
+                (pb.stage, pb.error.as_deref(), pb.ended_at, pb.requeued),
+                (BatchStage::Done, Some("refused"), Some(T0 + 70), 2)
+            );
+
+            let recent = |n| -> Vec<i64> {
+                store
+                    .recent_provider_batches(n)
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.id)
+                    .collect()
+            };
+            assert_eq!(recent(2), [c, b]);
+            assert_eq!(recent(10), [c, b, a]);
+            assert_eq!(open(), [c]);
+            let p = PROVIDER.to_string();
+            assert_eq!(
+                sorted(store.provider_batch_counts().unwrap()),
+                [
+                    (p.clone(), "done".to_string(), 1),
+                    (p.clone(), "failed".to_string(), 1),
+                    (p, "prepared".to_string(), 1)
+                ]
+            );
+            (
+                store.recent_provider_batches(10).unwrap(),
+                j.iter().map(|&x| snap(store, x)).collect::<Vec<_>>(),
+            )
+        });
+    }
+
+    #[test]
+    fn retention_purges_exactly_the_old_delivered_jobs_in_bounded_batches_on_both_backends() {
+        on_both(|store| {
+            let now = T0 + 60 * DAY;
+            let old = now - 40 * DAY;
+            let cutoff = now - 30 * DAY;
+            let (_, api) = queue(
+                store,
+                Origin::Api,
+                "api",
+                &new_jobs(
+                    &["a-ok", "a-failed", "a-new", "a-retry", "a-queued"],
+                    old - DAY,
+                ),
+                old - DAY,
+            );
+            let (inbox, ib) = queue(
+                store,
+                Origin::Inbox,
+                "inbox",
+                &new_jobs(&["i-1", "i-2"], old - DAY),
+                old - DAY,
+            );
+            let mut started = api[..4].to_vec();
+            started.extend(&ib);
+            let (id, _) = store
+                .create_provider_batch(&new_batch(old - DAY), &started)
+                .unwrap()
+                .unwrap();
+            let b = store.provider_batch(id).unwrap().unwrap();
+            let failed = Finish {
+                succeeded: false,
+                completed_at: old,
+                error_code: Some("x".into()),
+                response: Some("{}".into()),
+                ..Finish::default()
+            };
+            let lines = [
+                line(api[0], LineEffect::Finish(ok(old, 0.01)), 0.01),
+                line(api[1], LineEffect::Finish(failed), 0.0),
+                line(api[2], LineEffect::Finish(ok(now - DAY, 0.01)), 0.01),
+                line(
+                    api[3],
+                    LineEffect::Retry {
+                        not_before: old,
+                        last: Finish::default(),
+                    },
+                    0.0,
+                ),
+                line(ib[0], LineEffect::Finish(ok(old, 0.01)), 0.01),
+                line(ib[1], LineEffect::Finish(ok(old, 0.01)), 0.01),
+            ];
+            store
+                .apply_provider_batch(&b, &lines, "completed", old)
+                .unwrap();
+            // Uploads: an old one, an old one an open batch reads, a new one.
+            for (name, at) in [("stale", old), ("in-use", old), ("fresh", now)] {
+                exec(
+                    store,
+                    &format!(
+                        "INSERT INTO files (purpose, filename, bytes, created_at, content)
+                         VALUES ('batch', '{name}', 3, {at}, 'abc')"
+                    ),
+                );
+            }
+            exec(
+                store,
+                &format!(
+                    "INSERT INTO batches (input_file_id, endpoint, completion_window, created_at, expires_at)
+                     VALUES (2, '{CHAT}', '24h', {old}, {})",
+                    old + DAY
+                ),
+            );
+            let before: Vec<Snap> = api.iter().chain(&ib).map(|&x| snap(store, x)).collect();
+            let purged = |x: i64| {
+                let s = snap(store, x);
+                (s.body.as_str(), s.options.as_deref(), s.response.as_deref()) == ("", None, None)
+            };
+
+            // One job per transaction: two old API jobs, two transactions;
+            // the inbox's are not delivered yet.
+            let p = store.purge_before(cutoff, 1, &|| true).unwrap();
+            assert_eq!(
+                (p.jobs, p.files, p.transactions, p.interrupted),
+                (2, 1, 4, false),
+                "{p:?}"
+            );
+            let content_gone = |file: i64| {
+                int(
+                    store,
+                    &format!(
+                        "SELECT CAST(CASE WHEN content IS NULL THEN 1 ELSE 0 END AS BIGINT) FROM files WHERE id = {file}"
+                    ),
+                )
+            };
+            assert_eq!([1, 2, 3].map(content_gone), [Some(1), Some(0), Some(0)]);
+            assert!(purged(api[0]) && purged(api[1]));
+            for (k, &x) in api.iter().chain(&ib).enumerate().skip(2) {
+                assert_eq!(snap(store, x), before[k], "job {x} untouched");
+            }
+            // Everything but the payload kept.
+            let s = snap(store, api[0]);
+            assert_eq!(
+                (s.state.as_str(), s.cost_usd, s.completed_at, s.input_tokens),
+                ("succeeded", Some(0.01), Some(old), Some(30))
+            );
+
+            // Delivered: the inbox's jobs are purged too; a shutdown asked
+            // for after the first batch stops the pass there.
+            exec(
+                store,
+                &format!("UPDATE sources SET outbox_written_at = {now} WHERE id = {inbox}"),
+            );
+            let asked = std::cell::Cell::new(0);
+            let p = store
+                .purge_before(cutoff, 1, &|| {
+                    asked.set(asked.get() + 1);
+                    asked.get() <= 1
+                })
+                .unwrap();
+            assert_eq!(
+                (p.jobs, p.transactions, p.interrupted),
+                (1, 1, true),
+                "{p:?}"
+            );
+            assert!(purged(ib[0]) && !purged(ib[1]));
+            let p = store.purge_before(cutoff, 10, &|| true).unwrap();
+            assert_eq!(
+                (p.jobs, p.files, p.transactions, p.interrupted),
+                (1, 0, 2, false)
+            );
+            assert!(purged(ib[1]));
+            let p = store.purge_before(cutoff, 10, &|| true).unwrap();
+            // (The upload an open batch reads is looked at again: one transaction.)
+            assert_eq!((p.jobs, p.files, p.transactions), (0, 0, 1));
+            for &x in &api[2..] {
+                assert!(!purged(x), "job {x}");
+            }
+            api.iter()
+                .chain(&ib)
+                .map(|&x| snap(store, x))
+                .collect::<Vec<_>>()
+        });
+    }
+
+    #[test]
+    fn postgresql_reports_a_checkpoint_that_did_nothing() {
+        let backends = testing::backends();
+        let pg = &backends[1].0;
+        for mode in [CheckpointMode::Passive, CheckpointMode::Truncate] {
+            assert_eq!(
+                pg.wal_checkpoint(mode).unwrap(),
+                Checkpoint {
+                    mode,
+                    busy: false,
+                    log_frames: 0,
+                    checkpointed_frames: 0
+                }
+            );
+        }
+    }
+
+    fn two_daemons() -> (Store, Store) {
+        let url = testing::fresh_database();
+        let open = |node: &str| {
+            Store::open_database(
+                &Database::Postgres(Box::new(Target::parse(&url, None).unwrap())),
+                node,
+            )
+            .unwrap()
+        };
+        (open("nodeA"), open("nodeB"))
+    }
+
+    fn pg(store: &Store) -> &Postgres {
+        match store.backend() {
+            Backend::Postgres(p) => p,
+            Backend::Sqlite(_) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn two_daemons_batching_the_same_jobs_at_once_put_each_job_in_exactly_one_batch() {
+        let (a, b) = two_daemons();
+        let names: Vec<String> = (0..400).map(|i| format!("j{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let (_, jobs) = pg_ingest(
+            pg(&a),
+            &NewSource {
+                origin: Origin::Api,
+                name: "many",
+                stem: "many",
+                sha256: None,
+                now_ms: T0,
+            },
+            &new_jobs(&refs, T0),
+        );
+        // A walks the jobs forwards, B backwards, in batches of 25; both
+        // start together.
+        let barrier = std::sync::Barrier::new(2);
+        let run = |store: &Store, forwards: bool| {
+            let mut order = jobs.clone();
+            if !forwards {
+                order.reverse();
+            }
+            barrier.wait();
+            let mut made = Vec::new();
+            for chunk in order.chunks(25) {
+                if let Some((id, started)) =
+                    store.create_provider_batch(&new_batch(T0), chunk).unwrap()
+                {
+                    made.push((id, started));
+                }
+            }
+            made
+        };
+        let (made_a, made_b) = std::thread::scope(|s| {
+            let ta = s.spawn(|| run(&a, true));
+            let tb = s.spawn(|| run(&b, false));
+            (ta.join().unwrap(), tb.join().unwrap())
+        });
+        let mut in_batch = std::collections::BTreeMap::new();
+        for (node, made) in [("nodeA", &made_a), ("nodeB", &made_b)] {
+            for (id, started) in made {
+                assert!(!started.is_empty());
+                let batch = a.provider_batch(*id).unwrap().unwrap();
+                assert_eq!(batch.requests as usize, started.len());
+                let owner: Option<String> = pg(&a)
+                    .run(|c| {
+                        Ok(
+                            c.query_one("SELECT owner FROM provider_batches WHERE id = $1", &[id])?
+                                .get(0),
+                        )
+                    })
+                    .unwrap();
+                assert_eq!(owner.as_deref(), Some(node));
+                assert_eq!(
+                    sorted(ids(&a.provider_batch_jobs(*id).unwrap())),
+                    sorted(started.clone())
+                );
+                for &j in started {
+                    assert_eq!(in_batch.insert(j, *id), None, "job {j} is in two batches");
+                }
+            }
+        }
+        assert_eq!(
+            in_batch.keys().copied().collect::<Vec<_>>(),
+            jobs,
+            "every job in a batch"
+        );
+        for (&j, &id) in &in_batch {
+            let s = snap(&a, j);
+            assert_eq!(
+                (s.state.as_str(), s.attempts, s.batch),
+                ("running", 1, Some(id))
+            );
+        }
+        // Every batch recorded has jobs.
+        assert_eq!(
+            int(&a, "SELECT COUNT(*) FROM provider_batches"),
+            Some((made_a.len() + made_b.len()) as i64)
+        );
+        // Every daemon polls every open batch.
+        assert_eq!(
+            a.open_provider_batches().unwrap(),
+            b.open_provider_batches().unwrap()
+        );
+        assert_eq!(
+            a.open_provider_batches().unwrap().len(),
+            made_a.len() + made_b.len()
+        );
+    }
+
+    #[test]
+    fn two_daemons_ending_one_batch_at_once_end_it_once() {
+        let (a, b) = two_daemons();
+        let names: Vec<String> = (0..50).map(|i| format!("j{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let source = |stem| NewSource {
+            origin: Origin::Api,
+            name: stem,
+            stem,
+            sha256: None,
+            now_ms: T0,
+        };
+        let (_, jobs) = pg_ingest(pg(&a), &source("x"), &new_jobs(&refs, T0));
+        let (id, _) = a
+            .create_provider_batch(&new_batch(T0), &jobs)
+            .unwrap()
+            .unwrap();
+        let batch = a.provider_batch(id).unwrap().unwrap();
+        let lines: Vec<LineRecord> = jobs[..40]
+            .iter()
+            .map(|&j| line(j, LineEffect::Finish(ok(T0 + 1, 0.01)), 0.01))
+            .collect();
+        // Both apply the same results together: once in all.
+        let barrier = std::sync::Barrier::new(2);
+        let apply = |s: &Store| {
+            barrier.wait();
+            s.apply_provider_batch(&batch, &lines, "completed", T0 + 2)
+                .unwrap()
+        };
+        let (x, y) = std::thread::scope(|s| {
+            let ta = s.spawn(|| apply(&a));
+            let tb = s.spawn(|| apply(&b));
+            (ta.join().unwrap(), tb.join().unwrap())
+        });
+        let once = Applied {
+            succeeded: 40,
+            failed: 0,
+            requeued: 10,
+            late: 0,
+        };
+        assert!(
+            (x, y) == (once, Applied::default()) || (x, y) == (Applied::default(), once),
+            "{x:?} {y:?}"
+        );
+        let done = a.provider_batch(id).unwrap().unwrap();
+        assert_eq!((done.succeeded, done.requeued, done.late), (40, 10, 0));
+        assert!(jobs[..40].iter().all(|&j| snap(&a, j).late_answers == 0));
+
+        // Cancelling and abandoning one batch together: its jobs re-queued once.
+        let (id, _) = a
+            .create_provider_batch(&new_batch(T0), &jobs[40..])
+            .unwrap()
+            .unwrap();
+        let (x, y) = std::thread::scope(|s| {
+            let ta = s.spawn(|| {
+                barrier.wait();
+                a.provider_batch_cancelling(id, "cancelling").unwrap()
+            });
+            let tb = s.spawn(|| {
+                barrier.wait();
+                b.provider_batch_abandoned(id, "gone", T0 + 3).unwrap()
+            });
+            (ta.join().unwrap(), tb.join().unwrap())
+        });
+        assert_eq!(x + y, 10, "{x} {y}");
+        let ended = a.provider_batch(id).unwrap().unwrap();
+        assert_eq!((ended.stage, ended.requeued), (BatchStage::Done, 10));
+        assert!(jobs[40..].iter().all(|&j| {
+            let s = snap(&a, j);
+            (s.state.as_str(), s.attempts) == ("queued", 0)
+        }));
+        // Abandoning a batch another daemon already ended changes nothing.
+        assert_eq!(b.provider_batch_abandoned(id, "again", T0 + 4).unwrap(), 0);
+        assert_eq!(a.provider_batch(id).unwrap().unwrap(), ended);
+    }
+}
