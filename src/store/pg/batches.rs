@@ -1477,17 +1477,13 @@ mod tests {
             },
             &new_jobs(&refs, T0),
         );
-        // A walks the jobs forwards, B backwards, in batches of 25; both
-        // start together.
+        // Both walk the same jobs at once, A in batches of 25 and B of 40:
+        // where they meet, each claims what the other has not locked.
         let barrier = std::sync::Barrier::new(2);
-        let run = |store: &Store, forwards: bool| {
-            let mut order = jobs.clone();
-            if !forwards {
-                order.reverse();
-            }
+        let run = |store: &Store, chunk: usize| {
             barrier.wait();
             let mut made = Vec::new();
-            for chunk in order.chunks(25) {
+            for chunk in jobs.chunks(chunk) {
                 if let Some((id, started)) =
                     store.create_provider_batch(&new_batch(T0), chunk).unwrap()
                 {
@@ -1497,8 +1493,8 @@ mod tests {
             made
         };
         let (made_a, made_b) = std::thread::scope(|s| {
-            let ta = s.spawn(|| run(&a, true));
-            let tb = s.spawn(|| run(&b, false));
+            let ta = s.spawn(|| run(&a, 25));
+            let tb = s.spawn(|| run(&b, 40));
             (ta.join().unwrap(), tb.join().unwrap())
         });
         let mut in_batch = std::collections::BTreeMap::new();
@@ -1551,6 +1547,48 @@ mod tests {
             a.open_provider_batches().unwrap().len(),
             made_a.len() + made_b.len()
         );
+    }
+
+    #[test]
+    fn a_job_another_daemon_is_claiming_is_left_out_not_waited_for() {
+        let (a, _b) = two_daemons();
+        let (_, jobs) = pg_ingest(
+            pg(&a),
+            &NewSource {
+                origin: Origin::Api,
+                name: "x",
+                stem: "x",
+                sha256: None,
+                now_ms: T0,
+            },
+            &new_jobs(&["x", "y", "z"], T0),
+        );
+        pg(&a)
+            .run(|c| {
+                // Another daemon's claim in progress: y's row locked.
+                let mut tx = c.transaction()?;
+                tx.execute("SELECT id FROM jobs WHERE id = $1 FOR UPDATE", &[&jobs[1]])?;
+                let (first, started) = a
+                    .create_provider_batch(&new_batch(T0), &jobs)
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(started, [jobs[0], jobs[2]]);
+                // Only the locked one: nothing recorded (and no id taken).
+                assert_eq!(
+                    a.create_provider_batch(&new_batch(T0), &jobs[1..2])
+                        .unwrap(),
+                    None
+                );
+                tx.rollback()?;
+                // Released, still queued: the next batch has it.
+                let (second, started) = a
+                    .create_provider_batch(&new_batch(T0), &jobs)
+                    .unwrap()
+                    .unwrap();
+                assert_eq!((second, started), (first + 1, vec![jobs[1]]));
+                Ok(())
+            })
+            .unwrap();
     }
 
     #[test]
