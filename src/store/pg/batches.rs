@@ -8,10 +8,14 @@
 //!   SKIP LOCKED`: a job another daemon is claiming at that moment is left
 //!   out, as a job no longer queued is, so no job is ever in two batches
 //!   (or in a batch and a lease). The batch's `owner` is this daemon's node.
-//! - Every other state change locks the batch's row first (then its jobs,
-//!   in id order), and moves it only from the states it may move from, so
-//!   two daemons acting on one batch at once serialise and the second finds
-//!   the work done (nothing re-queued twice, results applied once).
+//! - A step at the provider (`creating`, `submitted`) is one conditional
+//!   UPDATE from the states it may follow. Cancelling, abandoning and
+//!   applying lock the batch's row first (applying then locks every job it
+//!   touches, in id order), so two daemons ending one batch at once
+//!   serialise and the second finds the work done: nothing re-queued twice,
+//!   results applied once.
+//! - One difference from SQLite, where it cannot happen: abandoning a batch
+//!   another daemon has already ended changes nothing (its outcome stays).
 
 use std::collections::{HashMap, HashSet};
 
