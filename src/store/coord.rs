@@ -153,7 +153,11 @@ impl Store {
     /// Requests other daemons sent since `cursors` (which this advances),
     /// for this daemon's pacing. The first call, with no cursor for a
     /// provider, only places it at the newest send.
-    pub fn sends_of_others(&self, owner: &str, cursors: &mut SendCursors) -> Result<Vec<SentGroup>> {
+    pub fn sends_of_others(
+        &self,
+        owner: &str,
+        cursors: &mut SendCursors,
+    ) -> Result<Vec<SentGroup>> {
         match &self.backend {
             Backend::Sqlite(_) => Ok(Vec::new()),
             Backend::Postgres(p) => p.sends_of_others(owner, cursors),

@@ -17,8 +17,7 @@ use postgres::types::ToSql;
 use postgres::{GenericClient, IsolationLevel, Row};
 
 use super::Postgres;
-// At merge: `super::queue::ingest_in` (the queue's port) replaces the shim.
-use super::ingest_shim::ingest_in;
+use super::queue::ingest_in;
 use crate::store::api::*;
 use crate::store::*;
 
@@ -512,7 +511,8 @@ impl Postgres {
     ) -> Result<IngestSummary> {
         self.run(|c| {
             let mut tx = c.transaction()?;
-            let (source_id, summary) = ingest_in(&mut tx, &self.node, source, lines)?;
+            let summary = ingest_in(&mut tx, &self.node, source, lines)?;
+            let source_id = summary.source_id;
             tx.execute(
                 "UPDATE batches SET source_id = $2 WHERE id = $1",
                 &[&batch_id, &source_id],
@@ -723,7 +723,7 @@ mod tests {
             Backend::Postgres(p) => p
                 .run(|c| {
                     let mut tx = c.transaction()?;
-                    let (_, summary) = super::ingest_in(&mut tx, &p.node, source, outcomes(lines))?;
+                    let summary = super::ingest_in(&mut tx, &p.node, source, outcomes(lines))?;
                     tx.commit()?;
                     Ok(summary)
                 })

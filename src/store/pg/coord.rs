@@ -34,9 +34,7 @@ use postgres::NoTls;
 use super::{Conn, Postgres};
 use crate::dispatch::limits::{ARRIVAL_MARGIN_MS, DAY_MS, MINUTE_MS, PACING};
 use crate::domain::pricing::{Catalog, Channel, Limits};
-use crate::store::coord::{
-    Beat, Coordination, DaemonRow, SendCursors, SharedPause, SharedPlan,
-};
+use crate::store::coord::{Beat, Coordination, DaemonRow, SendCursors, SharedPause, SharedPlan};
 use crate::store::{Result, SentGroup, Start};
 
 /// A daemon whose heartbeat is older than this is gone: its running jobs
@@ -100,7 +98,8 @@ impl Tally {
                 // alone (as the daemon's limiter lets it).
                 self.minute_tokens == 0 || self.minute_tokens + tokens <= cap(t, l.reserve)
             })
-            && l.rpd.is_none_or(|r| self.day_requests < cap(r as u64, l.reserve))
+            && l.rpd
+                .is_none_or(|r| self.day_requests < cap(r as u64, l.reserve))
             && l.concurrency.is_none_or(|c| self.running < c as u64)
     }
 
@@ -165,10 +164,10 @@ pub(super) fn admit(
         };
         for r in tx.query(
             "SELECT model,
-                    COUNT(*) FILTER (WHERE at_ms > $2 - $4),
-                    COALESCE(SUM(tokens) FILTER (WHERE at_ms > $2 - $4), 0)::BIGINT,
+                    COUNT(*) FILTER (WHERE at_ms > $2::BIGINT - $4::BIGINT),
+                    COALESCE(SUM(tokens) FILTER (WHERE at_ms > $2::BIGINT - $4::BIGINT), 0)::BIGINT,
                     COUNT(*)
-               FROM sends WHERE provider = $1 AND at_ms > $2 - $3
+               FROM sends WHERE provider = $1 AND at_ms > $2::BIGINT - $3::BIGINT
               GROUP BY model",
             &[p, &stamp, &since, &(MINUTE_MS + ARRIVAL_MARGIN_MS)],
         )? {
@@ -201,7 +200,9 @@ pub(super) fn admit(
     }
     let mut admitted = Vec::with_capacity(starts.len());
     for s in starts {
-        let Some(share) = shares.get(&s.provider).filter(|_| providers.contains(&s.provider.as_str()))
+        let Some(share) = shares
+            .get(&s.provider)
+            .filter(|_| providers.contains(&s.provider.as_str()))
         else {
             admitted.push(s.clone());
             continue;
@@ -278,7 +279,10 @@ impl Postgres {
 
     /// The limits admission holds now.
     pub(super) fn shares(&self) -> Shares {
-        self.shares.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.shares
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Renews this daemon's row, keeps or tries for the planner lock, and
@@ -356,7 +360,10 @@ impl Postgres {
     /// Leaves the live daemons and gives up the planner lock.
     pub fn leave(&self, owner: &str) -> Result<()> {
         // Closing the session releases the lock.
-        self.planner.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.planner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         self.run(|c| {
             c.execute("DELETE FROM daemons WHERE owner = $1", &[&owner])?;
             Ok(())
@@ -431,7 +438,11 @@ impl Postgres {
     /// Other daemons' sends after each provider's cursor, one row each,
     /// in commit order (sends to a provider are written holding its
     /// admission lock, so their ids are in commit order per provider).
-    pub fn sends_of_others(&self, owner: &str, cursors: &mut SendCursors) -> Result<Vec<SentGroup>> {
+    pub fn sends_of_others(
+        &self,
+        owner: &str,
+        cursors: &mut SendCursors,
+    ) -> Result<Vec<SentGroup>> {
         let providers: Vec<String> = {
             let shares = self.shares.read().unwrap_or_else(|e| e.into_inner());
             shares
@@ -528,4 +539,263 @@ fn own_sends(c: &mut Conn, provider: &str, after: i64, last: i64, owner: &str) -
     .iter()
     .map(|r| r.get(0))
     .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::queue::tests::{T0, ingest, open, plain, starts};
+    use super::*;
+    use crate::config::Config;
+    use crate::store::pg::testing;
+    use crate::store::{JobState, Store};
+
+    /// The embedded default's catalog with `deepseek` limited as given.
+    fn catalog(limits: Limits) -> Catalog {
+        let mut c = Config::embedded_default().catalog;
+        let p = c.provider_id("deepseek").unwrap();
+        c.providers[p].limits = limits;
+        c
+    }
+
+    fn beat(owner: &str, now_ms: i64) -> Beat {
+        Beat {
+            owner: owner.into(),
+            node: owner.into(),
+            host: "h".into(),
+            pid: 1,
+            version: "test".into(),
+            started_at: T0,
+            now_ms,
+        }
+    }
+
+    /// Three daemons, each asking for the whole allowance at once: together
+    /// they start exactly what the one key allows in a minute.
+    #[test]
+    fn admission_holds_rpm_summed_over_every_daemon() {
+        let url = testing::fresh_database();
+        let stores: Vec<Store> = ["a", "b", "c"].iter().map(|n| open(&url, n)).collect();
+        ingest(&stores[0], &plain(90), "t", "sha");
+        let limits = Limits {
+            rpm: Some(30),
+            ..Limits::default()
+        };
+        for s in &stores {
+            s.share_limits(&catalog(limits));
+        }
+        let ids: Vec<i64> = (1..=90).collect();
+        let barrier = std::sync::Barrier::new(3);
+        let started: Vec<usize> = std::thread::scope(|scope| {
+            let handles: Vec<_> = stores
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let (ids, barrier) = (&ids, &barrier);
+                    scope.spawn(move || {
+                        barrier.wait();
+                        let mine = &ids[i * 30..(i + 1) * 30];
+                        let mut n = 0;
+                        for chunk in mine.chunks(7) {
+                            n += s
+                                .start_attempts(&starts(chunk), T0, T0 + 60_000, &format!("o{i}"))
+                                .unwrap()
+                                .len();
+                        }
+                        n
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        // 30 rpm at 99% pacing: 29 in any 61 s, summed over the daemons.
+        assert_eq!(started.iter().sum::<usize>(), 29, "{started:?}");
+        let counts = stores[0].counts().unwrap();
+        assert_eq!(counts[&JobState::Running], 29);
+        assert_eq!(counts[&JobState::Queued], 61);
+        // A minute and a margin later the window has room again.
+        ingest(&stores[1], &plain(40), "u", "sha2");
+        let fresh: Vec<i64> = (91..=130).collect();
+        let later = T0 + MINUTE_MS + ARRIVAL_MARGIN_MS + 1;
+        let again = stores[1]
+            .start_attempts(&starts(&fresh), later, later + 60_000, "o1")
+            .unwrap();
+        assert_eq!(again.len(), 29);
+    }
+
+    /// Concurrency counts every daemon's running jobs; a job that ends
+    /// frees its slot for any of them.
+    #[test]
+    fn admission_holds_concurrency_across_daemons() {
+        let url = testing::fresh_database();
+        let (a, b) = (open(&url, "a"), open(&url, "b"));
+        ingest(&a, &plain(10), "t", "sha");
+        let limits = Limits {
+            concurrency: Some(3),
+            ..Limits::default()
+        };
+        a.share_limits(&catalog(limits));
+        b.share_limits(&catalog(limits));
+        assert_eq!(
+            a.start_attempts(&starts(&[1, 2]), T0, T0 + 1, "oa")
+                .unwrap(),
+            vec![1, 2]
+        );
+        assert_eq!(
+            b.start_attempts(&starts(&[3, 4, 5]), T0, T0 + 1, "ob")
+                .unwrap(),
+            vec![3]
+        );
+        assert!(
+            a.start_attempts(&starts(&[4]), T0, T0 + 1, "oa")
+                .unwrap()
+                .is_empty()
+        );
+        assert!(a.requeue_running(1, "oa").unwrap());
+        assert_eq!(
+            b.start_attempts(&starts(&[4, 5]), T0, T0 + 1, "ob")
+                .unwrap(),
+            vec![4]
+        );
+    }
+
+    /// rpd counts a rolling day of every daemon's sends.
+    #[test]
+    fn admission_holds_rpd_over_a_rolling_day() {
+        let url = testing::fresh_database();
+        let (a, b) = (open(&url, "a"), open(&url, "b"));
+        ingest(&a, &plain(20), "t", "sha");
+        let limits = Limits {
+            rpd: Some(6),
+            ..Limits::default()
+        };
+        a.share_limits(&catalog(limits));
+        b.share_limits(&catalog(limits));
+        // 6 per day at 99%: 5.
+        assert_eq!(
+            a.start_attempts(&starts(&[1, 2, 3]), T0, T0 + 1, "oa")
+                .unwrap()
+                .len(),
+            3
+        );
+        let hours_later = T0 + 12 * 3_600_000;
+        let got = b
+            .start_attempts(&starts(&[4, 5, 6, 7]), hours_later, hours_later + 1, "ob")
+            .unwrap();
+        assert_eq!(got, vec![4, 5]);
+        let next_day = T0 + DAY_MS + ARRIVAL_MARGIN_MS + 1;
+        let got = b
+            .start_attempts(&starts(&[8, 9, 10, 11]), next_day, next_day + 1, "ob")
+            .unwrap();
+        assert_eq!(got, vec![8, 9, 10], "the first three aged out of the day");
+    }
+
+    /// A pause one daemon shares stops every daemon's admission until it ends.
+    #[test]
+    fn a_shared_pause_stops_every_daemon_until_it_ends() {
+        let url = testing::fresh_database();
+        let (a, b) = (open(&url, "a"), open(&url, "b"));
+        ingest(&a, &plain(4), "t", "sha");
+        let limits = Limits {
+            rpm: Some(1000),
+            ..Limits::default()
+        };
+        a.share_limits(&catalog(limits));
+        b.share_limits(&catalog(limits));
+        let pause = SharedPause {
+            provider: "deepseek".into(),
+            until_ms: T0 + 5_000,
+            reason: "429 retry-after 5s".into(),
+            owner: "oa".into(),
+        };
+        a.share_pause(&pause).unwrap();
+        // An earlier pause does not shorten it.
+        a.share_pause(&SharedPause {
+            until_ms: T0 + 1_000,
+            ..pause.clone()
+        })
+        .unwrap();
+        assert_eq!(b.shared_pauses(T0).unwrap(), vec![pause]);
+        assert!(
+            b.start_attempts(&starts(&[1]), T0, T0 + 1, "ob")
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            b.start_attempts(&starts(&[1]), T0 + 5_000, T0 + 6_000, "ob")
+                .unwrap(),
+            vec![1]
+        );
+        assert!(b.shared_pauses(T0 + 5_000).unwrap().is_empty());
+    }
+
+    /// One planner at a time; when it leaves (or its session ends), the
+    /// next heartbeat of another daemon takes over; only the planner may
+    /// publish.
+    #[test]
+    fn one_daemon_plans_and_another_takes_over_when_it_leaves() {
+        let url = testing::fresh_database();
+        let (a, b) = (open(&url, "a"), open(&url, "b"));
+        let ca = a.heartbeat(&beat("oa", T0)).unwrap();
+        let cb = b.heartbeat(&beat("ob", T0)).unwrap();
+        assert!(ca.planner && !cb.planner);
+        assert_eq!(cb.live, 2);
+        let plan = SharedPlan {
+            owner: "oa".into(),
+            made_at: T0,
+            catalog: "c".into(),
+            plan: "{}".into(),
+        };
+        a.publish_plan(&plan).unwrap();
+        assert!(b.publish_plan(&plan).is_err(), "a follower cannot publish");
+        assert_eq!(b.published_plan().unwrap(), Some(plan));
+        let listed = b.daemons(T0).unwrap();
+        assert_eq!(listed.len(), 2);
+        assert!(
+            listed
+                .iter()
+                .any(|d| d.owner == "oa" && d.planner && d.alive)
+        );
+        // Still the planner on its next beat.
+        assert!(a.heartbeat(&beat("oa", T0 + 2_000)).unwrap().planner);
+        assert!(!b.heartbeat(&beat("ob", T0 + 2_000)).unwrap().planner);
+        a.leave("oa").unwrap();
+        let cb = b.heartbeat(&beat("ob", T0 + 4_000)).unwrap();
+        assert!(cb.planner, "the follower took over");
+        assert_eq!(cb.live, 1);
+        // A daemon whose heartbeat stopped is listed dead.
+        let c = open(&url, "c");
+        c.heartbeat(&beat("oc", T0 + 4_000)).unwrap();
+        let listed = b.daemons(T0 + 4_000 + DEAD_AFTER_MS + 1).unwrap();
+        assert!(listed.iter().any(|d| d.owner == "oc" && !d.alive));
+    }
+
+    /// A daemon reads the others' sends, not its own, each once.
+    #[test]
+    fn a_daemon_reads_the_other_daemons_sends_once() {
+        let url = testing::fresh_database();
+        let (a, b) = (open(&url, "a"), open(&url, "b"));
+        ingest(&a, &plain(6), "t", "sha");
+        let limits = Limits {
+            rpm: Some(1000),
+            ..Limits::default()
+        };
+        a.share_limits(&catalog(limits));
+        b.share_limits(&catalog(limits));
+        let mut cursors = SendCursors::new();
+        a.start_attempts(&starts(&[1]), T0, T0 + 1, "oa").unwrap();
+        assert!(
+            b.sends_of_others("ob", &mut cursors).unwrap().is_empty(),
+            "placed"
+        );
+        a.start_attempts(&starts(&[2, 3]), T0, T0 + 1, "oa")
+            .unwrap();
+        b.start_attempts(&starts(&[4]), T0, T0 + 1, "ob").unwrap();
+        let seen = b.sends_of_others("ob", &mut cursors).unwrap();
+        assert_eq!(seen.iter().map(|g| g.requests).sum::<u64>(), 2);
+        assert!(
+            seen.iter()
+                .all(|g| g.provider == "deepseek" && g.tokens == 7)
+        );
+        assert!(b.sends_of_others("ob", &mut cursors).unwrap().is_empty());
+    }
 }

@@ -34,7 +34,6 @@ pub use crate::config::database::Target;
 mod api;
 mod batches;
 pub mod coord;
-mod ingest_shim;
 mod queue;
 #[doc(hidden)]
 pub mod testing;
@@ -173,11 +172,6 @@ fn migrate(c: &mut Conn) -> Result<()> {
     )?;
     tx.commit()?;
     Ok(())
-}
-
-/// The error of a method the PostgreSQL backend does not have yet.
-pub(crate) fn unsupported(what: &'static str) -> QueueError {
-    QueueError::Unsupported(what)
 }
 
 #[cfg(test)]

@@ -729,7 +729,10 @@ impl Postgres {
     ) -> Result<Vec<i64>> {
         self.run(|c| {
             let mut tx = c.transaction()?;
-            let started = start_attempts_in(&mut tx, starts, now_ms, lease_until, owner)?;
+            // Only what every daemon's sends together leave room for
+            // (`coord`); the rest stay queued.
+            let admitted = super::coord::admit(&mut tx, &self.shares(), starts, now_ms)?;
+            let started = start_attempts_in(&mut tx, &admitted, now_ms, lease_until, owner)?;
             tx.commit()?;
             Ok(started)
         })
@@ -1022,7 +1025,7 @@ impl Postgres {
 /// The same steps on both backends through the [`Store`] facade, and the
 /// same answers; then what only a shared queue does.
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::fmt::Debug;
 
     use chrono::{DateTime, Utc};
@@ -1033,7 +1036,7 @@ mod tests {
     use crate::store::pg::testing;
     use crate::store::*;
 
-    const T0: i64 = 1_800_000_000_000;
+    pub(crate) const T0: i64 = 1_800_000_000_000;
     const OWNER: &str = "me";
     const MINUTE_HELD: i64 =
         crate::dispatch::limits::MINUTE_MS + crate::dispatch::limits::ARRIVAL_MARGIN_MS;
@@ -1047,7 +1050,7 @@ mod tests {
     }
 
     /// `n` cheap-chat lines j1..jn, due in an hour.
-    fn plain(n: usize) -> Vec<String> {
+    pub(crate) fn plain(n: usize) -> Vec<String> {
         (1..=n)
             .map(|i| chat(&format!("j{i}"), "cheap-chat", "1h", 10, 1))
             .collect()
@@ -1082,11 +1085,11 @@ mod tests {
         store.ingest(&source, outcomes).unwrap()
     }
 
-    fn ingest(store: &Store, lines: &[String], stem: &str, sha: &str) -> IngestSummary {
+    pub(crate) fn ingest(store: &Store, lines: &[String], stem: &str, sha: &str) -> IngestSummary {
         ingest_as(store, Origin::Inbox, lines, stem, sha)
     }
 
-    fn start(job_id: i64, tokens: u64) -> Start {
+    pub(crate) fn start(job_id: i64, tokens: u64) -> Start {
         Start {
             job_id,
             provider: "deepseek".into(),
@@ -1096,7 +1099,7 @@ mod tests {
         }
     }
 
-    fn starts(ids: &[i64]) -> Vec<Start> {
+    pub(crate) fn starts(ids: &[i64]) -> Vec<Start> {
         ids.iter().map(|&id| start(id, 7)).collect()
     }
 
@@ -1538,7 +1541,7 @@ mod tests {
         });
     }
 
-    fn open(url: &str, node: &str) -> Store {
+    pub(crate) fn open(url: &str, node: &str) -> Store {
         Store::open_database(
             &Database::Postgres(Box::new(Target::parse(url, None).unwrap())),
             node,
@@ -1546,7 +1549,7 @@ mod tests {
         .unwrap()
     }
 
-    fn postgres(store: &Store) -> &super::Postgres {
+    pub(crate) fn postgres(store: &Store) -> &super::Postgres {
         match store.backend() {
             Backend::Postgres(p) => p,
             Backend::Sqlite(_) => unreachable!("a PostgreSQL store"),
