@@ -6,11 +6,12 @@
 
 use std::sync::Arc;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use crate::config::Config;
 use crate::config::live::LiveRx;
 use crate::store::Store;
+use crate::store::coord::Coordination;
 use crate::telemetry::Telemetry;
 
 #[derive(Clone)]
@@ -26,6 +27,9 @@ pub struct Shared {
     pub wake: Arc<Notify>,
     /// Jobs became final: the outbox writes what is complete.
     pub finished: Arc<Notify>,
+    /// This daemon's place among those sharing the queue, as the last
+    /// heartbeat found it (on SQLite: alone, and the planner).
+    pub coordination: Arc<watch::Sender<Coordination>>,
 }
 
 impl Shared {
@@ -38,6 +42,11 @@ impl Shared {
             telemetry: Arc::new(Telemetry::new()),
             wake: Arc::new(Notify::new()),
             finished: Arc::new(Notify::new()),
+            coordination: Arc::new(watch::Sender::new(Coordination {
+                planner: true,
+                live: 1,
+                latest_source: 0,
+            })),
         }
     }
 

@@ -36,6 +36,13 @@ pub struct BatchStateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DaemonLabel {
+    pub backend: String,
+    /// `[daemon] node` on a shared queue, empty on SQLite.
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClassLabel {
     pub class: String,
 }
@@ -54,6 +61,12 @@ pub struct Telemetry {
     registry: Registry,
     pub jobs: Family<StateLabel, Gauge>,
     pub queued_by_class: Family<ClassLabel, Gauge>,
+    /// 1, labelled with this daemon's backend and node.
+    pub daemon: Family<DaemonLabel, Gauge>,
+    /// 1 while this daemon plans the queue (always on SQLite).
+    pub planner: Gauge,
+    /// Daemons sharing the queue whose heartbeat is recent.
+    pub daemons: Gauge,
     /// Provider batches (the batch channel) by provider and state.
     pub provider_batches: Family<BatchStateLabel, Gauge>,
     pub planned_now: Family<ProviderLabel, Gauge>,
@@ -105,6 +118,9 @@ impl Telemetry {
         let t = Telemetry {
             jobs: Family::default(),
             queued_by_class: Family::default(),
+            daemon: Family::default(),
+            planner: Gauge::default(),
+            daemons: Gauge::default(),
             provider_batches: Family::default(),
             planned_now: Family::default(),
             requests: Family::default(),
@@ -125,6 +141,21 @@ impl Telemetry {
             registry: Registry::default(),
         };
         registry.register("jobs", "Jobs by state", t.jobs.clone());
+        registry.register(
+            "daemon",
+            "This daemon: its queue's backend and (shared queue) node",
+            t.daemon.clone(),
+        );
+        registry.register(
+            "planner",
+            "1 while this daemon plans the queue",
+            t.planner.clone(),
+        );
+        registry.register(
+            "daemons",
+            "Daemons sharing this queue whose heartbeat is recent",
+            t.daemons.clone(),
+        );
         registry.register(
             "queued_jobs",
             "Queued jobs by requested model or class",

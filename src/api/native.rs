@@ -24,8 +24,36 @@ use crate::store::{
     CancelOutcome, FileKind, JobFilter, JobState, LineOutcome, NewSource, Origin, SourceFilter,
 };
 
-pub async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
+/// `GET /healthz`: the daemon answers, and so does its database (503 when
+/// it does not: nothing can be queued or dispatched meanwhile). On a shared
+/// queue it also says whether this daemon plans and how many are alive.
+pub async fn healthz(State(s): State<S>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let ping = s
+        .db(|s| s.shared.store.ping().map_err(|e| e.to_string()))
+        .await
+        .unwrap_or_else(|_| Err("the database check did not finish".into()));
+    let store = &s.shared.store;
+    let mut database = json!({"backend": store.kind(), "ok": ping.is_ok()});
+    if let Err(e) = &ping {
+        database["error"] = json!(e);
+    }
+    let mut body = json!({
+        "status": if ping.is_ok() { "ok" } else { "unavailable" },
+        "version": env!("CARGO_PKG_VERSION"),
+        "database": database,
+    });
+    if store.is_shared() {
+        let c = *s.shared.coordination.borrow();
+        body["planner"] = json!(c.planner);
+        body["daemons"] = json!(c.live);
+    }
+    let code = if ping.is_ok() {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
 }
 
 /// `GET /metrics`: Prometheus text. Queue gauges are read from SQLite now;
@@ -44,6 +72,16 @@ pub async fn metrics(State(s): State<S>) -> ApiResult<axum::response::Response> 
         .await?
         .map_err(ApiError::internal)?;
     let t = &s.shared.telemetry;
+    let store = &s.shared.store;
+    t.daemon
+        .get_or_create(&crate::telemetry::DaemonLabel {
+            backend: store.kind().to_string(),
+            node: store.node().unwrap_or_default().to_string(),
+        })
+        .set(1);
+    let c = *s.shared.coordination.borrow();
+    t.planner.set(c.planner as i64);
+    t.daemons.set(c.live as i64);
     for (state, n) in counts {
         t.jobs
             .get_or_create(&StateLabel {
@@ -589,7 +627,7 @@ pub async fn providers(State(s): State<S>) -> ApiResult<Json<Value>> {
 /// `GET /v1/stats`: the queue by state and provider, spend and savings.
 pub async fn stats(State(s): State<S>) -> ApiResult<Json<Value>> {
     let now = Utc::now();
-    let (st, by_route, budgets, spent_today, spent_month) = s
+    let (st, by_route, budgets, spent_today, spent_month, daemons) = s
         .db(move |s| -> crate::store::Result<_> {
             Ok((
                 s.shared.store.queue_stats()?,
@@ -607,9 +645,27 @@ pub async fn stats(State(s): State<S>) -> ApiResult<Json<Value>> {
                         .start(now)
                         .timestamp_millis(),
                 )?,
+                s.shared.store.daemons(now.timestamp_millis())?,
             ))
         })
         .await??;
+    let store = &s.shared.store;
+    let daemons: Vec<Value> = daemons
+        .into_iter()
+        .map(|d| {
+            json!({
+                "node": d.node, "host": d.host, "pid": d.pid, "version": d.version,
+                "started_at": rfc3339(d.started_at), "heartbeat_at": rfc3339(d.heartbeat_at),
+                "alive": d.alive, "planner": d.planner && d.alive,
+            })
+        })
+        .collect();
+    let database = json!({
+        "backend": store.kind(),
+        "node": store.node(),
+        "planner": s.shared.coordination.borrow().planner,
+        "daemons": daemons,
+    });
     let mut queued_by_class: BTreeMap<String, u64> = BTreeMap::new();
     for (key, n) in by_route {
         let class = crate::domain::job::RouteKey::decode(&key).map_or(key, |k| k.model);
@@ -677,6 +733,7 @@ pub async fn stats(State(s): State<S>) -> ApiResult<Json<Value>> {
         "late_answers": st.late_answers,
         "late_cost_usd": usd(st.late_cost_usd),
         "next_price_change": next_change.map(|t| rfc3339(t.timestamp_millis())),
+        "database": database,
     })))
 }
 

@@ -374,6 +374,39 @@ pub async fn status(client: &Client, json: bool) -> anyhow::Result<String> {
             .as_str()
             .unwrap_or("none within 8 days")
     );
+    let db = &stats["database"];
+    if db["backend"] == "postgresql" {
+        let _ = writeln!(
+            out,
+            "\nshared queue (PostgreSQL), this daemon: {} ({})\n  {:<20} {:<20} {:>8} {:<26} {:<6} role",
+            db["node"].as_str().unwrap_or_default(),
+            if db["planner"] == true {
+                "plans"
+            } else {
+                "follows the plan"
+            },
+            "node",
+            "host",
+            "pid",
+            "heartbeat",
+            "state",
+        );
+        for d in db["daemons"].as_array().into_iter().flatten() {
+            let text = |k: &str| {
+                crate::domain::units::escaped(d[k].as_str().unwrap_or_default()).to_string()
+            };
+            let _ = writeln!(
+                out,
+                "  {:<20} {:<20} {:>8} {:<26} {:<6} {}",
+                text("node"),
+                text("host"),
+                d["pid"],
+                text("heartbeat_at"),
+                if d["alive"] == true { "alive" } else { "dead" },
+                if d["planner"] == true { "plans" } else { "" },
+            );
+        }
+    }
     Ok(out)
 }
 

@@ -3,6 +3,7 @@
 
 pub mod cron;
 pub mod fds;
+pub mod heartbeat;
 pub mod systemd;
 
 use std::fs::{self, File};
@@ -105,7 +106,9 @@ pub async fn run(
             .await?
             .with_context(|| format!("opening database {}", d.database))?,
     );
-    let owner = format!("{}-{}", std::process::id(), Utc::now().timestamp_millis());
+    let started_at = Utc::now().timestamp_millis();
+    let owner = format!("{}-{}", std::process::id(), started_at);
+    let beat = heartbeat::beat(&owner, &d.node, started_at);
     let now_ms = Utc::now().timestamp_millis();
     let o = owner.clone();
     let recovered = blocking(&store, move |s| s.recover_leases(now_ms, &o)).await?;
@@ -153,6 +156,13 @@ pub async fn run(
         .collect();
     let (live_tx, live_rx) = crate::config::live::channel(&config);
     let shared = Shared::new(store.clone(), live_rx);
+    if store.is_shared() {
+        // Alive (and maybe the planner) before the first claim: the others
+        // must not take this daemon's jobs for a dead one's.
+        heartbeat::beat_once(&shared, beat.clone()).await;
+        let c = *shared.coordination.borrow();
+        info!(node = %d.node, daemons = c.live, planner = c.planner, "joined the shared queue");
+    }
     let dispatcher = Dispatcher {
         shared: shared.clone(),
         catalog: catalog.clone(),
@@ -175,6 +185,12 @@ pub async fn run(
     // the inbox stop taking work, the dispatcher drains, the outbox writes
     // what finished.
     let mut components = Components::new();
+    // First to start, last to stop: the dispatcher releases its jobs
+    // before this daemon leaves the live ones.
+    components.start("heartbeat", {
+        let shared = shared.clone();
+        move |stop| heartbeat::run(shared, beat, stop)
+    });
     components.start("outbox", {
         let (shared, folders) = (shared.clone(), folders.clone());
         move |stop| outbox_loop(shared, folders, stop)

@@ -241,8 +241,10 @@ pub struct Candidate {
     pub max_cost_usd: Option<f64>,
 }
 
-/// The plan the step follows: its groups and the first slot's quotas.
-#[derive(Debug, Clone, Default)]
+/// The plan the step follows: its groups and the first slot's quotas
+/// (serialized, it is what a planning daemon publishes to the others on a
+/// shared queue).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct CurrentPlan {
     pub groups: Vec<PlannedGroup>,
     pub quotas: Quotas,

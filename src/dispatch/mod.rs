@@ -15,6 +15,7 @@ pub mod batches;
 pub mod budget;
 pub mod decide;
 pub mod explain;
+mod fleet;
 pub mod limits;
 pub mod live;
 pub mod provider;
@@ -42,10 +43,17 @@ use crate::store::{DueJob, Finish, QueueError, Recorded, Start, Store};
 
 /// Re-plan at least this often (new observations, the clock moving on).
 const REPLAN_EVERY: Duration = Duration::from_secs(60);
+/// How long a daemon on a shared queue waits after a pass some of whose
+/// starts were refused or taken by another daemon.
+const SHARED_REFUSED_WAIT: Duration = Duration::from_millis(20);
 /// ... and at most this often, however many events ask for it.
 const REPLAN_AT_MOST: Duration = Duration::from_millis(500);
 /// How often leases of jobs whose request task is gone are recovered.
 const RECOVER_EVERY: Duration = Duration::from_secs(30);
+/// The same on a shared queue, where a dead daemon's running jobs are
+/// recovered once its heartbeat is older than
+/// [`crate::store::pg::coord::DEAD_AFTER_MS`].
+const RECOVER_EVERY_SHARED: Duration = Duration::from_secs(2);
 /// The live view of the providers is published at most this often, and
 /// right away when a provider's availability changes.
 const LIVE_EVERY: Duration = Duration::from_millis(250);
@@ -130,6 +138,8 @@ struct Loop {
     live_changed: bool,
     /// Provider batches being followed to their end, one task each.
     batch_tasks: JoinSet<batches::BatchDone>,
+    /// The other daemons on a shared queue.
+    fleet: fleet::Fleet,
 }
 
 /// A provider's client as configured: a simulated provider's batches end
@@ -181,8 +191,13 @@ impl Dispatcher {
             live_published: None,
             live_changed: true,
             batch_tasks: JoinSet::new(),
+            fleet: fleet::Fleet::default(),
         };
-        // What earlier runs sent still counts against the rate limits.
+        // Before the seeding: a send made between the two counts twice
+        // (early), never not at all.
+        self.join_fleet(&mut st).await;
+        // What earlier runs (and other daemons) sent still counts against
+        // the rate limits.
         self.seed_limits(&mut st.limits, now).await;
         // Start from what finished jobs taught earlier runs.
         match blocking(&self.shared.store, |s| s.learned_token_ratios(7)).await {
@@ -440,7 +455,13 @@ impl Dispatcher {
         if Instant::now() >= st.next_recovery {
             // A request task that died leaves its job running under our
             // lease: once the lease expires, the job is queued again.
-            st.next_recovery = Instant::now() + RECOVER_EVERY;
+            st.next_recovery = Instant::now()
+                + if self.shared.store.is_shared() {
+                    // Another daemon's jobs come back soon after it dies.
+                    RECOVER_EVERY_SHARED
+                } else {
+                    RECOVER_EVERY
+                };
             let owner = self.owner.clone();
             let n = blocking(&self.shared.store, move |s| {
                 s.recover_leases(now_ms, &owner)
@@ -456,12 +477,27 @@ impl Dispatcher {
             st.current = None;
             st.live_changed = true;
         }
+        if self.sync_fleet(st, now).await {
+            st.current = None;
+            st.live_changed = true;
+        }
         let retry_due = st.observed.next_retry.is_some_and(|t| t <= now);
         if retry_due {
             st.observed.next_retry = None;
         }
+        let role = *self.shared.coordination.borrow();
+        let follower = self.shared.store.is_shared() && !role.planner;
         let stale = match &st.current {
             None => true,
+            // A follower re-reads the plan when the planner republishes
+            // it (the planner re-plans on the events), not on its own.
+            Some(_) if follower && st.fleet_following() => {
+                self.published_newer(st).await
+                    || st.current.as_ref().is_some_and(|c| {
+                        c.made.elapsed() >= REPLAN_EVERY
+                            || c.plan.quotas.until.is_some_and(|u| now >= u)
+                    })
+            }
             Some(_) if retry_due => true,
             Some(c) => {
                 c.made.elapsed() >= REPLAN_EVERY
@@ -471,7 +507,25 @@ impl Dispatcher {
             }
         };
         if stale {
-            st.current = Some(self.make_plan(&st.observed, &mut st.limits).await?);
+            let followed = if follower {
+                self.follow(st, role.live).await
+            } else {
+                st.fleet.stop_following();
+                None
+            };
+            st.current = Some(match followed {
+                Some(c) => c,
+                None => {
+                    let mut c = self.make_plan(&st.observed, &mut st.limits).await?;
+                    if self.shared.store.is_shared() {
+                        if role.planner {
+                            self.publish(&c).await;
+                        }
+                        fleet::share_quotas(&mut c.plan, role.live);
+                    }
+                    c
+                }
+            });
             st.replan = false;
         }
         let Some(cur) = st.current.as_mut() else {
@@ -612,6 +666,15 @@ impl Dispatcher {
         };
         // Thousands a second under load: debug, not info.
         debug!(dispatched = started.len(), "dispatch batch");
+        // On a shared queue, what was not started was taken by another
+        // daemon or refused by the shared limits: look again shortly, not
+        // at once (this daemon's limiter learns the others' sends within
+        // the fleet's sync interval).
+        let next = if self.shared.store.is_shared() && started.len() < starts.len() {
+            next.max(Instant::now() + SHARED_REFUSED_WAIT)
+        } else {
+            next
+        };
         for action in starts {
             let Action::Start {
                 job: id,
@@ -976,6 +1039,9 @@ impl Dispatcher {
         self.budgets = live.budgets.clone();
         *limits = new_limits;
         *observed = fresh;
+        if self.shared.store.is_shared() {
+            self.shared.store.share_limits(&self.catalog);
+        }
         st.observed.budget = self.load_budgets().await;
         for p in 0..n {
             self.publish_health(p, &st.observed);

@@ -52,7 +52,7 @@ use crate::domain::pricing::{Catalog, ModelId, ProviderId};
 
 /// Jobs that are interchangeable for planning: same eligible models, released
 /// and due in the same slots.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct JobGroup {
     pub candidates: Vec<ModelId>,
     pub jobs: u64,
@@ -906,7 +906,7 @@ fn solve_greedy(
 }
 
 /// How many jobs of each (group, model) may start in the plan's first slot.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Quotas {
     /// (group, model, jobs), most urgent group first.
     pub entries: Vec<(usize, ModelId, u64)>,
@@ -1059,7 +1059,7 @@ pub const BUCKET_MS: i64 = 15 * 60 * 1000;
 
 /// A planned group and how to find its jobs in the queue: a route's jobs of
 /// one size bin with deadlines in `[deadline_from, deadline_to)`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PlannedGroup {
     pub route_key: String,
     pub size_bin: i64,

@@ -78,6 +78,14 @@ impl Store {
         }
     }
 
+    /// This daemon's node name on a shared queue.
+    pub fn node(&self) -> Option<&str> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(p) => Some(p.node()),
+        }
+    }
+
     /// Whether several daemons may share this queue.
     pub fn is_shared(&self) -> bool {
         matches!(self.backend, Backend::Postgres(_))
