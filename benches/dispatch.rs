@@ -27,21 +27,21 @@
 #[allow(dead_code)] // rss_kb is for the memory benchmarks
 mod support;
 
-use std::collections::HashSet;
+use support::loopback::{
+    Shared, chat_body, clock_ticks, count_lines, cpu_ticks, handle, reset, stop,
+};
+
 use std::path::Path;
-use std::process::{Child, Command};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::State;
 use axum::routing::post;
 use nightshift::config::Config;
 use nightshift::ingest::{self, Folders};
 use nightshift::store::Store;
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// Requests in flight: the provider's `concurrency` and the ceiling client's.
 const CONCURRENCY: usize = 64;
@@ -51,106 +51,6 @@ const CEILING_REQUESTS: u64 = 20_000;
 const DEPTH_LIMIT: Duration = Duration::from_secs(600);
 /// After the Nth request: how long to wait for the outbox file.
 const OUTBOX_LIMIT: Duration = Duration::from_secs(120);
-
-/// What the server saw in one phase (the ceiling, or one depth).
-#[derive(Default)]
-struct Seen {
-    /// Requests to expect: the window ends at this one.
-    target: u64,
-    /// The daemon's pid, for its CPU time; 0 for the ceiling client.
-    pid: u32,
-    requests: u64,
-    first: Option<Instant>,
-    last: Option<Instant>,
-    /// The daemon's CPU ticks at the first and at the target-th request.
-    cpu_first: Option<u64>,
-    cpu_last: Option<u64>,
-    ids: HashSet<String>,
-    duplicates: u64,
-    /// Requests whose content carried no `custom_id=`.
-    unlabelled: u64,
-}
-
-type Shared = Arc<Mutex<Seen>>;
-
-/// utime + stime of process `pid`, in clock ticks (from /proc/<pid>/stat).
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which is in parentheses and may hold
-    // spaces: state is field 3, utime 14 and stime 15.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// Clock ticks per second for /proc times, from `getconf CLK_TCK` (100 if
-/// that fails, which is what Linux uses almost everywhere).
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-async fn handle(State(seen): State<Shared>, body: Bytes) -> axum::Json<Value> {
-    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let text = req["messages"][0]["content"].as_str().unwrap_or_default();
-    let id = text
-        .split_whitespace()
-        .next()
-        .and_then(|w| w.strip_prefix("custom_id="));
-    {
-        let mut s = seen.lock().unwrap();
-        let now = Instant::now();
-        s.requests += 1;
-        match id {
-            Some(id) => {
-                if !s.ids.insert(id.to_string()) {
-                    s.duplicates += 1;
-                }
-            }
-            None => s.unlabelled += 1,
-        }
-        if s.requests == 1 {
-            s.first = Some(now);
-            s.cpu_first = if s.pid == 0 { None } else { cpu_ticks(s.pid) };
-        }
-        if s.requests == s.target {
-            s.last = Some(now);
-            s.cpu_last = if s.pid == 0 { None } else { cpu_ticks(s.pid) };
-        }
-    }
-    let prompt = (text.len() as u64).div_ceil(4) + 7;
-    let completion = 2u64;
-    axum::Json(json!({
-        "id": "chatcmpl-bench", "object": "chat.completion", "created": 0,
-        "model": req["model"].as_str().unwrap_or("m"),
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-    }))
-}
-
-/// Starts a fresh phase on the server: counters cleared.
-fn reset(seen: &Shared, target: u64, pid: u32) {
-    *seen.lock().unwrap() = Seen {
-        target,
-        pid,
-        ..Seen::default()
-    };
-}
-
-/// One job's request body; the custom_id leads the content so the server can
-/// count each job.
-fn chat_body(id: &str, model: &str) -> Value {
-    json!({"model": model,
-           "messages": [{"role": "user", "content": format!("custom_id={id} Classify this ticket: the export button does nothing in Firefox since the update.")}],
-           "max_tokens": 16})
-}
 
 /// Requests/s the server answers to a daemon-like client: reqwest with
 /// rustls, CONCURRENCY requests in flight, keep-alive, CEILING_REQUESTS in
@@ -270,33 +170,6 @@ fn queue_jobs(dir: &Path, config: &str, n: u64) {
         matches!(outcome, ingest::FileOutcome::Ingested { ref summary, .. } if summary.queued == n),
         "the backlog was not queued whole"
     );
-}
-
-/// SIGTERM, then up to 30 s for the daemon to exit (SIGKILL after that).
-fn stop(child: &mut Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let until = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < until {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    eprintln!("daemon did not exit 30 s after SIGTERM; killing it");
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-fn count_lines(path: &Path) -> Option<usize> {
-    Some(
-        std::fs::read_to_string(path)
-            .ok()?
-            .lines()
-            .filter(|l| !l.is_empty())
-            .count(),
-    )
 }
 
 /// One table row, or why the depth was given up.
