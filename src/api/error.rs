@@ -239,6 +239,18 @@ impl IntoResponse for ApiError {
 
 impl From<crate::store::QueueError> for ApiError {
     fn from(e: crate::store::QueueError) -> ApiError {
+        if e.is_unavailable() {
+            // The shared database is down or unreachable: retry later.
+            tracing::warn!("HTTP API: the database is unavailable: {e}");
+            return ApiError {
+                kind: "server_error",
+                code: Some("database_unavailable"),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the queue's database is unavailable; retry later",
+                )
+            };
+        }
         ApiError::internal(e)
     }
 }

@@ -1292,6 +1292,10 @@ struct Recorder {
 /// The most outcomes one transaction records.
 const RECORD_BATCH: usize = 512;
 
+/// How long answers wait for an unavailable database before their record
+/// fails (the jobs' leases then bring them back).
+const RECORD_RETRY_FOR: Duration = Duration::from_secs(60);
+
 impl Recorder {
     fn start(store: Arc<Store>, owner: String) -> Recorder {
         let (tx, mut rx) =
@@ -1306,8 +1310,28 @@ impl Recorder {
                     }
                 }
                 let (items, replies): (Vec<Recorded>, Vec<_>) = batch.into_iter().unzip();
-                let owner = owner.clone();
-                match blocking(&store, move |s| s.record_attempts(&owner, &items)).await {
+                // While the database is unreachable, keep the answers and
+                // try again with backoff (up to RECORD_RETRY_FOR): an answer
+                // the provider was paid for is not dropped for a blip.
+                let items = Arc::new(items);
+                let mut wait = Duration::from_millis(100);
+                let given_up_at = Instant::now() + RECORD_RETRY_FOR;
+                let recorded = loop {
+                    let (owner, its) = (owner.clone(), items.clone());
+                    match blocking(&store, move |s| s.record_attempts(&owner, &its)).await {
+                        Err(e) if e.is_unavailable() && Instant::now() + wait < given_up_at => {
+                            warn!(
+                                answers = items.len(),
+                                retry_in_ms = wait.as_millis() as u64,
+                                "could not record answers, the database is unavailable: {e}"
+                            );
+                            tokio::time::sleep(wait).await;
+                            wait = (wait * 2).min(Duration::from_secs(5));
+                        }
+                        other => break other,
+                    }
+                };
+                match recorded {
                     Ok(flags) => {
                         for (reply, flag) in replies.into_iter().zip(flags) {
                             let _ = reply.send(Ok(flag));

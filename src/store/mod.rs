@@ -137,6 +137,26 @@ pub enum QueueError {
     Unsupported(&'static str),
 }
 
+impl QueueError {
+    /// The database could not be reached (no connection in time, a
+    /// connection lost, the server shutting down): the same call may
+    /// succeed once it is back. A statement the database refused is not.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            QueueError::Pool(_) => true,
+            QueueError::Postgres(e) => {
+                e.is_closed()
+                    || e.code().is_none_or(|c| {
+                        // 08: connection exception; 57P: operator intervention
+                        // (admin shutdown, crash shutdown, cannot connect now).
+                        c.code().starts_with("08") || c.code().starts_with("57P")
+                    })
+            }
+            _ => false,
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, QueueError>;
 
 /// The lifecycle states of a job.

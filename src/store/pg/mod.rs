@@ -224,4 +224,43 @@ mod tests {
     fn ping_answers() {
         open().ping().unwrap();
     }
+
+    /// A lost connection or an empty pool is "unavailable" (callers retry);
+    /// a statement the database refused is not.
+    #[test]
+    fn a_lost_connection_is_unavailable_and_a_refused_statement_is_not() {
+        let pg = open();
+        let refused = pg
+            .run(|c| Ok(c.simple_query("SELECT no_such_column FROM daemons")?))
+            .unwrap_err();
+        assert!(!refused.is_unavailable(), "{refused}");
+        let mut c = pg.target.config().connect(NoTls).unwrap();
+        let mut killer = pg.target.config().connect(NoTls).unwrap();
+        let pid: i32 = c.query_one("SELECT pg_backend_pid()", &[]).unwrap().get(0);
+        killer
+            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .unwrap();
+        // Gone from the server before the client next speaks.
+        let gone_by = std::time::Instant::now() + Duration::from_secs(10);
+        while killer
+            .query_one(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+        {
+            assert!(
+                std::time::Instant::now() < gone_by,
+                "the backend did not exit"
+            );
+            std::thread::yield_now();
+        }
+        let lost: QueueError = c.simple_query("SELECT 1").unwrap_err().into();
+        assert!(lost.is_unavailable(), "{lost}");
+        assert!(QueueError::Pool("timed out".into()).is_unavailable());
+        // The pool replaces what the server dropped: the next call works.
+        pg.ping().unwrap();
+    }
 }
