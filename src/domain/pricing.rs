@@ -252,6 +252,34 @@ pub struct Limits {
     pub reserve: f64,
 }
 
+/// nightshift sends at 99% of a configured limit: requests leave evenly
+/// spaced but reach the provider with network jitter, and a provider that
+/// enforces "per minute" over one-second windows would refuse the few that
+/// arrive bunched at exactly 100%.
+pub const PACING: f64 = 0.99;
+
+/// A minute, the window of `rpm` and `tpm`.
+pub const MINUTE_MS: i64 = 60_000;
+/// A day, the window of `rpd`.
+pub const DAY_MS: i64 = 86_400_000;
+
+/// How much longer than its window a send counts in the limiter: a send
+/// stamped at `at` counts over `[at, at + window + ARRIVAL_MARGIN_MS)`.
+///
+/// The provider counts a request when it arrives, not when the limiter
+/// stamped it, and the delay between the two differs from request to
+/// request: the first requests after a start open connections (7 ms from
+/// stamp to arrival, where later ones take 3 ms), a loaded machine
+/// schedules the sending task late, and a restarted daemon's windows are
+/// seeded with the store's stamps, taken before its transaction committed.
+/// Were a send's slot free again at exactly stamp + 60 s, the requests
+/// sent then could arrive less than 60 s after it did, and the provider
+/// would count both in one minute (301 of rpm 300 after a window opened).
+/// Holding each send a second longer keeps the provider-side count within
+/// the limit as long as arrival delays differ by less than that; it costs
+/// under 2% of the allowance of a limit that stays saturated.
+pub const ARRIVAL_MARGIN_MS: i64 = 1_000;
+
 /// The wire format a provider speaks, where it decides what a job may ask
 /// for: a job whose body has no Anthropic translation does not run there.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -13,10 +13,12 @@
 use std::collections::BTreeMap;
 
 use super::batches::*;
+use super::coord::{Beat, Coordination, DaemonRow, SendCursors, SharedPause, SharedPlan};
 use super::maintenance::{Checkpoint, CheckpointMode, Purged};
 use super::pg::Postgres;
 use super::*;
 use crate::config::database::Database;
+use crate::domain::pricing::Catalog;
 
 /// The durable queue, on whichever backend the configuration names.
 pub struct Store {
@@ -89,6 +91,105 @@ impl Store {
     /// Whether several daemons may share this queue.
     pub fn is_shared(&self) -> bool {
         matches!(self.backend, Backend::Postgres(_))
+    }
+}
+
+/// What daemons sharing a queue tell each other ([`super::coord`]): on
+/// SQLite, the one daemon's trivial answers.
+impl Store {
+    /// Renews this daemon's liveness, and tries to become (or checks that
+    /// it still is) the planner.
+    pub fn heartbeat(&self, beat: &Beat) -> Result<Coordination> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(Coordination {
+                planner: true,
+                live: 1,
+                latest_source: 0,
+            }),
+            Backend::Postgres(p) => p.heartbeat(beat),
+        }
+    }
+
+    /// Removes this daemon from the live ones (a graceful stop: its jobs
+    /// were released), and gives up the planner lock.
+    pub fn leave(&self, owner: &str) -> Result<()> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Postgres(p) => p.leave(owner),
+        }
+    }
+
+    /// The daemons sharing the queue (none recorded on SQLite: the one
+    /// daemon is the state directory's lock holder).
+    pub fn daemons(&self, now_ms: i64) -> Result<Vec<DaemonRow>> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(Vec::new()),
+            Backend::Postgres(p) => p.daemons(now_ms),
+        }
+    }
+
+    /// Publishes the planner's plan; fails when this daemon no longer holds
+    /// the planner lock.
+    pub fn publish_plan(&self, plan: &SharedPlan) -> Result<()> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Postgres(p) => p.publish_plan(plan),
+        }
+    }
+
+    /// The plan the planner published last.
+    pub fn published_plan(&self) -> Result<Option<SharedPlan>> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(None),
+            Backend::Postgres(p) => p.published_plan(),
+        }
+    }
+
+    /// The rate limits claims are admitted against, summed over every
+    /// daemon (SQLite: the dispatcher's own limiter is the whole truth).
+    pub fn share_limits(&self, catalog: &Catalog) {
+        if let Backend::Postgres(p) = &self.backend {
+            p.share_limits(catalog);
+        }
+    }
+
+    /// Requests other daemons sent since `cursors` (which this advances),
+    /// for this daemon's pacing. The first call, with no cursor for a
+    /// provider, only places it at the newest send.
+    pub fn sends_of_others(
+        &self,
+        owner: &str,
+        cursors: &mut SendCursors,
+    ) -> Result<Vec<SentGroup>> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(Vec::new()),
+            Backend::Postgres(p) => p.sends_of_others(owner, cursors),
+        }
+    }
+
+    /// Tells every daemon that `provider` takes no requests until `until_ms`.
+    pub fn share_pause(&self, pause: &SharedPause) -> Result<()> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Postgres(p) => p.share_pause(pause),
+        }
+    }
+
+    /// Provider pauses in force at `now_ms`.
+    pub fn shared_pauses(&self, now_ms: i64) -> Result<Vec<SharedPause>> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(Vec::new()),
+            Backend::Postgres(p) => p.shared_pauses(now_ms),
+        }
+    }
+
+    /// Whether the database answers (for `/healthz`): SQLite is a file this
+    /// process holds open.
+    pub fn ping(&self) -> Result<()> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(()),
+            Backend::Postgres(p) => p.ping(),
+        }
     }
 }
 

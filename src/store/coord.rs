@@ -1,4 +1,5 @@
-//! What daemons sharing one queue tell each other, behind [`Store`]: who is
+//! What daemons sharing one queue tell each other, behind
+//! [`Store`](super::Store) (its methods are in `backend.rs`): who is
 //! alive, who plans, the plan the others follow, the sends every daemon's
 //! rate limits count, and provider pauses.
 //!
@@ -9,8 +10,6 @@
 
 use std::collections::HashMap;
 
-use super::backend::Backend;
-use super::{Result, SentGroup, Store};
 use crate::domain::pricing::Catalog;
 
 /// One daemon's heartbeat.
@@ -91,101 +90,4 @@ pub fn catalog_fingerprint(catalog: &Catalog) -> String {
         p.name.hash(&mut h);
     }
     format!("{:016x}/{}", h.finish(), catalog.models.len())
-}
-
-impl Store {
-    /// Renews this daemon's liveness, and tries to become (or checks that
-    /// it still is) the planner.
-    pub fn heartbeat(&self, beat: &Beat) -> Result<Coordination> {
-        match &self.backend {
-            Backend::Sqlite(_) => Ok(Coordination {
-                planner: true,
-                live: 1,
-                latest_source: 0,
-            }),
-            Backend::Postgres(p) => p.heartbeat(beat),
-        }
-    }
-
-    /// Removes this daemon from the live ones (a graceful stop: its jobs
-    /// were released), and gives up the planner lock.
-    pub fn leave(&self, owner: &str) -> Result<()> {
-        match &self.backend {
-            Backend::Sqlite(_) => Ok(()),
-            Backend::Postgres(p) => p.leave(owner),
-        }
-    }
-
-    /// The daemons sharing the queue (none recorded on SQLite: the one
-    /// daemon is the state directory's lock holder).
-    pub fn daemons(&self, now_ms: i64) -> Result<Vec<DaemonRow>> {
-        match &self.backend {
-            Backend::Sqlite(_) => Ok(Vec::new()),
-            Backend::Postgres(p) => p.daemons(now_ms),
-        }
-    }
-
-    /// Publishes the planner's plan; fails when this daemon no longer holds
-    /// the planner lock.
-    pub fn publish_plan(&self, plan: &SharedPlan) -> Result<()> {
-        match &self.backend {
-            Backend::Sqlite(_) => Ok(()),
-            Backend::Postgres(p) => p.publish_plan(plan),
-        }
-    }
-
-    /// The plan the planner published last.
-    pub fn published_plan(&self) -> Result<Option<SharedPlan>> {
-        match &self.backend {
-            Backend::Sqlite(_) => Ok(None),
-            Backend::Postgres(p) => p.published_plan(),
-        }
-    }
-
-    /// The rate limits claims are admitted against, summed over every
-    /// daemon (SQLite: the dispatcher's own limiter is the whole truth).
-    pub fn share_limits(&self, catalog: &Catalog) {
-        if let Backend::Postgres(p) = &self.backend {
-            p.share_limits(catalog);
-        }
-    }
-
-    /// Requests other daemons sent since `cursors` (which this advances),
-    /// for this daemon's pacing. The first call, with no cursor for a
-    /// provider, only places it at the newest send.
-    pub fn sends_of_others(
-        &self,
-        owner: &str,
-        cursors: &mut SendCursors,
-    ) -> Result<Vec<SentGroup>> {
-        match &self.backend {
-            Backend::Sqlite(_) => Ok(Vec::new()),
-            Backend::Postgres(p) => p.sends_of_others(owner, cursors),
-        }
-    }
-
-    /// Tells every daemon that `provider` takes no requests until `until_ms`.
-    pub fn share_pause(&self, pause: &SharedPause) -> Result<()> {
-        match &self.backend {
-            Backend::Sqlite(_) => Ok(()),
-            Backend::Postgres(p) => p.share_pause(pause),
-        }
-    }
-
-    /// Provider pauses in force at `now_ms`.
-    pub fn shared_pauses(&self, now_ms: i64) -> Result<Vec<SharedPause>> {
-        match &self.backend {
-            Backend::Sqlite(_) => Ok(Vec::new()),
-            Backend::Postgres(p) => p.shared_pauses(now_ms),
-        }
-    }
-
-    /// Whether the database answers (for `/healthz`): SQLite is a file this
-    /// process holds open.
-    pub fn ping(&self) -> Result<()> {
-        match &self.backend {
-            Backend::Sqlite(_) => Ok(()),
-            Backend::Postgres(p) => p.ping(),
-        }
-    }
 }

@@ -32,8 +32,9 @@ use chrono::Utc;
 use postgres::NoTls;
 
 use super::{Conn, Postgres};
-use crate::dispatch::limits::{ARRIVAL_MARGIN_MS, DAY_MS, MINUTE_MS, PACING};
-use crate::domain::pricing::{Catalog, Channel, Limits};
+use crate::domain::pricing::{
+    ARRIVAL_MARGIN_MS, Catalog, Channel, DAY_MS, Limits, MINUTE_MS, PACING,
+};
 use crate::store::coord::{Beat, Coordination, DaemonRow, SendCursors, SharedPause, SharedPlan};
 use crate::store::{Result, SentGroup, Start};
 
