@@ -591,6 +591,47 @@ mod tests {
             .collect()
     }
 
+    /// check-config names the backend and never shows a password, from the
+    /// URL or from the password file.
+    #[test]
+    fn check_config_shows_the_postgres_backend_with_the_password_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "file-secret\n").unwrap();
+        let text = r#"[daemon]
+database = "postgresql://ns:url-secret@db.internal:5432/nightshift?sslmode=disable"
+database_password_file = "pw"
+node = "host-a"
+
+[[providers]]
+name = "sim"
+kind = "simulated"
+
+[[providers.models]]
+name = "m"
+input_per_mtok = 1.0
+output_per_mtok = 1.0
+
+[classes]
+chat = ["sim/m"]
+"#;
+        let config = Config::parse(text, "n.toml", dir.path()).unwrap();
+        let shown = effective_config(&config);
+        assert!(
+            shown.contains("postgresql://ns:***@db.internal:5432/nightshift"),
+            "{shown}"
+        );
+        assert!(shown.contains("PostgreSQL"), "{shown}");
+        assert!(shown.contains("password set (not shown)"), "{shown}");
+        assert!(shown.contains("node = \"host-a\""), "{shown}");
+        assert!(
+            !shown.contains("url-secret") && !shown.contains("file-secret"),
+            "{shown}"
+        );
+        // The default stays SQLite, and says so.
+        let shown = effective_config(&Config::embedded_default());
+        assert!(shown.contains("# SQLite"), "{shown}");
+    }
+
     #[test]
     fn a_queued_jobs_page_shows_its_plan_and_why() {
         let v = json!({
