@@ -43,6 +43,8 @@ use crate::store::{DueJob, Finish, QueueError, Recorded, Start, Store};
 
 /// Re-plan at least this often (new observations, the clock moving on).
 const REPLAN_EVERY: Duration = Duration::from_secs(60);
+/// How often a daemon on a shared queue re-reads the budgets' spend.
+const BUDGET_SYNC: Duration = Duration::from_secs(2);
 /// How long a daemon on a shared queue waits after a pass some of whose
 /// starts were refused or taken by another daemon.
 const SHARED_REFUSED_WAIT: Duration = Duration::from_millis(20);
@@ -140,6 +142,8 @@ struct Loop {
     batch_tasks: JoinSet<batches::BatchDone>,
     /// The other daemons on a shared queue.
     fleet: fleet::Fleet,
+    /// When the budgets are next re-read from the shared queue.
+    next_budget_sync: Option<Instant>,
 }
 
 /// A provider's client as configured: a simulated provider's batches end
@@ -192,6 +196,7 @@ impl Dispatcher {
             live_changed: true,
             batch_tasks: JoinSet::new(),
             fleet: fleet::Fleet::default(),
+            next_budget_sync: None,
         };
         // Before the seeding: a send made between the two counts twice
         // (early), never not at all.
@@ -481,6 +486,7 @@ impl Dispatcher {
             st.current = None;
             st.live_changed = true;
         }
+        self.sync_budgets(st).await;
         let retry_due = st.observed.next_retry.is_some_and(|t| t <= now);
         if retry_due {
             st.observed.next_retry = None;
@@ -1157,6 +1163,26 @@ impl Dispatcher {
             })
         })
         .await
+    }
+
+    /// On a shared queue, every [`BUDGET_SYNC`]: the budgets' spend is what
+    /// every daemon recorded (one sum over the shared jobs) plus what this
+    /// daemon has in flight; the other daemons' requests in flight are the
+    /// most a budget can be passed by. (An answer recorded but not yet
+    /// settled here counts twice until the next sync: early, never late.)
+    async fn sync_budgets(&self, st: &mut Loop) {
+        if !self.shared.store.is_shared()
+            || self.budgets.is_empty()
+            || st.next_budget_sync.is_some_and(|t| Instant::now() < t)
+        {
+            return;
+        }
+        st.next_budget_sync = Some(Instant::now() + BUDGET_SYNC);
+        let mut fresh = self.load_budgets().await;
+        for f in st.in_flight.values() {
+            fresh.charge(f.attempt.provider, f.attempt.cost);
+        }
+        st.observed.budget = fresh;
     }
 
     /// Re-plans the queue from its summary in SQLite.
