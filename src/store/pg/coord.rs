@@ -70,6 +70,10 @@ pub struct Share {
 /// Per provider name.
 pub type Shares = HashMap<String, Share>;
 
+fn windowed(l: &Limits) -> bool {
+    l.rpm.is_some() || l.tpm.is_some() || l.rpd.is_some()
+}
+
 fn limited(l: &Limits) -> bool {
     l.rpm.is_some() || l.tpm.is_some() || l.rpd.is_some() || l.concurrency.is_some()
 }
@@ -158,20 +162,28 @@ pub(super) fn admit(
     for p in &providers {
         let share = &shares[*p];
         let day = share.limits.rpd.is_some() || share.models.values().any(|l| l.rpd.is_some());
-        let since = if day {
+        let since = if !(windowed(&share.limits) || share.models.values().any(windowed)) {
+            // Concurrency only: the ledger has nothing to say.
+            0
+        } else if day {
             DAY_MS + ARRIVAL_MARGIN_MS
         } else {
             MINUTE_MS + ARRIVAL_MARGIN_MS
         };
-        for r in tx.query(
-            "SELECT model,
+        let ledger = if since == 0 {
+            Vec::new()
+        } else {
+            tx.query(
+                "SELECT model,
                     COUNT(*) FILTER (WHERE at_ms > $2::BIGINT - $4::BIGINT),
                     COALESCE(SUM(tokens) FILTER (WHERE at_ms > $2::BIGINT - $4::BIGINT), 0)::BIGINT,
                     COUNT(*)
                FROM sends WHERE provider = $1 AND at_ms > $2::BIGINT - $3::BIGINT
               GROUP BY model",
-            &[p, &stamp, &since, &(MINUTE_MS + ARRIVAL_MARGIN_MS)],
-        )? {
+                &[p, &stamp, &since, &(MINUTE_MS + ARRIVAL_MARGIN_MS)],
+            )?
+        };
+        for r in ledger {
             let model: String = r.get(0);
             let t = Tally {
                 minute_requests: r.get::<_, i64>(1).max(0) as u64,
@@ -448,7 +460,8 @@ impl Postgres {
             let shares = self.shares.read().unwrap_or_else(|e| e.into_inner());
             shares
                 .iter()
-                .filter(|(_, s)| limited(&s.limits) || s.models.values().any(limited))
+                // Only windows count sends (concurrency counts running jobs).
+                .filter(|(_, s)| windowed(&s.limits) || s.models.values().any(windowed))
                 .map(|(p, _)| p.clone())
                 .collect()
         };
