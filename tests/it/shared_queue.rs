@@ -51,6 +51,19 @@ async fn query_i64(url: &str, sql: &str) -> Vec<Vec<i64>> {
     .unwrap()
 }
 
+/// The owner (lease holder) of the daemon named `node`.
+async fn query_owner(url: &str, node: &str) -> String {
+    let (url, node) = (url.to_string(), node.to_string());
+    tokio::task::spawn_blocking(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.query_one("SELECT owner FROM daemons WHERE node = $1", &[&node])
+            .unwrap()
+            .get(0)
+    })
+    .await
+    .unwrap()
+}
+
 /// `config_toml` for a daemon named `node` on the shared `database`.
 fn shared_config(dir: &Path, providers: &[ProviderSpec], database: &str, node: &str) -> String {
     config_toml(dir, providers).replacen(
@@ -342,12 +355,33 @@ async fn killing_the_planning_daemon_mid_run_loses_no_job() {
         },
     )
     .await;
+    let killed_owner = query_owner(&database, &planner_node).await;
     let sent_before_kill = provider.count();
     daemons[planner].kill();
     let killed_at = Instant::now();
     eprintln!(
         "killed {planner_node} with {in_flight} running jobs, after {sent_before_kill} requests"
     );
+
+    // Its running jobs go back to the queue once its heartbeat is stale
+    // (10 s, checked every 2 s), long before their lease (request_timeout
+    // + 60 s) would expire. (The bound allows for the dispatcher's first
+    // lease recovery, 30 s after it starts, RECOVER_EVERY, even on a
+    // shared queue: these survivors started seconds before the kill.)
+    let running_sql = format!(
+        "SELECT count(*)::bigint FROM jobs WHERE state = 'running' AND lease_owner = '{killed_owner}'"
+    );
+    let recovery = {
+        let database = database.clone();
+        tokio::spawn(async move {
+            loop {
+                if query_i64(&database, &running_sql).await[0][0] == 0 {
+                    return killed_at.elapsed();
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
 
     // Another daemon takes over the planning.
     let survivors: Vec<usize> = (0..N).filter(|&d| d != planner).collect();
@@ -393,6 +427,15 @@ async fn killing_the_planning_daemon_mid_run_loses_no_job() {
     let row = &query_i64(&database, by_state).await[0];
     assert_eq!(row[1], jobs as i64, "no job lost, none added");
     let recovered_after = killed_at.elapsed();
+    let requeued_after = recovery.await.unwrap();
+    eprintln!(
+        "the killed daemon's running jobs were re-queued {:.1} s after the kill",
+        requeued_after.as_secs_f64()
+    );
+    assert!(
+        requeued_after <= Duration::from_secs(35),
+        "its jobs came back after {requeued_after:?}: not by its stale heartbeat"
+    );
 
     // The survivors' outboxes hold their files' results.
     for &d in &survivors {
