@@ -60,6 +60,15 @@ pub async fn beat_once(shared: &Shared, mut beat: Beat) {
         // Another daemon (or this one) queued jobs.
         shared.wake.notify_one();
     }
+    if now.planner != was.planner || now.live != was.live {
+        // The dispatcher's plan no longer fits: a daemon that took the
+        // planner lock still holds the plan it followed (made for the old
+        // planner's view, never published again), one that lost it still
+        // holds its own, and every share is 1/live. Without a wake a daemon
+        // with nothing in flight keeps that plan for up to a minute, and
+        // the followers follow the dead planner's plan meanwhile.
+        shared.wake.notify_one();
+    }
     shared.coordination.send_replace(now);
 }
 

@@ -29,6 +29,7 @@ mod maintenance;
 mod metrics;
 mod planner;
 mod reload;
+mod shared_queue;
 mod simulate_agrees;
 mod supervision;
 mod systemd;
