@@ -190,7 +190,12 @@ impl Dispatcher {
             tasks: JoinSet::new(),
             in_flight: HashMap::new(),
             recorder: Recorder::start(self.shared.store.clone(), self.owner.clone()),
-            next_recovery: Instant::now() + RECOVER_EVERY,
+            next_recovery: Instant::now()
+                + if self.shared.store.is_shared() {
+                    RECOVER_EVERY_SHARED
+                } else {
+                    RECOVER_EVERY
+                },
             earliest_deadline: None,
             live_published: None,
             live_changed: true,
