@@ -1,4 +1,6 @@
-//! The durable queue: the one place that owns the SQLite connection.
+//! The durable queue. [`Store`] is its one interface over two backends
+//! ([`backend`]): this module's [`Sqlite`], the embedded default, and
+//! [`pg::Postgres`], for several daemons on one queue.
 //!
 //! SQLite allows one writer, so the store has one connection behind a mutex
 //! and every state change is one short transaction (`BEGIN IMMEDIATE` where
