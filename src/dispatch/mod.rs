@@ -43,6 +43,11 @@ use crate::store::{DueJob, Finish, QueueError, Recorded, Start, Store};
 
 /// Re-plan at least this often (new observations, the clock moving on).
 const REPLAN_EVERY: Duration = Duration::from_secs(60);
+/// How often the planner of a shared queue re-plans at least: each daemon
+/// takes its share of the first slot's quotas, and a share that one daemon
+/// cannot use (it died, or its limiter is full) must come back to the
+/// others soon, not a minute later.
+const REPLAN_EVERY_SHARED: Duration = Duration::from_secs(5);
 /// How often a daemon on a shared queue re-reads the budgets' spend.
 const BUDGET_SYNC: Duration = Duration::from_secs(2);
 /// How long a daemon on a shared queue waits after a pass some of whose
@@ -498,6 +503,11 @@ impl Dispatcher {
         }
         let role = *self.shared.coordination.borrow();
         let follower = self.shared.store.is_shared() && !role.planner;
+        let replan_every = if self.shared.store.is_shared() {
+            REPLAN_EVERY_SHARED
+        } else {
+            REPLAN_EVERY
+        };
         let stale = match &st.current {
             None => true,
             // A follower re-reads the plan when the planner republishes
@@ -511,7 +521,7 @@ impl Dispatcher {
             }
             Some(_) if retry_due => true,
             Some(c) => {
-                c.made.elapsed() >= REPLAN_EVERY
+                c.made.elapsed() >= replan_every
                     || c.plan.quotas.until.is_some_and(|u| now >= u)
                     || c.reconsider_at.is_some_and(|t| now >= t)
                     || (st.replan && c.made.elapsed() >= REPLAN_AT_MOST.max(c.took * 10))

@@ -364,10 +364,8 @@ async fn killing_the_planning_daemon_mid_run_loses_no_job() {
     );
 
     // Its running jobs go back to the queue once its heartbeat is stale
-    // (10 s, checked every 2 s), long before their lease (request_timeout
-    // + 60 s) would expire. (The bound allows for the dispatcher's first
-    // lease recovery, 30 s after it starts, RECOVER_EVERY, even on a
-    // shared queue: these survivors started seconds before the kill.)
+    // (10 s, checked every 2 s from each survivor's start), long before
+    // their lease (request_timeout + 60 s) would expire.
     let running_sql = format!(
         "SELECT count(*)::bigint FROM jobs WHERE state = 'running' AND lease_owner = '{killed_owner}'"
     );
@@ -417,7 +415,7 @@ async fn killing_the_planning_daemon_mid_run_loses_no_job() {
                     count(*)::bigint FROM jobs";
     wait_until_async(
         "every job to succeed",
-        Duration::from_secs(120),
+        Duration::from_secs(180),
         async || {
             let row = &query_i64(&database, by_state).await[0];
             row[0] == jobs as i64
@@ -493,4 +491,115 @@ async fn killing_the_planning_daemon_mid_run_loses_no_job() {
             .iter()
             .all(|l| l["nightshift"]["state"] == "succeeded")
     );
+}
+
+/// The database stops mid-run (PostgreSQL's fast shutdown: every session
+/// terminated) and comes back: the answers that arrive meanwhile are
+/// recorded once it is back, nothing is sent twice, nothing is lost, and
+/// `/healthz` says the database is down while it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_loses_no_answer_and_sends_nothing_twice() {
+    use nightshift::store::pg::testing::PrivateServer;
+    const JOBS: usize = 30;
+    let provider = LoopbackProvider::with(|seen| Reply {
+        delay: Duration::from_millis(1500),
+        ..default_reply(seen)
+    })
+    .await;
+    let mut server = tokio::task::spawn_blocking(PrivateServer::start)
+        .await
+        .unwrap();
+    let database = server.url("nightshift");
+    let spec = vec![ProviderSpec {
+        name: "p",
+        base_url: provider.base_url(),
+        model: "m",
+        input_per_mtok: 1.0,
+        output_per_mtok: 1.0,
+        extra: "concurrency = 5",
+    }];
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        &shared_config(dir.path(), &spec, &database, "solo"),
+    );
+    let client = daemon.unix_client().await;
+    let (content, ids) = job_file(0, 0, JOBS);
+    drop_file(&daemon.jobs(), "outage.jsonl", &content);
+
+    // Requests in flight, then the database goes away under them.
+    wait_until("requests in flight", Duration::from_secs(60), || {
+        provider.count() >= 5
+    })
+    .await;
+    let mut server = tokio::task::spawn_blocking(move || {
+        server.stop();
+        server
+    })
+    .await
+    .unwrap();
+    wait_until_async(
+        "/healthz to report the database down",
+        Duration::from_secs(30),
+        async || match client.get("/healthz").await {
+            Ok(h) => h["database"]["ok"] == false,
+            // 503 with the same body: a client error here is the answer.
+            Err(_) => true,
+        },
+    )
+    .await;
+    // Every request sent before the stop has been answered (1.5 s each)
+    // while the database was down; no new one left meanwhile.
+    let sent_while_down = provider.count();
+    wait_until(
+        "the in-flight answers to arrive",
+        Duration::from_secs(30),
+        || {
+            provider
+                .seen()
+                .last()
+                .is_some_and(|s| s.at.elapsed() > Duration::from_millis(2500))
+        },
+    )
+    .await;
+    assert_eq!(
+        provider.count(),
+        sent_while_down,
+        "nothing is claimed while the database is down"
+    );
+    let server = tokio::task::spawn_blocking(move || {
+        server.restart();
+        server
+    })
+    .await
+    .unwrap();
+
+    // Back: the answers held meanwhile are recorded, the rest run.
+    let (output, errors) =
+        wait_for_outbox(&daemon.jobs(), "outage", Duration::from_secs(120)).await;
+    assert!(errors.is_empty(), "{:?}", &errors[..errors.len().min(3)]);
+    assert_eq!(output.len(), JOBS);
+    assert!(
+        output
+            .iter()
+            .all(|l| l["nightshift"]["state"] == "succeeded"),
+        "every job succeeded"
+    );
+    let per_job = calls_per_job(&provider);
+    assert_eq!(per_job.len(), ids.len(), "every job reached the provider");
+    assert!(
+        per_job.values().all(|&n| n == 1),
+        "a job was sent twice: {:?}",
+        per_job.iter().filter(|(_, n)| **n > 1).collect::<Vec<_>>()
+    );
+    let late = query_i64(
+        &database,
+        "SELECT COALESCE(SUM(late_answers), 0)::bigint FROM jobs",
+    )
+    .await;
+    assert_eq!(late[0][0], 0, "no answer was recorded as late");
+    let health = client.get("/healthz").await.unwrap();
+    assert_eq!(health["database"]["ok"], true);
+    drop(daemon);
+    drop(server);
 }

@@ -11,7 +11,6 @@
 //! When PostgreSQL's binaries cannot be found this panics with what to
 //! install: a missing server fails the tests, it never silently skips them.
 
-use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -81,11 +80,7 @@ pub fn fresh_database() -> String {
 impl Server {
     /// The URL of database `db` on this server.
     pub fn url(&self, db: &str) -> String {
-        format!(
-            "postgresql://{}@/{db}?host={}",
-            self.user,
-            self.socket_dir.display()
-        )
+        url_of(&self.user, &self.socket_dir, db)
     }
 }
 
@@ -97,14 +92,23 @@ fn unprivileged(cmd: &mut Command) -> &mut Command {
     cmd
 }
 
-fn start() -> Server {
+/// A cluster's files and who runs it.
+struct Cluster {
+    bin: PathBuf,
+    root: PathBuf,
+    data: PathBuf,
+    socket_dir: PathBuf,
+    user: String,
+}
+
+/// `initdb` into `root` (owned by the unprivileged user when root).
+fn init_cluster(root: PathBuf) -> Cluster {
     let bin = bin_dir().unwrap_or_else(|| {
         panic!(
             "PostgreSQL is not installed: the shared-backend tests need its server binaries \
              (Debian: apt-get install postgresql; or set PG_BIN to the directory with initdb)"
         )
     });
-    let root = std::env::temp_dir().join(format!("nightshift-pg-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root).expect("creating the test server's directory");
     let data = root.join("data");
@@ -146,50 +150,133 @@ fn start() -> Server {
         "initdb failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // The shell starts the server, then waits for its stdin to close.
-    let script = format!(
-        "{postgres} -D {data} -k {sock} -c listen_addresses= -c fsync=off -c synchronous_commit=off \
-         -c full_page_writes=off -c max_connections=200 -c shared_buffers=64MB >{log} 2>&1 & pid=$!; \
-         cat >/dev/null; kill -QUIT $pid; wait $pid; rm -rf {root}",
-        postgres = bin.join("postgres").display(),
-        data = data.display(),
-        sock = socket_dir.display(),
-        log = root.join("server.log").display(),
-        root = root.display(),
-    );
-    let child = unprivileged(
-        Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .current_dir(&root),
-    )
-    .spawn()
-    .expect("starting the test server");
-    let server = Server {
+    Cluster {
+        bin,
+        root,
+        data,
         socket_dir,
         user,
+    }
+}
+
+impl Cluster {
+    /// Starts the server under a shell that waits for its stdin to close,
+    /// then stops it with `stop_signal` (and with `remove`, deletes the
+    /// cluster). Returns once the server accepts connections.
+    fn launch(&self, stop_signal: &str, remove: bool) -> Child {
+        let script = format!(
+            "{postgres} -D {data} -k {sock} -c listen_addresses= -c fsync=off -c synchronous_commit=off \
+             -c full_page_writes=off -c max_connections=200 -c shared_buffers=64MB >>{log} 2>&1 & pid=$!; \
+             cat >/dev/null; kill -{stop_signal} $pid; wait $pid;{remove}",
+            postgres = self.bin.join("postgres").display(),
+            data = self.data.display(),
+            sock = self.socket_dir.display(),
+            log = self.root.join("server.log").display(),
+            remove = if remove {
+                format!(" rm -rf {}", self.root.display())
+            } else {
+                String::new()
+            },
+        );
+        let child = unprivileged(
+            Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .current_dir(&self.root),
+        )
+        .spawn()
+        .expect("starting the test server");
+        let url = url_of(&self.user, &self.socket_dir, "postgres");
+        let started = Instant::now();
+        loop {
+            match postgres::Client::connect(&url, postgres::NoTls) {
+                Ok(_) => break,
+                Err(e) if started.elapsed() > Duration::from_secs(30) => panic!(
+                    "the test server did not start in 30 s: {e}; its log: {}",
+                    std::fs::read_to_string(self.root.join("server.log")).unwrap_or_default()
+                ),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+        child
+    }
+}
+
+fn url_of(user: &str, socket_dir: &Path, db: &str) -> String {
+    format!("postgresql://{user}@/{db}?host={}", socket_dir.display())
+}
+
+fn start() -> Server {
+    let root = std::env::temp_dir().join(format!("nightshift-pg-{}", std::process::id()));
+    let cluster = init_cluster(root);
+    // Immediate shutdown and removal when the test process exits.
+    let child = cluster.launch("QUIT", true);
+    Server {
+        socket_dir: cluster.socket_dir,
+        user: cluster.user,
         _guard: Mutex::new(child),
-    };
-    let started = Instant::now();
-    loop {
-        match postgres::Client::connect(&server.url("postgres"), postgres::NoTls) {
-            Ok(_) => break,
-            Err(e) if started.elapsed() > Duration::from_secs(30) => panic!(
-                "the test server did not start in 30 s: {e}; its log: {}",
-                std::fs::read_to_string(root.join("server.log")).unwrap_or_default()
-            ),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+    }
+}
+
+/// A server of one test's own, that the test may stop and start again (a
+/// database outage). Stopping is PostgreSQL's fast shutdown: sessions are
+/// terminated, as when an operator restarts the database. Dropped, it stops
+/// and its cluster is removed.
+pub struct PrivateServer {
+    cluster: Cluster,
+    child: Option<Child>,
+}
+
+static NEXT_PRIVATE: AtomicU64 = AtomicU64::new(0);
+
+impl PrivateServer {
+    /// A new cluster, started, with one database `nightshift`.
+    pub fn start() -> PrivateServer {
+        let root = std::env::temp_dir().join(format!(
+            "nightshift-pg-{}-own{}",
+            std::process::id(),
+            NEXT_PRIVATE.fetch_add(1, Ordering::Relaxed)
+        ));
+        let cluster = init_cluster(root);
+        let child = cluster.launch("INT", false);
+        let server = PrivateServer {
+            cluster,
+            child: Some(child),
+        };
+        let mut c = postgres::Client::connect(&server.url("postgres"), postgres::NoTls)
+            .expect("connecting to the private test server");
+        c.batch_execute("CREATE DATABASE nightshift")
+            .expect("creating the database");
+        server
+    }
+
+    /// The URL of database `db`.
+    pub fn url(&self, db: &str) -> String {
+        url_of(&self.cluster.user, &self.cluster.socket_dir, db)
+    }
+
+    /// Stops the server and waits until it has exited.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            drop(child.stdin.take());
+            let _ = child.wait();
         }
     }
-    // Keep the pipe open for the process's life: the guard holds the child.
-    if let Ok(mut g) = server._guard.lock()
-        && let Some(stdin) = g.stdin.as_mut()
-    {
-        let _ = stdin.flush();
+
+    /// Starts the stopped server again on the same cluster.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "the server is running");
+        self.child = Some(self.cluster.launch("INT", false));
     }
-    server
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.cluster.root);
+    }
 }
 
 fn whoami() -> String {
