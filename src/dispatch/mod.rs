@@ -149,6 +149,8 @@ struct Loop {
     fleet: fleet::Fleet,
     /// When the budgets are next re-read from the shared queue.
     next_budget_sync: Option<Instant>,
+    /// The provider batches a task of this loop follows.
+    followed_batches: std::collections::HashSet<i64>,
 }
 
 /// A provider's client as configured: a simulated provider's batches end
@@ -207,6 +209,7 @@ impl Dispatcher {
             batch_tasks: JoinSet::new(),
             fleet: fleet::Fleet::default(),
             next_budget_sync: None,
+            followed_batches: Default::default(),
         };
         // Before the seeding: a send made between the two counts twice
         // (early), never not at all.
@@ -272,6 +275,9 @@ impl Dispatcher {
                 Some(done) = st.batch_tasks.join_next() => {
                     st.replan = true;
                     st.earliest_deadline = None;
+                    if let Ok(done) = &done {
+                        st.followed_batches.remove(&done.batch);
+                    }
                     if let Ok(done) = done
                         && self.account_batch(&mut st, done)
                     {
@@ -485,6 +491,9 @@ impl Dispatcher {
             if n > 0 {
                 warn!(recovered = n, "re-queued running jobs whose lease expired");
                 st.replan = true;
+            }
+            if self.shared.store.is_shared() {
+                self.adopt_batches(st, now_ms).await?;
             }
         }
         if st.observed.budget.roll_over(now) {
@@ -950,7 +959,35 @@ impl Dispatcher {
             retry: self.retry,
             estimated,
         };
+        st.followed_batches.insert(b.id);
         st.batch_tasks.spawn(ctx.run(b));
+    }
+
+    /// On a shared queue: follows the open provider batches of daemons that
+    /// are gone (their deadline guard and results would otherwise wait for
+    /// a restart).
+    async fn adopt_batches(&self, st: &mut Loop, now_ms: i64) -> Result<(), QueueError> {
+        let adopted = blocking(&self.shared.store, move |s| {
+            let ids = s.adopt_orphaned_batches(now_ms)?;
+            if ids.is_empty() {
+                return Ok(Vec::new());
+            }
+            Ok::<_, QueueError>(
+                s.open_provider_batches()?
+                    .into_iter()
+                    .filter(|b| ids.contains(&b.id))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .await?;
+        for b in adopted {
+            if st.followed_batches.contains(&b.id) {
+                continue;
+            }
+            info!(batch = b.id, provider = %b.provider, "following a provider batch of a daemon that is gone");
+            self.spawn_batch(st, b, 0.0);
+        }
+        Ok(())
     }
 
     /// Books a provider batch that ended: its turnaround, a refused

@@ -183,6 +183,16 @@ impl Store {
         }
     }
 
+    /// Takes over the open provider batches of daemons that are gone (no
+    /// live heartbeat for their node) and returns their ids: this daemon
+    /// follows them from now on (SQLite: the one daemon follows its own).
+    pub fn adopt_orphaned_batches(&self, now_ms: i64) -> Result<Vec<i64>> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(Vec::new()),
+            Backend::Postgres(p) => p.adopt_orphaned_batches(now_ms),
+        }
+    }
+
     /// Whether the database answers (for `/healthz`): SQLite is a file this
     /// process holds open.
     pub fn ping(&self) -> Result<()> {

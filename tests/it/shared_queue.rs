@@ -603,3 +603,111 @@ async fn a_database_outage_loses_no_answer_and_sends_nothing_twice() {
     drop(daemon);
     drop(server);
 }
+
+/// A provider batch whose daemon is SIGKILLed while it runs is followed by
+/// another daemon of the queue: one batch at the provider, its results
+/// applied, no synchronous re-run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_daemons_provider_batch_is_adopted_by_another() {
+    use crate::batch_server::{BatchBehaviour, LoopbackBatchProvider};
+    const JOBS: usize = 20;
+    let provider = LoopbackBatchProvider::openai(BatchBehaviour {
+        turnaround: Duration::from_secs(15),
+        ..BatchBehaviour::default()
+    })
+    .await;
+    let database = fresh_database().await;
+    let extra =
+        "[providers.batch]\ndiscount = 0.5\nexpected_turnaround = \"5s\"\npoll_every = \"200ms\"";
+    let spec = vec![ProviderSpec {
+        name: "openai",
+        base_url: provider.base_url(),
+        model: "m",
+        input_per_mtok: 1.0,
+        output_per_mtok: 1.0,
+        extra,
+    }];
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut daemons: Vec<Daemon> = dirs
+        .iter()
+        .enumerate()
+        .map(|(d, dir)| {
+            Daemon::start(
+                dir.path(),
+                &shared_config(dir.path(), &spec, &database, &format!("node{d}")),
+            )
+        })
+        .collect();
+    let lines: Vec<String> = (0..JOBS)
+        .map(|i| {
+            chat_line(
+                &format!("b{i}"),
+                "chat",
+                &format!("job {i}"),
+                Some(serde_json::json!({"deadline": "6h"})),
+            )
+        })
+        .collect();
+    for d in &daemons {
+        d.unix_client().await; // answering: the schema is there
+    }
+    drop_file(&daemons[0].jobs(), "backlog.jsonl", &lines.join("\n"));
+    // Every job in a batch (each daemon batches its share of the plan).
+    wait_until_async(
+        "every job in a provider batch",
+        Duration::from_secs(60),
+        async || {
+            query_i64(
+                &database,
+                "SELECT COALESCE(SUM(requests), 0)::bigint FROM provider_batches WHERE remote_id IS NOT NULL",
+            )
+            .await[0][0]
+                == JOBS as i64
+        },
+    )
+    .await;
+    // Kill the daemon that made the first.
+    let owner_of_first = "SELECT owner FROM provider_batches ORDER BY id LIMIT 1";
+    let owner = {
+        let url = database.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            c.query_one(owner_of_first, &[])
+                .unwrap()
+                .get::<_, String>(0)
+        })
+        .await
+        .unwrap()
+    };
+    let killed: usize = owner.trim_start_matches("node").parse().unwrap();
+    daemons[killed].kill();
+    let survivor = 1 - killed;
+    let by_state = "SELECT count(*) FILTER (WHERE state = 'succeeded' AND provider_channel = 'batch')::bigint, \
+                    count(*)::bigint FROM jobs";
+    wait_until_async(
+        "every job to succeed through the batch",
+        Duration::from_secs(90),
+        async || query_i64(&database, by_state).await[0][0] == JOBS as i64,
+    )
+    .await;
+    assert_eq!(query_i64(&database, by_state).await[0][1], JOBS as i64);
+    let batches = query_i64(&database, "SELECT count(*)::bigint FROM provider_batches").await[0][0];
+    assert_eq!(
+        provider.creates() as i64,
+        batches,
+        "each batch created once at the provider"
+    );
+    assert_eq!(provider.sync_calls(), 0, "no synchronous re-run");
+    let adopted_by = {
+        let url = database.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            c.query_one(owner_of_first, &[])
+                .unwrap()
+                .get::<_, String>(0)
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(adopted_by, format!("node{survivor}"));
+}

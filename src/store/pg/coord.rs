@@ -508,6 +508,25 @@ impl Postgres {
         })
     }
 
+    /// Makes this node the owner of every open provider batch whose owner
+    /// node has no live daemon, and returns their ids. One statement: two
+    /// daemons adopting at once split the batches, never share one.
+    pub fn adopt_orphaned_batches(&self, now_ms: i64) -> Result<Vec<i64>> {
+        self.run(|c| {
+            Ok(c.query(
+                "UPDATE provider_batches b SET owner = $1
+                  WHERE b.state <> 'done' AND b.owner <> $1
+                    AND NOT EXISTS (SELECT 1 FROM daemons d
+                                     WHERE d.node = b.owner AND d.heartbeat_at >= $2)
+                 RETURNING b.id",
+                &[&self.node(), &(now_ms - DEAD_AFTER_MS)],
+            )?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+        })
+    }
+
     /// Pauses a provider for every daemon (the later of two pauses wins).
     pub fn share_pause(&self, pause: &SharedPause) -> Result<()> {
         self.run(|c| {
