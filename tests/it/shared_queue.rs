@@ -51,17 +51,35 @@ async fn query_i64(url: &str, sql: &str) -> Vec<Vec<i64>> {
     .unwrap()
 }
 
-/// The owner (lease holder) of the daemon named `node`.
-async fn query_owner(url: &str, node: &str) -> String {
-    let (url, node) = (url.to_string(), node.to_string());
+/// The one text value `sql` returns (with `node` as $1, if it takes one).
+async fn query_text(url: &str, sql: &str, node: Option<&str>) -> String {
+    let (url, sql, node) = (url.to_string(), sql.to_string(), node.map(str::to_string));
     tokio::task::spawn_blocking(move || {
         let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-        c.query_one("SELECT owner FROM daemons WHERE node = $1", &[&node])
-            .unwrap()
-            .get(0)
+        let row = match &node {
+            Some(n) => c.query_one(sql.as_str(), &[n]),
+            None => c.query_one(sql.as_str(), &[]),
+        };
+        row.unwrap().get(0)
     })
     .await
     .unwrap()
+}
+
+/// The owner (lease holder) of the daemon named `node`.
+async fn query_owner(url: &str, node: &str) -> String {
+    query_text(url, "SELECT owner FROM daemons WHERE node = $1", Some(node)).await
+}
+
+/// `n` daemons `node0..` on `database`, each in its own directory.
+fn start_daemons(dirs: &[tempfile::TempDir], spec: &[ProviderSpec], database: &str) -> Vec<Daemon> {
+    dirs.iter()
+        .enumerate()
+        .map(|(d, dir)| {
+            let config = shared_config(dir.path(), spec, database, &format!("node{d}"));
+            Daemon::start(dir.path(), &config)
+        })
+        .collect()
 }
 
 /// `config_toml` for a daemon named `node` on the shared `database`.
@@ -165,14 +183,7 @@ async fn n_daemons_share_one_key(n: usize) {
         extra: &rpm_line,
     }];
     let dirs: Vec<tempfile::TempDir> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
-    let daemons: Vec<Daemon> = dirs
-        .iter()
-        .enumerate()
-        .map(|(d, dir)| {
-            let config = shared_config(dir.path(), &spec, &database, &format!("node{d}"));
-            Daemon::start(dir.path(), &config)
-        })
-        .collect();
+    let daemons = start_daemons(&dirs, &spec, &database);
     let mut clients = Vec::new();
     for d in &daemons {
         clients.push(d.unix_client().await);
@@ -301,14 +312,7 @@ async fn killing_the_planning_daemon_mid_run_loses_no_job() {
         extra: &concurrency_line,
     }];
     let dirs: Vec<tempfile::TempDir> = (0..N).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut daemons: Vec<Daemon> = dirs
-        .iter()
-        .enumerate()
-        .map(|(d, dir)| {
-            let config = shared_config(dir.path(), &spec, &database, &format!("node{d}"));
-            Daemon::start(dir.path(), &config)
-        })
-        .collect();
+    let mut daemons = start_daemons(&dirs, &spec, &database);
     let mut clients = Vec::new();
     for d in &daemons {
         clients.push(d.unix_client().await);
@@ -628,16 +632,7 @@ async fn a_dead_daemons_provider_batch_is_adopted_by_another() {
         extra,
     }];
     let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut daemons: Vec<Daemon> = dirs
-        .iter()
-        .enumerate()
-        .map(|(d, dir)| {
-            Daemon::start(
-                dir.path(),
-                &shared_config(dir.path(), &spec, &database, &format!("node{d}")),
-            )
-        })
-        .collect();
+    let mut daemons = start_daemons(&dirs, &spec, &database);
     let lines: Vec<String> = (0..JOBS)
         .map(|i| {
             chat_line(
@@ -668,17 +663,7 @@ async fn a_dead_daemons_provider_batch_is_adopted_by_another() {
     .await;
     // Kill the daemon that made the first.
     let owner_of_first = "SELECT owner FROM provider_batches ORDER BY id LIMIT 1";
-    let owner = {
-        let url = database.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-            c.query_one(owner_of_first, &[])
-                .unwrap()
-                .get::<_, String>(0)
-        })
-        .await
-        .unwrap()
-    };
+    let owner = query_text(&database, owner_of_first, None).await;
     let killed: usize = owner.trim_start_matches("node").parse().unwrap();
     daemons[killed].kill();
     let survivor = 1 - killed;
@@ -698,16 +683,6 @@ async fn a_dead_daemons_provider_batch_is_adopted_by_another() {
         "each batch created once at the provider"
     );
     assert_eq!(provider.sync_calls(), 0, "no synchronous re-run");
-    let adopted_by = {
-        let url = database.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
-            c.query_one(owner_of_first, &[])
-                .unwrap()
-                .get::<_, String>(0)
-        })
-        .await
-        .unwrap()
-    };
+    let adopted_by = query_text(&database, owner_of_first, None).await;
     assert_eq!(adopted_by, format!("node{survivor}"));
 }

@@ -17,37 +17,11 @@ use postgres::types::ToSql;
 use postgres::{GenericClient, IsolationLevel, Row};
 
 use super::Postgres;
-use super::queue::ingest_in;
+use super::queue::{finished_from_row, ingest_in};
 use crate::store::api::*;
 use crate::store::*;
 
 type PgResult<T> = std::result::Result<T, postgres::Error>;
-
-fn finished_from_row(r: &Row) -> PgResult<FinishedJob> {
-    let state: String = r.try_get(3)?;
-    Ok(FinishedJob {
-        id: r.try_get(0)?,
-        line: r.try_get::<_, Option<i64>>(1)?.map(|l| l as u64),
-        custom_id: r.try_get(2)?,
-        state: JobState::parse(&state).unwrap_or(JobState::Failed),
-        attempts: r.try_get::<_, i64>(4)? as u32,
-        provider: r.try_get(5)?,
-        provider_model: r.try_get(6)?,
-        dispatched_at: r.try_get(7)?,
-        completed_at: r.try_get(8)?,
-        status_code: r.try_get::<_, Option<i64>>(9)?.map(|s| s as u16),
-        request_id: r.try_get(10)?,
-        response: r.try_get(11)?,
-        error_code: r.try_get(12)?,
-        error_message: r.try_get(13)?,
-        input_tokens: r.try_get::<_, Option<i64>>(14)?.map(|x| x as u64),
-        output_tokens: r.try_get::<_, Option<i64>>(15)?.map(|x| x as u64),
-        cost_usd: r.try_get(16)?,
-        list_cost_usd: r.try_get(17)?,
-        channel: r.try_get(18)?,
-        provider_batch: r.try_get(19)?,
-    })
-}
 
 fn detail_from_row(r: &Row) -> PgResult<JobDetail> {
     Ok(JobDetail {

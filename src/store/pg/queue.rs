@@ -146,30 +146,34 @@ const SELECT_FINISHED: &str = "SELECT id, line, custom_id, state, attempts, prov
         cost_usd, list_cost_usd, provider_channel,
         (SELECT remote_id FROM provider_batches WHERE id = jobs.provider_batch_id) FROM jobs";
 
-fn finished_from_row(r: &postgres::Row) -> FinishedJob {
-    let state: String = r.get(3);
-    FinishedJob {
-        id: r.get(0),
-        line: r.get::<_, Option<i64>>(1).map(|l| l as u64),
-        custom_id: r.get(2),
+/// A [`FinishedJob`] from a row of [`SELECT_FINISHED`]'s columns (the API's
+/// job detail reads the same 20 first).
+pub(super) fn finished_from_row(
+    r: &postgres::Row,
+) -> std::result::Result<FinishedJob, postgres::Error> {
+    let state: String = r.try_get(3)?;
+    Ok(FinishedJob {
+        id: r.try_get(0)?,
+        line: r.try_get::<_, Option<i64>>(1)?.map(|l| l as u64),
+        custom_id: r.try_get(2)?,
         state: JobState::parse(&state).unwrap_or(JobState::Failed),
-        attempts: r.get::<_, i64>(4) as u32,
-        provider: r.get(5),
-        provider_model: r.get(6),
-        dispatched_at: r.get(7),
-        completed_at: r.get(8),
-        status_code: r.get::<_, Option<i64>>(9).map(|s| s as u16),
-        request_id: r.get(10),
-        response: r.get(11),
-        error_code: r.get(12),
-        error_message: r.get(13),
-        input_tokens: r.get::<_, Option<i64>>(14).map(|x| x as u64),
-        output_tokens: r.get::<_, Option<i64>>(15).map(|x| x as u64),
-        cost_usd: r.get(16),
-        list_cost_usd: r.get(17),
-        channel: r.get(18),
-        provider_batch: r.get(19),
-    }
+        attempts: r.try_get::<_, i64>(4)? as u32,
+        provider: r.try_get(5)?,
+        provider_model: r.try_get(6)?,
+        dispatched_at: r.try_get(7)?,
+        completed_at: r.try_get(8)?,
+        status_code: r.try_get::<_, Option<i64>>(9)?.map(|s| s as u16),
+        request_id: r.try_get(10)?,
+        response: r.try_get(11)?,
+        error_code: r.try_get(12)?,
+        error_message: r.try_get(13)?,
+        input_tokens: r.try_get::<_, Option<i64>>(14)?.map(|x| x as u64),
+        output_tokens: r.try_get::<_, Option<i64>>(15)?.map(|x| x as u64),
+        cost_usd: r.try_get(16)?,
+        list_cost_usd: r.try_get(17)?,
+        channel: r.try_get(18)?,
+        provider_batch: r.try_get(19)?,
+    })
 }
 
 fn due_from_row(r: &postgres::Row) -> DueJob {
@@ -917,7 +921,7 @@ impl Postgres {
             let mut rows = c.query_raw(sql.as_str(), [&source_id as &(dyn ToSql + Sync)])?;
             let streamed = (|| -> std::result::Result<(), ResultsError> {
                 while let Some(r) = rows.next().map_err(QueueError::from)? {
-                    on_job(finished_from_row(&r))?;
+                    on_job(finished_from_row(&r).map_err(QueueError::from)?)?;
                 }
                 Ok(())
             })();
@@ -1016,7 +1020,8 @@ impl Postgres {
         self.run(|c| {
             Ok(
                 c.query_opt(&format!("{SELECT_FINISHED} WHERE id = $1"), &[&id])?
-                    .map(|r| finished_from_row(&r)),
+                    .map(|r| finished_from_row(&r))
+                    .transpose()?,
             )
         })
     }
