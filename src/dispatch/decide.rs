@@ -53,12 +53,73 @@ impl Ewma {
     }
 }
 
+/// A provider's fraction of requests that succeed, seen over two horizons.
+///
+/// The planner turns the success rate into capacity (a job takes 1 ÷ it
+/// attempts), and what it moves to a dearer provider because of a dip is
+/// sent and paid for: it does not come back when the rate recovers. A short
+/// average (20 answers) on a provider failing a quarter of its requests
+/// wanders between about 0.6 and 0.9, and each dip handed hundreds of jobs to
+/// the dearer provider (issue 10's `flaky` scenario: 2,373 of 4,000 jobs on
+/// it, against ~800 needed). So the plan's figure is a long one: the
+/// decayed count of the last ~1,000 answers, starting from 50 answers' worth of
+/// full success so that the first few failures move little (it errs towards
+/// the cheap provider, whose leftovers the dear one can still take at the
+/// end). Whether a provider is failing most of what it is sent *now* (the
+/// circuit breaker's question, [`Health::plan_excluded_until`]) is the short
+/// average's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SuccessRate {
+    recent: Ewma,
+    successes: f64,
+    answers: f64,
+}
+
+impl SuccessRate {
+    /// Answers the long figure remembers (its decay is 1 − 1/this per answer).
+    const HORIZON: f64 = 1000.0;
+    /// Answers of full success it starts with.
+    const PRIOR: f64 = 50.0;
+
+    pub fn new() -> SuccessRate {
+        SuccessRate {
+            recent: Ewma::new(1.0),
+            successes: Self::PRIOR,
+            answers: Self::PRIOR,
+        }
+    }
+
+    pub fn observe(&mut self, succeeded: bool) {
+        let x = if succeeded { 1.0 } else { 0.0 };
+        self.recent.observe(x);
+        let keep = 1.0 - 1.0 / Self::HORIZON;
+        self.successes = self.successes * keep + x;
+        self.answers = self.answers * keep + 1.0;
+    }
+
+    /// The long-run rate the plan's capacity is discounted by.
+    pub fn planned(&self) -> f64 {
+        (self.successes / self.answers).clamp(0.0, 1.0)
+    }
+
+    /// The rate over the last ~20 answers.
+    pub fn recent(&self) -> f64 {
+        self.recent.value
+    }
+}
+
+impl Default for SuccessRate {
+    fn default() -> SuccessRate {
+        SuccessRate::new()
+    }
+}
+
 /// What the dispatcher has learned about providers and routes. Parallel to
 /// `catalog.providers` (except `output_ratio`, by route key).
 #[derive(Debug, Clone)]
 pub struct Observed {
     pub latency_s: Vec<Ewma>,
-    pub success: Vec<Ewma>,
+    pub success: Vec<SuccessRate>,
     /// Provider-reported input tokens ÷ our estimate, per provider.
     pub input_ratio: Vec<Ewma>,
     /// Actual output tokens ÷ expected, per route key (model class).
@@ -84,7 +145,7 @@ impl Observed {
                 .iter()
                 .map(|l| Ewma::new(l.as_secs_f64()))
                 .collect(),
-            success: vec![Ewma::new(1.0); n],
+            success: vec![SuccessRate::new(); n],
             input_ratio: vec![Ewma::new(1.0); n],
             output_ratio: HashMap::new(),
             health: vec![Health::default(); n],
@@ -105,10 +166,10 @@ impl Observed {
             .enumerate()
             .map(|(p, info)| ProviderCapacity {
                 latency: Duration::from_secs_f64(self.latency_s[p].value.clamp(0.001, 86_400.0)),
-                success_rate: self.success[p].value,
+                success_rate: self.success[p].planned(),
                 input_token_ratio: self.input_ratio[p].value.clamp(0.25, 4.0),
                 unavailable_until: {
-                    let health = self.health[p].plan_excluded_until(now, self.success[p].value);
+                    let health = self.health[p].plan_excluded_until(now, self.success[p].recent());
                     let budget = (self.budget.remaining(p) <= 1e-9)
                         .then(|| self.budget.renews_at(p, 1e-9, now));
                     health.max(budget)
@@ -144,6 +205,11 @@ impl Observed {
                 .day_requests
             {
                 c.rpd_used = day.used as f64;
+                // The limiter admits `rpd` × pacing × (1 − reserve) a day,
+                // not `rpd`: a plan counting on the difference holds jobs
+                // for requests that are never admitted, until their
+                // deadline passes (two of 200 here, a job expired).
+                c.rpd = Some(day.usable as f64);
             }
         }
         caps
@@ -846,7 +912,7 @@ pub fn settle(
     }
     let succeeded = answer.verdict == Verdict::Succeeded;
     if !refused_only {
-        observed.success[p].observe(if succeeded { 1.0 } else { 0.0 });
+        observed.success[p].observe(succeeded);
     }
     if let Some((input, output)) = answer.usage {
         if attempt.est_input_tokens > 0 {

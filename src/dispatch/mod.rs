@@ -1080,7 +1080,7 @@ impl Dispatcher {
                     fresh
                         .latency_s
                         .push(decide::Ewma::new(t.typical_latency().as_secs_f64()));
-                    fresh.success.push(decide::Ewma::new(1.0));
+                    fresh.success.push(decide::SuccessRate::new());
                     fresh.input_ratio.push(decide::Ewma::new(1.0));
                     fresh.health.push(Health::default());
                     fresh.flex_until.push(None);

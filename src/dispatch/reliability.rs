@@ -428,6 +428,17 @@ pub const FAILURES_TO_OPEN: u32 = 5;
 /// ([`Health::plan_excluded_until`]).
 pub const DEAD_BELOW: f64 = 0.5;
 const FIRST_COOLDOWN: Duration = Duration::from_secs(10);
+/// The cooldown after five failed probes in a row (10 s doubled five times):
+/// only from then on may a provider be planned out entirely. After one
+/// failed probe it was not enough: a provider failing a quarter of its
+/// requests fails a probe one time in four, its recent success rate dips
+/// under [`DEAD_BELOW`] now and then, and the whole remaining share of the
+/// cheap provider went to the dear one (issue 10's `flaky` scenario: 968
+/// jobs in its last ten minutes; after three failed probes, still 937 jobs
+/// once in a run). Five failed probes in a row happen to it once in 1,024
+/// openings; a dead provider reaches them in about five minutes (10 + 20 +
+/// 40 + 80 + 160 s), and until then is planned only from its next probe.
+const DEAD_AFTER_COOLDOWN: Duration = Duration::from_secs(320);
 const MAX_COOLDOWN: Duration = Duration::from_secs(600);
 
 impl Default for Health {
@@ -473,7 +484,8 @@ impl Health {
     /// time five failures happen in a row — on a provider failing a quarter
     /// of its requests that is every few hundred requests (issue 10's flaky
     /// scenario: 306 of 4,000 jobs on the cheap provider, against ~3,000
-    /// that fit). But a provider whose probe failed too and that fails most
+    /// that fit). But a provider whose last five probes failed too
+    /// ([`DEAD_AFTER_COOLDOWN`]) and that fails most
     /// of what it is sent (success rate under [`DEAD_BELOW`]) is planned out
     /// entirely until its next probe is due (re-planned then,
     /// [`Health::probe_due`]): one that keeps failing must not hold jobs
@@ -491,7 +503,7 @@ impl Health {
             Circuit::Open {
                 cooldown, until, ..
             } if now < until => {
-                if cooldown > FIRST_COOLDOWN && success_rate < DEAD_BELOW {
+                if cooldown >= DEAD_AFTER_COOLDOWN && success_rate < DEAD_BELOW {
                     Some(DateTime::<Utc>::MAX_UTC)
                 } else {
                     Some(paused.map_or(until, |p| p.max(until)))
@@ -1082,17 +1094,32 @@ mod tests {
         assert!(h.admit(probe));
         h.record(&Verdict::Retry { pause: None }, probe);
         let later = probe + chrono::Duration::seconds(5);
-        // A provider that still answers most requests is planned back at
-        // the probe; one that fails most of them is out until then.
+        // After one failed probe the provider is planned back at the next
+        // one, even while its recent answers mostly failed (a flaky one
+        // fails a probe often).
         assert_eq!(
             h.plan_excluded_until(later, 0.75),
             Some(probe + chrono::Duration::seconds(20))
         );
         assert_eq!(
             h.plan_excluded_until(later, 0.3),
+            Some(probe + chrono::Duration::seconds(20))
+        );
+        // Four more failed probes (after 20, 40, 80, 160 s): one that still answers
+        // most requests is planned back at the probe; one that fails most
+        // of them is out until then.
+        let mut next_probe = probe + chrono::Duration::seconds(20);
+        for wait in [20, 40, 80, 160] {
+            assert!(h.admit(next_probe));
+            h.record(&Verdict::Retry { pause: None }, next_probe);
+            next_probe += chrono::Duration::seconds(wait * 2);
+        }
+        let later = next_probe - chrono::Duration::seconds(5);
+        assert_eq!(h.plan_excluded_until(later, 0.75), Some(next_probe));
+        assert_eq!(
+            h.plan_excluded_until(later, 0.3),
             Some(DateTime::<Utc>::MAX_UTC)
         );
-        let next_probe = probe + chrono::Duration::seconds(20);
         assert_eq!(h.probe_due(), Some(next_probe));
         assert_eq!(h.plan_excluded_until(next_probe, 0.1), None);
         h.record(
