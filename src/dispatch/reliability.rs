@@ -437,8 +437,14 @@ const FIRST_COOLDOWN: Duration = Duration::from_secs(10);
 /// jobs in its last ten minutes; after three failed probes, still 937 jobs
 /// once in a run). Five failed probes in a row happen to it once in 1,024
 /// openings; a dead provider reaches them in about five minutes (10 + 20 +
-/// 40 + 80 + 160 s), and until then is planned only from its next probe.
+/// 40 + 80 + 160 s), and until then is planned only from its next probe —
+/// unless it fails nearly everything ([`DEAD_EARLY_BELOW`]).
 const DEAD_AFTER_COOLDOWN: Duration = Duration::from_secs(320);
+/// A recent success rate under which one failed probe is enough to plan a
+/// provider out entirely: 21 failures in a row from full success (0.95²¹ ≈
+/// 0.34), which a provider failing a quarter of its requests shows about
+/// once in 10⁵ windows of 20 answers.
+const DEAD_EARLY_BELOW: f64 = 0.35;
 const MAX_COOLDOWN: Duration = Duration::from_secs(600);
 
 impl Default for Health {
@@ -503,7 +509,9 @@ impl Health {
             Circuit::Open {
                 cooldown, until, ..
             } if now < until => {
-                if cooldown >= DEAD_AFTER_COOLDOWN && success_rate < DEAD_BELOW {
+                let failing_all = cooldown > FIRST_COOLDOWN && success_rate < DEAD_EARLY_BELOW;
+                let failing_most = cooldown >= DEAD_AFTER_COOLDOWN && success_rate < DEAD_BELOW;
+                if failing_all || failing_most {
                     Some(DateTime::<Utc>::MAX_UTC)
                 } else {
                     Some(paused.map_or(until, |p| p.max(until)))
@@ -1095,15 +1103,19 @@ mod tests {
         h.record(&Verdict::Retry { pause: None }, probe);
         let later = probe + chrono::Duration::seconds(5);
         // After one failed probe the provider is planned back at the next
-        // one, even while its recent answers mostly failed (a flaky one
-        // fails a probe often).
+        // one, also while its recent answers mostly failed (a flaky one
+        // fails a probe often); one that fails nearly everything is out.
         assert_eq!(
             h.plan_excluded_until(later, 0.75),
             Some(probe + chrono::Duration::seconds(20))
         );
         assert_eq!(
-            h.plan_excluded_until(later, 0.3),
+            h.plan_excluded_until(later, 0.45),
             Some(probe + chrono::Duration::seconds(20))
+        );
+        assert_eq!(
+            h.plan_excluded_until(later, 0.3),
+            Some(DateTime::<Utc>::MAX_UTC)
         );
         // Four more failed probes (after 20, 40, 80, 160 s): one that still answers
         // most requests is planned back at the probe; one that fails most
@@ -1117,7 +1129,7 @@ mod tests {
         let later = next_probe - chrono::Duration::seconds(5);
         assert_eq!(h.plan_excluded_until(later, 0.75), Some(next_probe));
         assert_eq!(
-            h.plan_excluded_until(later, 0.3),
+            h.plan_excluded_until(later, 0.45),
             Some(DateTime::<Utc>::MAX_UTC)
         );
         assert_eq!(h.probe_due(), Some(next_probe));
