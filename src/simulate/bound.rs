@@ -202,6 +202,38 @@ struct Column {
     cost_v: f64,
 }
 
+/// The workload as the planner can know it, for a second reference next to
+/// the bound (not a bound on every schedule): each job's deadline moved
+/// earlier by the safety margin (never before its submission), and its
+/// actual output tokens replaced by the mean of the jobs the planner cannot
+/// tell apart before they run (same route and expected output). The bound
+/// of this workload is what no schedule bound by the daemon's margin and
+/// blind to answer lengths can undercut; the gap between it and the bound
+/// is what the margin and foresight of sizes are worth, the gap between the
+/// planner and it is the planner's own.
+pub fn as_the_planner_knows(workload: &[WorkloadJob], margin: Duration) -> Vec<WorkloadJob> {
+    let mut classes: BTreeMap<(&str, u64), (u64, u64)> = BTreeMap::new();
+    for w in workload {
+        let c = classes
+            .entry((w.route_key.as_str(), w.expected_output_tokens))
+            .or_default();
+        c.0 += w.output_tokens;
+        c.1 += 1;
+    }
+    let margin = chrono::Duration::from_std(margin).unwrap_or(chrono::Duration::zero());
+    workload
+        .iter()
+        .map(|w| {
+            let (sum, n) = classes[&(w.route_key.as_str(), w.expected_output_tokens)];
+            WorkloadJob {
+                deadline: (w.deadline - margin).max(w.submit_at),
+                output_tokens: (sum as f64 / n.max(1) as f64).round() as u64,
+                ..w.clone()
+            }
+        })
+        .collect()
+}
+
 /// Computes the bound (see the module docs for what it relaxes).
 pub fn compute(config: &Config, workload: &[WorkloadJob], settings: &PlanSettings) -> Bound {
     let Some(start) = workload.iter().map(|w| w.submit_at).min() else {

@@ -263,3 +263,32 @@ chat = ["steady/m3"]
         "a 5 m batch halves the cost: {quick} vs {slow}"
     );
 }
+
+/// The planner's view of a workload averages answer lengths only among
+/// jobs it cannot tell apart, keeps each class's total, and moves every
+/// deadline earlier by the margin; its bound is at least the true one.
+#[test]
+fn the_workload_as_the_planner_knows_it_averages_sizes_and_keeps_the_margin() {
+    let config = Config::parse(CONFIG, "test.toml", Path::new(".")).unwrap();
+    let start = DateTime::parse_from_rfc3339("2026-11-24T03:45:00Z")
+        .unwrap()
+        .with_timezone(&Utc);
+    let jobs = workload(&[10, 10, 10, 10, 400, 400], &config, start);
+    let known = as_the_planner_knows(&jobs, Duration::from_secs(60));
+    assert!(known.iter().all(|w| w.output_tokens == 140));
+    let total = |w: &[WorkloadJob]| w.iter().map(|j| j.output_tokens).sum::<u64>();
+    assert_eq!(total(&known), total(&jobs));
+    assert!(
+        known
+            .iter()
+            .zip(&jobs)
+            .all(|(k, j)| j.deadline - k.deadline == chrono::Duration::seconds(60))
+    );
+    let settings = PlanSettings::default();
+    let true_bound = compute(&config, &jobs, &settings).cost;
+    let blind = compute(&config, &known, &settings).cost;
+    assert!(
+        blind > true_bound * 1.01,
+        "blind {blind} vs bound {true_bound}"
+    );
+}
