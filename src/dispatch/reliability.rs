@@ -481,7 +481,8 @@ impl Health {
 
     /// For planning: until when the provider gets no work (`MAX_UTC` =
     /// indefinitely), or `None` if it may be planned now. `success_rate`
-    /// is the provider's learned fraction of requests that succeed.
+    /// is the provider's recent fraction of requests that succeed (the last
+    /// ~20 answers, [`crate::dispatch::decide::SuccessRate::recent`]).
     ///
     /// An open circuit plans nothing there until its probe is due; the
     /// provider's capacity after that is discounted by its success rate
@@ -490,10 +491,11 @@ impl Health {
     /// time five failures happen in a row — on a provider failing a quarter
     /// of its requests that is every few hundred requests (issue 10's flaky
     /// scenario: 306 of 4,000 jobs on the cheap provider, against ~3,000
-    /// that fit). But a provider whose last five probes failed too
-    /// ([`DEAD_AFTER_COOLDOWN`]) and that fails most
-    /// of what it is sent (success rate under [`DEAD_BELOW`]) is planned out
-    /// entirely until its next probe is due (re-planned then,
+    /// that fit). But a provider whose probe failed and that fails nearly
+    /// everything (recent success under [`DEAD_EARLY_BELOW`]), or whose last
+    /// five probes failed ([`DEAD_AFTER_COOLDOWN`]) and that fails most of
+    /// what it is sent (under [`DEAD_BELOW`]), is planned out entirely
+    /// until its next probe is due (re-planned then,
     /// [`Health::probe_due`]): one that keeps failing must not hold jobs
     /// back on the hope it recovers.
     pub fn plan_excluded_until(
@@ -1117,14 +1119,14 @@ mod tests {
             h.plan_excluded_until(later, 0.3),
             Some(DateTime::<Utc>::MAX_UTC)
         );
-        // Four more failed probes (after 20, 40, 80, 160 s): one that still answers
-        // most requests is planned back at the probe; one that fails most
-        // of them is out until then.
+        // Four more failed probes, each doubling the cooldown (20, 40, 80,
+        // 160 s): one that still answers most requests is planned back at
+        // the probe; one that fails most of them is out until then.
         let mut next_probe = probe + chrono::Duration::seconds(20);
-        for wait in [20, 40, 80, 160] {
+        for cooldown in [20, 40, 80, 160] {
             assert!(h.admit(next_probe));
             h.record(&Verdict::Retry { pause: None }, next_probe);
-            next_probe += chrono::Duration::seconds(wait * 2);
+            next_probe += chrono::Duration::seconds(cooldown * 2);
         }
         let later = next_probe - chrono::Duration::seconds(5);
         assert_eq!(h.plan_excluded_until(later, 0.75), Some(next_probe));

@@ -206,11 +206,13 @@ struct Column {
 /// the bound (not a bound on every schedule): each job's deadline moved
 /// earlier by the safety margin (never before its submission), and its
 /// actual output tokens replaced by the mean of the jobs the planner cannot
-/// tell apart before they run (same route and expected output). The bound
-/// of this workload is what no schedule bound by the daemon's margin and
-/// blind to answer lengths can undercut; the gap between it and the bound
-/// is what the margin and foresight of sizes are worth, the gap between the
-/// planner and it is the planner's own.
+/// tell apart before they run (same route and expected output). Its bound
+/// is what a schedule blind to answer lengths pays at least *in
+/// expectation* (a blind schedule can still be lucky in which jobs it
+/// sends where), within the bound's own relaxations (a slot overlapping the
+/// moved deadline still counts whole, rpm per started minute): the gap from
+/// the bound to it is what foresight of sizes and the margin are worth, the
+/// gap from it to the planner the planner's own.
 pub fn as_the_planner_knows(workload: &[WorkloadJob], margin: Duration) -> Vec<WorkloadJob> {
     let mut classes: BTreeMap<(&str, u64), (u64, u64)> = BTreeMap::new();
     for w in workload {
