@@ -797,33 +797,58 @@ pub struct FlexRefusal {
     pub fell_back: bool,
 }
 
+/// What a refused flex request may wait for: the attempt it was (this one
+/// counted), how retries back off, and the safety margin.
+#[derive(Debug, Clone, Copy)]
+pub struct FlexWait<'a> {
+    pub attempts: u32,
+    pub retry: &'a crate::domain::policy::RetryPolicy,
+    pub margin: Duration,
+}
+
 impl FlexRefusal {
     /// What a flex request on row `model` that flex refused becomes, as the
     /// daemon and the simulator both apply it: the standard row it is sent
-    /// again on right away (if `job`'s max_cost_usd allows it priced at
-    /// `dispatched_at`; `None`: the job is queued again), and the refusal to
-    /// book in [`settle`] (its provider's flex back-off). `None` if `model`
-    /// is not a flex row of a provider with flex terms.
+    /// again on right away, or `None`: the job is queued again, and the
+    /// next plan waits for flex or moves it. And the refusal to book in
+    /// [`settle`] (its provider's flex back-off). `None` if `model` is not a
+    /// flex row of a provider with flex terms.
+    ///
+    /// The job waits for flex when its deadline allows it: another attempt
+    /// is left, and after this attempt's retry delay and the flex back-off
+    /// (whichever is longer) a flex answer, which may take `flex.timeout`,
+    /// still comes `margin` before the deadline. A refusal is not billed,
+    /// so waiting costs nothing but time, while the standard channel costs
+    /// 1/discount times as much. Otherwise it falls back at once, if the
+    /// job's `max_cost_usd` allows the standard price at `dispatched_at`
+    /// (else it is queued again all the same).
     pub fn of(
         catalog: &Catalog,
         model: ModelId,
         job: &Candidate,
         dispatched_at: DateTime<Utc>,
+        wait: FlexWait<'_>,
     ) -> Option<(Option<ModelId>, FlexRefusal)> {
+        use crate::domain::bounds::add;
         let m = &catalog.models[model];
         if m.channel != Channel::Flex {
             return None;
         }
         let terms = catalog.providers[m.provider].flex?;
+        let pause = wait.retry.backoff(wait.attempts, 1.0).max(terms.backoff);
+        let flex_again = add(add(add(dispatched_at, pause), terms.timeout), wait.margin);
+        let may_wait = wait.attempts < wait.retry.max_attempts
+            && flex_again.timestamp_millis() <= job.deadline_ms;
         let fallback = m.standard.filter(|&s| {
-            job.max_cost_usd.is_none_or(|max| {
-                catalog.cost_at(
-                    s,
-                    dispatched_at,
-                    job.est_input_tokens,
-                    job.est_output_tokens,
-                ) <= max
-            })
+            !may_wait
+                && job.max_cost_usd.is_none_or(|max| {
+                    catalog.cost_at(
+                        s,
+                        dispatched_at,
+                        job.est_input_tokens,
+                        job.est_output_tokens,
+                    ) <= max
+                })
         });
         Some((
             fallback,

@@ -747,6 +747,7 @@ impl Dispatcher {
                 catalog: self.catalog.clone(),
                 client: self.clients[provider].clone(),
                 retry: self.retry,
+                margin: self.plan_settings.safety_margin,
                 recorder: st.recorder.clone(),
             };
             let provider_name = self.catalog.providers[provider].name.clone();
@@ -1355,6 +1356,8 @@ struct RequestContext {
     catalog: Arc<Catalog>,
     client: Arc<ProviderClient>,
     retry: RetryPolicy,
+    /// The safety margin (whether a refused flex job may wait for flex).
+    margin: Duration,
     recorder: Recorder,
 }
 
@@ -1471,11 +1474,19 @@ impl RequestContext {
         let sent = Instant::now();
         let mut outcome = self.client.send(request).await;
         // The row that answered: a refused flex request goes once more to
-        // the standard channel right away, if the job's max_cost_usd allows.
+        // the standard channel right away, unless the job can wait for flex
+        // (or its max_cost_usd forbids the standard price).
         let mut answered = model;
         let mut flex_refused = None;
         if let Some((fallback, refusal)) = reliability::is_flex_refusal(&outcome)
-            .then(|| decide::FlexRefusal::of(&self.catalog, model, &candidate(&job), dispatched_at))
+            .then(|| {
+                let wait = decide::FlexWait {
+                    attempts: job.attempts + 1,
+                    retry: &self.retry,
+                    margin: self.margin,
+                };
+                decide::FlexRefusal::of(&self.catalog, model, &candidate(&job), dispatched_at, wait)
+            })
             .flatten()
         {
             info!(job = job.id, provider = %self.catalog.providers[m.provider].name, model = %m.name,

@@ -227,7 +227,8 @@ pub enum Verdict {
 /// `429` with error code `resource_unavailable` ("Resource Unavailable").
 /// Not the account's rate limit and not billed: it must neither pause the
 /// provider (its standard channel keeps its capacity) nor count toward
-/// its circuit breaker; the job goes to the standard channel.
+/// its circuit breaker; the job waits for flex or goes to the standard
+/// channel, as its deadline allows ([`FlexRefusal::of`](crate::dispatch::decide::FlexRefusal::of)).
 pub fn is_flex_refusal(outcome: &Outcome) -> bool {
     let Outcome::HttpError {
         status: 429, body, ..

@@ -25,8 +25,9 @@
 //!
 //! Flex: `simulated_refusal_fraction` of flex requests are refused (429
 //! `resource_unavailable`) after the provider's base latency, and handled
-//! by the daemon's own rule, [`decide::FlexRefusal::of`]: sent again at once
-//! on the standard row if `max_cost_usd` allows (one attempt), else queued
+//! by the daemon's own rule, [`decide::FlexRefusal::of`]: queued again to
+//! wait for flex where the deadline allows it, else sent again at once on
+//! the standard row if `max_cost_usd` allows (one attempt), else queued
 //! again; [`decide::settle`] starts the provider's flex back-off.
 
 use std::cmp::Reverse;
@@ -802,7 +803,8 @@ pub fn run(
                 );
                 // A flex request the simulated provider refuses (after its
                 // base latency): what the daemon does about it, from the
-                // same code (sent again on the standard row, or queued).
+                // same code (queued again to wait for flex where the
+                // deadline allows, else sent again on the standard row).
                 let refusal_fraction = catalog.providers[catalog.models[model].provider]
                     .flex
                     .map_or(0.0, |f| f.simulated_refusal_fraction);
@@ -818,6 +820,11 @@ pub fn run(
                             max_cost_usd: j.w.max_cost_usd,
                         },
                         now,
+                        decide::FlexWait {
+                            attempts: j.attempts,
+                            retry: &retry_policy,
+                            margin: settings.safety_margin,
+                        },
                     )
                 {
                     flex_refusals += 1;
@@ -1921,20 +1928,32 @@ chat = ["flexy/m1"]
 "#;
 
     #[test]
-    fn a_flex_refusal_falls_back_to_standard_in_the_same_attempt() {
+    fn a_flex_refusal_waits_for_flex_when_the_deadline_allows_and_falls_back_when_not() {
         let flex = |f: &str| {
             Config::parse(&FLEX_CONFIG.replace("FLEX", f), "test.toml", Path::new(".")).unwrap()
         };
-        let w = |c: &Config| load_workload(&workload_with(20, "6h", true), c, start()).unwrap();
+        // Flex fits a job due in 20m (15m flex timeout + 5m margin) only
+        // now, not after the 60 s back-off; one due in 6h can wait.
+        let w = |c: &Config, deadline: &str| {
+            load_workload(&workload_with(20, deadline, true), c, start()).unwrap()
+        };
         // Never refused: every job on flex.
         let c = flex("");
-        let (open, _) = run(&c, &w(&c), &Policy::Planner, &margin(&c)).unwrap();
+        let (open, _) = run(&c, &w(&c, "6h"), &Policy::Planner, &margin(&c)).unwrap();
         assert_eq!(open.per_channel.get("flex"), Some(&20), "{open:?}");
         assert_eq!(open.flex_refusals, 0);
-        // Always refused: each request sent again on the standard row
-        // right away (the daemon's `FlexRefusal::of`), one attempt.
+        let (open_soon, _) = run(&c, &w(&c, "20m"), &Policy::Planner, &margin(&c)).unwrap();
+        assert_eq!(
+            open_soon.per_channel.get("flex"),
+            Some(&20),
+            "{open_soon:?}"
+        );
+
+        // Always refused, due in 20m: no room to wait, so each request is
+        // sent again on the standard row right away (the daemon's
+        // `FlexRefusal::of`), one attempt, at the standard price.
         let c = flex("simulated_refusal_fraction = 1.0");
-        let (refused, trace) = run(&c, &w(&c), &Policy::Planner, &margin(&c)).unwrap();
+        let (refused, trace) = run(&c, &w(&c, "20m"), &Policy::Planner, &margin(&c)).unwrap();
         assert_eq!(
             (refused.succeeded, refused.deadline_misses, refused.retries),
             (20, 0, 0),
@@ -1948,16 +1967,47 @@ chat = ["flexy/m1"]
                 .all(|t| t.channel == Some("sync") && t.attempts == 1),
             "{trace:?}"
         );
-        // At the standard price: twice what flex cost.
         assert!((refused.total_cost_usd - 2.0 * open.total_cost_usd).abs() < 1e-12);
         let table = render_table(&[refused], None);
         assert!(table.contains("; flex refused "), "{table}");
         assert!(reliability::is_flex_refusal(&flex_refusal()));
 
+        // Refused half the time, due in 6h: a refused job waits out the
+        // back-off and tries flex again rather than paying twice as much;
+        // every job ends on flex at the flex price.
+        let c = flex("simulated_refusal_fraction = 0.5");
+        let (waited, trace) = run(&c, &w(&c, "6h"), &Policy::Planner, &margin(&c)).unwrap();
+        assert!(waited.flex_refusals >= 5, "{waited:?}");
+        assert_eq!(
+            (waited.succeeded, waited.deadline_misses),
+            (20, 0),
+            "{waited:?}"
+        );
+        assert_eq!(waited.per_channel.get("flex"), Some(&20), "{waited:?}");
+        assert!((waited.total_cost_usd - open.total_cost_usd).abs() < 1e-12);
+        let again: Vec<_> = trace.iter().filter(|t| t.attempts > 1).collect();
+        assert!(!again.is_empty(), "{trace:?}");
+        for t in &again {
+            let gap = t.sent[1].sent_at - t.sent[0].sent_at;
+            assert!(
+                gap >= chrono::Duration::seconds(60),
+                "after the back-off: {t:?}"
+            );
+        }
+
+        // Always refused, due in 6h: it waits while attempts are left, and
+        // its last attempt falls back to the standard row: no job lost.
+        let c = flex("simulated_refusal_fraction = 1.0");
+        let (last, trace) = run(&c, &w(&c, "6h"), &Policy::Planner, &margin(&c)).unwrap();
+        assert_eq!((last.succeeded, last.deadline_misses), (20, 0), "{last:?}");
+        assert_eq!(last.per_channel.get("sync"), Some(&20), "{last:?}");
+        let max = c.daemon.retry.max_attempts;
+        assert!(trace.iter().all(|t| t.attempts == max), "{trace:?}");
+
         // A max_cost_usd only flex meets: no fallback, the job is queued
         // again (the attempt counted) and waits for flex, which refuses it
         // every time, until its attempts run out.
-        let mut jobs = w(&c);
+        let mut jobs = w(&c, "6h");
         let standard = c.catalog.models[jobs[0].candidates[0]]
             .standard
             .unwrap_or(0);

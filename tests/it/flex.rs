@@ -2,8 +2,8 @@
 //! second time, the same endpoint with `"service_tier": "flex"` at the flex
 //! price. A backlog goes there when it is cheaper and the deadline allows; a
 //! flex refusal (429 `resource_unavailable`) is not the provider's rate
-//! limit: the job is answered on the standard channel and the provider's
-//! standard jobs keep flowing.
+//! limit: the provider's standard jobs keep flowing, and the job is answered
+//! on the standard channel, or, with time to spare, waits for flex.
 
 use std::time::Duration;
 
@@ -147,4 +147,63 @@ async fn a_flex_refusal_is_answered_on_the_standard_channel_without_pausing_the_
     assert!(log.contains("resource_unavailable"), "{log}");
     assert!(!log.contains("paused until"), "{log}");
     assert!(!log.contains("circuit open"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_flex_job_with_time_to_spare_waits_for_flex_instead_of_paying_standard() {
+    // Flex refuses the first two flex requests, then has capacity again.
+    let refusals = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = refusals.clone();
+    let provider = LoopbackProvider::with(move |seen| {
+        use std::sync::atomic::Ordering;
+        if is_flex(seen) && counter.fetch_add(1, Ordering::SeqCst) < 2 {
+            Reply::json(
+                429,
+                openai_error(
+                    "Resource Unavailable: flex capacity is exhausted, please retry later.",
+                    "invalid_request_error",
+                    Some("resource_unavailable"),
+                ),
+            )
+        } else {
+            default_reply(seen)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = vec![ProviderSpec {
+        name: "openai",
+        base_url: provider.base_url(),
+        model: "m",
+        input_per_mtok: 1.0,
+        output_per_mtok: 1.0,
+        extra: "concurrency = 1\n[providers.flex]\ndiscount = 0.5\nbackoff = \"1s\"",
+    }];
+    let mut daemon = Daemon::start(dir.path(), &config_toml(dir.path(), &spec));
+    // Due in 6h: room for the back-off, a 15 min flex answer and the margin.
+    let later = Some(serde_json::json!({"deadline": "6h"}));
+    drop_file(&daemon.jobs(), "patient.jsonl", &jobs("p", 4, later));
+    let (out, err) = wait_for_outbox(&daemon.jobs(), "patient", T).await;
+    daemon.terminate().await;
+    assert!(err.is_empty(), "{err:?}");
+    assert_eq!(out.len(), 4);
+    for line in &out {
+        assert_eq!(channel(line), "flex", "{line}");
+        let cost = line["nightshift"]["cost_usd"].as_f64().unwrap();
+        assert!(
+            (cost - SYNC_COST / 2.0).abs() < 1e-12,
+            "the flex price: {line}"
+        );
+    }
+    let retried = out
+        .iter()
+        .filter(|l| l["nightshift"]["attempts"].as_u64() > Some(1))
+        .count();
+    assert!(retried >= 1, "a refused job came back for flex: {out:?}");
+    let seen = provider.seen();
+    assert!(
+        seen.iter().all(is_flex),
+        "nothing sent at the standard price"
+    );
+    assert_eq!(seen.len(), 6, "4 answers and 2 refusals");
 }
