@@ -119,8 +119,7 @@ fn scenarios() {
         // Not a bound on every schedule: the bound of the workload with the
         // daemon's safety margin and only the answer lengths the planner can
         // know (see `bound::as_the_planner_knows`).
-        let known = simulate::bound::as_the_planner_knows(&workload, settings.safety_margin);
-        let known = simulate::bound::compute(&config, &known, &settings).cost;
+        let known = simulate::bound::as_known(&config, &workload, &settings).cost;
         timings.push(format!(
             "| {name} | {} | {:.2} s | {:.2} s | {:.2} s ({:?}, {} bins × {} slots) |",
             workload.len(),

@@ -52,6 +52,7 @@ use super::WorkloadJob;
 use crate::config::{Config, Transport};
 use crate::domain::bounds;
 use crate::domain::pricing::ModelId;
+use crate::domain::pricing::PACING;
 use crate::plan::{self, PlanSettings, Slot};
 
 /// Jobs per size bin, at least (a smaller group is one bin).
@@ -77,6 +78,8 @@ struct Bin {
     out_max: f64,
     release: DateTime<Utc>,
     deadline: DateTime<Utc>,
+    /// The least time any of its jobs has from submission to deadline.
+    shortest_window: chrono::Duration,
 }
 
 /// How the bound was obtained.
@@ -131,6 +134,11 @@ fn bins(workload: &[WorkloadJob]) -> Vec<Bin> {
                 out_max: f(|w| w.output_tokens).fold(0.0, f64::max),
                 release: chunk.iter().map(|w| w.submit_at).min().expect("non-empty"),
                 deadline: chunk.iter().map(|w| w.deadline).max().expect("non-empty"),
+                shortest_window: chunk
+                    .iter()
+                    .map(|w| w.deadline - w.submit_at)
+                    .min()
+                    .expect("non-empty"),
             });
         }
     }
@@ -236,8 +244,52 @@ pub fn as_the_planner_knows(workload: &[WorkloadJob], margin: Duration) -> Vec<W
         .collect()
 }
 
+/// The bound of the workload as the planner knows it
+/// ([`as_the_planner_knows`]), under the rules the daemon holds itself to:
+/// a flex answer may take its provider's `flex.timeout` and a batch the
+/// high end of its simulated turnaround (a flex or batch row takes a job
+/// only in slots that start at least that long before the moved deadline,
+/// as the planner's rules do; the sync fallback a batch also needs is
+/// still not reserved), and requests flow at the
+/// limiter's pace, [`PACING`] of rpm / tpm / rpd spread over each second
+/// (one second's allowance at once), not a whole minute's at once. Again a
+/// reference, not a bound on every schedule.
+pub fn as_known(config: &Config, workload: &[WorkloadJob], settings: &PlanSettings) -> Bound {
+    let known = as_the_planner_knows(workload, settings.safety_margin);
+    compute_with(config, &known, settings, Reference::AsKnown)
+}
+
+/// Which problem [`compute_with`] solves.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Reference {
+    /// The relaxation every schedule meets: flex answers as the simulated
+    /// provider draws them, a minute's allowance per started minute.
+    Bound,
+    /// The daemon's own rules (see [`as_known`]).
+    AsKnown,
+}
+
+/// The share of rpd a reference counts on: all of it for the bound (the
+/// daemon's own rpd is planned at what its limiter admits, but a schedule
+/// may use the whole day), [`PACING`] less the reserve as the daemon.
+fn rpd_usable(reference: Reference, reserve: f64) -> f64 {
+    match reference {
+        Reference::Bound => 1.0,
+        Reference::AsKnown => (1.0 - reserve.clamp(0.0, 0.9)) * PACING,
+    }
+}
+
 /// Computes the bound (see the module docs for what it relaxes).
 pub fn compute(config: &Config, workload: &[WorkloadJob], settings: &PlanSettings) -> Bound {
+    compute_with(config, workload, settings, Reference::Bound)
+}
+
+fn compute_with(
+    config: &Config,
+    workload: &[WorkloadJob],
+    settings: &PlanSettings,
+    reference: Reference,
+) -> Bound {
     let Some(start) = workload.iter().map(|w| w.submit_at).min() else {
         return Bound {
             cost: 0.0,
@@ -260,15 +312,34 @@ pub fn compute(config: &Config, workload: &[WorkloadJob], settings: &PlanSetting
     };
     // No batch answers sooner than the shortest turnaround its provider can
     // draw: a bin whose deadline comes first cannot take the batch price in
-    // slot `s` in any schedule that meets the deadline.
-    let batch_too_slow = |m: ModelId, s: &Slot, b: &Bin| {
-        catalog.is_batch(m)
-            && catalog.providers[catalog.models[m].provider]
-                .batch
-                .as_ref()
-                .is_some_and(|t| {
-                    bounds::add(s.start.max(b.release), t.simulated_turnaround.0) > b.deadline
+    // slot `s` in any schedule that meets the deadline. As a reference for the planner, a flex answer may take the flex
+    // timeout.
+    let too_slow = |m: ModelId, s: &Slot, b: &Bin| {
+        let p = &catalog.providers[catalog.models[m].provider];
+        let start = s.start.max(b.release);
+        if catalog.is_batch(m) {
+            p.batch.as_ref().is_some_and(|t| {
+                // What the planner must count on: the high end of what it
+                // observes, not the luckiest draw.
+                let turnaround = match reference {
+                    Reference::Bound => t.simulated_turnaround.0,
+                    Reference::AsKnown => t.simulated_turnaround.1,
+                };
+                bounds::add(start, turnaround) > b.deadline
+                    || (reference == Reference::AsKnown
+                        && chrono::Duration::from_std(turnaround)
+                            .is_ok_and(|t| t > b.shortest_window))
+            })
+        } else {
+            reference == Reference::AsKnown
+                && catalog.models[m].channel == crate::domain::pricing::Channel::Flex
+                && p.flex.is_some_and(|f| {
+                    // Neither the bin as a whole nor each of its jobs.
+                    bounds::add(start, f.timeout) > b.deadline
+                        || chrono::Duration::from_std(f.timeout)
+                            .is_ok_and(|t| t > b.shortest_window)
                 })
+        }
     };
     // The capacity-free bound: each job at its cheapest price in its window.
     let capacity_free = |b: &Bin| {
@@ -278,7 +349,7 @@ pub fn compute(config: &Config, workload: &[WorkloadJob], settings: &PlanSetting
             .filter(|s| s.end > b.release && s.start < b.deadline)
         {
             for &m in &b.candidates {
-                if batch_too_slow(m, s, b) {
+                if too_slow(m, s, b) {
                     continue;
                 }
                 let (a, o) = unit(m, s.start);
@@ -316,7 +387,7 @@ pub fn compute(config: &Config, workload: &[WorkloadJob], settings: &PlanSetting
                 continue;
             }
             for &m in &b.candidates {
-                if batch_too_slow(m, s, b) {
+                if too_slow(m, s, b) {
                     continue;
                 }
                 let (a, o) = unit(m, s.start);
@@ -422,14 +493,24 @@ pub fn compute(config: &Config, workload: &[WorkloadJob], settings: &PlanSetting
     let mut by_provider: BTreeMap<usize, Vec<(usize, Terms)>> = BTreeMap::new();
     for ((p, si), r) in rows {
         let limits = &catalog.providers[p].limits;
-        let usable = (1.0 - limits.reserve).clamp(0.0, 1.0);
         let slot_s = slots[si].duration().as_secs_f64();
-        let minutes = (slot_s / 60.0).ceil();
+        // Any 60 s window holds at most a minute's allowance; the limiter
+        // also spreads it over the seconds.
+        let (usable, minutes) = match reference {
+            Reference::Bound => (
+                (1.0 - limits.reserve).clamp(0.0, 1.0),
+                (slot_s / 60.0).ceil(),
+            ),
+            Reference::AsKnown => (
+                (1.0 - limits.reserve).clamp(0.0, 1.0) * PACING,
+                (slot_s + 1.0) / 60.0,
+            ),
+        };
         let mut req_cap = limits
             .rpm
             .map_or(f64::INFINITY, |r| f64::from(r) * minutes * usable);
         if let Some(d) = limits.rpd {
-            req_cap = req_cap.min(f64::from(d));
+            req_cap = req_cap.min(f64::from(d) * rpd_usable(reference, limits.reserve));
         }
         if req_cap.is_finite() {
             problem.add_constraint(r.attempts.as_slice(), ComparisonOp::Le, req_cap);
@@ -451,7 +532,8 @@ pub fn compute(config: &Config, workload: &[WorkloadJob], settings: &PlanSetting
     }
     // rpd over rolling days: every run of slots inside one 24 h window.
     for (p, per_slot) in by_provider {
-        let rpd = f64::from(catalog.providers[p].limits.rpd.expect("rpd"));
+        let limits = &catalog.providers[p].limits;
+        let rpd = f64::from(limits.rpd.expect("rpd")) * rpd_usable(reference, limits.reserve);
         let mut seen = std::collections::BTreeSet::new();
         for (i, &(si, _)) in per_slot.iter().enumerate() {
             let window_end = bounds::add(slots[si].start, Duration::from_secs(86_400));

@@ -292,3 +292,82 @@ fn the_workload_as_the_planner_knows_it_averages_sizes_and_keeps_the_margin() {
         "blind {blind} vs bound {true_bound}"
     );
 }
+
+/// The reference as the planner knows it holds flex to the planner's rule
+/// (a flex answer may take `flex.timeout`) and requests to the limiter's
+/// pace; the bound holds neither, so it stays below.
+#[test]
+fn as_known_holds_flex_to_its_timeout_and_requests_to_the_limiters_pace() {
+    let config_with = |timeout: &str, rpm: u32| {
+        let text = format!(
+            r#"
+[daemon]
+safety_margin = "1m"
+
+[[providers]]
+name = "steady"
+kind = "simulated"
+latency = "1s"
+ms_per_output_token = 0.0
+rpm = {rpm}
+
+[providers.flex]
+discount = 0.5
+timeout = "{timeout}"
+
+[[providers.models]]
+name = "m3"
+input_per_mtok = 2.0
+output_per_mtok = 2.0
+
+[[providers]]
+name = "dear"
+kind = "simulated"
+latency = "1s"
+ms_per_output_token = 0.0
+
+[[providers.models]]
+name = "m4"
+input_per_mtok = 4.0
+output_per_mtok = 4.0
+
+[classes]
+chat = ["steady/m3", "dear/m4"]
+"#
+        );
+        Config::parse(&text, "test.toml", Path::new(".")).unwrap()
+    };
+    let start = DateTime::parse_from_rfc3339("2026-11-24T03:45:00Z")
+        .unwrap()
+        .with_timezone(&Utc);
+    let settings = PlanSettings {
+        safety_margin: Duration::from_secs(60),
+        ..PlanSettings::default()
+    };
+    let costs = |config: &Config, n: usize| {
+        // Due in 30 minutes (see `workload`).
+        let jobs = workload(&vec![100; n], config, start);
+        (
+            compute(config, &jobs, &settings).cost,
+            as_known(config, &jobs, &settings).cost,
+        )
+    };
+    // A 15 m flex answer fits the 29 m the planner has: flex for both.
+    let (bound, known) = costs(&config_with("15m", 600), 3);
+    assert!((known - bound).abs() <= bound * 1e-6, "{known} vs {bound}");
+    // A 40 m one does not: the reference pays the standard price, twice
+    // the bound's flex price.
+    let (bound, known) = costs(&config_with("40m", 600), 3);
+    assert!(
+        (known - 2.0 * bound).abs() <= bound * 1e-6,
+        "{known} vs {bound}"
+    );
+    // At 1 rpm the bound may send a minute's allowance per started minute
+    // (15 in each 15 m slot: all 30 on flex); paced at 99% over the
+    // seconds, fewer fit before the moved deadline, and the rest go to the
+    // dear provider.
+    let (bound, known) = costs(&config_with("1m", 1), 30);
+    let flex_job = 0.5 * 2.0 * 110.0 / 1e6;
+    assert!((bound - 30.0 * flex_job).abs() <= 1e-12, "{bound}");
+    assert!(known > bound + 0.5 * flex_job, "{known} vs {bound}");
+}
