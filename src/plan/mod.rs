@@ -345,33 +345,61 @@ pub fn make_slots(
     end: DateTime<Utc>,
     settings: &PlanSettings,
 ) -> Vec<Slot> {
-    make_slots_with(catalog, now, end, settings, &[])
+    make_slots_with(catalog, now, end, settings, &[], 0)
 }
 
-/// [`make_slots`], with extra boundaries (snapped down to the grid).
+/// How many extra boundaries past the first slot the planner keeps to the
+/// minute (see [`make_slots_with`]).
+pub const MINUTE_STOPS: usize = 3;
+
+/// [`make_slots`], with extra boundaries (snapped down to the grid; the
+/// earliest `minute_stops` past the first slot only to the minute).
 pub fn make_slots_with(
     catalog: &Catalog,
     now: DateTime<Utc>,
     end: DateTime<Utc>,
     settings: &PlanSettings,
     extra: &[DateTime<Utc>],
+    minute_stops: usize,
 ) -> Vec<Slot> {
     let mut bounds = vec![now];
     // Extra boundaries are snapped down to the grid where they fall, which
     // bounds the slot count (and the LP) whatever the groups.
+    let mut sorted: Vec<DateTime<Utc>> = extra
+        .iter()
+        .copied()
+        .filter(|&t| t > now && t < end)
+        .collect();
+    sorted.sort();
+    let (mut kept, mut last_minute) = (0usize, None);
     bounds.extend(
-        extra
-            .iter()
-            .map(|&t| {
+        sorted
+            .into_iter()
+            .map(|t| {
                 // Within the first slot's length of `now` (short deadlines,
                 // a window opening in the next minutes) to the second, so
                 // no cheap capacity is lost to the grid (snapping a 12:03:30
                 // stop down to 12:03 lost the last 30 s of a cheap window:
-                // 180 of 210 jobs); further out to a quarter of the step.
+                // 180 of 210 jobs).
                 if t < bounds::add(now, settings.fine_slot) {
                     return align_down(t, Duration::from_secs(1)).max(now);
                 }
+                // The earliest few further out to the minute: snapping a
+                // single backlog's 14:50 stop down to 14:45 lost five
+                // minutes of its cheap providers. Only a few, so a stream
+                // of groups does not multiply the slots.
                 let step = settings.step_at(now, t);
+                if kept < minute_stops {
+                    let m = align_down(t, Duration::from_secs(60));
+                    if m != align_down(t, (step / 4).max(settings.fine_slot).min(step))
+                        && last_minute != Some(m)
+                    {
+                        kept += 1;
+                        last_minute = Some(m);
+                    }
+                    return m;
+                }
+                // Further out to a quarter of the step.
                 align_down(t, (step / 4).max(settings.fine_slot).min(step))
             })
             .filter(|&t| t > now && t < end),
@@ -454,7 +482,7 @@ pub fn plan(
         .flat_map(|g| [g.release, bounds::sub(g.deadline, margin)])
         .filter(|&t| t > now && t < horizon_end)
         .collect();
-    let slots = make_slots_with(catalog, now, horizon_end, settings, &extra);
+    let slots = make_slots_with(catalog, now, horizon_end, settings, &extra, MINUTE_STOPS);
 
     // Every (group, model, slot) a job may use, with its cost.
     let mut options = Vec::new();

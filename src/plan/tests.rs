@@ -503,3 +503,33 @@ fn a_short_deadline_uses_the_cheap_window_up_to_the_margin() {
     assert!(cheap >= 205.0, "{cheap} on the cheap window: {p:?}");
     assert!(p.overflow.is_empty());
 }
+
+/// A backlog's stop past the first slot keeps its minutes: due at 15:00
+/// with a 10 min margin, its cheap provider works until 14:50, not until
+/// the 14:45 of the quarter-hour grid (five minutes of cheap capacity).
+#[test]
+fn a_stop_past_the_first_slot_is_kept_to_the_minute() {
+    let now = at("2026-11-24T12:00:00Z");
+    let (c, caps) = catalog(&[
+        ("pricey", 2.0, None, vec![]),
+        ("cheap", 1.0, Some(10), vec![]),
+    ]);
+    let settings = PlanSettings {
+        safety_margin: Duration::from_secs(600),
+        ..PlanSettings::default()
+    };
+    let cheap_until = |deadline: &str| {
+        let groups = [group(3000, now, at(deadline), vec![0, 1])];
+        let p = plan(&groups, &c, &caps, now, &settings);
+        assert!(p.overflow.is_empty(), "{p:?}");
+        jobs_in(&p, |a| a.model == 1)
+    };
+    // A stop on the grid (14:45) against one five minutes past it.
+    let on_grid = cheap_until("2026-11-24T14:55:00Z");
+    let off_grid = cheap_until("2026-11-24T15:00:00Z");
+    assert!(on_grid > 0.0);
+    assert!(
+        (off_grid - on_grid * 170.0 / 165.0).abs() < 1e-6,
+        "{off_grid} vs {on_grid}"
+    );
+}

@@ -169,7 +169,9 @@ fn slots(
         .min(bounds::add(start, settings.max_horizon))
         .max(bounds::add(start, s.fine_slot));
     let extra: Vec<DateTime<Utc>> = bins.iter().flat_map(|b| [b.release, b.deadline]).collect();
-    plan::make_slots_with(&config.catalog, start, end, &s, &extra)
+    // No minute stops: finer slots would only tighten the bound, and cost
+    // its LP time.
+    plan::make_slots_with(&config.catalog, start, end, &s, &extra, 0)
 }
 
 /// What the bound knows about a provider's service.
