@@ -533,3 +533,27 @@ fn a_stop_past_the_first_slot_is_kept_to_the_minute() {
         "{off_grid} vs {on_grid}"
     );
 }
+
+/// A stream of groups does not multiply the slots: past the first slot,
+/// only the earliest `MINUTE_STOPS` off-grid stops keep their minute; the
+/// rest snap to the quarter hour.
+#[test]
+fn only_the_earliest_few_stops_keep_their_minute() {
+    let now = at("2026-11-24T12:00:00Z");
+    let (c, _) = catalog(&[("d", 1.0, None, vec![])]);
+    let settings = PlanSettings::default();
+    // Stops at 12:20, 12:35, ..., each five minutes past the grid.
+    let extra: Vec<DateTime<Utc>> = (0..12)
+        .map(|i| bounds::add(at("2026-11-24T12:20:00Z"), Duration::from_secs(900 * i)))
+        .collect();
+    let end = at("2026-11-24T16:00:00Z");
+    let slots = make_slots_with(&c, now, end, &settings, &extra, MINUTE_STOPS);
+    let off_grid: Vec<String> = slots
+        .iter()
+        .filter(|s| s.start.timestamp() % 900 != 0)
+        .map(|s| s.start.format("%H:%M").to_string())
+        .collect();
+    assert_eq!(off_grid, ["12:20", "12:35", "12:50"][..MINUTE_STOPS]);
+    let plain = make_slots_with(&c, now, end, &settings, &extra, 0);
+    assert_eq!(slots.len(), plain.len() + MINUTE_STOPS);
+}

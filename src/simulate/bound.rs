@@ -51,8 +51,7 @@ use microlp::{ComparisonOp, OptimizationDirection, Problem, Variable};
 use super::WorkloadJob;
 use crate::config::{Config, Transport};
 use crate::domain::bounds;
-use crate::domain::pricing::ModelId;
-use crate::domain::pricing::PACING;
+use crate::domain::pricing::{Channel, ModelId, PACING};
 use crate::plan::{self, PlanSettings, Slot};
 
 /// Jobs per size bin, at least (a smaller group is one bin).
@@ -314,34 +313,28 @@ fn compute_with(
     };
     // No batch answers sooner than the shortest turnaround its provider can
     // draw: a bin whose deadline comes first cannot take the batch price in
-    // slot `s` in any schedule that meets the deadline. As a reference for the planner, a flex answer may take the flex
-    // timeout.
-    let too_slow = |m: ModelId, s: &Slot, b: &Bin| {
+    // slot `s` in any schedule that meets the deadline. As a reference for
+    // the planner, a batch takes the high end of what the planner observes
+    // and a flex answer its timeout, for the bin and for each of its jobs.
+    let answer_time = |m: ModelId| -> Option<Duration> {
         let p = &catalog.providers[catalog.models[m].provider];
-        let start = s.start.max(b.release);
         if catalog.is_batch(m) {
-            p.batch.as_ref().is_some_and(|t| {
-                // What the planner must count on: the high end of what it
-                // observes, not the luckiest draw.
-                let turnaround = match reference {
-                    Reference::Bound => t.simulated_turnaround.0,
-                    Reference::AsKnown => t.simulated_turnaround.1,
-                };
-                bounds::add(start, turnaround) > b.deadline
-                    || (reference == Reference::AsKnown
-                        && chrono::Duration::from_std(turnaround)
-                            .is_ok_and(|t| t > b.shortest_window))
+            p.batch.as_ref().map(|t| match reference {
+                Reference::Bound => t.simulated_turnaround.0,
+                Reference::AsKnown => t.simulated_turnaround.1,
             })
+        } else if reference == Reference::AsKnown && catalog.models[m].channel == Channel::Flex {
+            p.flex.map(|f| f.timeout)
         } else {
-            reference == Reference::AsKnown
-                && catalog.models[m].channel == crate::domain::pricing::Channel::Flex
-                && p.flex.is_some_and(|f| {
-                    // Neither the bin as a whole nor each of its jobs.
-                    bounds::add(start, f.timeout) > b.deadline
-                        || chrono::Duration::from_std(f.timeout)
-                            .is_ok_and(|t| t > b.shortest_window)
-                })
+            None
         }
+    };
+    let too_slow = |m: ModelId, s: &Slot, b: &Bin| {
+        answer_time(m).is_some_and(|d| {
+            bounds::add(s.start.max(b.release), d) > b.deadline
+                || (reference == Reference::AsKnown
+                    && chrono::Duration::from_std(d).is_ok_and(|d| d > b.shortest_window))
+        })
     };
     // The capacity-free bound: each job at its cheapest price in its window.
     let capacity_free = |b: &Bin| {

@@ -33,6 +33,18 @@ fn jobs(prefix: &str, n: usize, nightshift: Option<Value>) -> String {
         .join("\n")
 }
 
+/// OpenAI's answer when flex is short of capacity.
+fn refusal() -> Reply {
+    Reply::json(
+        429,
+        openai_error(
+            "Resource Unavailable: flex capacity is exhausted, please retry later.",
+            "invalid_request_error",
+            Some("resource_unavailable"),
+        ),
+    )
+}
+
 fn channel(line: &Value) -> &str {
     line["nightshift"]["channel"].as_str().unwrap_or_default()
 }
@@ -77,14 +89,7 @@ async fn a_flex_refusal_is_answered_on_the_standard_channel_without_pausing_the_
     // provider's rate limit, everything would stop.
     let provider = LoopbackProvider::with(|seen| {
         if is_flex(seen) {
-            let mut reply = Reply::json(
-                429,
-                openai_error(
-                    "Resource Unavailable: flex capacity is exhausted, please retry later.",
-                    "invalid_request_error",
-                    Some("resource_unavailable"),
-                ),
-            );
+            let mut reply = refusal();
             reply.headers.push(("retry-after", "3600".into()));
             reply
         } else {
@@ -157,14 +162,7 @@ async fn a_refused_flex_job_with_time_to_spare_waits_for_flex_instead_of_paying_
     let provider = LoopbackProvider::with(move |seen| {
         use std::sync::atomic::Ordering;
         if is_flex(seen) && counter.fetch_add(1, Ordering::SeqCst) < 2 {
-            Reply::json(
-                429,
-                openai_error(
-                    "Resource Unavailable: flex capacity is exhausted, please retry later.",
-                    "invalid_request_error",
-                    Some("resource_unavailable"),
-                ),
-            )
+            refusal()
         } else {
             default_reply(seen)
         }
