@@ -734,15 +734,31 @@ fn solve_lp(
     // tie-break far below any real price difference. At an equal price a
     // synchronous row beats a batch row (answers sooner, no guard), also
     // when the spreading tiers below add to the synchronous row's cost.
+    let coef = |o: &Option_| {
+        let batch = if catalog.is_batch(o.model) { 8e-8 } else { 0.0 };
+        o.cost * scale + o.slot as f64 * 1e-7 + batch
+    };
+    // A batch row has no capacity in the LP: a group's cheapest one can
+    // take all of its jobs. So every other option of the group that costs
+    // at least as much can never do better, and is left out (an exact
+    // reduction; at 100,000 queued jobs it removes most of the columns).
+    let mut unlimited = vec![f64::INFINITY; groups.len()];
+    let mut cheapest_batch: Vec<Option<usize>> = vec![None; groups.len()];
+    for (i, o) in options.iter().enumerate() {
+        if catalog.is_batch(o.model) && coef(o) < unlimited[o.group] {
+            unlimited[o.group] = coef(o);
+            cheapest_batch[o.group] = Some(i);
+        }
+    }
+    let options: Vec<&Option_> = options
+        .iter()
+        .enumerate()
+        .filter(|&(i, o)| coef(o) < unlimited[o.group] || cheapest_batch[o.group] == Some(i))
+        .map(|(_, o)| o)
+        .collect();
     let vars: Vec<_> = options
         .iter()
-        .map(|o| {
-            let batch = if catalog.is_batch(o.model) { 8e-8 } else { 0.0 };
-            problem.add_var(
-                o.cost * scale + o.slot as f64 * 1e-7 + batch,
-                (0.0, f64::INFINITY),
-            )
-        })
+        .map(|o| problem.add_var(coef(o), (0.0, f64::INFINITY)))
         .collect();
     // Overflow costs more than any real option, so it is used only when needed.
     let overflow: Vec<_> = groups

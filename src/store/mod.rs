@@ -675,18 +675,27 @@ impl Sqlite {
     /// `jobs_due`, so it walks that covering index once with no temporary
     /// B-tree; deadlines are folded into [`crate::plan::BUCKET_MS`] buckets
     /// here (grouping by `deadline / bucket` in SQL sorted every queued job
-    /// first: four times slower at 100k queued). Token sums are `TOTAL()`
+    /// first: four times slower at 100k queued), by route id, and route keys
+    /// are looked up once per bucket. Token sums are `TOTAL()`
     /// (floating point: a sum of integers never fails with "integer
     /// overflow", whatever the rows hold) and saturate as `u64`.
     pub fn queued_buckets(&self) -> Result<Vec<crate::plan::QueuedBucket>> {
         let conn = self.reader()?;
+        let keys: HashMap<i64, String> = conn
+            .prepare_cached("SELECT id, key FROM routes")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
         let mut stmt = conn.prepare_cached(QUEUED_BUCKETS)?;
         let bucket = crate::plan::BUCKET_MS;
         let mut out: Vec<crate::plan::QueuedBucket> = Vec::new();
-        let mut at: HashMap<(String, i64, i64), usize> = HashMap::new();
+        // Rows come in index order, so a bucket's rows are consecutive; the
+        // map only catches an order the query planner might choose instead.
+        // Keys are integers: no string is read or copied per row.
+        let mut at: HashMap<(i64, i64, i64), usize> = HashMap::new();
+        let mut last: Option<((i64, i64, i64), usize)> = None;
         let mut rows = stmt.query([])?;
         while let Some(r) = rows.next()? {
-            let key: String = r.get(0)?;
+            let route_id: i64 = r.get(0)?;
             let size_bin: i64 = r.get(1)?;
             let deadline: i64 = r.get(2)?;
             let jobs = r.get::<_, i64>(3)?.max(0) as u64;
@@ -694,18 +703,28 @@ impl Sqlite {
             let input = r.get::<_, f64>(4)? as u64;
             let output = r.get::<_, f64>(5)? as u64;
             let from = deadline.div_euclid(bucket) * bucket;
-            match at.get(&(key.clone(), size_bin, from)) {
-                Some(&i) => {
+            let id = (route_id, size_bin, from);
+            let found = match last {
+                Some((k, i)) if k == id => Some(i),
+                _ => at.get(&id).copied(),
+            };
+            match found {
+                Some(i) => {
                     let b = &mut out[i];
                     b.jobs += jobs;
                     b.input_tokens = b.input_tokens.saturating_add(input);
                     b.output_tokens = b.output_tokens.saturating_add(output);
                     b.min_deadline = b.min_deadline.min(deadline);
+                    last = Some((id, i));
                 }
                 None => {
-                    at.insert((key.clone(), size_bin, from), out.len());
+                    let Some(key) = keys.get(&route_id) else {
+                        continue;
+                    };
+                    at.insert(id, out.len());
+                    last = Some((id, out.len()));
                     out.push(crate::plan::QueuedBucket {
-                        route_key: key,
+                        route_key: key.clone(),
                         size_bin,
                         deadline_from: from,
                         deadline_to: from + bucket,
@@ -1224,12 +1243,10 @@ fn unique_stem(conn: &Connection, wanted: &str) -> rusqlite::Result<String> {
 }
 
 /// [`Store::queued_buckets`]: `jobs_due` in its own order, covered.
-const QUEUED_BUCKETS: &str = "SELECT r.key, b.size_bin, b.deadline, b.n, b.input, b.output
-     FROM (SELECT route_id, size_bin, deadline, COUNT(*) AS n, TOTAL(est_input_tokens) AS input,
-                  TOTAL(est_output_tokens) AS output
-           FROM jobs INDEXED BY jobs_due WHERE state = 'queued'
-           GROUP BY route_id, size_bin, deadline) AS b
-     JOIN routes r ON r.id = b.route_id";
+const QUEUED_BUCKETS: &str =
+    "SELECT route_id, size_bin, deadline, COUNT(*), TOTAL(est_input_tokens), TOTAL(est_output_tokens)
+     FROM jobs INDEXED BY jobs_due WHERE state = 'queued'
+     GROUP BY route_id, size_bin, deadline";
 
 /// [`Store::expire_overdue`]: a range on `jobs_due` per route and size bin
 /// (every bin of `domain::estimate::size_bin` is listed), so a pass reads
