@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use crate::dispatch::budget::BudgetState;
 use crate::dispatch::limits::RateLimits;
 use crate::dispatch::reliability::{Health, Signals, Verdict};
-use crate::domain::pricing::{Catalog, Channel, ModelId, ProviderId};
+use crate::domain::pricing::{Catalog, Channel, ModelId, ProviderId, sustained_per_minute};
 use crate::plan::{PlannedGroup, ProviderCapacity, Quotas};
 
 /// How many jobs of one group one step starts at most.
@@ -199,14 +199,26 @@ impl Observed {
     ) -> Vec<ProviderCapacity> {
         let mut caps = self.capacities(catalog, now);
         for (p, c) in caps.iter_mut().enumerate() {
+            // A minute carries what the limiter sustains, not the whole
+            // rpm: at rpm 25, 24.6 (a plan counting on 25 holds back work
+            // the provider never gets to in time). The figures are net of
+            // the reserve.
+            let configured = &catalog.providers[p].limits;
+            c.rpm = configured
+                .rpm
+                .map(|r| sustained_per_minute(f64::from(r), c.reserve));
+            c.tpm = configured
+                .tpm
+                .map(|t| sustained_per_minute(t as f64, c.reserve));
+            c.reserve = 0.0;
             if let Some(day) = limits
                 .provider(p)
                 .usage(now.timestamp_millis())
                 .day_requests
             {
                 c.rpd_used = day.used as f64;
-                // The limiter admits `rpd` × pacing × (1 − reserve) a day,
-                // not `rpd`: a plan counting on the difference holds jobs
+                // The limiter admits `rpd` × (1 − reserve) a day, in whole
+                // requests, not `rpd`: a plan counting on the difference holds jobs
                 // for requests that are never admitted, until their
                 // deadline passes (two of 200 here, a job expired).
                 c.rpd = Some(day.usable as f64);

@@ -995,34 +995,34 @@ chat = ["deepseek/deepseek-chat", "openai/gpt-4o-mini"]
     #[test]
     fn a_full_rate_limit_says_which_with_its_figures_and_the_next_start() {
         let now_ms = at(NOW).timestamp_millis();
-        // 594 requests (600 × 0.99) 57 s ago: the minute is full for 4 s more
-        // (each send counts for 60 s and the limiter's one-second margin).
+        // 600 requests (the whole rpm) 57 s ago: the minute is full for 4 s
+        // more (each send counts for 60 s and the limiter's one-second margin).
         let mut w = World::new();
         let sent = Sent {
             at_ms: now_ms - 57_000,
-            requests: 594,
-            tokens: 594,
+            requests: 600,
+            tokens: 600,
         };
         w.limits.seed(1, None, sent, now_ms);
         let e = w.explain(&queued_job(), &w.due_on_openai());
         assert_eq!(e.code, "rate_limit_full");
         assert_eq!(
             e.text,
-            "waiting: openai's rpm is full (594/600 in the last 60 s, 594 usable); next start in 4 s"
+            "waiting: openai's rpm is full (600/600 in the last 60 s); next start in 4 s"
         );
-        // Tokens: 98,500 of the usable 99,000 leave no room for 1,100.
+        // Tokens: 99,000 of the usable 100,000 leave no room for 1,100.
         let mut w = World::new();
         let sent = Sent {
             at_ms: now_ms - 10_000,
             requests: 1,
-            tokens: 98_500,
+            tokens: 99_000,
         };
         w.limits.seed(1, None, sent, now_ms);
         let e = w.explain(&queued_job(), &w.due_on_openai());
         assert_eq!(e.code, "rate_limit_full");
         assert_eq!(
             e.text,
-            "waiting: openai's tpm is full (98500/100000 tokens in the last 60 s, 99000 usable; this job needs about 1100); next start as they leave the window, within 60 s"
+            "waiting: openai's tpm is full (99000/100000 tokens in the last 60 s; this job needs about 1100); next start as they leave the window, within 60 s"
         );
         // Both concurrency slots taken.
         let mut w = World::new();

@@ -367,17 +367,17 @@ output_per_mtok = 1.0
         let u = fast.usage;
         assert_eq!(
             u.minute_requests.map(|w| (w.used, w.usable)),
-            Some((4, 594))
+            Some((4, 600))
         );
         assert_eq!(u.minute_tokens.map(|w| w.used), Some(2000));
         assert_eq!(u.day_requests.map(|w| w.used), Some(4));
         assert_eq!((u.concurrency, u.in_flight), (Some(4), 1));
-        // The model's own rpm: 60 × 0.99, four used.
+        // The model's own rpm: all 60 usable, four used.
         let m = fast.model("f1").unwrap();
         assert_eq!(m.limits.rpm, Some(60));
         assert_eq!(
             m.usage.minute_requests.map(|w| (w.used, w.usable)),
-            Some((4, 59))
+            Some((4, 60))
         );
         // The global daily budget applies to both; slow's monthly one to slow.
         assert_eq!(fast.budgets.len(), 1);

@@ -252,10 +252,12 @@ pub struct Limits {
     pub reserve: f64,
 }
 
-/// nightshift sends at 99% of a configured limit: requests leave evenly
-/// spaced but reach the provider with network jitter, and a provider that
-/// enforces "per minute" over one-second windows would refuse the few that
-/// arrive bunched at exactly 100%.
+/// nightshift paces its requests at 99% of a per-minute limit: requests
+/// leave evenly spaced but reach the provider with network jitter, and a
+/// provider that enforces "per minute" over one-second windows would refuse
+/// the few that arrive bunched at exactly 100%. The pace is the smoothing
+/// bucket's; the windows, which are the guarantee, count the whole limit
+/// (see [`window_limit`]) and hold each send [`ARRIVAL_MARGIN_MS`] longer.
 pub const PACING: f64 = 0.99;
 
 /// A minute, the window of `rpm` and `tpm`.
@@ -279,6 +281,25 @@ pub const DAY_MS: i64 = 86_400_000;
 /// the limit as long as arrival delays differ by less than that; it costs
 /// under 2% of the allowance of a limit that stays saturated.
 pub const ARRIVAL_MARGIN_MS: i64 = 1_000;
+
+/// What a limiter's window admits of a configured rpm, tpm or rpd: the
+/// whole limit less the reserve, in whole units, at least one. Jitter is
+/// absorbed by [`ARRIVAL_MARGIN_MS`], not by a smaller count: at rpm 25 a
+/// count of 99% would round down to 24, a 4% loss.
+pub fn window_limit(limit: f64, reserve: f64) -> u64 {
+    let usable = 1.0 - reserve.clamp(0.0, 0.9);
+    ((limit * usable).floor().max(0.0) as u64).max(1)
+}
+
+/// The rate a per-minute limit sustains through the limiter, per minute,
+/// once a backlog has drained its first second's allowance: the bucket's
+/// pace ([`PACING`]) or the window's count over the span it holds each
+/// send, whichever is lower. What the planner counts on a minute to carry.
+pub fn sustained_per_minute(limit: f64, reserve: f64) -> f64 {
+    let usable = 1.0 - reserve.clamp(0.0, 0.9);
+    let held = (MINUTE_MS + ARRIVAL_MARGIN_MS) as f64 / MINUTE_MS as f64;
+    (limit * usable * PACING).min(window_limit(limit, reserve) as f64 / held)
+}
 
 /// The wire format a provider speaks, where it decides what a job may ask
 /// for: a job whose body has no Anthropic translation does not run there.

@@ -51,7 +51,7 @@ use microlp::{ComparisonOp, OptimizationDirection, Problem, Variable};
 use super::WorkloadJob;
 use crate::config::{Config, Transport};
 use crate::domain::bounds;
-use crate::domain::pricing::{Channel, ModelId, PACING};
+use crate::domain::pricing::{Channel, ModelId, sustained_per_minute, window_limit};
 use crate::plan::{self, PlanSettings, Slot};
 
 /// Jobs per size bin, at least (a smaller group is one bin).
@@ -252,7 +252,8 @@ pub fn as_the_planner_knows(workload: &[WorkloadJob], margin: Duration) -> Vec<W
 /// only in slots that start at least that long before the moved deadline,
 /// as the planner's rules do; the sync fallback a batch also needs is
 /// still not reserved), and requests flow at the
-/// limiter's pace, [`PACING`] of rpm / tpm / rpd spread over each second
+/// limiter's pace ([`sustained_per_minute`] of rpm / tpm, what its window
+/// admits of rpd) spread over each second
 /// (one second's allowance at once), not a whole minute's at once. Again a
 /// reference, not a bound on every schedule.
 pub fn as_known(config: &Config, workload: &[WorkloadJob], settings: &PlanSettings) -> Bound {
@@ -270,13 +271,13 @@ enum Reference {
     AsKnown,
 }
 
-/// The share of rpd a reference counts on: all of it for the bound (the
-/// daemon's own rpd is planned at what its limiter admits, but a schedule
-/// may use the whole day), [`PACING`] less the reserve as the daemon.
-fn rpd_usable(reference: Reference, reserve: f64) -> f64 {
+/// The requests a day a reference counts on: all of `rpd` for the bound (a
+/// schedule may use the whole day), what the limiter's window admits
+/// ([`window_limit`]: less the reserve) as the daemon.
+fn rpd_usable(reference: Reference, rpd: u32, reserve: f64) -> f64 {
     match reference {
-        Reference::Bound => 1.0,
-        Reference::AsKnown => (1.0 - reserve.clamp(0.0, 0.9)) * PACING,
+        Reference::Bound => f64::from(rpd),
+        Reference::AsKnown => window_limit(f64::from(rpd), reserve) as f64,
     }
 }
 
@@ -491,27 +492,26 @@ fn compute_with(
         let slot_s = slots[si].duration().as_secs_f64();
         // Any 60 s window holds at most a minute's allowance; the limiter
         // also spreads it over the seconds.
-        let (usable, minutes) = match reference {
-            Reference::Bound => (
-                (1.0 - limits.reserve).clamp(0.0, 1.0),
-                (slot_s / 60.0).ceil(),
-            ),
-            Reference::AsKnown => (
-                (1.0 - limits.reserve).clamp(0.0, 1.0) * PACING,
-                (slot_s + 1.0) / 60.0,
-            ),
+        // A slot's allowance of a per-minute limit: the bound counts whole
+        // minutes; the daemon's reference, the limiter's sustained rate
+        // plus the one second's allowance its bucket starts with.
+        let per_slot = |limit: f64| match reference {
+            Reference::Bound => {
+                limit * (1.0 - limits.reserve).clamp(0.0, 1.0) * (slot_s / 60.0).ceil()
+            }
+            Reference::AsKnown => {
+                sustained_per_minute(limit, limits.reserve) * (slot_s + 1.0) / 60.0
+            }
         };
-        let mut req_cap = limits
-            .rpm
-            .map_or(f64::INFINITY, |r| f64::from(r) * minutes * usable);
+        let mut req_cap = limits.rpm.map_or(f64::INFINITY, |r| per_slot(f64::from(r)));
         if let Some(d) = limits.rpd {
-            req_cap = req_cap.min(f64::from(d) * rpd_usable(reference, limits.reserve));
+            req_cap = req_cap.min(rpd_usable(reference, d, limits.reserve));
         }
         if req_cap.is_finite() {
             problem.add_constraint(r.attempts.as_slice(), ComparisonOp::Le, req_cap);
         }
         if let Some(t) = limits.tpm {
-            let cap = t as f64 * minutes * usable / 1000.0;
+            let cap = per_slot(t as f64) / 1000.0;
             problem.add_constraint(r.tokens.as_slice(), ComparisonOp::Le, cap);
         }
         if let (Some(c), Some((lat, per_tok))) = (limits.concurrency, services[p].time)
@@ -528,7 +528,7 @@ fn compute_with(
     // rpd over rolling days: every run of slots inside one 24 h window.
     for (p, per_slot) in by_provider {
         let limits = &catalog.providers[p].limits;
-        let rpd = f64::from(limits.rpd.expect("rpd")) * rpd_usable(reference, limits.reserve);
+        let rpd = rpd_usable(reference, limits.rpd.expect("rpd"), limits.reserve);
         let mut seen = std::collections::BTreeSet::new();
         for (i, &(si, _)) in per_slot.iter().enumerate() {
             let window_end = bounds::add(slots[si].start, Duration::from_secs(86_400));

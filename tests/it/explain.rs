@@ -97,7 +97,7 @@ async fn a_job_held_for_a_cheaper_window_explains_price_window_with_its_planned_
             &rpm["used"],
             &rpm["window_s"]
         ),
-        (&json!(600), &json!(594), &json!(0), &json!(60)),
+        (&json!(600), &json!(600), &json!(0), &json!(60)),
         "{live}"
     );
     assert_eq!(
