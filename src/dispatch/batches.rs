@@ -407,6 +407,12 @@ impl BatchContext {
             let now = Utc::now();
             if b.stage == BatchStage::Submitted && rules::guard_due(b.fallback_at, now) {
                 self.guard(b, &remote_id).await?;
+                // At least this long: what the planner learns from, so that
+                // batches the provider keeps late are expected late, and
+                // guarded later, instead of being re-made every time.
+                let from = b.submitted_at.unwrap_or(b.created_at);
+                let age = (now.timestamp_millis() - from).max(0) as u64;
+                done.turnaround = Some(Duration::from_millis(age));
             }
             let remote = match self.client().batch_get(&remote_id).await {
                 Ok(r) => r,
@@ -471,7 +477,7 @@ impl BatchContext {
         })
         .await?;
         warn!(batch = b.id, provider = %b.provider, requeued = n, fallback_at = %rfc3339(b.fallback_at),
-              "provider batch not ended by its fallback instant: cancelled, its jobs run synchronously");
+              "provider batch not ended by its guard instant (overdue, or its fallback instant): cancelled, its jobs are planned again");
         b.stage = BatchStage::Cancelling;
         b.remote_status = Some(status);
         self.shared.wake.notify_one();

@@ -886,6 +886,9 @@ impl Dispatcher {
                     terms.window,
                     now,
                 );
+                // The guard's instant, early for a batch that runs overdue.
+                let fallback_at =
+                    batches::rules::guard_at(fallback_at, now, capacity[p].batch_turnaround);
                 let ids: Vec<i64> = chunk
                     .iter()
                     .filter_map(|a| match a {

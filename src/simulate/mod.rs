@@ -9,7 +9,10 @@
 //! Batch channels are simulated as the daemon runs them: the starts of one
 //! step on one batch row form one virtual batch (split by `max_requests`),
 //! created at that step's `now` with the deadline guard's instant from
-//! [`rules::fallback_at`], the same inputs as the daemon's. Its turnaround is
+//! [`rules::fallback_at`] and [`rules::guard_at`] (earlier for a batch that
+//! would run overdue while a new one still fits), the same inputs as the
+//! daemon's; a guarded batch's age is learned as a turnaround, as the
+//! daemon learns it. Its turnaround is
 //! drawn per batch from the provider's `simulated_turnaround` range (or, for
 //! `simulated_late_fraction` of batches, the whole completion window). It
 //! ends at created + turnaround, unless the guard comes first: then, as the
@@ -715,8 +718,11 @@ pub fn run(
                 };
             if batch.fallback_at < batch.ends_at {
                 // The deadline guard: cancelled at the provider, nothing
-                // returned; the jobs run again.
+                // returned; the jobs run again. The batch took at least this
+                // long, which the planner learns from as the daemon does.
                 batches_guarded += 1;
+                observed.batches[provider]
+                    .observe((now - batch.created).to_std().unwrap_or_default());
                 for &i in &batch.jobs {
                     not_run(&mut jobs[i], i, &mut queued, &mut observed);
                 }
@@ -1027,6 +1033,11 @@ pub fn run(
                                 settings.safety_margin,
                                 terms.window,
                                 now,
+                            );
+                            let fallback_at = rules::guard_at(
+                                fallback_at,
+                                now,
+                                capacity[provider].batch_turnaround,
                             );
                             let n = batches_per_provider[provider];
                             batches_per_provider[provider] += 1;
@@ -1727,6 +1738,55 @@ chat = ["batchy/m1", "steady/m2"]
     }
 
     #[test]
+    fn an_overdue_batch_is_made_again_and_its_jobs_still_pay_the_batch_price() {
+        // Batches usually end within 20 m (1 h expected); one drawn late
+        // would take the whole 24 h window. Due in 6 h, a late batch is
+        // cancelled once it has run 2 h, and its jobs go into a new batch
+        // rather than waiting for the fallback instant and running on sync.
+        // The draws are by provider name and batch number: `tardy`'s first
+        // batch draws 0.043, the next ones 0.10 and more, so at a late
+        // fraction of 0.05 only the first is late.
+        let c = Config::parse(
+            &BATCH_CONFIG.replace("batchy", "tardy").replace(
+                "BATCH",
+                "simulated_turnaround = [\"2m\", \"20m\"]\nsimulated_late_fraction = 0.05",
+            ),
+            "test.toml",
+            Path::new("."),
+        )
+        .unwrap();
+        let w = load_workload(&workload_with(100, "6h", true), &c, start()).unwrap();
+        let (planner, trace) = run(&c, &w, &Policy::Planner, &margin(&c)).unwrap();
+        assert_eq!(
+            (planner.succeeded, planner.deadline_misses),
+            (100, 0),
+            "{planner:?}"
+        );
+        assert!(planner.batches_guarded >= 1, "{planner:?}");
+        assert!(planner.batches_created > planner.batches_guarded);
+        assert_eq!(planner.per_channel.get("batch"), Some(&100), "{planner:?}");
+        assert!(!planner.per_channel.contains_key("sync"), "{planner:?}");
+        let two_hours = chrono::Duration::hours(2);
+        for t in &trace {
+            assert!(t.completed_at.unwrap() <= t.deadline, "{t:?}");
+            // The late batch's jobs, sent twice (a cancelled line is not
+            // an attempt): cancelled at 2 h, not at the fallback instant
+            // (about 5 h 50 m), and sent again in a batch at once.
+            if let [first, again] = &t.sent[..] {
+                assert_eq!(first.sent_at, t.submitted_at, "{t:?}");
+                assert_eq!(again.sent_at - t.submitted_at, two_hours, "{t:?}");
+                assert_eq!(again.channel, "batch", "{t:?}");
+            } else {
+                assert_eq!(t.sent.len(), 1, "{t:?}");
+            }
+        }
+        assert!(
+            trace.iter().any(|t| t.sent.len() == 2),
+            "the late batch's jobs"
+        );
+    }
+
+    #[test]
     fn per_request_routers_never_use_a_batch_row() {
         let c = batch_config("");
         let w = load_workload(&workload_with(50, "6h", true), &c, start()).unwrap();
@@ -1870,10 +1930,23 @@ cheap-chat = ["deepseek/deepseek-flash", "openai/gpt-4o-mini", "google/gemini-2.
     fn an_expired_batchs_lines_rerun_by_sync_before_their_deadline_the_attempt_not_counted() {
         // Every batch is expired by the provider at its 24 h window, with a
         // drawn share of its lines not run; the deadline (30 h) is past the
-        // window plus the time to run them, so the guard does not fire.
-        let c = batch_config(
-            "simulated_turnaround = [\"2m\", \"20m\"]\nsimulated_expire_fraction = 1.0",
-        );
+        // window plus the time to run them, so the guard does not fire (nor
+        // early: 12 h expected, so a batch overdue at 24 h could not be
+        // made again in time).
+        let c = Config::parse(
+            &BATCH_CONFIG
+                .replace(
+                    "expected_turnaround = \"1h\"",
+                    "expected_turnaround = \"12h\"",
+                )
+                .replace(
+                    "BATCH",
+                    "simulated_turnaround = [\"2m\", \"20m\"]\nsimulated_expire_fraction = 1.0",
+                ),
+            "test.toml",
+            Path::new("."),
+        )
+        .unwrap();
         let w = load_workload(&workload_with(100, "30h", true), &c, start()).unwrap();
         let (planner, trace) = run(&c, &w, &Policy::Planner, &margin(&c)).unwrap();
         assert_eq!(

@@ -113,14 +113,15 @@ async fn a_batch_that_never_ends_is_cancelled_at_its_fallback_instant_and_its_jo
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    // Deadline 40 s, margin 5 s, turnaround prior 2 s: a batch fits; its
-    // guard fires about 35 s after creation.
+    // Deadline 40 s, margin 5 s, turnaround prior 20 s: a batch fits; its
+    // guard fires about 35 s after creation (overdue at 40 s would leave
+    // no time for another batch, so it is not made again).
     let mut daemon = Daemon::start(
         dir.path(),
         &config(
             dir.path(),
             provider.base_url(),
-            "2s",
+            "20s",
             "safety_margin = \"5s\"",
         ),
     );
@@ -149,7 +150,52 @@ async fn a_batch_that_never_ends_is_cancelled_at_its_fallback_instant_and_its_jo
         "every job answered before its deadline ({took:?})"
     );
     let log = daemon.log_text();
-    assert!(log.contains("not ended by its fallback instant"), "{log}");
+    assert!(log.contains("not ended by its guard instant"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overdue_batch_is_cancelled_and_its_jobs_go_into_a_new_batch_at_the_batch_price() {
+    // The first batch never ends; later ones end in 300 ms. Prior 2 s,
+    // deadline 6 h: the first batch is overdue at 4 s, long before its
+    // fallback instant, and a new batch still fits.
+    let provider = LoopbackBatchProvider::openai(BatchBehaviour {
+        never_end_first: 1,
+        ..BatchBehaviour::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(
+        dir.path(),
+        &config(dir.path(), provider.base_url(), "2s", ""),
+    );
+    let started = std::time::Instant::now();
+    drop_file(
+        &daemon.jobs(),
+        "stuck.jsonl",
+        &jobs("s", 10, Some(json!({"deadline": "6h"}))),
+    );
+    let (out, err) = wait_for_outbox(&daemon.jobs(), "stuck", T).await;
+    let took = started.elapsed();
+    daemon.terminate().await;
+    assert!(err.is_empty(), "{err:?}");
+    assert_eq!(provider.cancels(), 1, "the overdue batch was cancelled");
+    assert_eq!(provider.creates(), 2, "and its jobs put in a new one");
+    assert_eq!(provider.sync_calls(), 0, "none ran synchronously");
+    assert_eq!(out.len(), 10);
+    let second = &provider.batches()[1].id;
+    for line in &out {
+        let n = &line["nightshift"];
+        assert_eq!(n["state"], "succeeded", "{line}");
+        assert_eq!(n["channel"], "batch", "{line}");
+        assert_eq!(&n["batch_id"], second, "{line}");
+        assert!((n["cost_usd"].as_f64().unwrap() - SYNC_COST * 0.5).abs() < 1e-12);
+    }
+    assert!(
+        took >= Duration::from_secs(4),
+        "cancelled once overdue, not before ({took:?})"
+    );
+    let log = daemon.log_text();
+    assert!(log.contains("not ended by its guard instant"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,6 +50,9 @@ pub struct BatchBehaviour {
     pub turnaround: Duration,
     /// Batches stay in progress until cancelled.
     pub never_end: bool,
+    /// The first this many batches stay in progress until cancelled; the
+    /// later ones end as `turnaround` says.
+    pub never_end_first: usize,
     /// From a cancel to the batch's end.
     pub cancel_delay: Duration,
     pub fate: Fate,
@@ -74,6 +77,7 @@ impl Default for BatchBehaviour {
         BatchBehaviour {
             turnaround: Duration::from_millis(300),
             never_end: false,
+            never_end_first: 0,
             cancel_delay: Duration::from_millis(100),
             fate: Arc::new(|_, _| LineFate::Succeed),
             create_429s: 0,
@@ -120,6 +124,8 @@ struct Batch {
     /// Why the whole batch failed validation (OpenAI `failed`).
     failed: Option<Vec<Value>>,
     cancelled: Option<(Instant, DateTime<Utc>)>,
+    /// Stays in progress until cancelled (`never_end`, `never_end_first`).
+    stuck: bool,
     /// Once ended: the output and error file ids (OpenAI) or the results
     /// (Anthropic), and when.
     ended: Option<Ended>,
@@ -349,7 +355,7 @@ impl Server {
     /// How many of a batch's lines have run by `t` (they run one after
     /// another between a tenth and eight tenths of the turnaround).
     fn ran_by(&self, b: &Batch, t: Instant) -> usize {
-        if self.behaviour.never_end || b.failed.is_some() {
+        if b.stuck || b.failed.is_some() {
             return 0;
         }
         let turnaround = self.behaviour.turnaround.as_secs_f64();
@@ -381,10 +387,10 @@ impl Server {
                 };
             }
             ("cancelled", self.ran_by(b, at))
-        } else if self.behaviour.never_end || elapsed < t {
+        } else if b.stuck || elapsed < t {
             return match self.wire {
                 Wire::Anthropic => "in_progress",
-                Wire::OpenAi if self.behaviour.never_end => "in_progress",
+                Wire::OpenAi if b.stuck => "in_progress",
                 Wire::OpenAi if elapsed < t.mul_f64(0.1) => "validating",
                 Wire::OpenAi if elapsed < t.mul_f64(0.8) => "in_progress",
                 Wire::OpenAi => "finalizing",
@@ -783,7 +789,9 @@ async fn openai_create(
     }
     inner.creates += 1;
     let id = Server::next_id(&mut inner, "batch_");
+    let stuck = s.behaviour.never_end || inner.batches.len() < s.behaviour.never_end_first;
     inner.batches.push(Batch {
+        stuck,
         id,
         created: Instant::now(),
         created_at: Utc::now(),
@@ -974,7 +982,9 @@ async fn anthropic_create(
     inner.lines_seen.extend(requests.iter().cloned());
     inner.creates += 1;
     let id = Server::next_id(&mut inner, "msgbatch_");
+    let stuck = s.behaviour.never_end || inner.batches.len() < s.behaviour.never_end_first;
     inner.batches.push(Batch {
+        stuck,
         id,
         created: Instant::now(),
         created_at: Utc::now(),

@@ -117,7 +117,8 @@ async fn sighup_reloads_providers_without_dropping_or_duplicating_jobs_and_refus
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_removing_a_provider_with_an_open_batch_abandons_it_and_its_jobs_run_elsewhere() {
-    // A batch at "a" that never ends on its own (its deadline guard is hours away).
+    // A batch at "a" that never ends on its own (its deadline guard, and the
+    // instant it would count as overdue, are hours away).
     let a = LoopbackBatchProvider::openai(BatchBehaviour {
         never_end: true,
         ..BatchBehaviour::default()
@@ -131,7 +132,7 @@ async fn sighup_removing_a_provider_with_an_open_batch_abandons_it_and_its_jobs_
         model: "m",
         input_per_mtok: 1.0,
         output_per_mtok: 1.0,
-        extra: "[providers.batch]\ndiscount = 0.5\nexpected_turnaround = \"5s\"\npoll_every = \"200ms\"",
+        extra: "[providers.batch]\ndiscount = 0.5\nexpected_turnaround = \"1h\"\npoll_every = \"200ms\"",
     };
     let mut daemon = Daemon::start(dir.path(), &config_toml(dir.path(), &[with_batch]));
     let api = daemon.unix_client().await;
